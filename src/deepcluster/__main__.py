@@ -1,0 +1,5 @@
+import sys
+
+from deepcluster.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""The ``deepcluster`` command line. It only parses and wires; the library does the work.
+
+    deepcluster train [--recipe NAME] [--config FILE] [--data FOLDER] [--out DIR]
+                      [--resume] [--KEY VALUE ...]
+
+Any setting of ``deepcluster.config.Config`` can be given as ``--key value`` (dashes or
+underscores). Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from deepcluster.config import RECIPES, ConfigError, resolve
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(message)
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
+    """``["--n-clusters", "100", "--sobel=false"]`` -> ``{"n_clusters": "100", "sobel": "false"}``."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unexpected argument {token!r}; settings are given as --key value")
+        key, eq, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise UsageError(f"setting --{key} needs a value")
+            value = tokens[i + 1]
+            i += 1
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="deepcluster", description="DeepCluster: unsupervised visual features by clustering.")
+    commands = parser.add_subparsers(dest="command", parser_class=Parser)
+    train = commands.add_parser(
+        "train", help="train DeepCluster on a folder of images or the built-in digits",
+        description="Train DeepCluster. Any setting can be overridden with --key value; see the README.")
+    train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                       help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' "
+                            "(32-96 px images, small VGG, k=100), 'digits' (built-in data). Default: "
+                            "'digits' without --data, else 'paper'")
+    train.add_argument("--config", help="YAML file of settings (applied after the recipe)")
+    train.add_argument("--data", help="image folder: class sub-folders (labels used only for metrics) or any "
+                                      "layout of images; default: the built-in scikit-learn digits")
+    train.add_argument("--out", dest="out_dir", help="run folder (log, assignments, checkpoint)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from deepcluster.train import run
+
+    overrides = parse_overrides(extra)
+    for key in ("data", "out_dir"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    recipe = args.recipe
+    if recipe is None and args.config is None:
+        recipe = "paper" if args.data else "digits"
+    config = resolve(recipe, args.config, overrides)
+    if config.data is None and "out_dir" not in overrides:
+        config.out_dir = "runs/digits"
+    run(config, resume=args.resume, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from deepcluster.checkpoint import CheckpointError
+    from deepcluster.data import DataError
+
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        if args.command == "train":
+            return cmd_train(args, extra)
+        raise UsageError(f"unknown command {args.command!r}")
+    except (UsageError, ConfigError, DataError, CheckpointError) as error:
+        print(f"deepcluster: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Image sources, transforms, and the pseudo-labelled training data."""
+
+from deepcluster.data.digits import load_digits_source
+from deepcluster.data.pseudo import FeatureDataset, PseudoLabelDataset, uniform_cluster_sample
+from deepcluster.data.sources import ArraySource, DataError, FolderSource, ImageSource, scan_folder, to_rgb
+from deepcluster.data.transforms import CenterView, Normalize, RandomResizedCropFlip
+
+__all__ = [
+    "ArraySource", "CenterView", "DataError", "FeatureDataset", "FolderSource", "ImageSource",
+    "Normalize", "PseudoLabelDataset", "RandomResizedCropFlip", "load_digits_source",
+    "scan_folder", "to_rgb", "uniform_cluster_sample",
+]

@@ -1,0 +1,194 @@
+"""Where images come from: a folder on disk or an in-memory array.
+
+A source is an indexable list of images plus, when known, integer labels. Labels only
+ever feed evaluation metrics (NMI, ACC, ARI against the truth); training never reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+# Pillow's own bomb guard warns at ~89 Mpx and raises at twice that; we refuse at the
+# warning level so a hostile file is skipped before it is decoded.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class DataError(ValueError):
+    """The data given cannot be used; the message says what to fix."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB: applies EXIF rotation, flattens alpha on white,
+    expands palettes, maps 16-bit and CMYK to 8-bit RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: rescale to 0-255 rather than clipping to white.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size else 0.0
+        array = array * (255.0 / peak) if peak > 0 else array
+        image = Image.fromarray(array.clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass
+class SkippedFile:
+    """A file left out, and why."""
+
+    path: str
+    reason: str
+
+
+class ImageSource:
+    """Interface: ``len(source)``, ``source.load(i) -> PIL RGB image``, ``labels``, ``names``."""
+
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        """A human-readable identifier of image ``index`` (its path, for files)."""
+        return str(index)
+
+    @property
+    def n_classes(self) -> int | None:
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+
+class ArraySource(ImageSource):
+    """Images held in memory as a ``(N, H, W, 3)`` or ``(N, H, W)`` uint8 array."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, class_names: list[str] | None = None):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise DataError("ArraySource needs a uint8 array of shape (N, H, W) or (N, H, W, 3)")
+        self.images = images
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.class_names = class_names
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return to_rgb(Image.fromarray(self.images[index]))
+
+
+@dataclass
+class FolderScan:
+    """Result of scanning a folder: usable files, their labels, and what was skipped."""
+
+    paths: list[str]
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under ``root``, recursively, in sorted order; follows directory
+    symlinks but never enters the same real directory twice (no symlink loops)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for current, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                found.append(Path(current) / name)
+    return found
+
+
+def check_header(path: Path) -> str | None:
+    """Open the image header only (fast) and return why it is unusable, or ``None``."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                return f"too large ({width}x{height} pixels, limit {MAX_IMAGE_PIXELS})"
+            if width < 1 or height < 1:
+                return "empty image"
+    except PermissionError:
+        return "permission denied"
+    except Image.DecompressionBombError as error:
+        return f"too large ({error})"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"not a readable image ({type(error).__name__}: {error})"
+    return None
+
+
+def scan_folder(root: str | os.PathLike) -> FolderScan:
+    """Find images under ``root``.
+
+    If every image lies in a direct sub-folder of ``root``, those sub-folders are the
+    classes (labels for evaluation only); otherwise the folder is unlabelled and searched
+    recursively. Files whose header cannot be read are skipped and listed.
+
+    Raises:
+        DataError: the folder does not exist, or holds no readable image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} does not exist or is not a folder")
+    files = _walk_images(root)
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    skipped, good = [], []
+    for path in files:
+        reason = check_header(path)
+        if reason is None:
+            good.append(path)
+        else:
+            skipped.append(SkippedFile(str(path), reason))
+    if not good:
+        raise DataError(f"none of the {len(files)} image files under {str(root)!r} could be read (first: {skipped[0].path}: {skipped[0].reason})")
+    relative = [path.relative_to(root) for path in good]
+    labelled = all(len(rel.parts) == 2 for rel in relative)
+    if labelled:
+        class_names = sorted({rel.parts[0] for rel in relative})
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = np.array([index[rel.parts[0]] for rel in relative], dtype=np.int64)
+    else:
+        class_names, labels = None, None
+    return FolderScan([str(p) for p in good], labels, class_names, skipped)
+
+
+class FolderSource(ImageSource):
+    """Images in a folder (class sub-folders, or any layout without labels)."""
+
+    def __init__(self, root: str | os.PathLike):
+        scan = scan_folder(root)
+        self.root = str(root)
+        self.paths = scan.paths
+        self.labels = scan.labels
+        self.class_names = scan.class_names
+        self.skipped = scan.skipped
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            image.load()
+            return to_rgb(image)
+
+    def name(self, index: int) -> str:
+        return self.paths[index]

@@ -1,0 +1,134 @@
+"""The one interface every DeepCluster backbone offers.
+
+A backbone is ``sobel -> features (convs) -> classifier (fully connected) -> top_layer``:
+
+- ``forward_features(x)`` returns what DeepCluster clusters: the output of the last fully
+  connected layer *before* its ReLU (the authors strip that ReLU for the feature pass);
+- ``forward(x)`` applies that ReLU and the top layer, giving logits over pseudo-labels;
+- ``reset_classifier(n)`` throws the top layer away and creates a fresh one with ``n``
+  outputs, because cluster ids are arbitrary and change at every clustering.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from deepcluster.models.sobel import SobelFilter
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses build ``self.features`` and ``self.classifier``.
+
+    Attributes:
+        sobel: the fixed input filter, or ``None`` when the network sees RGB.
+        features: convolutional body, ``(B, C_in, H, W) -> (B, C, h, w)``.
+        pool: resizes the body's output to the grid the classifier expects.
+        classifier: fully connected layers ending with a ``Linear`` (no final ReLU),
+            ``(B, C*h*w) -> (B, feature_dim)``.
+        top_layer: ``Linear(feature_dim, n)`` or ``None`` before the first clustering.
+    """
+
+    feature_dim: int
+    arch: str
+
+    def __init__(self, sobel: bool) -> None:
+        super().__init__()
+        self.sobel = SobelFilter() if sobel else None
+        self.top_layer: nn.Linear | None = None
+
+    @property
+    def in_channels(self) -> int:
+        """Channels the first convolution takes (2 with Sobel, 3 without)."""
+        return 2 if self.sobel is not None else 3
+
+    def forward_body(self, images: torch.Tensor) -> torch.Tensor:
+        """Convolutional feature map, ``(B, 3, H, W) -> (B, C, h, w)``."""
+        if self.sobel is not None:
+            images = self.sobel(images)
+        return self.features(images)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The features DeepCluster clusters, ``(B, 3, H, W) -> (B, feature_dim)``."""
+        body = self.pool(self.forward_body(images))
+        return self.classifier(torch.flatten(body, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits over pseudo-labels, ``(B, 3, H, W) -> (B, n_clusters)``."""
+        if self.top_layer is None:
+            raise RuntimeError("call reset_classifier(n) before forward(): there is no top layer yet")
+        return self.top_layer(torch.relu(self.forward_features(images)))
+
+    def reset_classifier(self, n_outputs: int) -> nn.Linear:
+        """Replace the top layer by a fresh ``Linear(feature_dim, n_outputs)``.
+
+        Weights are drawn from N(0, 0.01) and the bias is zero, as in the reference.
+        The new layer is placed on the same device as the rest of the network.
+        """
+        device = next(self.classifier.parameters()).device
+        layer = nn.Linear(self.feature_dim, n_outputs).to(device)
+        nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(layer.bias)
+        self.top_layer = layer
+        return layer
+
+    def body_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters of everything but the top layer (the body optimiser's)."""
+        for name, param in self.named_parameters():
+            if not name.startswith("top_layer.") and param.requires_grad:
+                yield param
+
+    def conv_layers(self) -> list[tuple[str, int]]:
+        """``(name, index)`` of each conv block's ReLU in ``features``: conv1, conv2, ...
+
+        Evaluation taps the post-ReLU activation of each convolution at these indices.
+        """
+        taps, count = [], 0
+        for index, module in enumerate(self.features):
+            if isinstance(module, nn.ReLU):
+                count += 1
+                taps.append((f"conv{count}", index))
+        return taps
+
+
+def init_weights(module: nn.Module) -> None:
+    """The reference initialisation.
+
+    Convolutions: N(0, sqrt(2 / (kh * kw * out_channels))), bias 0; BatchNorm: weight 1,
+    bias 0; Linear: N(0, 0.01), bias 0.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels
+            nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, 0.01)
+            nn.init.zeros_(layer.bias)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
+    """A convolution, BatchNorm and in-place ReLU, as three modules."""
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def fc_classifier(in_features: int, hidden: int, dropout: float = 0.5) -> nn.Sequential:
+    """Two fully connected layers; the last one has no ReLU (see ``forward_features``)."""
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+    )

@@ -1,0 +1,388 @@
+"""The DeepCluster loop: features -> clustering -> pseudo-labelled data -> training.
+
+Each epoch:
+
+1. **Features.** The body, in eval mode, maps the centre view of every image to the
+   output of its last fully connected layer before the ReLU.
+2. **Clustering.** PCA-whitening to ``pca_dim``, L2 normalisation, k-means with a fresh
+   seed; the assignments are the pseudo-labels (centroids kept only for prediction).
+3. **Pseudo-labelled data.** An epoch's worth of images drawn uniformly over non-empty
+   clusters, with random-resized-crop and flip.
+4. **Training.** A new top layer with its own momentum-free SGD (cluster ids change every
+   epoch, so last epoch's head means nothing); the body's SGD keeps its momentum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deepcluster import distributed
+from deepcluster.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from deepcluster.clustering import (KMeansResult, ari, cluster_sizes, clustering_accuracy, kmeans,
+                                    l2_normalize, nmi)
+from deepcluster.clustering.pca import PCA, fit_pca
+from deepcluster.config import Config, ConfigError, dump_yaml, from_dict
+from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
+                              PseudoLabelDataset, RandomResizedCropFlip, load_digits_source,
+                              uniform_cluster_sample)
+from deepcluster.models import Backbone, create_model
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+
+
+def open_source(config: Config) -> ImageSource:
+    """The images of the run: the built-in digits when ``config.data`` is None."""
+    return load_digits_source() if config.data is None else FolderSource(config.data)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first GPU when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"setting 'device' is {name!r} but no CUDA GPU is available; use device: cpu or auto")
+    return device
+
+
+def derived_seed(seed: int, epoch: int, stream: int) -> int:
+    """A 32-bit seed that is a pure function of (run seed, epoch, stream)."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def autocast(config: Config, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+def loader_kwargs(config: Config, device: torch.device) -> dict:
+    kwargs = {"num_workers": config.workers, "pin_memory": device.type == "cuda"}
+    if config.workers > 0:
+        kwargs["persistent_workers"] = False
+        kwargs["prefetch_factor"] = 4
+    return kwargs
+
+
+@torch.no_grad()
+def compute_features(model: Backbone, source: ImageSource, config: Config,
+                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered features of every image, in eval mode on the centre view.
+
+    Returns:
+        ``(N, feature_dim)`` float32 features (zero rows for unreadable images) and an
+        ``(N,)`` bool mask of the images that decoded.
+    """
+    model.eval()
+    normalize = Normalize(config.mean, config.std)
+    indices = distributed.shard(np.arange(len(source)))
+    dataset = torch.utils.data.Subset(FeatureDataset(source, CenterView(config.resize, config.crop)), indices)
+    loader = DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False, **loader_kwargs(config, device))
+    local = np.zeros((len(indices), model.feature_dim), dtype=np.float32)
+    local_ok = np.zeros(len(indices), dtype=bool)
+    position = 0
+    for images, _, ok in loader:
+        with autocast(config, device):
+            out = model.forward_features(normalize(images, device, config.channels_last))
+        local[position:position + len(images)] = out.float().cpu().numpy()
+        local_ok[position:position + len(images)] = ok.numpy()
+        position += len(images)
+    features = distributed.gather_rows(local, indices, len(source))
+    ok = distributed.gather_rows(local_ok.astype(np.uint8), indices, len(source)).astype(bool)
+    return features, ok
+
+
+@dataclass
+class Clustering:
+    """One epoch's clustering: pseudo-labels for every image (-1 where unusable)."""
+
+    assignments: np.ndarray
+    result: KMeansResult
+    pca: PCA
+    time_pca: float
+    time_kmeans: float
+
+
+def cluster_features(features: np.ndarray, ok: np.ndarray, config: Config, seed: int) -> Clustering:
+    """PCA-whiten, L2-normalise and k-means the usable rows of ``features``."""
+    usable = features[ok]
+    start = time.perf_counter()
+    pca = fit_pca(usable, config.pca_dim, config.whiten_power)
+    points = l2_normalize(pca.transform(usable))
+    time_pca = time.perf_counter() - start
+    start = time.perf_counter()
+    result = kmeans(points, config.n_clusters, config.kmeans_iters, seed=seed,
+                    backend=config.kmeans_backend, init=config.kmeans_init)
+    time_kmeans = time.perf_counter() - start
+    assignments = np.full(len(features), -1, dtype=np.int64)
+    assignments[ok] = result.assignments
+    return Clustering(assignments, result, pca, time_pca, time_kmeans)
+
+
+def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, source: ImageSource,
+                    assignments: np.ndarray, config: Config, epoch: int,
+                    device: torch.device) -> tuple[float, int]:
+    """One pass of pseudo-label classification; returns (mean loss, images seen)."""
+    usable = int((assignments >= 0).sum())
+    rng = np.random.default_rng(derived_seed(config.seed, epoch, 1))
+    if config.sampler == "uniform":
+        indices = uniform_cluster_sample(assignments, usable, rng)
+    else:
+        indices = rng.permutation(np.flatnonzero(assignments >= 0))
+    indices = distributed.shard(indices)
+    transform = RandomResizedCropFlip(config.crop, (config.crop_scale_min, 1.0), flip=config.hflip)
+    dataset = PseudoLabelDataset(source, indices, assignments, transform, config.seed, epoch)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False,
+                        **loader_kwargs(config, device))
+    head_optimizer = torch.optim.SGD(model.top_layer.parameters(), lr=config.head_lr or config.lr,
+                                     weight_decay=config.weight_decay)
+    normalize = Normalize(config.mean, config.std)
+    criterion = nn.CrossEntropyLoss()
+    network = model
+    if distributed.is_distributed():
+        network = nn.parallel.DistributedDataParallel(model)
+    model.train()
+    total_loss, seen = 0.0, 0
+    for images, targets in loader:
+        inputs = normalize(images, device, config.channels_last)
+        targets = targets.to(device)
+        with autocast(config, device):
+            logits = network(inputs)
+        loss = criterion(logits.float(), targets)
+        body_optimizer.zero_grad(set_to_none=True)
+        head_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        body_optimizer.step()
+        head_optimizer.step()
+        total_loss += loss.item() * len(images)
+        seen += len(images)
+    return total_loss / max(seen, 1), seen
+
+
+@dataclass
+class RunState:
+    """What a resumed run needs besides the weights."""
+
+    epoch: int = 0  # epochs completed
+    previous: np.ndarray | None = None  # last epoch's assignments
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+
+def build(config: Config, device: torch.device) -> tuple[Backbone, torch.optim.Optimizer]:
+    """A fresh backbone on ``device`` and its body optimiser (SGD with momentum)."""
+    torch.manual_seed(config.seed)
+    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.body_parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    return model, optimizer
+
+
+def checkpoint_state(model: Backbone, optimizer: torch.optim.Optimizer, config: Config, state: RunState,
+                     clustering: Clustering | None) -> dict:
+    """Everything a resume or a later ``assign`` needs, as tensors and plain containers."""
+    out = {
+        "config": config.to_dict(),
+        "arch": config.arch,
+        "epoch": state.epoch,
+        "model": {k: v for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "assignments": torch.from_numpy(state.previous) if state.previous is not None else None,
+        "skipped": dict(state.skipped),
+    }
+    if clustering is not None:
+        out["centroids"] = torch.from_numpy(clustering.result.centroids)
+        out["pca_mean"] = torch.from_numpy(clustering.pca.mean)
+        out["pca_projection"] = torch.from_numpy(clustering.pca.projection)
+    return out
+
+
+def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, config: Config) -> tuple[RunState, dict]:
+    """Load a checkpoint into ``model`` and ``optimizer``; returns the run state."""
+    saved = load_checkpoint(path)
+    if saved.get("arch") != config.arch:
+        raise CheckpointError(f"checkpoint {str(path)!r} is for architecture {saved.get('arch')!r}, "
+                              f"but the run asks for {config.arch!r}")
+    weights = saved["model"]
+    if "top_layer.weight" in weights:
+        model.reset_classifier(weights["top_layer.weight"].shape[0])
+    try:
+        model.load_state_dict(weights, strict=True)
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {str(error).splitlines()[0]}") from None
+    torch.set_rng_state(saved["torch_rng"])
+    previous = saved.get("assignments")
+    state = RunState(int(saved["epoch"]), None if previous is None else previous.numpy().copy(),
+                     dict(saved.get("skipped", {})))
+    return state, saved
+
+
+RESUMABLE = {"epochs", "workers", "threads", "device", "feature_batch_size", "out_dir"}
+
+
+def check_resume_config(saved: dict, config: Config) -> None:
+    """A resumed run must use the settings it started with, except ``RESUMABLE`` ones."""
+    old = from_dict(saved).to_dict()
+    new = config.to_dict()
+    changed = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume with different settings ({details}); only {', '.join(sorted(RESUMABLE))} may change")
+
+
+def label_scores(assignments: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    if labels is None:
+        return {}
+    usable = assignments >= 0
+    truth, pred = labels[usable], assignments[usable]
+    return {"nmi_labels": nmi(truth, pred), "acc_labels": clustering_accuracy(truth, pred), "ari_labels": ari(truth, pred)}
+
+
+def format_line(record: dict, epochs: int) -> str:
+    """The one terminal line of an epoch."""
+    parts = [f"epoch {record['epoch'] + 1:>3}/{epochs}",
+             f"clus {record['clustering_objective'] or float('nan'):.4f}",
+             f"loss {record['train_loss']:.4f}"]
+    if record.get("nmi_prev") is not None:
+        parts.append(f"nmi(t-1,t) {record['nmi_prev']:.3f}")
+    if "nmi_labels" in record:
+        parts.append(f"nmi {record['nmi_labels']:.3f} acc {record['acc_labels']:.3f} ari {record['ari_labels']:.3f}")
+    parts.append(f"clusters {record['n_nonempty']} (largest {100 * record['largest_cluster_share']:.1f}%)")
+    parts.append(f"time feat {record['time_features']:.1f}s clus {record['time_clustering']:.1f}s "
+                 f"train {record['time_training']:.1f}s ({record['train_images_per_s']:.0f} img/s)")
+    return "  ".join(parts)
+
+
+def write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
+    """The list of files left out, one ``path<TAB>reason`` per line."""
+    lines = "".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped.items()))
+    (run_dir / "skipped.tsv").write_text(lines)
+
+
+def run(config: Config, resume: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+    """Train DeepCluster as ``config`` says; returns the per-epoch records.
+
+    Writes into ``config.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per
+    epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: bad settings, data or checkpoint, before
+            any training starts.
+    """
+    device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    run_dir = config.run_dir
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    if resume and not checkpoint_path.is_file():
+        raise CheckpointError(f"nothing to resume: {str(checkpoint_path)!r} does not exist")
+    if not resume and checkpoint_path.is_file():
+        raise ConfigError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
+                          "or choose another --out_dir")
+    source = open_source(config)
+    if config.n_clusters > len(source):
+        raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} images; "
+                          f"choose at most {len(source)}")
+    model, optimizer = build(config, device)
+    state = RunState()
+    if resume:
+        saved = load_checkpoint(checkpoint_path)
+        check_resume_config(saved["config"], config)
+        state, _ = restore(checkpoint_path, model, optimizer, config)
+    for item in getattr(source, "skipped", []):
+        state.skipped[item.path] = item.reason
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "assignments").mkdir(exist_ok=True)
+    dump_yaml(config, run_dir / "config.yaml")
+    write_skipped(run_dir, state.skipped)
+    labels = source.labels
+    if not resume:
+        (run_dir / LOG_NAME).write_text("")
+    log(f"deepcluster: {len(source)} images, {config.arch}{' + sobel' if config.sobel else ''}, "
+        f"k={config.n_clusters}, {config.epochs} epochs, device {device}, run folder {run_dir}"
+        + (f", resuming after epoch {state.epoch}" if resume else ""))
+
+    records = []
+    clustering: Clustering | None = None
+    for epoch in range(state.epoch, config.epochs):
+        record: dict = {"epoch": epoch}
+        recluster = state.previous is None or epoch % config.reassign_every == 0
+        record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
+        if recluster:
+            start = time.perf_counter()
+            features, ok = compute_features(model, source, config, device)
+            record["time_features"] = time.perf_counter() - start
+            for index in np.flatnonzero(~ok):
+                state.skipped[source.name(int(index))] = "could not be decoded"
+            if ok.sum() < config.n_clusters:
+                raise DataError(f"only {int(ok.sum())} images could be decoded, fewer than n_clusters={config.n_clusters}")
+            clustering = cluster_features(features, ok, config, derived_seed(config.seed, epoch, 0))
+            del features
+            assignments = clustering.assignments
+            model.reset_classifier(config.n_clusters)
+            record.update(time_pca=clustering.time_pca, time_kmeans=clustering.time_kmeans,
+                          n_split=clustering.result.n_split)
+        else:
+            assignments = state.previous
+        record["time_clustering"] = record["time_pca"] + record["time_kmeans"]
+        sizes = cluster_sizes(assignments, config.n_clusters)
+        record.update(
+            clustering_objective=None if clustering is None else clustering.result.objective[-1],
+            n_nonempty=sizes.n_nonempty,
+            largest_cluster_share=sizes.largest_share,
+            nmi_prev=None if state.previous is None else nmi(state.previous, assignments),
+        )
+        record.update(label_scores(assignments, labels))
+
+        start = time.perf_counter()
+        loss, seen = train_one_epoch(model, optimizer, source, assignments, config, epoch, device)
+        record["time_training"] = time.perf_counter() - start
+        record["train_loss"] = loss
+        record["train_images_per_s"] = seen * distributed.world_size() / max(record["time_training"], 1e-9)
+        record["n_images"] = int((assignments >= 0).sum())
+        record["n_skipped"] = len(state.skipped)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1}; the last good checkpoint is kept")
+
+        state.epoch, state.previous = epoch + 1, assignments
+        if distributed.is_main_process():
+            np.save(run_dir / "assignments" / f"epoch_{epoch:04d}.npy", assignments.astype(np.int32), allow_pickle=False)
+            write_skipped(run_dir, state.skipped)
+            save_checkpoint(checkpoint_path, checkpoint_state(model, optimizer, config, state, clustering))
+            with open(run_dir / LOG_NAME, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log(format_line(record, config.epochs))
+        records.append(record)
+    return records
+
+
+def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
+    """The trained backbone of a checkpoint (top layer included) and its configuration."""
+    saved = load_checkpoint(path)
+    config = from_dict(saved["config"])
+    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
+    weights = saved["model"]
+    if "top_layer.weight" in weights:
+        model.reset_classifier(weights["top_layer.weight"].shape[0])
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit its architecture: {str(error).splitlines()[0]}") from None
+    return model.eval(), config
+
+
+__all__ = ["Clustering", "cluster_features", "compute_features", "load_backbone", "open_source", "run",
+           "train_one_epoch", "CheckpointError"]

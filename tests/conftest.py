@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny, seeded, real image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_pattern(kind: int, rng: np.random.Generator, size: int = 24) -> np.ndarray:
+    """A uint8 RGB image of one of three visually distinct families (stripes, rings,
+    checkers), with random phase and colour so no two images are identical."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    if kind == 0:
+        base = np.sin(x * 0.8 + phase)
+    elif kind == 1:
+        base = np.sin(np.hypot(x - size / 2, y - size / 2) * 0.9 + phase)
+    else:
+        base = np.sign(np.sin(x * 0.6 + phase) * np.sin(y * 0.6 + phase))
+    colour = rng.uniform(0.3, 1.0, size=3)
+    image = (base[..., None] * 0.5 + 0.5) * colour[None, None, :] * 255
+    return image.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """36 images in 3 class sub-folders, mixed JPEG and PNG."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for kind, name in enumerate(["stripes", "rings", "checkers"]):
+        (root / name).mkdir()
+        for i in range(12):
+            extension = "png" if i % 3 == 0 else "jpg"
+            Image.fromarray(make_pattern(kind, rng)).save(root / name / f"{i:02d}.{extension}")
+    return root
