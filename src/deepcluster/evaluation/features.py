@@ -1,0 +1,274 @@
+"""Per-layer activations of a frozen backbone, pooled to about 9,000 dimensions.
+
+The paper's linear probe (DEEPCLUSTER.md section 3) reads the post-ReLU activation of every
+convolution of AlexNet and average-pools it so that each layer gives a vector of about
+9,000 numbers:
+
+====== ============ =========== =============== ======
+layer  map (224 px) pooling     grid            dims
+====== ============ =========== =============== ======
+conv1  96 x 55 x 55 6/6 pad 3   96 x 10 x 10    9600
+conv2  256 x 27 x 27 4/4        256 x 6 x 6     9216
+conv3  384 x 13 x 13 3/3 pad 1  384 x 5 x 5     9600
+conv4  384 x 13 x 13 3/3 pad 1  384 x 5 x 5     9600
+conv5  256 x 13 x 13 2/2        256 x 6 x 6     9216
+====== ============ =========== =============== ======
+
+``choose_pooling`` turns that table into a rule for any backbone and image size: among all
+non-overlapping average poolings (kernel = stride = s, zero padding p <= s // 2, padded
+zeros counted in the mean as in ``nn.AvgPool2d``'s default), take the one whose flattened
+output is closest to the target (9,000); ties go to the smaller kernel, then the smaller
+padding. A map already smaller than the target is kept whole (s = 1). For AlexNet at
+224 px the rule gives exactly the table above (a unit test checks it).
+
+The fully connected features that DeepCluster clusters (``forward_features``: the last
+fully connected layer before its ReLU) are available as the layer named ``"fc"``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from deepcluster.data import CenterView, FeatureDataset, ImageSource, Normalize
+from deepcluster.models import Backbone
+
+FC_LAYER = "fc"
+TARGET_DIM = 9000
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A non-overlapping average pooling of one ``(channels, height, width)`` map.
+
+    Attributes:
+        channels, height, width: shape of the map before pooling.
+        kernel: kernel size and stride (square, non-overlapping).
+        padding: zero padding on each side (counted in the average).
+    """
+
+    channels: int
+    height: int
+    width: int
+    kernel: int
+    padding: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the pooled map."""
+        return (_pooled_size(self.height, self.kernel, self.padding),
+                _pooled_size(self.width, self.kernel, self.padding))
+
+    @property
+    def dim(self) -> int:
+        """Length of the flattened pooled vector: ``channels * rows * columns``."""
+        rows, columns = self.grid
+        return self.channels * rows * columns
+
+    def describe(self) -> str:
+        """``"6/6 pad 3 -> 96x10x10 = 9600"``, for reports."""
+        rows, columns = self.grid
+        pooling = "none" if self.kernel == 1 else f"{self.kernel}/{self.kernel}" + (f" pad {self.padding}" if self.padding else "")
+        return f"{pooling} -> {self.channels}x{rows}x{columns} = {self.dim}"
+
+    def apply(self, activations: torch.Tensor) -> torch.Tensor:
+        """Pool and flatten, ``(B, C, H, W) -> (B, dim)``."""
+        if self.kernel > 1:
+            activations = F.avg_pool2d(activations, self.kernel, stride=self.kernel, padding=self.padding)
+        return torch.flatten(activations, 1)
+
+
+def _pooled_size(size: int, kernel: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // kernel + 1
+
+
+def choose_pooling(channels: int, height: int, width: int, target_dim: int = TARGET_DIM) -> PoolSpec:
+    """The non-overlapping average pooling whose output size is closest to ``target_dim``.
+
+    Args:
+        channels, height, width: shape of the activation map.
+        target_dim: wanted length of the flattened pooled vector (9,000 in the paper).
+
+    Returns:
+        The ``PoolSpec`` minimising ``|dim - target_dim|``; ties go to the smaller kernel,
+        then the smaller padding (see the module docstring for the rule and the AlexNet
+        table it reproduces).
+
+    Raises:
+        ValueError: a non-positive size.
+    """
+    if min(channels, height, width, target_dim) < 1:
+        raise ValueError(f"sizes must be positive, got channels={channels}, height={height}, width={width}, "
+                         f"target_dim={target_dim}")
+    best: tuple[int, int, int] | None = None
+    for kernel in range(1, max(height, width) + 1):
+        for padding in range(0, kernel // 2 + 1):
+            if kernel > min(height, width) + 2 * padding:
+                continue
+            spec = PoolSpec(channels, height, width, kernel, padding)
+            key = (abs(spec.dim - target_dim), kernel, padding)
+            if best is None or key < best:
+                best = key
+    assert best is not None  # kernel 1 always fits
+    return PoolSpec(channels, height, width, best[1], best[2])
+
+
+@torch.no_grad()
+def conv_activation_shapes(model: Backbone, image_size: int) -> dict[str, tuple[int, int, int]]:
+    """``(channels, height, width)`` of every conv layer's post-ReLU map at ``image_size``.
+
+    Runs one black image through the body in eval mode, then restores the previous mode.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images = torch.zeros(1, 3, image_size, image_size, device=device)
+    taps = {index: name for name, index in model.conv_layers()}
+    shapes: dict[str, tuple[int, int, int]] = {}
+    x = model.sobel(images) if model.sobel is not None else images
+    for index, module in enumerate(model.features):
+        x = module(x)
+        if index in taps:
+            shapes[taps[index]] = tuple(x.shape[1:])  # type: ignore[assignment]
+    model.train(was_training)
+    return shapes
+
+
+def probe_pooling(model: Backbone, image_size: int, target_dim: int = TARGET_DIM) -> dict[str, PoolSpec]:
+    """The pooling of every conv layer of ``model`` for ``image_size`` px inputs, in layer order."""
+    return {name: choose_pooling(*shape, target_dim=target_dim)
+            for name, shape in conv_activation_shapes(model, image_size).items()}
+
+
+def forward_layers(model: Backbone, images: torch.Tensor, pools: dict[str, PoolSpec],
+                   include_fc: bool = False) -> dict[str, torch.Tensor]:
+    """Pooled post-ReLU activations of the chosen conv layers (and the fc features).
+
+    The body runs module by module and stops after the last layer asked for, so probing
+    conv1 costs one convolution.
+
+    Args:
+        model: backbone, used as it is (call ``model.eval()`` for frozen BatchNorm).
+        images: ``(B, 3, H, W)`` normalised images.
+        pools: conv layer name (``"conv1"``, ...) -> its pooling.
+        include_fc: also return ``forward_features`` as ``"fc"``, ``(B, feature_dim)``.
+
+    Returns:
+        Layer name -> ``(B, dim)`` tensor.
+
+    Raises:
+        KeyError: a layer name the backbone does not have.
+    """
+    taps = dict(model.conv_layers())
+    unknown = [name for name in pools if name not in taps]
+    if unknown:
+        raise KeyError(f"unknown layer(s) {', '.join(unknown)}; {model.arch} has {', '.join(taps)}")
+    wanted = {taps[name]: name for name in pools}
+    last = len(model.features) - 1 if include_fc else max(wanted, default=-1)
+    outputs: dict[str, torch.Tensor] = {}
+    x = model.sobel(images) if model.sobel is not None else images
+    for index, module in enumerate(model.features):
+        if index > last:
+            break
+        x = module(x)
+        if index in wanted:
+            name = wanted[index]
+            outputs[name] = pools[name].apply(x)
+    if include_fc:
+        outputs[FC_LAYER] = model.classifier(torch.flatten(model.pool(x), 1))
+    return outputs
+
+
+@dataclass
+class ExtractedFeatures:
+    """Features of every image of a source.
+
+    Attributes:
+        layers: layer name -> ``(N, dim)`` float32 array (a memory map when written to disk);
+            rows of unreadable images are zero.
+        ok: ``(N,)`` bool, False where the image could not be decoded.
+        seconds: wall time of the pass.
+    """
+
+    layers: dict[str, np.ndarray]
+    ok: np.ndarray
+    seconds: float
+
+
+def layer_dims(model: Backbone, pools: dict[str, PoolSpec], include_fc: bool) -> dict[str, int]:
+    """Output width of each layer ``forward_layers`` returns."""
+    dims = {name: spec.dim for name, spec in pools.items()}
+    if include_fc:
+        dims[FC_LAYER] = model.feature_dim
+    return dims
+
+
+@torch.no_grad()
+def extract_features(model: Backbone, source: ImageSource, view: CenterView, normalize: Normalize,
+                     pools: dict[str, PoolSpec], include_fc: bool = True, batch_size: int = 256,
+                     workers: int = 0, device: torch.device | str = "cpu", channels_last: bool = False,
+                     storage_dir: str | Path | None = None, prefix: str = "",
+                     log: Callable[[str], None] | None = None) -> ExtractedFeatures:
+    """One eval-mode pass over ``source`` on its centre view, keeping every asked layer.
+
+    Args:
+        model: backbone; put in eval mode here (frozen BatchNorm statistics).
+        source: the images.
+        view: the deterministic centre view (resize then crop).
+        normalize: uint8 batch -> normalised float batch.
+        pools: conv layers to keep, with their pooling.
+        include_fc: also keep the ``"fc"`` features.
+        batch_size, workers: data loading.
+        device: where the backbone runs.
+        channels_last: memory layout of the input batch (same numbers).
+        storage_dir: when given, each layer is written to ``<storage_dir>/<prefix><layer>.npy``
+            as a memory map instead of being held in RAM (all conv layers of 50,000 CIFAR
+            images take about 10 GB).
+        prefix: file-name prefix inside ``storage_dir``.
+        log: optional progress callback.
+
+    Returns:
+        The features of every image, in source order.
+    """
+    start = time.perf_counter()
+    model.eval()
+    device = torch.device(device)
+    n_images = len(source)
+    layers: dict[str, np.ndarray] = {}
+    for name, dim in layer_dims(model, pools, include_fc).items():
+        if storage_dir is None:
+            layers[name] = np.zeros((n_images, dim), dtype=np.float32)
+        else:
+            path = Path(storage_dir) / f"{prefix}{name}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            layers[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_images, dim))
+    ok = np.zeros(n_images, dtype=bool)
+    loader = DataLoader(FeatureDataset(source, view), batch_size=batch_size, shuffle=False, num_workers=workers)
+    done, next_report = 0, 0.0
+    for images, indices, decoded in loader:
+        batch = normalize(images, device, channels_last)
+        outputs = forward_layers(model, batch, pools, include_fc)
+        rows = indices.numpy()
+        for name, values in outputs.items():
+            layers[name][rows] = values.float().cpu().numpy()
+        ok[rows] = decoded.numpy()
+        done += len(rows)
+        elapsed = time.perf_counter() - start
+        if log is not None and elapsed >= next_report:
+            log(f"  features {prefix.rstrip('_') or 'images'}: {done}/{n_images} ({elapsed:.0f}s)")
+            next_report = elapsed + 30.0
+    for name, array in layers.items():
+        if isinstance(array, np.memmap):
+            array.flush()
+    return ExtractedFeatures(layers, ok, time.perf_counter() - start)
+
+
+__all__ = ["ExtractedFeatures", "FC_LAYER", "PoolSpec", "TARGET_DIM", "choose_pooling", "conv_activation_shapes",
+           "extract_features", "forward_layers", "layer_dims", "probe_pooling"]

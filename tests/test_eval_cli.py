@@ -1,0 +1,108 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from deepcluster.checkpoint import save_checkpoint
+from deepcluster.cli import main
+from deepcluster.config import resolve
+from deepcluster.evaluation.suite import random_init_backbone
+from deepcluster.models import create_model
+
+FAST = ["--probe-epochs", "2", "--probe-batch-size", "12", "--cluster-seeds", "1", "--cluster-pca", "0",
+        "--workers", "0", "--batch-size", "16", "--retrieval-k", "1,5"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, image_folder):
+    """A small-recipe checkpoint whose weights differ from the random init."""
+    run = tmp_path_factory.mktemp("run")
+    config = resolve("small", overrides={"data": str(image_folder), "out_dir": str(run), "epochs": 3})
+    torch.manual_seed(123)
+    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
+    model.reset_classifier(5)
+    save_checkpoint(run / "checkpoint.pt", {"config": config.to_dict(), "arch": config.arch, "epoch": 3,
+                                            "model": model.state_dict()})
+    records = [{"epoch": e, "time_features": 1.0, "time_clustering": 0.5, "time_training": 10.0, "n_images": 36,
+                "train_loss": 4.0 - e, "nmi_labels": 0.1 * e, "nmi_prev": None} for e in range(3)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run / "checkpoint.pt"
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_missing_checkpoint_exits_2_with_one_line(tmp_path, image_folder, capsys):
+    code, out, err = run_cli(["eval", str(tmp_path / "nope.pt"), "--train", str(image_folder),
+                              "--val", str(image_folder)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "does not exist" in err and err.startswith("deepcluster: error:")
+
+
+def test_missing_folder_exits_2_with_one_line(checkpoint, tmp_path, image_folder, capsys):
+    code, _, err = run_cli(["eval", str(checkpoint), "--train", str(tmp_path / "missing"),
+                            "--val", str(image_folder)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "missing" in err
+
+
+def test_unlabelled_folder_and_bad_options_exit_2(checkpoint, tmp_path, image_folder, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(image_folder / "rings" / "01.jpg", flat / "a.jpg")
+    for args in (["--train", str(flat), "--val", str(image_folder)],
+                 ["--train", str(image_folder), "--val", str(image_folder), "--protocols", "knn,magic"],
+                 ["--train", str(image_folder), "--val", str(image_folder), "--knn-k", "zero"],
+                 ["--train", str(image_folder), "--val", str(image_folder), "--no-such-option", "1"],
+                 ["--train", str(image_folder), "--val", str(image_folder), "--probe-layers", "conv99"]):
+        code, _, err = run_cli(["eval", str(checkpoint), *args, "--out", str(tmp_path / "o"), *FAST], capsys)
+        assert code == 2 and err.count("\n") == 1, (args, err)
+
+
+def test_eval_reports_every_protocol_and_the_gain_over_random_init(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", str(checkpoint), "--train", str(image_folder), "--val", str(image_folder), "--out", str(out),
+            "--probe-layers", "conv1,conv7", *FAST]
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0
+    report = json.loads((out / "eval.json").read_text())
+    trained, random_init = report["results"]["trained"], report["results"]["random_init"]
+    assert set(trained["linear"]["layers"]) == {"conv1", "conv7"}
+    assert trained["linear"]["layers"]["conv1"]["dim"] == 9248
+    assert set(trained) >= {"linear", "knn", "clustering", "retrieval"}
+    assert random_init is not None and report["gain"]["knn/fc/top1"] == pytest.approx(
+        trained["knn"]["fc"]["top1"] - random_init["knn"]["fc"]["top1"])
+    assert report["training_budget"]["epochs_completed"] == 3
+    assert report["training_budget"]["hours"] == pytest.approx(3 * 11.5 / 3600)
+    assert (out / "eval_random_init.json").is_file() and not (out / "features").exists()
+    for text in ("random init", "trained", "gain", "selected on val", "kNN fc top-1 (k=20, T=0.07)"):
+        assert text in stdout
+    # A second run reuses the stored baseline instead of recomputing it.
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "baseline reused" in stdout and "[random init]" not in stdout
+
+
+def test_random_init_alone_and_reference_probe_mode(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, stdout, _ = run_cli(["eval", str(checkpoint), "--train", str(image_folder), "--val", str(image_folder),
+                               "--out", str(out), "--random-init", "--protocols", "linear,knn",
+                               "--probe-mode", "reference", "--probe-layers", "conv2", *FAST], capsys)
+    assert code == 0
+    report = json.loads((out / "eval_random_init.json").read_text())
+    assert report["results"]["trained"] is None and report["gain"] is None
+    assert report["results"]["random_init"]["linear"]["mode"] == "reference"
+    assert "reference, augmented" in stdout
+
+
+def test_random_init_is_the_network_the_run_started_from():
+    config = resolve("small")
+    torch.manual_seed(config.seed)
+    start = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
+    state = torch.get_rng_state()
+    twin = random_init_backbone(config)
+    assert torch.equal(state, torch.get_rng_state())  # global random state untouched
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), twin.state_dict().values()))
+    assert not twin.training

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from deepcluster.evaluation.clustering_scores import kmeans_clustering_scores, score_labelling
+
+
+def test_a_permuted_labelling_scores_perfectly():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 6, 300)
+    permutation = rng.permutation(6)
+    scores = score_labelling(truth, permutation[truth] + 10)  # other ids, same partition
+    assert scores.acc == pytest.approx(100.0)
+    assert scores.nmi == pytest.approx(1.0)
+    assert scores.ari == pytest.approx(1.0)
+
+
+def test_acc_matches_clusters_one_to_one():
+    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    merged = np.zeros(8, dtype=int)  # one cluster: only one class can be matched
+    assert score_labelling(truth, merged).acc == pytest.approx(50.0)
+    swapped = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    assert score_labelling(truth, swapped).acc == pytest.approx(87.5)
+
+
+def blobs(n_per: int, n_classes: int, seed: int):
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(42).standard_normal((n_classes, 12)) * 6
+    labels = np.repeat(np.arange(n_classes), n_per)
+    return (centers[labels] + 0.3 * rng.standard_normal((len(labels), 12))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("pca_dim", [0, 3])  # 3: the between-class subspace of 4 blobs
+def test_kmeans_recovers_separated_classes_on_both_splits(pca_dim):
+    train_x, train_y = blobs(40, 4, seed=0)
+    val_x, val_y = blobs(10, 4, seed=1)
+    result = kmeans_clustering_scores(train_x, train_y, val_x, val_y, pca_dim=pca_dim, seeds=(0, 1, 2))
+    assert result.n_clusters == 4 and result.seeds == [0, 1, 2]
+    assert result.pca_dim == pca_dim
+    assert result.train.acc > 95 and result.val.acc > 95
+    assert result.train.nmi > 0.9 and result.val.ari > 0.9
+    assert len(result.per_seed) == 3 and result.train_std.acc >= 0.0
+
+
+def test_train_only_scores_and_input_checks():
+    x, y = blobs(10, 3, seed=0)
+    result = kmeans_clustering_scores(x, y, seeds=(0,))
+    assert result.val is None and result.val_std is None
+    with pytest.raises(ValueError):
+        kmeans_clustering_scores(x, y[:-1])
+    with pytest.raises(ValueError):
+        kmeans_clustering_scores(x, y, val_features=x)
+    with pytest.raises(ValueError):
+        kmeans_clustering_scores(x, y, seeds=())
