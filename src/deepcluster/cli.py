@@ -64,6 +64,9 @@ def build_parser() -> Parser:
                                       "layout of images; default: the built-in scikit-learn digits")
     train.add_argument("--out", dest="out_dir", help="run folder (log, assignments, checkpoint)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    from deepcluster.cli_eval import add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 
@@ -96,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         if args.command == "train":
             return cmd_train(args, extra)
+        if args.command == "eval":
+            from deepcluster.cli_eval import cmd_eval
+
+            return cmd_eval(parser.parse_args(argv))  # strict parse: unknown options are an error
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
         print(f"deepcluster: error: {error}", file=sys.stderr)
