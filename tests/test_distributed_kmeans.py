@@ -1,0 +1,87 @@
+"""Distributed k-means on a real gloo process group equals the single-process run."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deepcluster.clustering import kmeans
+
+WORLD_SIZE = 2
+# (backend, init, n_clusters): random seeds on the copies below make empty clusters, so
+# splits (and their collective) are exercised; k-means++ seeds avoid copies.
+CASES = [("torch", "random", 40), ("torch", "kmeans++", 12), ("faiss", "random", 40), ("faiss", "kmeans++", 12)]
+
+
+def dataset() -> np.ndarray:
+    """8 blobs plus 4 points copied 60 times each: random seeds land on copies of one
+    point, the copies' clusters come out empty, and splits (with their ties) happen."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((8, 6)) * 5
+    blobs = centers[rng.integers(0, 8, 460)] + rng.standard_normal((460, 6))
+    copies = np.repeat(rng.standard_normal((4, 6)) * 5, 60, axis=0)
+    return rng.permutation(np.concatenate([blobs, copies])).astype(np.float32)
+
+
+def shard_bounds(n_rows: int) -> list[tuple[int, int]]:
+    """Uneven contiguous shards (rank 0 holds more), to exercise the offsets."""
+    cut = int(n_rows * 0.6)
+    return [(0, cut), (cut, n_rows)]
+
+
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        points = dataset()
+        start, stop = shard_bounds(len(points))[rank]
+        results = {}
+        for backend, init, n_clusters in CASES:
+            result = kmeans(points[start:stop], n_clusters, n_iter=8, seed=5, backend=backend, init=init,
+                            distributed=True)
+            results[(backend, init, n_clusters)] = result
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("dist")
+    mp.spawn(worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_two_processes_give_the_single_process_result(distributed_results, case):
+    backend, init, n_clusters = case
+    points = dataset()
+    single = kmeans(points, n_clusters, n_iter=8, seed=5, backend=backend, init=init)
+    parts = [results[case] for results in distributed_results]
+    assert np.array_equal(np.concatenate([p.assignments for p in parts]), single.assignments)
+    for part in parts:
+        assert np.allclose(part.centroids, single.centroids, atol=1e-5)
+        assert np.allclose(part.objective, single.objective, rtol=1e-6)
+        assert part.n_split == single.n_split and part.n_empty == single.n_empty
+    if init == "random":
+        assert single.n_split > 0  # the case did exercise the split
+
+
+def test_distributed_flag_without_a_process_group_is_the_single_process_run():
+    assert not dist.is_initialized()
+    points = dataset()
+    a = kmeans(points, 10, n_iter=5, seed=1, backend="torch", distributed=True)
+    b = kmeans(points, 10, n_iter=5, seed=1, backend="torch")
+    assert np.array_equal(a.assignments, b.assignments) and a.objective == b.objective
+
+
+def test_spawned_workers_see_the_test_module():
+    # mp.spawn pickles ``worker`` by reference: it must be importable from a fresh process.
+    assert worker.__module__ == __name__ and os.path.exists(__file__)
