@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deepcluster.config import ConfigError
+from deepcluster.config import Config, ConfigError
+
+if TYPE_CHECKING:  # the command imports torch and the suite only when it runs
+    from deepcluster.evaluation.suite import EvalSettings, LabelledSplits
 
 TRAINED_REPORT = "eval.json"
 RANDOM_REPORT = "eval_random_init.json"
@@ -25,6 +28,11 @@ TABLE_NAME = "eval_table.txt"
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def integer_list(text: str) -> tuple[int, ...]:
+    """``"1,10,100"`` -> ``(1, 10, 100)``."""
+    return tuple(int(item) for item in _csv(text))
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -80,7 +88,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="k-means restarts averaged (default 5)")
     parser.add_argument("--cluster-iters", type=int, default=defaults.cluster_iters,
                         help="Lloyd iterations per restart (default 50)")
-    parser.add_argument("--retrieval-k", type=lambda text: tuple(int(k) for k in _csv(text)),
+    parser.add_argument("--retrieval-k", type=integer_list,
                         default=defaults.retrieval_ks, help="precision@k cut-offs (default 1,10,100)")
     parser.add_argument("--train-limit", type=int, default=None, help="evaluate on a random subset of the training split")
     parser.add_argument("--val-limit", type=int, default=None, help="... and of the validation split")
@@ -93,7 +101,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The ``EvalSettings`` the command line asks for, validated."""
     from deepcluster.evaluation.linear_probe import ProbeSettings
     from deepcluster.evaluation.suite import EvalSettings, check_settings
@@ -110,9 +118,11 @@ def settings_from_args(args: argparse.Namespace):
     return check_settings(settings)
 
 
-def fingerprint(config, splits, settings) -> dict[str, Any]:
+def fingerprint(config: Config, splits: LabelledSplits, settings: EvalSettings, train_dir: str,
+                val_dir: str) -> dict[str, Any]:
     """What must match for two reports' numbers to be comparable (random init included)."""
     return {
+        "train": os.path.abspath(train_dir), "val": os.path.abspath(val_dir),
         "arch": config.arch, "sobel": config.sobel, "feature_dim": config.feature_dim, "resize": config.resize,
         "crop": config.crop, "mean": list(config.mean), "std": list(config.std), "init_seed": config.seed,
         "pca_dim": config.pca_dim, "n_train": len(splits.train), "n_val": len(splits.val),
@@ -151,7 +161,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or config.device)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint).parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    prints = fingerprint(config, splits, settings)
+    prints = fingerprint(config, splits, settings, args.train, args.val)
     report: dict[str, Any] = {
         "report_version": reporting.REPORT_VERSION,
         "checkpoint": os.path.abspath(args.checkpoint),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,8 @@ from PIL import Image
 from deepcluster.config import Config, ConfigError
 from deepcluster.data import CenterView, DataError, FolderSource, ImageSource, Normalize
 from deepcluster.evaluation.clustering_scores import kmeans_clustering_scores
-from deepcluster.evaluation.features import FC_LAYER, TARGET_DIM, PoolSpec, extract_features, probe_pooling
+from deepcluster.evaluation.features import (FC_LAYER, TARGET_DIM, ExtractedFeatures, PoolSpec, extract_features,
+                                             probe_pooling)
 from deepcluster.evaluation.knn import knn_classify
 from deepcluster.evaluation.linear_probe import (ProbeSettings, RandomCropFlipView, train_linear_probe,
                                                  train_probes_augmented)
@@ -218,17 +219,26 @@ def select_probe_layers(pools: dict[str, PoolSpec], wanted: tuple[str, ...] | No
 
 
 @dataclass
-class _Split:
-    features: dict[str, np.ndarray] = field(default_factory=dict)
-    labels: np.ndarray | None = None
-    n_unreadable: int = 0
+class SplitFeatures:
+    """The extracted features of one split, loaded into RAM one layer at a time.
 
+    Attributes:
+        extracted: every layer of every image (possibly memory maps on disk).
+        labels: ``(N,)`` classes of every image.
+    """
 
-def _load_split(extracted, labels: np.ndarray) -> _Split:
-    usable = np.flatnonzero(extracted.ok)
-    # Copy each layer into RAM once (the arrays may be memory maps), unreadable rows dropped.
-    return _Split({name: np.array(array[usable]) for name, array in extracted.layers.items()},
-                  labels[usable], int((~extracted.ok).sum()))
+    extracted: ExtractedFeatures
+    labels: np.ndarray
+
+    @property
+    def usable(self) -> np.ndarray:
+        """Indices of the images that decoded."""
+        return np.flatnonzero(self.extracted.ok)
+
+    def layer(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(n_usable, dim)`` float32 features of ``name`` in RAM and their ``(n_usable,)`` labels."""
+        usable = self.usable
+        return np.array(self.extracted.layers[name][usable]), self.labels[usable]
 
 
 def evaluate_backbone(model: Backbone, config: Config, splits: LabelledSplits, settings: EvalSettings,
@@ -242,15 +252,15 @@ def evaluate_backbone(model: Backbone, config: Config, splits: LabelledSplits, s
         splits: labelled training and validation images.
         settings: what to run (see ``EvalSettings``).
         device: where the backbone runs.
-        work_dir: when given, features are written there as ``.npy`` memory maps (needed
-            for large sets: all conv layers of CIFAR-10's 50,000 images take about 10 GB)
-            and removed at the end unless ``keep_features``.
+        work_dir: when given, features are written there as ``.npy`` memory maps and read
+            back one layer at a time (all conv layers of CIFAR-10's 50,000 training images
+            take about 10 GB), then removed unless ``keep_features``.
         keep_features: keep the feature files in ``work_dir``.
         log: progress lines.
 
     Returns:
         A JSON-ready dict: ``linear`` (per layer), ``knn``, ``clustering``, ``retrieval``
-        (per feature layer), ``n_unreadable``, ``seconds``.
+        (per feature layer), ``pooling``, ``n_unreadable``, ``seconds``.
     """
     check_settings(settings)
     device = torch.device(device)
@@ -268,76 +278,89 @@ def evaluate_backbone(model: Backbone, config: Config, splits: LabelledSplits, s
     cached.update({name: all_pools[name] for name in feature_layers if name != FC_LAYER})
     include_fc = FC_LAYER in feature_layers
     results: dict[str, Any] = {"seconds": {}, "pooling": {name: spec.describe() for name, spec in all_pools.items()}}
-    data: dict[str, _Split] = {}
-    if cached or include_fc:
-        for split, source, labels in (("train", splits.train, splits.train_labels),
-                                      ("val", splits.val, splits.val_labels)):
-            storage = None if work_dir is None else Path(work_dir)
-            extracted = extract_features(model, source, view, normalize, cached, include_fc, settings.batch_size,
-                                         settings.workers, device, config.channels_last, storage, f"{split}_", log)
-            data[split] = _load_split(extracted, labels)
-            results["seconds"][f"features_{split}"] = round(extracted.seconds, 1)
-            del extracted
-            log(f"  features {split}: {len(source)} images in {results['seconds'][f'features_{split}']:.0f}s, "
-                f"layers {', '.join(data[split].features)}")
+    data: dict[str, SplitFeatures] = {}
+    try:
+        if cached or include_fc:
+            for split, source, labels in (("train", splits.train, splits.train_labels),
+                                          ("val", splits.val, splits.val_labels)):
+                storage = None if work_dir is None else Path(work_dir)
+                extracted = extract_features(model, source, view, normalize, cached, include_fc, settings.batch_size,
+                                             settings.workers, device, config.channels_last, storage, f"{split}_",
+                                             log)
+                data[split] = SplitFeatures(extracted, labels)
+                results["seconds"][f"features_{split}"] = round(extracted.seconds, 1)
+                log(f"  features {split}: {len(source)} images in {extracted.seconds:.0f}s, "
+                    f"layers {', '.join(extracted.layers)}")
+            results["n_unreadable"] = {split: int((~features.extracted.ok).sum()) for split, features in data.items()}
+        n_classes = splits.n_classes
+        if "linear" in settings.protocols:
+            start = time.perf_counter()
+            results["linear"] = run_linear_probes(model, config, splits, settings, probe_pools, data, device, log)
+            results["seconds"]["linear"] = round(time.perf_counter() - start, 1)
+        for protocol in on_features:
+            start = time.perf_counter()
+            per_layer: dict[str, Any] = {}
+            for name in feature_layers:
+                train_x, train_y = data["train"].layer(name)
+                val_x, val_y = data["val"].layer(name)
+                per_layer[name] = run_feature_protocol(protocol, name, train_x, train_y, val_x, val_y, n_classes,
+                                                       config, settings, device, log)
+            results[protocol] = per_layer
+            results["seconds"][protocol] = round(time.perf_counter() - start, 1)
+    finally:
         if work_dir is not None and not keep_features:
-            for split in ("train", "val"):
-                for name in data[split].features:
+            for split, features in data.items():
+                for name in features.extracted.layers:
                     (Path(work_dir) / f"{split}_{name}.npy").unlink(missing_ok=True)
-        results["n_unreadable"] = {split: data[split].n_unreadable for split in data}
-    n_classes = splits.n_classes
-
-    if "linear" in settings.protocols:
-        start = time.perf_counter()
-        layers: dict[str, Any] = {}
-        if settings.probe_mode == "fast":
-            for name, spec in probe_pools.items():
-                log(f"  linear probe {name} ({spec.describe()}), fast mode, {settings.probe.epochs} epochs")
-                outcome = train_linear_probe(data["train"].features[name], data["train"].labels,
-                                             data["val"].features[name], data["val"].labels, n_classes,
-                                             settings.probe)
-                layers[name] = {"pooling": spec.describe(), "dim": spec.dim, **dataclasses.asdict(outcome)}
-                log(f"    {name}: top-1 {outcome.top1:.2f}% top-5 {outcome.top5:.2f}% (last epoch)")
-        else:
-            log(f"  linear probes {', '.join(probe_pools)}, reference mode (augmented), {settings.probe.epochs} epochs")
-            outcomes = train_probes_augmented(model, splits.train, splits.train_labels, splits.val, splits.val_labels,
-                                              n_classes, probe_pools, RandomCropFlipView(config.resize, config.crop),
-                                              view, normalize, settings.probe, device, settings.workers, log)
-            for name, outcome in outcomes.items():
-                spec = probe_pools[name]
-                layers[name] = {"pooling": spec.describe(), "dim": spec.dim, **dataclasses.asdict(outcome)}
-        results["linear"] = {"mode": settings.probe_mode, "settings": dataclasses.asdict(settings.probe),
-                             "layers": layers}
-        results["seconds"]["linear"] = round(time.perf_counter() - start, 1)
-
-    for protocol in on_features:
-        start = time.perf_counter()
-        per_layer: dict[str, Any] = {}
-        for name in feature_layers:
-            train_x, train_y = data["train"].features[name], data["train"].labels
-            val_x, val_y = data["val"].features[name], data["val"].labels
-            if protocol == "knn":
-                outcome = knn_classify(train_x, train_y, val_x, val_y, n_classes, settings.knn_k,
-                                       settings.knn_temperature, device=device)
-                per_layer[name] = dataclasses.asdict(outcome)
-                log(f"  kNN {name}: top-1 {outcome.top1:.2f}% (k={outcome.k}, T={outcome.temperature})")
-            elif protocol == "clustering":
-                pca_dim = config.pca_dim if settings.cluster_pca_dim is None else settings.cluster_pca_dim
-                outcome = kmeans_clustering_scores(train_x, train_y, val_x, val_y, n_classes, pca_dim,
-                                                   config.whiten_power, settings.cluster_iters,
-                                                   tuple(range(settings.cluster_seeds)))
-                per_layer[name] = dataclasses.asdict(outcome)
-                log(f"  clustering {name}: train ACC {outcome.train.acc:.2f}% NMI {outcome.train.nmi:.3f} "
-                    f"ARI {outcome.train.ari:.3f}; val ACC {outcome.val.acc:.2f}%")
-            else:
-                outcome = retrieval_scores(train_x, train_y, val_x, val_y, settings.retrieval_ks, device=device)
-                per_layer[name] = {"map": outcome.mean_ap,
-                                   "precision_at": {str(k): v for k, v in outcome.precision_at.items()},
-                                   "n_gallery": outcome.n_gallery, "n_query": outcome.n_query}
-                log(f"  retrieval {name}: mAP {outcome.mean_ap:.2f}%")
-        results[protocol] = per_layer
-        results["seconds"][protocol] = round(time.perf_counter() - start, 1)
     return results
+
+
+def run_linear_probes(model: Backbone, config: Config, splits: LabelledSplits, settings: EvalSettings,
+                      pools: dict[str, PoolSpec], data: dict[str, SplitFeatures], device: torch.device,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """The linear probe of every layer in ``pools``, fast (on ``data``) or reference mode."""
+    layers: dict[str, Any] = {}
+    if settings.probe_mode == "fast":
+        for name, spec in pools.items():
+            log(f"  linear probe {name} ({spec.describe()}), fast mode, {settings.probe.epochs} epochs")
+            train_x, train_y = data["train"].layer(name)
+            val_x, val_y = data["val"].layer(name)
+            outcome = train_linear_probe(train_x, train_y, val_x, val_y, splits.n_classes, settings.probe)
+            del train_x, val_x
+            layers[name] = {"pooling": spec.describe(), "dim": spec.dim, **dataclasses.asdict(outcome)}
+            log(f"    {name}: top-1 {outcome.top1:.2f}% top-5 {outcome.top5:.2f}% (last epoch), "
+                f"best {outcome.best_top1:.2f}% (epoch {outcome.best_epoch}, selected on val), {outcome.seconds:.0f}s")
+    else:
+        log(f"  linear probes {', '.join(pools)}, reference mode (augmented), {settings.probe.epochs} epochs")
+        outcomes = train_probes_augmented(model, splits.train, splits.train_labels, splits.val, splits.val_labels,
+                                          splits.n_classes, pools, RandomCropFlipView(config.resize, config.crop),
+                                          CenterView(config.resize, config.crop), Normalize(config.mean, config.std),
+                                          settings.probe, device, settings.workers, log)
+        for name, outcome in outcomes.items():
+            layers[name] = {"pooling": pools[name].describe(), "dim": pools[name].dim, **dataclasses.asdict(outcome)}
+    return {"mode": settings.probe_mode, "settings": dataclasses.asdict(settings.probe), "layers": layers}
+
+
+def run_feature_protocol(protocol: str, layer: str, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
+                         val_y: np.ndarray, n_classes: int, config: Config, settings: EvalSettings,
+                         device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    """kNN, clustering scores or retrieval on one layer's features, as a JSON-ready dict."""
+    if protocol == "knn":
+        outcome = knn_classify(train_x, train_y, val_x, val_y, n_classes, settings.knn_k, settings.knn_temperature,
+                               device=device)
+        log(f"  kNN {layer}: top-1 {outcome.top1:.2f}% (k={outcome.k}, T={outcome.temperature})")
+        return dataclasses.asdict(outcome)
+    if protocol == "clustering":
+        pca_dim = config.pca_dim if settings.cluster_pca_dim is None else settings.cluster_pca_dim
+        outcome = kmeans_clustering_scores(train_x, train_y, val_x, val_y, n_classes, pca_dim, config.whiten_power,
+                                           settings.cluster_iters, tuple(range(settings.cluster_seeds)))
+        log(f"  clustering {layer}: train ACC {outcome.train.acc:.2f}% NMI {outcome.train.nmi:.3f} "
+            f"ARI {outcome.train.ari:.3f}; val ACC {outcome.val.acc:.2f}%")
+        return dataclasses.asdict(outcome)
+    outcome = retrieval_scores(train_x, train_y, val_x, val_y, settings.retrieval_ks, device=device)
+    log(f"  retrieval {layer}: mAP {outcome.mean_ap:.2f}%")
+    return {"map": outcome.mean_ap, "precision_at": {str(k): v for k, v in outcome.precision_at.items()},
+            "n_gallery": outcome.n_gallery, "n_query": outcome.n_query}
 
 
 def remove_dir(path: str | Path) -> None:
@@ -345,5 +368,6 @@ def remove_dir(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["EvalSettings", "LabelledSplits", "PROBE_MODES", "PROTOCOLS", "SubsetSource", "check_settings",
-           "evaluate_backbone", "open_labelled_splits", "random_init_backbone", "remove_dir", "select_probe_layers"]
+__all__ = ["EvalSettings", "LabelledSplits", "PROBE_MODES", "PROTOCOLS", "SplitFeatures", "SubsetSource",
+           "check_settings", "evaluate_backbone", "open_labelled_splits", "random_init_backbone", "remove_dir",
+           "run_feature_protocol", "run_linear_probes", "select_probe_layers"]
