@@ -343,7 +343,8 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
             clustering_objective=None if clustering is None else clustering.result.objective[-1],
             n_nonempty=sizes.n_nonempty,
             largest_cluster_share=sizes.largest_share,
-            nmi_prev=None if state.previous is None else nmi(state.previous, assignments),
+            # Stability: only meaningful when a new clustering replaced the previous one.
+            nmi_prev=nmi(state.previous, assignments) if recluster and state.previous is not None else None,
         )
         record.update(label_scores(assignments, labels))
 

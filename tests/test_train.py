@@ -1,0 +1,85 @@
+"""End to end: the whole loop on a few dozen tiny real image files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepcluster.checkpoint import load_checkpoint
+from deepcluster.config import ConfigError, resolve
+from deepcluster.train import load_backbone, run
+
+
+def tiny_config(folder, out_dir, **overrides):
+    settings = {"data": str(folder), "out_dir": str(out_dir), "n_clusters": 6, "epochs": 2, "batch_size": 8,
+                "feature_batch_size": 16, "workers": 0, "pca_dim": 8, "kmeans_iters": 5, "feature_dim": 32}
+    settings.update(overrides)
+    return resolve("small", overrides=settings)
+
+
+def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path / "full")
+    lines = []
+    records = run(config, log=lines.append)
+    assert len(records) == 2 and len(lines) == 3  # header + one line per epoch
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]
+    for key in ("clustering_objective", "n_split", "largest_cluster_share", "n_nonempty", "train_loss",
+                "nmi_labels", "acc_labels", "ari_labels", "time_features", "time_clustering",
+                "time_training", "train_images_per_s"):
+        assert key in log[1], key
+    assert log[0]["nmi_prev"] is None and 0 <= log[1]["nmi_prev"] <= 1
+    assignments = np.load(tmp_path / "full" / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assert assignments.shape == (36,) and assignments.max() < 6
+    saved = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    assert saved["epoch"] == 2 and saved["config"]["n_clusters"] == 6
+    assert (tmp_path / "full" / "config.yaml").is_file()
+
+    # Stop after one epoch, resume to two: the same assignments and weights.
+    half = tiny_config(image_folder, tmp_path / "half", epochs=1)
+    run(half, log=lambda _: None)
+    resumed = tiny_config(image_folder, tmp_path / "half", epochs=2)
+    run(resumed, resume=True, log=lambda _: None)
+    again = np.load(tmp_path / "half" / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assert np.array_equal(assignments, again)
+    model_a, _ = load_backbone(tmp_path / "full" / "checkpoint.pt")
+    model_b, _ = load_backbone(tmp_path / "half" / "checkpoint.pt")
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len((tmp_path / "half" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_head_is_recreated_every_epoch(image_folder, tmp_path, monkeypatch):
+    from deepcluster.models.base import Backbone
+
+    heads = []
+    original = Backbone.reset_classifier
+
+    def spy(self, n_outputs):
+        layer = original(self, n_outputs)
+        heads.append(layer)
+        return layer
+
+    monkeypatch.setattr(Backbone, "reset_classifier", spy)
+    run(tiny_config(image_folder, tmp_path / "run", epochs=3), log=lambda _: None)
+    assert len(heads) == 3 and len({id(h) for h in heads}) == 3
+    assert all(h.out_features == 6 for h in heads)
+
+
+def test_body_momentum_persists_and_loss_is_finite(image_folder, tmp_path):
+    records = run(tiny_config(image_folder, tmp_path / "run"), log=lambda _: None)
+    assert all(np.isfinite(r["train_loss"]) for r in records)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert any("momentum_buffer" in s for s in saved["optimizer"]["state"].values())
+
+
+def test_impossible_settings_fail_before_any_work(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="only 36 images"):
+        run(tiny_config(image_folder, tmp_path / "run", n_clusters=100), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+    run(tiny_config(image_folder, tmp_path / "done", epochs=1), log=lambda _: None)
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        run(tiny_config(image_folder, tmp_path / "done", epochs=1), log=lambda _: None)
+    with pytest.raises(ConfigError, match="cannot resume with different settings"):
+        run(tiny_config(image_folder, tmp_path / "done", epochs=2, lr=0.1), resume=True, log=lambda _: None)
