@@ -11,7 +11,15 @@ from deepcluster.evaluation.suite import random_init_backbone
 from deepcluster.models import create_model
 
 FAST = ["--probe-epochs", "2", "--probe-batch-size", "12", "--cluster-seeds", "1", "--cluster-pca", "0",
-        "--workers", "0", "--batch-size", "16", "--retrieval-k", "1,5"]
+        "--workers", "0", "--batch-size", "16", "--retrieval-k", "1,5", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """``--threads`` sets torch's global thread count; put it back for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,9 @@ def train_linear_probe(train_features: np.ndarray | torch.Tensor, train_labels: 
         for first in range(0, len(order), settings.batch_size):
             batch = order[first:first + settings.batch_size]
             lr = probe_learning_rate(settings.lr, settings.weight_decay, step)
-            loss, hits = sgd_step(probe, optimizer, train_x[batch], train_y[batch], lr)
+            # index_select copies the rows several times faster than train_x[batch].
+            inputs = torch.index_select(train_x, 0, batch)
+            loss, hits = sgd_step(probe, optimizer, inputs, train_y[batch], lr)
             total_loss += loss
             correct += hits
             step += 1
