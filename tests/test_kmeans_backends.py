@@ -199,3 +199,13 @@ def test_faiss_backend_on_gpu_matches_cpu_when_faiss_has_gpu_support():
     cpu = kmeans(points, 20, n_iter=10, seed=0, backend="faiss", device="cpu")
     gpu = kmeans(points, 20, n_iter=10, seed=0, backend="faiss", device="cuda")
     assert (cpu.assignments == gpu.assignments).mean() > 0.99
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_starting_centroids_are_used_as_is(backend):
+    points, _ = blobs(30, np.random.default_rng(10).standard_normal((3, 4)) * 5, 0.5)
+    start = points[[0, 30, 60]]
+    result = kmeans(points, 3, n_iter=0, backend=backend, init=start)
+    assert np.array_equal(result.centroids, start)
+    with pytest.raises(ValueError, match="init centroids must have shape"):
+        kmeans(points, 4, backend=backend, init=start)

@@ -441,6 +441,10 @@ class _Assigner:
         self.device = points.device
         self.rows = block_rows(n_clusters) if backend == "torch" else max(FAISS_ROWS, block_rows(n_clusters))
         self.labels = torch.empty(len(points), dtype=torch.int64, device=self.device)
+        self.squared_norms = None
+        if backend == "torch":  # ||x||^2 once, not once per iteration
+            self.squared_norms = torch.cat([(block * block).sum(1) for block in points.split(PASS_ROWS)]) \
+                if len(points) else torch.empty(0, device=self.device)
         dim = points.shape[1]
         self.sums = torch.zeros(n_clusters, dim, dtype=torch.float64, device=self.device)
         # float32 partial sums on the CPU; straight float64 on GPUs (bandwidth to spare).
@@ -457,7 +461,8 @@ class _Assigner:
         pending, total = 0, 0.0
         for start in range(0, len(self.points), self.rows):
             block = self.points[start:start + self.rows]
-            labels, distances = self.search.search(block)
+            norms = None if self.squared_norms is None else self.squared_norms[start:start + self.rows]
+            labels, distances = self.search.search(block, norms)
             with cpu_threads(1):
                 self.labels[start:start + len(block)] = labels
                 total += float(distances.sum(dtype=torch.float64))
@@ -493,7 +498,7 @@ def _reduce(shard: Shard, sums: torch.Tensor | None, counts: torch.Tensor,
 
 
 def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20, seed: int = 0,
-           backend: str = "faiss", init: str = "random", device: str = "cpu", *,
+           backend: str = "faiss", init: str | np.ndarray = "random", device: str = "cpu", *,
            distributed: bool = False) -> KMeansResult:
     """Cluster ``(N, d)`` points into ``n_clusters`` with Lloyd's algorithm.
 
@@ -508,7 +513,8 @@ def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20,
         n_iter: Lloyd iterations (0 returns the initial centroids' assignment).
         seed: seeds initialisation and splits; same seed, same result.
         backend: ``faiss`` or ``torch`` (nearest-centroid search).
-        init: ``random`` or ``kmeans++``.
+        init: ``random``, ``kmeans++``, or a ``(k, d)`` array of starting centroids (the
+            same on every process; e.g. last epoch's, or to compare implementations).
         device: ``cpu``, ``cuda[:n]`` or ``auto``: where the search runs.
         distributed: ``points`` is this process's contiguous shard of the data (rank 0
             holds the first rows); sizes and sums are all-reduced over the default
@@ -521,8 +527,9 @@ def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20,
         ValueError: k < 1, k > N, n_iter < 0, or an unknown backend, init or device.
     """
     check_backend(backend)
-    if init not in INITS:
-        raise ValueError(f"unknown k-means init {init!r}; choose one of: {', '.join(INITS)}")
+    given_centroids = None if isinstance(init, str) else np.array(init, dtype=np.float32)
+    if given_centroids is None and init not in INITS:
+        raise ValueError(f"unknown k-means init {init!r}; choose one of: {', '.join(INITS)} or a (k, d) array")
     if n_iter < 0:
         raise ValueError(f"n_iter must be at least 0, got {n_iter}")
     run_device = resolve_device(device)
@@ -533,8 +540,14 @@ def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20,
     if backend == "torch":
         points_t = points_t.to(run_device)  # once: the search reads the points every iteration
     rng = np.random.default_rng(seed)
-    centroids = torch.from_numpy(init_centroids(points_t, n_clusters, init, rng, device=run_device,
-                                                shard=shard)).to(points_t.device)
+    if given_centroids is not None:
+        if given_centroids.shape != (n_clusters, points_t.shape[1]):
+            raise ValueError(f"init centroids must have shape (n_clusters, d) = ({n_clusters}, {points_t.shape[1]}), "
+                             f"got {given_centroids.shape}")
+        initial = given_centroids
+    else:
+        initial = init_centroids(points_t, n_clusters, init, rng, device=run_device, shard=shard)
+    centroids = torch.from_numpy(initial).to(points_t.device)
     assigner = _Assigner(points_t, backend, run_device, n_clusters)
     objective: list[float] = []
     splits: list[int] = []

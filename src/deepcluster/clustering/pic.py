@@ -21,7 +21,8 @@ or torch (:mod:`deepcluster.clustering.knn`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse
@@ -39,6 +40,8 @@ class PICResult:
         n_roots: clusters before merging singletons.
         n_merged: singletons merged into a neighbour's cluster.
         scores: ``(N,)`` float64 final power-iteration vector ``v`` (sums to 1).
+        seconds: wall time of each stage (``knn``, ``graph``, ``power_iteration``,
+            ``hill_climb``, ``merge``).
     """
 
     assignments: np.ndarray
@@ -46,6 +49,7 @@ class PICResult:
     n_roots: int
     n_merged: int
     scores: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def similarity_graph(neighbors: np.ndarray, squared_distances: np.ndarray, sigma: float) -> scipy.sparse.csr_matrix:
@@ -154,16 +158,30 @@ def pic(points: np.ndarray, n_neighbors: int = 5, sigma: float = 0.2, alpha: flo
     if sigma <= 0 or n_neighbors < 1 or n_iter < 0 or not 0 < alpha < 1:
         raise ValueError(f"PIC needs sigma > 0, n_neighbors >= 1, n_iter >= 0 and 0 < alpha < 1; got sigma={sigma}, "
                          f"n_neighbors={n_neighbors}, n_iter={n_iter}, alpha={alpha}")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = now - clock
+        clock = now
+
     neighbors, squared_distances = knn_graph(points, n_neighbors, knn_backend, device,
                                              exact_max_points=exact_max_points, seed=seed)
+    lap("knn")
     graph = similarity_graph(neighbors, squared_distances, sigma)
+    lap("graph")
     scores = power_iteration(graph, alpha, n_iter)
+    lap("power_iteration")
     roots = hill_climb(graph, scores)
     _, labels = np.unique(roots, return_inverse=True)
     n_roots = int(labels.max()) + 1
+    lap("hill_climb")
     n_merged = 0
     if merge_singleton_clusters:
         labels, n_merged = merge_singletons(labels, neighbors)
         _, labels = np.unique(labels, return_inverse=True)
     labels = labels.astype(np.int64)
-    return PICResult(labels, int(labels.max()) + 1, n_roots, n_merged, scores)
+    lap("merge")
+    return PICResult(labels, int(labels.max()) + 1, n_roots, n_merged, scores, seconds)

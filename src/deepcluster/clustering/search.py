@@ -90,11 +90,14 @@ class TorchSearch:
         if self._scores is None or self._scores.shape != (rows, len(self.centroids)):
             self._scores = torch.empty(rows, len(self.centroids), device=self.device)
 
-    def search(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, points: torch.Tensor,
+               squared_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest centroid of every row of ``points``.
 
         Args:
             points: ``(n, d)`` float32, on any device.
+            squared_norms: ``(n,)`` ``||x||^2`` of the rows if already known (k-means
+                computes them once instead of once per iteration).
 
         Returns:
             ``(n,)`` int64 labels and ``(n,)`` float32 squared distances, on ``points``'
@@ -114,7 +117,8 @@ class TorchSearch:
             # argmin ||x - c||^2 = argmin (||c||^2 / 2 - x.c): one GEMM plus a row minimum.
             torch.addmm(self._half_norms, block, centroids_t, beta=1.0, alpha=-1.0, out=scores)
             torch.min(scores, dim=1, out=(distances[start:stop], labels[start:stop]))
-            distances[start:stop].mul_(2.0).add_((block * block).sum(1)).clamp_(min=0.0)
+            norms = (block * block).sum(1) if squared_norms is None else squared_norms[start:stop].to(self.device)
+            distances[start:stop].mul_(2.0).add_(norms).clamp_(min=0.0)
         return labels.to(points.device), distances.to(points.device)
 
 
@@ -160,11 +164,13 @@ class FaissSearch:
         self.index.reset()
         self.index.add(self.centroids.numpy())
 
-    def search(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, points: torch.Tensor,
+               squared_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest centroid of every row of ``points``.
 
         Args:
             points: ``(n, d)`` float32; CPU tensors are passed to faiss without a copy.
+            squared_norms: unused (faiss computes its own); for a common interface.
 
         Returns:
             ``(n,)`` int64 labels and ``(n,)`` float32 squared distances, on ``points``'
