@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deepcluster.clustering import kmeans
+from deepcluster.clustering import StreamingPCA, fit_pca, kmeans, l2_normalize
+from deepcluster.clustering.collective import all_gather_rows
 
 WORLD_SIZE = 2
 # (backend, init, n_clusters): random seeds on the copies below make empty clusters, so
@@ -25,6 +26,11 @@ def dataset() -> np.ndarray:
     blobs = centers[rng.integers(0, 8, 460)] + rng.standard_normal((460, 6))
     copies = np.repeat(rng.standard_normal((4, 6)) * 5, 60, axis=0)
     return rng.permutation(np.concatenate([blobs, copies])).astype(np.float32)
+
+
+def wide_features() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return (rng.standard_normal((300, 12)) * np.linspace(0.5, 4, 12) + 1).astype(np.float32)
 
 
 def shard_bounds(n_rows: int) -> list[tuple[int, int]]:
@@ -47,6 +53,13 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             result = kmeans(points[start:stop], n_clusters, n_iter=8, seed=5, backend=backend, init=init,
                             distributed=True)
             results[(backend, init, n_clusters)] = result
+        features = wide_features()
+        start, stop = shard_bounds(len(features))[rank]
+        reducer = StreamingPCA(stop - start, n_components=4, sample_size=50, gather_sample=all_gather_rows)
+        for first in range(0, stop - start, 20):
+            rows = np.arange(first, min(first + 20, stop - start))
+            reducer.add(features[start + rows], rows)
+        results["pca"] = reducer.finish()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -85,3 +98,15 @@ def test_distributed_flag_without_a_process_group_is_the_single_process_run():
 def test_spawned_workers_see_the_test_module():
     # mp.spawn pickles ``worker`` by reference: it must be importable from a fresh process.
     assert worker.__module__ == __name__ and os.path.exists(__file__)
+
+
+def test_streaming_pca_fits_one_pca_on_every_process_sample(distributed_results):
+    features = wide_features()
+    bounds = shard_bounds(len(features))
+    pooled_sample = np.concatenate([features[start:start + 50] for start, _ in bounds])
+    reference = fit_pca(pooled_sample, 4)
+    for (start, stop), results in zip(bounds, distributed_results):
+        points, pca = results["pca"]
+        signs = np.sign((pca.projection * reference.projection).sum(0))
+        assert np.allclose(pca.projection * signs, reference.projection, atol=1e-4)
+        assert np.allclose(points * signs, l2_normalize(reference.transform(features[start:stop])), atol=1e-4)

@@ -113,3 +113,18 @@ def test_pic_rejects_bad_settings():
         pic(np.zeros((40, 2), dtype=np.float32), sigma=0.0)
     with pytest.raises(ValueError, match="k-NN backend 'annoy'"):
         knn_graph(np.zeros((40, 2), dtype=np.float32), 5, backend="annoy")
+
+
+def test_new_points_go_to_the_cluster_of_their_nearest_mean():
+    rng = np.random.default_rng(5)
+    directions = np.eye(2, 16)
+    points = l2_normalize(np.concatenate([d + 0.03 * rng.standard_normal((100, 16)) for d in directions]))
+    result = pic(points)
+    assert result.centroids.shape == (result.n_clusters, 16)
+    for cluster in range(result.n_clusters):
+        assert np.allclose(result.centroids[cluster], points[result.assignments == cluster].mean(0), atol=1e-5)
+    fresh = l2_normalize(directions + 0.01 * rng.standard_normal((2, 16)))
+    truth = np.repeat([0, 1], 100)
+    for point, side in zip(fresh, [0, 1]):
+        cluster = result.predict(point[None])[0]
+        assert set(truth[result.assignments == cluster]) == {side}

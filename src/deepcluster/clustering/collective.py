@@ -8,6 +8,7 @@ them; gloo reduces CPU tensors in place.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -60,3 +61,19 @@ def all_gather_floats(value: float) -> list[float]:
     local = torch.zeros(world_size(), dtype=torch.float64)
     local[rank()] = float(value)
     return [float(v) for v in all_reduce_sum(local).tolist()]
+
+
+def all_gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's ``(m_r, ...)`` rows, concatenated in rank order (``local`` itself at
+    world size 1); processes may hold different numbers of rows."""
+    if not is_distributed():
+        return local
+    counts = all_gather_ints(len(local))
+    padded = np.zeros((max(counts),) + local.shape[1:], dtype=local.dtype)
+    padded[:len(local)] = local
+    tensor = torch.from_numpy(padded)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor)
+    return np.concatenate([part.cpu().numpy()[:count] for part, count in zip(gathered, counts)])

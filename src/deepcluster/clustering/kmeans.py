@@ -419,7 +419,8 @@ def cpu_threads(n_threads: int) -> Iterator[None]:
 
     The per-block bookkeeping (``index_add_`` of a few MB) is memory-bound: threading it
     gains nothing, and on a busy machine each parallel region waits for its slowest
-    thread, which made it 10x slower than one thread in our measurements.
+    thread, which made it 10x slower than one thread in our measurements. Not meant for
+    use from several Python threads at once (the setting is process-wide).
     """
     previous = torch.get_num_threads()
     if previous == n_threads:
@@ -433,11 +434,17 @@ def cpu_threads(n_threads: int) -> Iterator[None]:
 
 
 class _Assigner:
-    """One pass over the points: nearest centroid, per-cluster sums and sizes, objective."""
+    """One pass over the points: nearest centroid, per-cluster sums and sizes, objective.
 
-    def __init__(self, points: torch.Tensor, backend: str, device: torch.device, n_clusters: int):
+    Meant to run inside ``cpu_threads(1)``: only the search itself gets ``search_threads``
+    torch threads (the faiss backend brings its own OpenMP threads).
+    """
+
+    def __init__(self, points: torch.Tensor, backend: str, device: torch.device, n_clusters: int,
+                 search_threads: int):
         self.points = points
         self.search = make_search(backend, device)
+        self.search_threads = search_threads
         self.device = points.device
         self.rows = block_rows(n_clusters) if backend == "torch" else max(FAISS_ROWS, block_rows(n_clusters))
         self.labels = torch.empty(len(points), dtype=torch.int64, device=self.device)
@@ -453,7 +460,8 @@ class _Assigner:
     def run(self, centroids: torch.Tensor, accumulate: bool = True) -> float:
         """Assign every point to its nearest of ``centroids``; returns the summed squared
         distance (float64) of this process's points."""
-        self.search.set_centroids(centroids)
+        with cpu_threads(self.search_threads):
+            self.search.set_centroids(centroids)
         self.sums.zero_()
         partial = self._partial
         if partial is not None:
@@ -462,21 +470,21 @@ class _Assigner:
         for start in range(0, len(self.points), self.rows):
             block = self.points[start:start + self.rows]
             norms = None if self.squared_norms is None else self.squared_norms[start:start + self.rows]
-            labels, distances = self.search.search(block, norms)
-            with cpu_threads(1):
-                self.labels[start:start + len(block)] = labels
-                total += float(distances.sum(dtype=torch.float64))
-                if not accumulate:
-                    continue
-                if partial is None:
-                    self.sums.index_add_(0, labels, block.double())
-                    continue
-                partial.index_add_(0, labels, block)
-                pending += len(block)
-                if pending >= FLUSH_ROWS:
-                    self.sums += partial
-                    partial.zero_()
-                    pending = 0
+            with cpu_threads(self.search_threads):
+                labels, distances = self.search.search(block, norms)
+            self.labels[start:start + len(block)] = labels
+            total += float(distances.sum(dtype=torch.float64))
+            if not accumulate:
+                continue
+            if partial is None:
+                self.sums.index_add_(0, labels, block.double())
+                continue
+            partial.index_add_(0, labels, block)
+            pending += len(block)
+            if pending >= FLUSH_ROWS:
+                self.sums += partial
+                partial.zero_()
+                pending = 0
         if partial is not None and pending:
             self.sums += partial
         return total
@@ -548,7 +556,16 @@ def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20,
     else:
         initial = init_centroids(points_t, n_clusters, init, rng, device=run_device, shard=shard)
     centroids = torch.from_numpy(initial).to(points_t.device)
-    assigner = _Assigner(points_t, backend, run_device, n_clusters)
+    search_threads = torch.get_num_threads()
+    with cpu_threads(1):  # bookkeeping is memory-bound; only the search is threaded
+        return _lloyd(points_t, centroids, n_iter, seed, backend, run_device, shard, rng, search_threads)
+
+
+def _lloyd(points_t: torch.Tensor, centroids: torch.Tensor, n_iter: int, seed: int, backend: str,
+           run_device: torch.device, shard: Shard, rng: np.random.Generator, search_threads: int) -> KMeansResult:
+    """The iterations of :func:`kmeans`, from initial ``centroids`` (modified in place)."""
+    n_clusters = len(centroids)
+    assigner = _Assigner(points_t, backend, run_device, n_clusters, search_threads)
     objective: list[float] = []
     splits: list[int] = []
     for iteration in range(n_iter):

@@ -14,6 +14,7 @@ then projects every chunk as it arrives, so only ``N x n_components`` is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import scipy.linalg
@@ -147,12 +148,18 @@ class StreamingPCA:
         n_rows: rows of the full output (rows never fed stay zero; see ``seen``).
         n_components: output width (clamped like :func:`fit_pca`).
         whiten_power: -0.5 whitens, 0 only rotates and reduces.
-        sample_size: rows the PCA is fitted on (at least 2).
+        sample_size: rows the PCA is fitted on (at least 2); with ``gather_sample``, this
+            process's share of them.
         normalize: L2-normalise the projected rows (DeepCluster does).
+        gather_sample: called once with this process's ``(m, D)`` sample just before the
+            fit; returns the rows to fit on. With several processes, each holding a shard
+            of the data, pass :func:`deepcluster.clustering.collective.all_gather_rows` so
+            that every process fits the same PCA on everybody's sample.
     """
 
     def __init__(self, n_rows: int, n_components: int = 256, whiten_power: float = -0.5,
-                 sample_size: int = 100_000, normalize: bool = True):
+                 sample_size: int = 100_000, normalize: bool = True,
+                 gather_sample: Callable[[np.ndarray], np.ndarray] | None = None):
         if sample_size < 2:
             raise ValueError(f"sample_size must be at least 2, got {sample_size}")
         if n_rows < 1:
@@ -162,6 +169,7 @@ class StreamingPCA:
         self.whiten_power = whiten_power
         self.sample_size = sample_size
         self.normalize = normalize
+        self.gather_sample = gather_sample
         self.pca: PCA | None = None
         self.seen = np.zeros(n_rows, dtype=bool)
         self._output: np.ndarray | None = None
@@ -206,18 +214,27 @@ class StreamingPCA:
             ValueError: fewer than 2 rows were fed.
         """
         if self.pca is None:
-            if self._filled < 2:
+            if self._filled < 2 and self.gather_sample is None:
                 raise ValueError(f"PCA needs at least 2 feature vectors, got {self._filled}")
-            self._sample = self._sample[:self._filled]
+            self._sample = self._sample[:self._filled] if self._sample is not None else None
             self._fit()
         return self._output, self.pca
 
     def _fit(self) -> None:
-        self.pca = fit_pca(self._sample, self.n_components, self.whiten_power)
-        self._output = np.zeros((self.n_rows, self.pca.n_components), dtype=np.float32)
         sample, rows = self._sample, self._sample_rows
         self._sample, self._sample_rows = None, np.empty(0, dtype=np.int64)
-        self._project(sample, rows)
+        if self.gather_sample is not None:
+            local = sample if sample is not None else np.zeros((0, 0), dtype=np.float32)
+            fit_on = self.gather_sample(local)
+        else:
+            fit_on = sample
+        if fit_on is None or len(fit_on) < 2:
+            raise ValueError(f"PCA needs at least 2 feature vectors, got {0 if fit_on is None else len(fit_on)}")
+        self.pca = fit_pca(fit_on, self.n_components, self.whiten_power)
+        del fit_on
+        self._output = np.zeros((self.n_rows, self.pca.n_components), dtype=np.float32)
+        if sample is not None and len(rows):
+            self._project(sample, rows)
 
     def _project(self, features: np.ndarray, rows: np.ndarray) -> None:
         projected = self.pca.transform(features)

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse
+import torch
 
+from deepcluster.clustering.kmeans import predict
 from deepcluster.clustering.knn import knn_graph
 
 
@@ -40,6 +42,8 @@ class PICResult:
         n_roots: clusters before merging singletons.
         n_merged: singletons merged into a neighbour's cluster.
         scores: ``(N,)`` float64 final power-iteration vector ``v`` (sums to 1).
+        centroids: ``(n_clusters, d)`` float32 mean of each cluster's points, to place new
+            points by :meth:`predict` (PIC itself has no centroids).
         seconds: wall time of each stage (``knn``, ``graph``, ``power_iteration``,
             ``hill_climb``, ``merge``).
     """
@@ -49,7 +53,22 @@ class PICResult:
     n_roots: int
     n_merged: int
     scores: np.ndarray
+    centroids: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def predict(self, points: np.ndarray, backend: str = "torch", device: str = "cpu") -> np.ndarray:
+        """Cluster of new ``(n, d)`` points: that of the nearest cluster mean; ``(n,)`` int64."""
+        return predict(points, self.centroids, backend=backend, device=device)
+
+
+def cluster_means(points: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """``(n_clusters, d)`` float32 mean of the points of each cluster (float64 sums)."""
+    labels_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    sums = torch.zeros(n_clusters, points.shape[1], dtype=torch.float64)
+    for start in range(0, len(points), 65536):
+        sums.index_add_(0, labels_t[start:start + 65536], torch.from_numpy(points[start:start + 65536]).double())
+    counts = torch.bincount(labels_t, minlength=n_clusters).clamp_(min=1)
+    return (sums / counts[:, None]).float().numpy()
 
 
 def similarity_graph(neighbors: np.ndarray, squared_distances: np.ndarray, sigma: float) -> scipy.sparse.csr_matrix:
@@ -183,5 +202,7 @@ def pic(points: np.ndarray, n_neighbors: int = 5, sigma: float = 0.2, alpha: flo
         labels, n_merged = merge_singletons(labels, neighbors)
         _, labels = np.unique(labels, return_inverse=True)
     labels = labels.astype(np.int64)
+    n_clusters = int(labels.max()) + 1
+    centroids = cluster_means(points, labels, n_clusters)
     lap("merge")
-    return PICResult(labels, int(labels.max()) + 1, n_roots, n_merged, scores, seconds)
+    return PICResult(labels, n_clusters, n_roots, n_merged, scores, centroids, seconds)
