@@ -58,7 +58,7 @@ def make_data(n_points: int, dim: int, n_clusters: int, seed: int = 0) -> tuple[
     for start in range(0, n_points, 65536):
         stop = min(start + 65536, n_points)
         points[start:stop] = centers[rng.integers(0, n_clusters, stop - start)]
-        points[start:stop] += 1.5 * rng.standard_normal((stop - start, dim), dtype=np.float32)
+        points[start:stop] += 3.0 * rng.standard_normal((stop - start, dim), dtype=np.float32)
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     start_centroids = points[rng.choice(n_points, n_clusters, replace=False)].copy()
     return points, start_centroids

@@ -6,7 +6,7 @@ import torch
 
 from deepcluster.clustering import kmeans, nearest_centroid, nmi, predict
 from deepcluster.clustering.kmeans import init_centroids, split_empty_clusters
-from deepcluster.clustering.search import FaissSearch, TorchSearch, block_rows
+from deepcluster.clustering.search import FaissSearch, TorchSearch, block_rows, onednn_usable
 
 BACKENDS = ["faiss", "torch"]
 
@@ -34,6 +34,33 @@ def test_search_backends_find_the_exact_nearest_centroid(backend):
     exact = ((points[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)
     assert np.array_equal(labels, exact.argmin(1))
     assert np.allclose(distances, exact.min(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not onednn_usable(), reason="PyTorch built without mkldnn")
+def test_torch_search_onednn_and_addmm_products_agree():
+    rng = np.random.default_rng(3)
+    points = torch.from_numpy(rng.standard_normal((2000, 32)).astype(np.float32))
+    centroids = torch.from_numpy(rng.standard_normal((300, 32)).astype(np.float32))
+    results = []
+    for gemm in ("addmm", "onednn"):
+        search = TorchSearch(gemm=gemm)
+        search.set_centroids(centroids)
+        results.append(search.search(points))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown gemm 'blas'"):
+        TorchSearch(gemm="blas")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thread_count_changes_nothing_but_speed(backend):
+    points, _ = blobs(3000, np.random.default_rng(11).standard_normal((6, 16)) * 3, 1.0)
+    threads_before = torch.get_num_threads()
+    one = kmeans(points, 24, n_iter=6, seed=2, backend=backend, n_threads=1)
+    three = kmeans(points, 24, n_iter=6, seed=2, backend=backend, n_threads=3)
+    assert np.array_equal(one.assignments, three.assignments)
+    assert np.allclose(one.objective, three.objective, rtol=1e-6)
+    assert torch.get_num_threads() == threads_before  # restored after the run
 
 
 def test_torch_search_blocks_give_the_same_answer_as_one_block():

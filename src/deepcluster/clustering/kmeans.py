@@ -23,6 +23,7 @@ additions). Without a process group, ``distributed=True`` is the single-process 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 
 from deepcluster.clustering import collective
-from deepcluster.clustering.search import BACKENDS, block_rows, check_backend, make_search, resolve_device
+from deepcluster.clustering.search import (BACKENDS, FaissSearch, TorchSearch, block_rows, check_backend,
+                                           cpu_block_rows, make_search, resolve_device)
 
 INITS = ("random", "kmeans++")
 
@@ -42,8 +44,6 @@ SPLIT_EPS = 1.0 / 1024.0
 FLUSH_ROWS = 1 << 16
 # Rows per pass of the split and of k-means++ (bounds their temporary memory).
 PASS_ROWS = 1 << 16
-# Rows per search call of the faiss backend (faiss blocks further inside).
-FAISS_ROWS = 1 << 14
 
 
 @dataclass
@@ -100,7 +100,7 @@ def nearest_centroid(points: np.ndarray | torch.Tensor, centroids: np.ndarray | 
         centroids: ``(k, d)``.
         backend: ``faiss`` or ``torch``.
         device: where the search runs (``cpu``, ``cuda[:n]``, ``auto``).
-        chunk_size: points per search call (bounds temporary memory).
+        chunk_size: unused, kept for compatibility (blocks are sized to the cache).
 
     Returns:
         ``(N,)`` int64 labels and ``(N,)`` float32 squared distances.
@@ -112,15 +112,26 @@ def nearest_centroid(points: np.ndarray | torch.Tensor, centroids: np.ndarray | 
     centroids_t = as_float32_tensor(centroids, "centroids")
     if points_t.shape[1] != centroids_t.shape[1]:
         raise ValueError(f"points have {points_t.shape[1]} dimensions but centroids have {centroids_t.shape[1]}")
-    search = make_search(backend, device)
-    search.set_centroids(centroids_t)
-    labels = np.empty(len(points_t), dtype=np.int64)
-    distances = np.empty(len(points_t), dtype=np.float32)
-    for start in range(0, len(points_t), chunk_size):
-        chunk_labels, chunk_distances = search.search(points_t[start:start + chunk_size])
-        labels[start:start + chunk_size] = chunk_labels.cpu().numpy()
-        distances[start:start + chunk_size] = chunk_distances.cpu().numpy()
-    return labels, distances
+    check_backend(backend)
+    run_device = resolve_device(device)
+    if backend == "torch":
+        points_t = points_t.to(run_device)
+    n_threads = torch.get_num_threads()
+    with cpu_threads(1):
+        finder = _Assigner(points_t, backend, run_device, len(centroids_t), n_threads, accumulate=False)
+        try:
+            finder.run(centroids_t.to(points_t.device))
+        finally:
+            finder.close()
+        labels = finder.labels
+        # The assigner only sums the distances: recompute each one (a cheap gathered pass).
+        distances = torch.empty(len(points_t), dtype=torch.float32)
+        centroids_here = centroids_t.to(points_t.device)
+        for start in range(0, len(points_t), PASS_ROWS):
+            block = points_t[start:start + PASS_ROWS]
+            nearest = centroids_here[labels[start:start + PASS_ROWS]]
+            distances[start:start + len(block)] = ((block - nearest) ** 2).sum(1).cpu()
+    return labels.cpu().numpy(), distances.numpy()
 
 
 def predict(points: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor, backend: str = "torch",
@@ -433,61 +444,109 @@ def cpu_threads(n_threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class _Assigner:
-    """One pass over the points: nearest centroid, per-cluster sums and sizes, objective.
+@dataclass
+class _Worker:
+    """One thread's share of an assignment pass: its search object and running sums."""
 
-    Meant to run inside ``cpu_threads(1)``: only the search itself gets ``search_threads``
-    torch threads (the faiss backend brings its own OpenMP threads).
+    search: TorchSearch | FaissSearch
+    sums: torch.Tensor  # (k, d) float64
+    partial: torch.Tensor | None  # (k, d) float32, CPU only
+    total: float = 0.0
+    pending: int = 0
+
+
+def _single_threaded_worker() -> None:
+    """Initialiser of the worker threads: each runs torch and faiss on one thread."""
+    torch.set_num_threads(1)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:
+        pass
+
+
+class _Assigner:
+    """Assignment passes over the points: nearest centroid, per-cluster sums, objective.
+
+    On a CPU, ``n_workers`` threads each take every ``n_workers``-th block of rows (a
+    static split, so the order of additions, hence the result, does not depend on timing)
+    and run torch and faiss single-threaded on it; each keeps float32 partial sums of the
+    blocks it assigned, flushed into its float64 sums every ``FLUSH_ROWS`` rows. On a GPU
+    one thread walks large blocks and sums in float64 directly.
     """
 
     def __init__(self, points: torch.Tensor, backend: str, device: torch.device, n_clusters: int,
-                 search_threads: int):
+                 n_workers: int, accumulate: bool = True):
         self.points = points
-        self.search = make_search(backend, device)
-        self.search_threads = search_threads
-        self.device = points.device
-        self.rows = block_rows(n_clusters) if backend == "torch" else max(FAISS_ROWS, block_rows(n_clusters))
-        self.labels = torch.empty(len(points), dtype=torch.int64, device=self.device)
+        self.accumulate = accumulate
+        on_gpu = points.device.type == "cuda" or device.type == "cuda"
+        self.n_workers = 1 if on_gpu else max(1, n_workers)
+        if not on_gpu:
+            self.rows = cpu_block_rows(backend, n_clusters)
+        else:
+            self.rows = block_rows(n_clusters, device) if backend == "torch" else 65536
+        self.labels = torch.empty(len(points), dtype=torch.int64, device=points.device)
         self.squared_norms = None
         if backend == "torch":  # ||x||^2 once, not once per iteration
             self.squared_norms = torch.cat([(block * block).sum(1) for block in points.split(PASS_ROWS)]) \
-                if len(points) else torch.empty(0, device=self.device)
+                if len(points) else torch.empty(0, device=points.device)
         dim = points.shape[1]
-        self.sums = torch.zeros(n_clusters, dim, dtype=torch.float64, device=self.device)
-        # float32 partial sums on the CPU; straight float64 on GPUs (bandwidth to spare).
-        self._partial = torch.zeros(n_clusters, dim, device=self.device) if self.device.type == "cpu" else None
+        self.workers = []
+        for _ in range(self.n_workers):
+            sums = torch.zeros(n_clusters if accumulate else 0, dim, dtype=torch.float64, device=points.device)
+            partial = torch.zeros_like(sums, dtype=torch.float32) if accumulate and not on_gpu else None
+            self.workers.append(_Worker(make_search(backend, device), sums, partial))
+        self.pool = ThreadPoolExecutor(self.n_workers, initializer=_single_threaded_worker) \
+            if self.n_workers > 1 else None
 
-    def run(self, centroids: torch.Tensor, accumulate: bool = True) -> float:
-        """Assign every point to its nearest of ``centroids``; returns the summed squared
-        distance (float64) of this process's points."""
-        with cpu_threads(self.search_threads):
-            self.search.set_centroids(centroids)
-        self.sums.zero_()
-        partial = self._partial
-        if partial is not None:
-            partial.zero_()
-        pending, total = 0, 0.0
-        for start in range(0, len(self.points), self.rows):
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def run(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Assign every point to its nearest of ``centroids`` (labels in ``self.labels``).
+
+        Returns:
+            ``(k, d)`` float64 sums of the points of each cluster (empty when not
+            accumulating) and their summed squared distance, over this process's points.
+        """
+        for worker in self.workers:
+            worker.search.set_centroids(centroids)
+            worker.sums.zero_()
+            if worker.partial is not None:
+                worker.partial.zero_()
+            worker.total, worker.pending = 0.0, 0
+        if self.pool is None:
+            self._walk(0)
+        else:
+            list(self.pool.map(self._walk, range(self.n_workers)))
+        sums = self.workers[0].sums
+        for worker in self.workers[1:]:
+            sums += worker.sums
+        return sums, sum(worker.total for worker in self.workers)
+
+    def _walk(self, index: int) -> None:
+        worker = self.workers[index]
+        for start in range(index * self.rows, len(self.points), self.n_workers * self.rows):
             block = self.points[start:start + self.rows]
             norms = None if self.squared_norms is None else self.squared_norms[start:start + self.rows]
-            with cpu_threads(self.search_threads):
-                labels, distances = self.search.search(block, norms)
+            labels, distances = worker.search.search(block, norms)
             self.labels[start:start + len(block)] = labels
-            total += float(distances.sum(dtype=torch.float64))
-            if not accumulate:
+            worker.total += float(distances.sum(dtype=torch.float64))
+            if not self.accumulate:
                 continue
-            if partial is None:
-                self.sums.index_add_(0, labels, block.double())
+            if worker.partial is None:
+                worker.sums.index_add_(0, labels, block.double())
                 continue
-            partial.index_add_(0, labels, block)
-            pending += len(block)
-            if pending >= FLUSH_ROWS:
-                self.sums += partial
-                partial.zero_()
-                pending = 0
-        if partial is not None and pending:
-            self.sums += partial
-        return total
+            worker.partial.index_add_(0, labels, block)
+            worker.pending += len(block)
+            if worker.pending >= FLUSH_ROWS:
+                worker.sums += worker.partial
+                worker.partial.zero_()
+                worker.pending = 0
+        if worker.partial is not None and worker.pending:
+            worker.sums += worker.partial
 
 
 def _reduce(shard: Shard, sums: torch.Tensor | None, counts: torch.Tensor,
@@ -507,7 +566,7 @@ def _reduce(shard: Shard, sums: torch.Tensor | None, counts: torch.Tensor,
 
 def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20, seed: int = 0,
            backend: str = "faiss", init: str | np.ndarray = "random", device: str = "cpu", *,
-           distributed: bool = False) -> KMeansResult:
+           distributed: bool = False, n_threads: int | None = None) -> KMeansResult:
     """Cluster ``(N, d)`` points into ``n_clusters`` with Lloyd's algorithm.
 
     Runs exactly ``n_iter`` iterations, each: nearest centroid of every point (sizes and
@@ -527,6 +586,8 @@ def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20,
         distributed: ``points`` is this process's contiguous shard of the data (rank 0
             holds the first rows); sizes and sums are all-reduced over the default
             process group. Without a process group this is the single-process run.
+        n_threads: CPU worker threads (default: ``torch.get_num_threads()``); each runs
+            the search and the sums of its share of the points single-threaded.
 
     Returns:
         A :class:`KMeansResult`; with ``distributed``, assignments of the local points.
@@ -556,35 +617,40 @@ def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20,
     else:
         initial = init_centroids(points_t, n_clusters, init, rng, device=run_device, shard=shard)
     centroids = torch.from_numpy(initial).to(points_t.device)
-    search_threads = torch.get_num_threads()
-    with cpu_threads(1):  # bookkeeping is memory-bound; only the search is threaded
-        return _lloyd(points_t, centroids, n_iter, seed, backend, run_device, shard, rng, search_threads)
+    n_threads = n_threads or torch.get_num_threads()
+    with cpu_threads(1):  # the worker threads parallelise; every op runs single-threaded
+        return _lloyd(points_t, centroids, n_iter, seed, backend, run_device, shard, rng, n_threads)
 
 
 def _lloyd(points_t: torch.Tensor, centroids: torch.Tensor, n_iter: int, seed: int, backend: str,
-           run_device: torch.device, shard: Shard, rng: np.random.Generator, search_threads: int) -> KMeansResult:
+           run_device: torch.device, shard: Shard, rng: np.random.Generator, n_threads: int) -> KMeansResult:
     """The iterations of :func:`kmeans`, from initial ``centroids`` (modified in place)."""
     n_clusters = len(centroids)
-    assigner = _Assigner(points_t, backend, run_device, n_clusters, search_threads)
+    assigner = _Assigner(points_t, backend, run_device, n_clusters, n_threads)
+    finder = _Assigner(points_t, backend, run_device, n_clusters, n_threads, accumulate=False)
     objective: list[float] = []
     splits: list[int] = []
-    for iteration in range(n_iter):
-        local_total = assigner.run(centroids)
-        counts = torch.bincount(assigner.labels, minlength=n_clusters).double()
-        sums, counts, total = _reduce(shard, assigner.sums, counts, local_total)
-        objective.append(total / shard.total)
-        counts = counts.round().long()
-        filled = counts > 0
-        centroids[filled] = (sums[filled] / counts[filled, None]).float()
-        outcome = split_round(points_t, assigner.labels, centroids, counts, sums, rng, shard,
-                              salt=seed * 1_000_003 + iteration)
-        splits.append(outcome.n_split)
-    local_total = assigner.run(centroids, accumulate=False)
-    counts = torch.bincount(assigner.labels, minlength=n_clusters).double()
+    try:
+        for iteration in range(n_iter):
+            local_sums, local_total = assigner.run(centroids)
+            counts = torch.bincount(assigner.labels, minlength=n_clusters).double()
+            sums, counts, total = _reduce(shard, local_sums, counts, local_total)
+            objective.append(total / shard.total)
+            counts = counts.round().long()
+            filled = counts > 0
+            centroids[filled] = (sums[filled] / counts[filled, None]).float()
+            outcome = split_round(points_t, assigner.labels, centroids, counts, sums, rng, shard,
+                                  salt=seed * 1_000_003 + iteration)
+            splits.append(outcome.n_split)
+        _, local_total = finder.run(centroids)
+    finally:
+        assigner.close()
+        finder.close()
+    counts = torch.bincount(finder.labels, minlength=n_clusters).double()
     _, counts, total = _reduce(shard, None, counts, local_total)
     objective.append(total / shard.total)
     n_empty = int((counts == 0).sum())
-    return KMeansResult(assigner.labels.cpu().numpy(), centroids.cpu().numpy(), objective, sum(splits), n_empty, splits)
+    return KMeansResult(finder.labels.cpu().numpy(), centroids.cpu().numpy(), objective, sum(splits), n_empty, splits)
 
 
 __all__ = ["BACKENDS", "INITS", "KMeansResult", "init_centroids", "kmeans", "nearest_centroid", "predict",

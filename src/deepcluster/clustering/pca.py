@@ -41,8 +41,10 @@ class PCA:
     def n_components(self) -> int:
         return self.projection.shape[1]
 
-    def transform(self, features: np.ndarray, chunk_size: int = 65536) -> np.ndarray:
-        """Project ``(N, D)`` features to ``(N, d)`` float32, ``chunk_size`` rows at a time."""
+    def transform(self, features: np.ndarray, chunk_size: int | None = None) -> np.ndarray:
+        """Project ``(N, D)`` features to ``(N, d)`` float32, ``chunk_size`` rows at a time
+        (default: 64 MiB of input per chunk)."""
+        chunk_size = chunk_size or chunk_rows(features.shape[1])
         out = np.empty((len(features), self.n_components), dtype=np.float32)
         mean = self.mean.astype(np.float32)
         projection = self.projection.astype(np.float32)
@@ -52,8 +54,14 @@ class PCA:
         return out
 
 
+def chunk_rows(dim: int, budget_bytes: int = 1 << 26) -> int:
+    """Rows of ``dim`` float32 values in ``budget_bytes`` (at least 1,024): the size of the
+    temporary copies PCA makes (a 65,536-row chunk of 4096-d features would be 1 GiB)."""
+    return max(1024, budget_bytes // (4 * max(dim, 1)))
+
+
 def fit_pca(features: np.ndarray, n_components: int, whiten_power: float = -0.5,
-            chunk_size: int = 65536, max_samples: int | None = None, seed: int = 0) -> PCA:
+            chunk_size: int | None = None, max_samples: int | None = None, seed: int = 0) -> PCA:
     """Fit PCA on ``(N, D)`` features.
 
     The covariance is accumulated in float64 over row chunks (memory ``D x D`` plus one
@@ -64,7 +72,7 @@ def fit_pca(features: np.ndarray, n_components: int, whiten_power: float = -0.5,
         n_components: dimensions kept; clamped to ``min(D, N - 1)``, the largest number of
             directions with non-zero variance.
         whiten_power: exponent applied to the eigenvalues (-0.5 whitens).
-        chunk_size: rows per covariance update.
+        chunk_size: rows per covariance update (default: 64 MiB of input).
         max_samples: fit on at most this many rows drawn uniformly without replacement
             (seeded by ``seed``); the cost ``2 n D^2`` then no longer grows with ``N``.
             None fits on all rows, as the reference does.
@@ -80,6 +88,7 @@ def fit_pca(features: np.ndarray, n_components: int, whiten_power: float = -0.5,
             rows = np.sort(np.random.default_rng(seed).choice(len(features), max_samples, replace=False))
             features = features[rows]
     n_rows, dim = features.shape
+    chunk_size = chunk_size or chunk_rows(dim)
     if n_rows < 2:
         raise ValueError("PCA needs at least 2 feature vectors")
     n_components = max(1, min(n_components, dim, n_rows - 1))
@@ -133,9 +142,10 @@ class StreamingPCA:
     pass's loader order) so that the first ``sample_size`` are a uniform sample; in dataset
     order (sorted by class) they would not be.
 
-    Peak memory: ``sample_size x D`` (the sample) + ``n_rows x n_components`` (the output)
-    float32, plus ``D x D`` float64 for the covariance; for ImageNet (1.28M x 4096 to 256,
-    the default sample of 100,000) about 3 GB instead of 21 GB.
+    Peak memory: the larger of ``sample_size x D`` (the sample, with ``D x D`` float64 for
+    the covariance) and ``n_rows x n_components`` (the output) float32, plus one chunk;
+    for ImageNet (1.28M x 4096 to 256, the default sample of 100,000) about 2 GB of data
+    instead of 21 GB.
 
     Example::
 
@@ -232,12 +242,19 @@ class StreamingPCA:
             raise ValueError(f"PCA needs at least 2 feature vectors, got {0 if fit_on is None else len(fit_on)}")
         self.pca = fit_pca(fit_on, self.n_components, self.whiten_power)
         del fit_on
-        self._output = np.zeros((self.n_rows, self.pca.n_components), dtype=np.float32)
+        # Project the sample and free it before the full output exists: the peak is then
+        # the sample or the output, not both.
+        projected = None
         if sample is not None and len(rows):
-            self._project(sample, rows)
+            projected = self._reduce(sample)
+        del sample
+        self._output = np.zeros((self.n_rows, self.pca.n_components), dtype=np.float32)
+        if projected is not None:
+            self._output[rows] = projected
+
+    def _reduce(self, features: np.ndarray) -> np.ndarray:
+        projected = self.pca.transform(features)
+        return l2_normalize(projected) if self.normalize else projected
 
     def _project(self, features: np.ndarray, rows: np.ndarray) -> None:
-        projected = self.pca.transform(features)
-        if self.normalize:
-            projected = l2_normalize(projected)
-        self._output[rows] = projected
+        self._output[rows] = self._reduce(features)
