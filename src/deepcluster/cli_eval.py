@@ -97,7 +97,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--keep-features", action="store_true",
-                        help="keep the extracted features as .npy files in <out>/features")
+                        help="keep the extracted features as .npy files in <out>/features/<model>-<pid>")
     return parser
 
 
@@ -132,6 +132,22 @@ def fingerprint(config: Config, splits: LabelledSplits, settings: EvalSettings, 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
+def reusable_baseline(path: Path, prints: dict[str, Any]) -> dict[str, Any] | None:
+    """The random-init results stored in ``path`` when they were made with the same
+    fingerprint; ``None`` otherwise (missing, unreadable or different settings)."""
+    from deepcluster.evaluation import report as reporting
+
+    if not path.is_file():
+        return None
+    try:
+        saved = reporting.load_report(path)
+    except ConfigError:
+        return None
+    if saved.get("fingerprint") != prints:
+        return None
+    return saved["results"].get("random_init")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -182,7 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def evaluate(which: str):
         network = random_init_backbone(config) if which == "random_init" else model
         log(f"[{which.replace('_', ' ')}]")
-        work_dir = out_dir / "features" / which
+        # One folder per process: two evaluations writing into one report folder never collide.
+        work_dir = out_dir / "features" / f"{which}-{os.getpid()}"
         try:
             return evaluate_backbone(network, config, splits, settings, device, work_dir, args.keep_features, log)
         finally:
@@ -202,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
 
     baseline = None
-    if baseline_file is not None:
+    if baseline_file is not None:  # checked before the long evaluation: a bad file fails fast
         saved = reporting.load_report(baseline_file)
         differ = _differences(saved.get("fingerprint") or {}, prints)
         if differ:
@@ -211,20 +228,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         baseline = saved["results"].get("random_init")
         if baseline is None:
             raise ConfigError(f"baseline {str(baseline_file)!r} holds no random-init results")
-    elif args.baseline == "auto" and random_path.is_file():
-        try:
-            saved = reporting.load_report(random_path)
-        except ConfigError:
-            saved = {}
-        if saved.get("fingerprint") == prints and saved["results"].get("random_init") is not None:
-            baseline = saved["results"]["random_init"]
-            log(f"random-init baseline reused from {random_path}")
 
     report["results"]["trained"] = evaluate("trained")
-    if baseline is None and args.baseline == "auto":
-        baseline = evaluate("random_init")
-        random_report = {**report, "training_budget": None, "results": {"trained": None, "random_init": baseline}}
-        reporting.write_report(random_path, random_report)
+    if args.baseline == "auto":
+        # Looked up only now, so a `--random-init` run that finished meanwhile is reused.
+        baseline = reusable_baseline(random_path, prints)
+        if baseline is not None:
+            log(f"random-init baseline reused from {random_path}")
+        else:
+            baseline = evaluate("random_init")
+            random_report = {**report, "training_budget": None, "results": {"trained": None, "random_init": baseline}}
+            reporting.write_report(random_path, random_report)
     report["results"]["random_init"] = baseline
     report["gain"] = reporting.gains(report["results"]["trained"], baseline)
     report_path = out_dir / TRAINED_REPORT
