@@ -90,8 +90,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="Lloyd iterations per restart (default 50)")
     parser.add_argument("--retrieval-k", type=integer_list,
                         default=defaults.retrieval_ks, help="precision@k cut-offs (default 1,10,100)")
-    parser.add_argument("--train-limit", type=int, default=None, help="evaluate on a random subset of the training split")
-    parser.add_argument("--val-limit", type=int, default=None, help="... and of the validation split")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="evaluate on a random subset of this many training images")
+    parser.add_argument("--val-limit", type=int, default=None, help="... and of this many validation images")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")

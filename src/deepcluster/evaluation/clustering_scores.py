@@ -36,7 +36,8 @@ def score_labelling(labels_true: np.ndarray, labels_pred: np.ndarray) -> Cluster
     """NMI, ARI and ACC of ``(N,)`` predicted cluster ids against ``(N,)`` true classes."""
     labels_true, labels_pred = np.asarray(labels_true), np.asarray(labels_pred)
     if labels_true.shape != labels_pred.shape or labels_true.ndim != 1 or len(labels_true) == 0:
-        raise ValueError(f"need two non-empty labellings of the same length, got {labels_true.shape} and {labels_pred.shape}")
+        raise ValueError(f"need two non-empty labellings of the same length, "
+                         f"got {labels_true.shape} and {labels_pred.shape}")
     return ClusteringScores(nmi(labels_true, labels_pred), ari(labels_true, labels_pred),
                             100.0 * clustering_accuracy(labels_true, labels_pred))
 

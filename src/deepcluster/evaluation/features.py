@@ -75,7 +75,9 @@ class PoolSpec:
     def describe(self) -> str:
         """``"6/6 pad 3 -> 96x10x10 = 9600"``, for reports."""
         rows, columns = self.grid
-        pooling = "none" if self.kernel == 1 else f"{self.kernel}/{self.kernel}" + (f" pad {self.padding}" if self.padding else "")
+        pooling = "none" if self.kernel == 1 else f"{self.kernel}/{self.kernel}"
+        if self.padding:
+            pooling += f" pad {self.padding}"
         return f"{pooling} -> {self.channels}x{rows}x{columns} = {self.dim}"
 
     def apply(self, activations: torch.Tensor) -> torch.Tensor:

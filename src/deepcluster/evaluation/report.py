@@ -63,7 +63,8 @@ def metric_rows(results: dict[str, Any]) -> list[MetricRow]:
             rows.append(MetricRow(f"clustering/{layer}/{split}/ari", f"k-means {layer} ARI {split}",
                                   scores[split]["ari"], False))
     for layer, scores in (results.get("retrieval") or {}).items():
-        rows.append(MetricRow(f"retrieval/{layer}/map", f"retrieval {layer} mAP (val queries train)", scores["map"], True))
+        rows.append(MetricRow(f"retrieval/{layer}/map", f"retrieval {layer} mAP (val queries train)",
+                              scores["map"], True))
         for k, value in scores["precision_at"].items():
             rows.append(MetricRow(f"retrieval/{layer}/p@{k}", f"retrieval {layer} precision@{k}", value, True))
     return rows
@@ -100,7 +101,8 @@ def format_table(report: dict[str, Any]) -> str:
     model = report["model"]
     lines.append(f"  backbone {model['arch']}{' + sobel' if model['sobel'] else ''}, {model['image_size']} px; "
                  f"train {report['data']['train']} ({report['data']['n_train']} images), "
-                 f"val {report['data']['val']} ({report['data']['n_val']} images), {report['data']['n_classes']} classes")
+                 f"val {report['data']['val']} ({report['data']['n_val']} images), "
+                 f"{report['data']['n_classes']} classes")
     budget = report.get("training_budget") or {}
     if budget:
         hours = budget.get("hours")
@@ -154,7 +156,8 @@ def training_budget(checkpoint_path: str | Path, epochs_completed: int, config: 
     records = read_log(Path(checkpoint_path).parent / "log.jsonl")
     records = [r for r in records if isinstance(r, dict) and r.get("epoch", 0) < epochs_completed]
     if records:
-        seconds = sum(float(r.get(k) or 0.0) for r in records for k in ("time_features", "time_clustering", "time_training"))
+        stages = ("time_features", "time_clustering", "time_training")
+        seconds = sum(float(r.get(stage) or 0.0) for r in records for stage in stages)
         last = records[-1]
         budget.update(hours=seconds / 3600.0, images_per_epoch=last.get("n_images"), epochs_logged=len(records),
                       final_train_loss=last.get("train_loss"), final_nmi_labels=last.get("nmi_labels"),

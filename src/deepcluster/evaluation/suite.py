@@ -98,7 +98,8 @@ def check_settings(settings: EvalSettings) -> EvalSettings:
     """Raise ``ConfigError`` naming the first bad setting."""
     unknown = [p for p in settings.protocols if p not in PROTOCOLS]
     if unknown or not settings.protocols:
-        raise ConfigError(f"unknown protocol(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol(s) {', '.join(unknown) or '(none given)'}; "
+                          f"choose from: {', '.join(PROTOCOLS)}")
     if settings.probe_mode not in PROBE_MODES:
         raise ConfigError(f"probe mode {settings.probe_mode!r}; choose one of: {', '.join(PROBE_MODES)}")
     positive = {"probe epochs": settings.probe.epochs, "probe batch size": settings.probe.batch_size,
@@ -187,7 +188,8 @@ def open_labelled_splits(train_dir: str | Path, val_dir: str | Path, train_limit
         raise DataError(f"training folder {str(train_dir)!r} has {len(class_names)} class; evaluation needs at least 2")
     missing = sorted(set(val.class_names) - set(class_names))
     if missing:
-        raise DataError(f"validation classes {', '.join(missing[:5])} are not in the training folder {str(train_dir)!r}")
+        raise DataError(f"validation classes {', '.join(missing[:5])} are not in the training folder "
+                        f"{str(train_dir)!r}")
     remap = np.array([class_names.index(name) for name in val.class_names], dtype=np.int64)
     train_subset = _limit(train, train_limit, seed)
     val_subset = _limit(val, val_limit, seed + 1)

@@ -1,0 +1,47 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from deepcluster.config import ConfigError
+from deepcluster.data import DataError
+from deepcluster.evaluation.suite import EvalSettings, check_settings, open_labelled_splits
+
+
+def copy_classes(source, target, names):
+    target.mkdir()
+    for name in names:
+        shutil.copytree(source / name, target / name)
+    return target
+
+
+def test_validation_classes_are_numbered_as_in_the_training_split(image_folder, tmp_path):
+    val = copy_classes(image_folder, tmp_path / "val", ["rings", "stripes"])  # no "checkers"
+    splits = open_labelled_splits(image_folder, val)
+    assert splits.class_names == ["checkers", "rings", "stripes"]
+    assert sorted(set(splits.val_labels.tolist())) == [1, 2]
+    assert len(splits.val) == 24 and len(splits.train) == 36
+
+
+def test_limits_draw_a_seeded_subset_with_its_labels(image_folder):
+    a = open_labelled_splits(image_folder, image_folder, train_limit=10, val_limit=5, seed=3)
+    b = open_labelled_splits(image_folder, image_folder, train_limit=10, val_limit=5, seed=3)
+    assert len(a.train) == 10 and len(a.val) == 5
+    assert np.array_equal(a.train_labels, b.train_labels)
+    assert [a.train.name(i) for i in range(10)] == [b.train.name(i) for i in range(10)]
+    # Each kept image keeps its own class: the folder name is in its path.
+    for i in range(10):
+        assert a.class_names[a.train_labels[i]] in a.train.name(i)
+
+
+def test_unknown_validation_class_is_a_data_error(image_folder, tmp_path):
+    train = copy_classes(image_folder, tmp_path / "train", ["rings", "stripes"])
+    with pytest.raises(DataError, match="checkers"):
+        open_labelled_splits(train, image_folder)
+
+
+@pytest.mark.parametrize("bad", [dict(protocols=("knn", "magic")), dict(probe_mode="slow"), dict(knn_k=0),
+                                 dict(knn_temperature=0.0), dict(retrieval_ks=(0,)), dict(feature_layers=())])
+def test_bad_settings_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        check_settings(EvalSettings(**bad))
