@@ -5,7 +5,9 @@ Lloyd's algorithm, exactly ``n_iter`` iterations (no early stop, as the referenc
 1. **Assign.** Nearest centroid of every point (the only expensive step, ``2 N k d`` flops,
    done by a backend from :mod:`deepcluster.clustering.search`: ``faiss`` or ``torch``).
    In the same pass over the points, each cluster's sum and size are accumulated, so the
-   update costs one ``index_add`` per block of points that is still in cache.
+   update costs one ``index_add`` per block of points that is still in cache. On a CPU,
+   ``n_threads`` worker threads each take a fixed share of the blocks and run the search
+   and the sums single-threaded (no shared state, no locks, same result for any timing).
 2. **Update.** Every non-empty centroid moves to the mean of its points.
 3. **Split.** Each empty cluster takes half of a non-empty one (DeepCluster §3.3 / faiss):
    a donor is drawn with probability proportional to ``size - 1``; the two centroids
