@@ -120,20 +120,13 @@ def nearest_centroid(points: np.ndarray | torch.Tensor, centroids: np.ndarray | 
         points_t = points_t.to(run_device)
     n_threads = torch.get_num_threads()
     with cpu_threads(1):
-        finder = _Assigner(points_t, backend, run_device, len(centroids_t), n_threads, accumulate=False)
+        finder = _Assigner(points_t, backend, run_device, len(centroids_t), n_threads, accumulate=False,
+                           keep_distances=True)
         try:
             finder.run(centroids_t.to(points_t.device))
         finally:
             finder.close()
-        labels = finder.labels
-        # The assigner only sums the distances: recompute each one (a cheap gathered pass).
-        distances = torch.empty(len(points_t), dtype=torch.float32)
-        centroids_here = centroids_t.to(points_t.device)
-        for start in range(0, len(points_t), PASS_ROWS):
-            block = points_t[start:start + PASS_ROWS]
-            nearest = centroids_here[labels[start:start + PASS_ROWS]]
-            distances[start:start + len(block)] = ((block - nearest) ** 2).sum(1).cpu()
-    return labels.cpu().numpy(), distances.numpy()
+    return finder.labels.cpu().numpy(), finder.distances.cpu().numpy()
 
 
 def predict(points: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor, backend: str = "torch",
@@ -479,9 +472,10 @@ class _Assigner:
     """
 
     def __init__(self, points: torch.Tensor, backend: str, device: torch.device, n_clusters: int,
-                 n_workers: int, accumulate: bool = True):
+                 n_workers: int, accumulate: bool = True, keep_distances: bool = False):
         self.points = points
         self.accumulate = accumulate
+        self.distances = torch.empty(len(points), device=points.device) if keep_distances else None
         on_gpu = points.device.type == "cuda" or device.type == "cuda"
         self.n_workers = 1 if on_gpu else max(1, n_workers)
         if not on_gpu:
@@ -535,6 +529,8 @@ class _Assigner:
             norms = None if self.squared_norms is None else self.squared_norms[start:start + self.rows]
             labels, distances = worker.search.search(block, norms)
             self.labels[start:start + len(block)] = labels
+            if self.distances is not None:
+                self.distances[start:start + len(block)] = distances
             worker.total += float(distances.sum(dtype=torch.float64))
             if not self.accumulate:
                 continue
