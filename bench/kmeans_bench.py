@@ -193,7 +193,8 @@ def markdown(results: list[dict]) -> str:
         rates = result["gemm_gflops_before"]
         lines.append(f"| {label} | GEMM, best by wall ({result['gemm_best']}) | | {result['gemm_cpu_share']:.2f} | "
                      f"{result['gemm_rate']:.1f} | | 100% | | | |")
-        lines.append(f"| {label} | GEMM, best per CPU-s ({gemm_per_cpu_name}) | | | | {gemm_per_cpu:.1f} | | 100% | | |")
+        lines.append(f"| {label} | GEMM, best per CPU-s ({gemm_per_cpu_name}) | | | | "
+                     f"{gemm_per_cpu:.1f} | | 100% | | |")
         lines.append(f"| {label} | GEMM torch / numpy, k-means shape (before) | | | "
                      f"{rates['torch_kmeans_shape']:.1f} / {rates['numpy_kmeans_shape']:.1f} | | | | | |")
     return "\n".join(lines)

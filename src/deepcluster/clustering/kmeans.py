@@ -211,7 +211,7 @@ def init_centroids(points: np.ndarray | torch.Tensor, n_clusters: int, method: s
                    backend: str = "faiss", device: str = "cpu", shard: Shard | None = None) -> np.ndarray:
     """Initial ``(k, d)`` float32 centroids.
 
-    ``random``: ``k`` distinct points drawn uniformly. ``kmeans++``: the first centroid
+    ``random``: ``k`` points at distinct indices, drawn uniformly. ``kmeans++``: the first centroid
     uniformly, each next one with probability proportional to the squared distance to the
     nearest centroid already chosen (``k`` passes over the points; sequential by nature).
 
@@ -264,7 +264,8 @@ def init_centroids(points: np.ndarray | torch.Tensor, n_clusters: int, method: s
         center = centroids[i]
         for start in range(0, len(points_t), PASS_ROWS):
             block = points_t[start:start + PASS_ROWS]
-            distance = (squared_norms[start:start + PASS_ROWS] - 2.0 * (block @ center) + center.dot(center)).clamp_(min=0)
+            distance = squared_norms[start:start + PASS_ROWS] - 2.0 * (block @ center) + center.dot(center)
+            distance.clamp_(min=0)
             torch.minimum(closest[start:start + PASS_ROWS], distance, out=closest[start:start + PASS_ROWS])
     return centroids.cpu().numpy()
 
