@@ -83,3 +83,11 @@ def test_impossible_settings_fail_before_any_work(image_folder, tmp_path):
         run(tiny_config(image_folder, tmp_path / "done", epochs=1), log=lambda _: None)
     with pytest.raises(ConfigError, match="cannot resume with different settings"):
         run(tiny_config(image_folder, tmp_path / "done", epochs=2, lr=0.1), resume=True, log=lambda _: None)
+
+
+def test_pic_clustering_runs_in_the_loop_with_the_number_of_clusters_it_finds(image_folder, tmp_path):
+    records = run(tiny_config(image_folder, tmp_path / "pic", clustering="pic", epochs=1), log=lambda _: None)
+    saved = load_checkpoint(tmp_path / "pic" / "checkpoint.pt")
+    n_found = records[0]["n_nonempty"]
+    assert records[0]["clustering_objective"] is None and 1 <= n_found < 36
+    assert saved["model"]["top_layer.weight"].shape[0] == saved["centroids"].shape[0]

@@ -46,7 +46,8 @@ class Config:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # -- clustering
-    n_clusters: int = 10000
+    clustering: str = "kmeans"  # kmeans (paper) | pic (power iteration clustering, k found not fixed)
+    n_clusters: int = 10000  # k for kmeans; ignored by pic
     pca_dim: int = 256
     whiten_power: float = -0.5
     kmeans_iters: int = 20
@@ -103,6 +104,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("alexnet", "vgg16", "smallnet"),
+    "clustering": ("kmeans", "pic"),
     "kmeans_backend": ("faiss", "torch"),
     "kmeans_init": ("random", "kmeans++"),
     "sampler": ("uniform", "shuffle"),

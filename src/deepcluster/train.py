@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader
 
 from deepcluster import distributed
 from deepcluster.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from deepcluster.clustering import (KMeansResult, ari, cluster_sizes, clustering_accuracy, kmeans,
+from deepcluster.clustering import (ari, cluster_sizes, clustering_accuracy, kmeans,
                                     l2_normalize, nmi)
 from deepcluster.clustering.pca import PCA, fit_pca
+from deepcluster.clustering.pic import pic
 from deepcluster.config import Config, ConfigError, dump_yaml, from_dict
 from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, load_digits_source,
@@ -103,29 +104,49 @@ def compute_features(model: Backbone, source: ImageSource, config: Config,
 
 @dataclass
 class Clustering:
-    """One epoch's clustering: pseudo-labels for every image (-1 where unusable)."""
+    """One epoch's clustering: pseudo-labels for every image (-1 where unusable).
+
+    Attributes:
+        assignments: ``(N,)`` int64 pseudo-label of every image.
+        n_clusters: number of pseudo-labels (k for k-means; found by PIC).
+        centroids: ``(n_clusters, pca_dim)`` cluster centres in the PCA space (for PIC,
+            cluster means), to place new images.
+        objective: mean squared distance to the centroid (k-means only).
+        n_split: empty clusters re-seeded during k-means.
+        pca: the projection fitted this epoch.
+    """
 
     assignments: np.ndarray
-    result: KMeansResult
+    n_clusters: int
+    centroids: np.ndarray
+    objective: float | None
+    n_split: int
     pca: PCA
     time_pca: float
     time_kmeans: float
 
 
 def cluster_features(features: np.ndarray, ok: np.ndarray, config: Config, seed: int) -> Clustering:
-    """PCA-whiten, L2-normalise and k-means the usable rows of ``features``."""
+    """PCA-whiten, L2-normalise and cluster (k-means or PIC) the usable rows of ``features``."""
     usable = features[ok]
     start = time.perf_counter()
     pca = fit_pca(usable, config.pca_dim, config.whiten_power)
     points = l2_normalize(pca.transform(usable))
     time_pca = time.perf_counter() - start
     start = time.perf_counter()
-    result = kmeans(points, config.n_clusters, config.kmeans_iters, seed=seed,
-                    backend=config.kmeans_backend, init=config.kmeans_init)
+    if config.clustering == "pic":
+        found = pic(points, knn_backend=config.kmeans_backend, seed=seed)
+        labels, n_clusters, centroids, objective, n_split = (found.assignments, found.n_clusters, found.centroids,
+                                                             None, 0)
+    else:
+        result = kmeans(points, config.n_clusters, config.kmeans_iters, seed=seed,
+                        backend=config.kmeans_backend, init=config.kmeans_init)
+        labels, n_clusters, centroids, objective, n_split = (result.assignments, config.n_clusters, result.centroids,
+                                                             result.objective[-1], result.n_split)
     time_kmeans = time.perf_counter() - start
     assignments = np.full(len(features), -1, dtype=np.int64)
-    assignments[ok] = result.assignments
-    return Clustering(assignments, result, pca, time_pca, time_kmeans)
+    assignments[ok] = labels
+    return Clustering(assignments, n_clusters, centroids, objective, n_split, pca, time_pca, time_kmeans)
 
 
 def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, source: ImageSource,
@@ -203,7 +224,7 @@ def checkpoint_state(model: Backbone, optimizer: torch.optim.Optimizer, config: 
         "skipped": dict(state.skipped),
     }
     if clustering is not None:
-        out["centroids"] = torch.from_numpy(clustering.result.centroids)
+        out["centroids"] = torch.from_numpy(clustering.centroids)
         out["pca_mean"] = torch.from_numpy(clustering.pca.mean)
         out["pca_projection"] = torch.from_numpy(clustering.pca.projection)
     return out
@@ -253,9 +274,10 @@ def label_scores(assignments: np.ndarray, labels: np.ndarray | None) -> dict[str
 
 def format_line(record: dict, epochs: int) -> str:
     """The one terminal line of an epoch."""
-    parts = [f"epoch {record['epoch'] + 1:>3}/{epochs}",
-             f"clus {record['clustering_objective'] or float('nan'):.4f}",
-             f"loss {record['train_loss']:.4f}"]
+    parts = [f"epoch {record['epoch'] + 1:>3}/{epochs}"]
+    if record["clustering_objective"] is not None:
+        parts.append(f"clus {record['clustering_objective']:.4f}")
+    parts.append(f"loss {record['train_loss']:.4f}")
     if record.get("nmi_prev") is not None:
         parts.append(f"nmi(t-1,t) {record['nmi_prev']:.3f}")
     if "nmi_labels" in record:
@@ -293,7 +315,7 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
                           "or choose another --out_dir")
     source = open_source(config)
-    if config.n_clusters > len(source):
+    if config.clustering == "kmeans" and config.n_clusters > len(source):
         raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} images; "
                           f"choose at most {len(source)}")
     model, optimizer = build(config, device)
@@ -327,20 +349,20 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
             record["time_features"] = time.perf_counter() - start
             for index in np.flatnonzero(~ok):
                 state.skipped[source.name(int(index))] = "could not be decoded"
-            if ok.sum() < config.n_clusters:
+            if config.clustering == "kmeans" and ok.sum() < config.n_clusters:
                 raise DataError(f"only {int(ok.sum())} images could be decoded, fewer than n_clusters={config.n_clusters}")
             clustering = cluster_features(features, ok, config, derived_seed(config.seed, epoch, 0))
             del features
             assignments = clustering.assignments
-            model.reset_classifier(config.n_clusters)
+            model.reset_classifier(clustering.n_clusters)
             record.update(time_pca=clustering.time_pca, time_kmeans=clustering.time_kmeans,
-                          n_split=clustering.result.n_split)
+                          n_split=clustering.n_split)
         else:
             assignments = state.previous
         record["time_clustering"] = record["time_pca"] + record["time_kmeans"]
-        sizes = cluster_sizes(assignments, config.n_clusters)
+        sizes = cluster_sizes(assignments, int(assignments.max()) + 1)
         record.update(
-            clustering_objective=None if clustering is None else clustering.result.objective[-1],
+            clustering_objective=None if clustering is None else clustering.objective,
             n_nonempty=sizes.n_nonempty,
             largest_cluster_share=sizes.largest_share,
             # Stability: only meaningful when a new clustering replaced the previous one.
