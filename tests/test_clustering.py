@@ -120,3 +120,14 @@ def test_metrics_on_known_labellings():
     assert clustering_accuracy(truth, np.arange(6)) == pytest.approx(3 / 6)
     sizes = cluster_sizes(np.array([0, 0, 0, 3, -1]), 5)
     assert sizes.n_nonempty == 2 and sizes.largest_share == pytest.approx(0.75)
+
+
+def test_openblas_coretype_only_for_avx512_amd_family_26_and_later():
+    from deepcluster._openblas import openblas_coretype
+
+    zen5 = {"vendor_id": "AuthenticAMD", "cpu family": "26", "flags": "sse avx2 avx512f"}
+    assert openblas_coretype(zen5) == "SkylakeX"
+    assert openblas_coretype({**zen5, "cpu family": "25"}) is None
+    assert openblas_coretype({**zen5, "flags": "sse avx2"}) is None
+    assert openblas_coretype({**zen5, "vendor_id": "GenuineIntel"}) is None
+    assert openblas_coretype({}) is None

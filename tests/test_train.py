@@ -91,3 +91,29 @@ def test_pic_clustering_runs_in_the_loop_with_the_number_of_clusters_it_finds(im
     n_found = records[0]["n_nonempty"]
     assert records[0]["clustering_objective"] is None and 1 <= n_found < 36
     assert saved["model"]["top_layer.weight"].shape[0] == saved["centroids"].shape[0]
+
+
+def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(image_folder, tmp_path):
+    from deepcluster.data import FolderSource
+    from deepcluster.train import build, cluster_features, compute_features, reduce_features
+
+    config = tiny_config(image_folder, tmp_path / "run", threads=1)
+    device = torch.device("cpu")
+    model, _ = build(config, device)
+    source = FolderSource(config.data)
+    features, ok = compute_features(model, source, config, device)
+    reference = cluster_features(features, ok, config, seed=3)
+    points, ok_streamed, pca, _, _ = reduce_features(model, source, config, device, seed=5)
+    assert np.array_equal(ok, ok_streamed)
+    expected = reference.pca.transform(features)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    # Same PCA fitted on all rows: the same reduced points (eigenvector signs included).
+    np.testing.assert_allclose(points, expected, atol=1e-4)
+
+    # A bounded sample: the PCA sees only 20 of the 36 images, every image is still reduced.
+    bounded = tiny_config(image_folder, tmp_path / "run", pca_sample_size=20)
+    points, ok_streamed, pca, _, _ = reduce_features(model, source, bounded, device, seed=5)
+    assert points.shape == (36, 8) and ok_streamed.all()
+    np.testing.assert_allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-5)
+    records = run(tiny_config(image_folder, tmp_path / "bounded", pca_sample_size=20, epochs=1), log=lambda _: None)
+    assert records[0]["n_nonempty"] >= 2

@@ -6,3 +6,7 @@ k-means, metrics), and ``train`` (the loop). ``config`` holds every setting.
 """
 
 __version__ = "0.1.0"
+
+from deepcluster._openblas import prefer_avx512_openblas as _prefer_avx512_openblas
+
+_prefer_avx512_openblas()

@@ -49,10 +49,12 @@ class Config:
     clustering: str = "kmeans"  # kmeans (paper) | pic (power iteration clustering, k found not fixed)
     n_clusters: int = 10000  # k for kmeans; ignored by pic
     pca_dim: int = 256
+    pca_sample_size: int | None = None  # images the PCA is fitted on; None = all (reference)
     whiten_power: float = -0.5
     kmeans_iters: int = 20
     kmeans_backend: str = "faiss"  # faiss | torch
     kmeans_init: str = "random"  # random | kmeans++
+    clustering_device: str = "auto"  # where k-means/PIC search: auto (= training device) | cpu | cuda[:N]
     reassign_every: int = 1  # epochs between clusterings (the reference's --reassign)
     # -- training
     epochs: int = 500
@@ -215,8 +217,13 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"setting 'feature_dim' must be a positive integer, got {config.feature_dim}")
     if any(s <= 0 for s in config.std):
         raise ConfigError(f"setting 'std' must be three positive numbers, got {config.std}")
-    if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
-        raise ConfigError(f"setting 'device' is {config.device!r}; choose auto, cpu, cuda or cuda:N")
+    for key in ("device", "clustering_device"):
+        value = getattr(config, key)
+        if not (value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())):
+            raise ConfigError(f"setting {key!r} is {value!r}; choose auto, cpu, cuda or cuda:N")
+    if config.pca_sample_size is not None and config.pca_sample_size < config.pca_dim:
+        raise ConfigError(f"setting 'pca_sample_size' must be at least pca_dim ({config.pca_dim}) or null for "
+                          f"all images, got {config.pca_sample_size}")
     return config
 
 
