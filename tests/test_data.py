@@ -47,7 +47,7 @@ def test_flat_folder_has_no_labels_and_bad_files_are_skipped(tmp_path):
     (tmp_path / "text.jpg").write_text("not an image")
     source = FolderSource(tmp_path)
     assert source.labels is None and len(source) == 3
-    assert sorted(s.reason.split(" ")[0] for s in source.skipped) == ["not", "not"]
+    assert sorted(s.reason.split(" ")[0] for s in source.skipped) == ["empty", "not"]
     assert all(source.load(i).mode == "RGB" for i in range(3))
 
 
@@ -64,8 +64,8 @@ def test_folder_errors_are_clear(tmp_path):
 def test_to_rgb_converts_modes():
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
     assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
-    gray16 = Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16))
-    assert to_rgb(gray16).getpixel((0, 0)) == (255, 255, 255)
+    gray16 = Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16))  # 1000 / 65535 of full scale
+    assert to_rgb(gray16).getpixel((0, 0)) == (4, 4, 4)
     assert to_rgb(Image.new("CMYK", (4, 4))).mode == "RGB"
 
 

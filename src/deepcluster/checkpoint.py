@@ -6,12 +6,16 @@ A checkpoint holds only tensors, numbers, strings, lists and dicts, and is loade
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from deepcluster.faults import fault_point
 
 FORMAT_VERSION = 1
 
@@ -20,20 +24,46 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit; the message says why."""
 
 
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name next to ``path``: hidden, unique to this process, and
+    recognisable (``TEMP_GLOB``) so a later run can remove what a killed one left."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+TEMP_GLOB = ".*.tmp-*"
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes, fault: str | None = None) -> None:
     """Write ``payload`` to ``path`` so that readers see the old file or the new one,
     never a torn mix: temporary file in the same folder, flush, fsync, rename, fsync
-    the folder."""
+    the folder. On any error the temporary file is removed and ``path`` is untouched.
+
+    Args:
+        path: destination file.
+        payload: its whole new content.
+        fault: name of the ``deepcluster.faults`` point reached halfway through the write.
+
+    Raises:
+        OSError: as the operating system reports it (full disk, read-only folder, ...).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
+        # O_EXCL: never write through a file or symlink planted at the temporary name.
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        with os.fdopen(descriptor, "wb") as handle:
+            view, half = memoryview(payload), len(payload) // 2
+            handle.write(view[:half])
+            if fault is not None:
+                handle.flush()  # so that a kill here leaves a real, half-written file
+                fault_point(fault, tmp)
+            handle.write(view[half:])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -42,15 +72,28 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
         os.close(directory)
 
 
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed writer left in ``folder``; returns them."""
+    removed = []
+    for stale in sorted(Path(folder).glob(TEMP_GLOB)):
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Serialise ``state`` (tensors and plain containers only) and write it atomically."""
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), fault="checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint``.
+    """Read a checkpoint written by ``save_checkpoint``, checking its layout.
+
+    Only tensors, numbers, strings and plain containers can come out: a file that holds any
+    other pickled object (which could run code when unpickled) is refused, not executed.
 
     Raises:
         CheckpointError: missing, truncated or tampered file, or not a deepcluster checkpoint.
@@ -62,7 +105,75 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every failure means the same to the user
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded safely ({first_line[:200]})") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded safely: it is truncated, corrupt or holds "
+                              f"objects other than tensors ({first_line[:160]})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} is not a deepcluster checkpoint (format {FORMAT_VERSION})")
+    problem = _layout_problem(state, BACKBONE_LAYOUT)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged or tampered with: {problem}")
     return state
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in value.items())
+
+
+# What each entry must be. A checkpoint passes through ``torch.load(weights_only=True)``,
+# which guarantees harmless types but not the right ones: a hand-edited file could still
+# make the run fail later with a traceback, so it is checked here with a clear message.
+BACKBONE_LAYOUT: dict[str, tuple[str, Any]] = {
+    "config": ("a mapping of settings", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+    "arch": ("a string", lambda v: isinstance(v, str)),
+    "epoch": ("a count of epochs", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "model": ("a mapping of parameter names to tensors", _is_tensor_dict),
+}
+RESUME_LAYOUT: dict[str, tuple[str, Any]] = {
+    "optimizer": ("an optimizer state", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list)),
+    "torch_rng": ("a uint8 random-generator state", lambda v: isinstance(v, torch.Tensor)
+                  and v.dtype == torch.uint8 and v.dim() == 1),
+    "assignments": ("None or a 1-d integer tensor", lambda v: v is None or (
+        isinstance(v, torch.Tensor) and v.dim() == 1 and not v.dtype.is_floating_point)),
+    "skipped": ("a mapping of file to reason", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(r, str) for k, r in v.items())),
+}
+
+
+def _layout_problem(state: dict[str, Any], layout: dict[str, tuple[str, Any]]) -> str | None:
+    for key, (what, fits) in layout.items():
+        if key not in state:
+            return f"entry {key!r} is missing"
+        if not fits(state[key]):
+            return f"entry {key!r} is not {what}"
+    return None
+
+
+def check_resumable(state: dict[str, Any], path: str | Path) -> None:
+    """Check the entries a resume needs beyond the weights (see ``RESUME_LAYOUT``).
+
+    Raises:
+        CheckpointError: naming the first missing or malformed entry.
+    """
+    problem = _layout_problem(state, RESUME_LAYOUT)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed: {problem}")
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between a model's ``state_dict`` and saved weights, in words
+    (``None`` when every name, shape and dtype matches)."""
+    missing = [name for name in expected if name not in saved]
+    if missing:
+        return f"parameter {missing[0]!r} is missing ({len(missing)} missing in all)"
+    extra = [name for name in saved if name not in expected]
+    if extra:
+        return f"parameter {extra[0]!r} is not part of this model ({len(extra)} unknown in all)"
+    for name, tensor in expected.items():
+        if saved[name].shape != tensor.shape:
+            return (f"parameter {name!r} has shape {tuple(saved[name].shape)} in the checkpoint, "
+                    f"the model expects {tuple(tensor.shape)}")
+        if saved[name].dtype != tensor.dtype:
+            return f"parameter {name!r} is {saved[name].dtype} in the checkpoint, the model expects {tensor.dtype}"
+    return None

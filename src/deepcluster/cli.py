@@ -4,7 +4,17 @@
                       [--resume] [--KEY VALUE ...]
 
 Any setting of ``deepcluster.config.Config`` can be given as ``--key value`` (dashes or
-underscores). Bad input ends with one line on stderr and exit code 2.
+underscores).
+
+Exit codes (each failure is one line on stderr, ``deepcluster: error: ...``, no traceback):
+
+- 0: done;
+- 2 (``EXIT_USAGE``): bad input: a setting, the data folder, the YAML file or a checkpoint;
+- 3 (``EXIT_DIVERGED``): the loss or the features became NaN or infinite; the checkpoint of
+  the last good epoch is kept;
+- 4 (``EXIT_WRITE``): a file of the run folder cannot be written (full disk, read-only
+  folder, no permission); the previous checkpoint is kept;
+- 130: interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from typing import Any, Sequence
 from deepcluster.config import RECIPES, ConfigError, resolve
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_WRITE = 4
 
 
 class UsageError(Exception):
@@ -90,6 +102,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from deepcluster.checkpoint import CheckpointError
     from deepcluster.data import DataError
+    from deepcluster.health import TrainingDiverged
+    from deepcluster.runfolder import RunFolderError
 
     parser = build_parser()
     try:
@@ -107,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
         print(f"deepcluster: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingDiverged as error:
+        print(f"deepcluster: error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except RunFolderError as error:
+        print(f"deepcluster: error: {error}", file=sys.stderr)
+        return EXIT_WRITE
     except KeyboardInterrupt:
         print("deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)", file=sys.stderr)
         return 130

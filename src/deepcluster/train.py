@@ -14,7 +14,6 @@ Each epoch:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,20 +26,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepcluster import distributed
-from deepcluster.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from deepcluster import runfolder
+from deepcluster.checkpoint import CheckpointError, check_resumable, load_checkpoint, weights_mismatch
 from deepcluster.clustering import (ari, cluster_sizes, clustering_accuracy, kmeans,
                                     l2_normalize, nmi)
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
-from deepcluster.config import Config, ConfigError, dump_yaml, from_dict
+from deepcluster.config import Config, ConfigError, from_dict
 from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
-                              PseudoLabelDataset, RandomResizedCropFlip, load_digits_source,
+                              PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
                               uniform_cluster_sample)
+from deepcluster.faults import fault_point
+from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
-
-CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "log.jsonl"
+from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME
 
 
 def open_source(config: Config) -> ImageSource:
@@ -142,6 +142,7 @@ def clustering_device(config: Config, device: torch.device) -> str:
 def cluster_points(points: np.ndarray, ok: np.ndarray, pca: PCA, config: Config, seed: int,
                    device: str = "cpu") -> Clustering:
     """k-means (or PIC) of the reduced ``(N, pca_dim)`` unit rows whose ``ok`` is true."""
+    fault_point("clustering")
     start = time.perf_counter()
     usable = points[ok] if not ok.all() else points
     if config.clustering == "pic":
@@ -174,7 +175,7 @@ def cluster_features(features: np.ndarray, ok: np.ndarray, config: Config, seed:
 
 @torch.no_grad()
 def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
-                    seed: int) -> tuple[np.ndarray, np.ndarray, PCA, float, float]:
+                    seed: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, PCA, float, float]:
     """The feature pass streamed into PCA-whitening and L2 normalisation.
 
     Only ``(N, pca_dim)`` is kept for k-means. With ``pca_sample_size`` unset the PCA is
@@ -187,6 +188,9 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         ``(N, pca_dim)`` float32 unit rows (zero for unusable images), the ``(N,)`` bool
         mask of images that decoded, the fitted PCA, seconds in the network, seconds in
         the PCA (fit and projections).
+
+    Raises:
+        TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
     """
     model.eval()
     normalize = Normalize(config.mean, config.std)
@@ -203,10 +207,12 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     position, time_pca = 0, 0.0
     start = time.perf_counter()
     for images, _, ok in loader:
+        fault_point("features")
         with autocast(config, device):
             out = model.forward_features(normalize(images, device, config.channels_last))
         out = out.float().cpu().numpy()
         ok = ok.numpy()
+        check_features(out, epoch)
         rows = indices[position:position + len(images)]
         local_ok[position:position + len(images)] = ok
         position += len(images)
@@ -226,7 +232,12 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
 def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, source: ImageSource,
                     assignments: np.ndarray, config: Config, epoch: int,
                     device: torch.device) -> tuple[float, int]:
-    """One pass of pseudo-label classification; returns (mean loss, images seen)."""
+    """One pass of pseudo-label classification; returns (mean loss, images seen).
+
+    Raises:
+        TrainingDiverged: a batch's loss is NaN or infinite (checked before its step, so
+            the weights never take a non-finite value).
+    """
     usable = int((assignments >= 0).sum())
     rng = np.random.default_rng(derived_seed(config.seed, epoch, 1))
     if config.sampler == "uniform":
@@ -247,18 +258,22 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
         network = nn.parallel.DistributedDataParallel(model)
     model.train()
     total_loss, seen = 0.0, 0
-    for images, targets in loader:
+    for step, (images, targets) in enumerate(loader):
         inputs = normalize(images, device, config.channels_last)
         targets = targets.to(device)
         with autocast(config, device):
             logits = network(inputs)
         loss = criterion(logits.float(), targets)
+        if fault_point("training") == "nan":
+            loss = loss * math.nan
+        loss_value = loss.item()
+        check_loss(loss_value, epoch, step)
         body_optimizer.zero_grad(set_to_none=True)
         head_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         body_optimizer.step()
         head_optimizer.step()
-        total_loss += loss.item() * len(images)
+        total_loss += loss_value * len(images)
         seen += len(images)
     return total_loss / max(seen, 1), seen
 
@@ -270,6 +285,7 @@ class RunState:
     epoch: int = 0  # epochs completed
     previous: np.ndarray | None = None  # last epoch's assignments
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+    records: list[dict] = field(default_factory=list)  # log record of every completed epoch
 
 
 def build(config: Config, device: torch.device) -> tuple[Backbone, torch.optim.Optimizer]:
@@ -296,6 +312,7 @@ def checkpoint_state(model: Backbone, optimizer: torch.optim.Optimizer, config: 
         "torch_rng": torch.get_rng_state(),
         "assignments": torch.from_numpy(state.previous) if state.previous is not None else None,
         "skipped": dict(state.skipped),
+        "records": list(state.records),  # plain values (runfolder.json_record): log.jsonl is rebuilt from them
     }
     if clustering is not None:
         out["centroids"] = torch.from_numpy(clustering.centroids)
@@ -307,12 +324,16 @@ def checkpoint_state(model: Backbone, optimizer: torch.optim.Optimizer, config: 
 def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, config: Config) -> tuple[RunState, dict]:
     """Load a checkpoint into ``model`` and ``optimizer``; returns the run state."""
     saved = load_checkpoint(path)
+    check_resumable(saved, path)
     if saved.get("arch") != config.arch:
         raise CheckpointError(f"checkpoint {str(path)!r} is for architecture {saved.get('arch')!r}, "
                               f"but the run asks for {config.arch!r}")
     weights = saved["model"]
-    if "top_layer.weight" in weights:
+    if "top_layer.weight" in weights and weights["top_layer.weight"].dim() == 2:
         model.reset_classifier(weights["top_layer.weight"].shape[0])
+    mismatch = weights_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {mismatch}")
     try:
         model.load_state_dict(weights, strict=True)
         optimizer.load_state_dict(saved["optimizer"])
@@ -320,8 +341,10 @@ def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, confi
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {str(error).splitlines()[0]}") from None
     torch.set_rng_state(saved["torch_rng"])
     previous = saved.get("assignments")
-    state = RunState(int(saved["epoch"]), None if previous is None else previous.numpy().copy(),
-                     dict(saved.get("skipped", {})))
+    records = saved.get("records")
+    state = RunState(int(saved["epoch"]), None if previous is None else previous.numpy().astype(np.int64),
+                     dict(saved.get("skipped", {})),
+                     records if isinstance(records, list) and all(isinstance(r, dict) for r in records) else [])
     return state, saved
 
 
@@ -330,7 +353,10 @@ RESUMABLE = {"epochs", "workers", "threads", "device", "clustering_device", "fea
 
 def check_resume_config(saved: dict, config: Config) -> None:
     """A resumed run must use the settings it started with, except ``RESUMABLE`` ones."""
-    old = from_dict(saved).to_dict()
+    try:
+        old = from_dict(saved).to_dict()
+    except ConfigError as error:
+        raise CheckpointError(f"the checkpoint's settings are invalid ({error})") from None
     new = config.to_dict()
     changed = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
     if changed:
@@ -362,21 +388,23 @@ def format_line(record: dict, epochs: int) -> str:
     return "  ".join(parts)
 
 
-def write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
-    """The list of files left out, one ``path<TAB>reason`` per line."""
-    lines = "".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped.items()))
-    (run_dir / "skipped.tsv").write_text(lines)
-
-
 def run(config: Config, resume: bool = False, log: Callable[[str], None] = print) -> list[dict]:
     """Train DeepCluster as ``config`` says; returns the per-epoch records.
 
     Writes into ``config.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per
     epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``.
 
+    A kill at any moment loses at most the epoch in progress: ``resume=True`` continues from
+    the checkpoint and ends with the same assignments and weights as an uninterrupted run
+    (see ``deepcluster.runfolder`` for how the folder is kept consistent).
+
     Raises:
         ConfigError, DataError, CheckpointError: bad settings, data or checkpoint, before
             any training starts.
+        TrainingDiverged: the loss or the features became NaN or infinite; the checkpoint
+            of the last good epoch is left as it was.
+        RunFolderError: a file of the run folder cannot be written (full disk, read-only);
+            the previous checkpoint is left as it was.
     """
     device = resolve_device(config.device)
     if config.threads is not None:
@@ -384,7 +412,12 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     run_dir = config.run_dir
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if resume and not checkpoint_path.is_file():
-        raise CheckpointError(f"nothing to resume: {str(checkpoint_path)!r} does not exist")
+        if not runfolder.started_run(run_dir):
+            raise CheckpointError(f"nothing to resume: {str(checkpoint_path)!r} does not exist")
+        # Killed during its first epoch: there is nothing to lose, start over.
+        log(f"deepcluster: {str(run_dir)!r} has no checkpoint yet (the run stopped during its first epoch); "
+            "starting from the beginning")
+        resume = False
     if not resume and checkpoint_path.is_file():
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
                           "or choose another --out_dir")
@@ -400,16 +433,12 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         state, _ = restore(checkpoint_path, model, optimizer, config)
     for item in getattr(source, "skipped", []):
         state.skipped[item.path] = item.reason
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "assignments").mkdir(exist_ok=True)
-    dump_yaml(config, run_dir / "config.yaml")
-    write_skipped(run_dir, state.skipped)
+    removed = runfolder.prepare(run_dir, config, state.epoch, state.records if resume else [], state.skipped)
     labels = source.labels
-    if not resume:
-        (run_dir / LOG_NAME).write_text("")
     log(f"deepcluster: {len(source)} images, {config.arch}{' + sobel' if config.sobel else ''}, "
         f"k={config.n_clusters}, {config.epochs} epochs, device {device}, run folder {run_dir}"
-        + (f", resuming after epoch {state.epoch}" if resume else ""))
+        + (f", resuming after epoch {state.epoch}" if resume else "")
+        + (f"; removed {len(removed)} temporary file(s) of an interrupted write" if removed else ""))
 
     records = []
     clustering: Clustering | None = None
@@ -419,11 +448,15 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
         if recluster:
             points, ok, pca, record["time_features"], time_pca = reduce_features(
-                model, source, config, device, derived_seed(config.seed, epoch, 2))
+                model, source, config, device, derived_seed(config.seed, epoch, 2), epoch)
             for index in np.flatnonzero(~ok):
-                state.skipped[source.name(int(index))] = "could not be decoded"
-            if config.clustering == "kmeans" and ok.sum() < config.n_clusters:
-                raise DataError(f"only {int(ok.sum())} images could be decoded, fewer than n_clusters={config.n_clusters}")
+                state.skipped[source.name(int(index))] = decode_problem(source, int(index))
+            needed = config.n_clusters if config.clustering == "kmeans" else 2
+            if ok.sum() < needed:
+                runfolder.write_skipped(run_dir, state.skipped)
+                raise DataError(f"only {int(ok.sum())} of {len(source)} images could be decoded, fewer than the "
+                                f"{needed} clusters needed; the reasons are in "
+                                f"{str(run_dir / runfolder.SKIPPED_NAME)!r}")
             clustering = cluster_points(points, ok, pca, config, derived_seed(config.seed, epoch, 0),
                                         clustering_device(config, device))
             clustering.time_pca = time_pca
@@ -442,6 +475,7 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
             largest_cluster_share=sizes.largest_share,
             # Stability: only meaningful when a new clustering replaced the previous one.
             nmi_prev=nmi(state.previous, assignments) if recluster and state.previous is not None else None,
+            warnings=cluster_warnings(assignments),
         )
         record.update(label_scores(assignments, labels))
 
@@ -452,17 +486,16 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         record["train_images_per_s"] = seen * distributed.world_size() / max(record["time_training"], 1e-9)
         record["n_images"] = int((assignments >= 0).sum())
         record["n_skipped"] = len(state.skipped)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1}; the last good checkpoint is kept")
+        record = runfolder.json_record(record)
 
         state.epoch, state.previous = epoch + 1, assignments
+        state.records.append(record)
         if distributed.is_main_process():
-            np.save(run_dir / "assignments" / f"epoch_{epoch:04d}.npy", assignments.astype(np.int32), allow_pickle=False)
-            write_skipped(run_dir, state.skipped)
-            save_checkpoint(checkpoint_path, checkpoint_state(model, optimizer, config, state, clustering))
-            with open(run_dir / LOG_NAME, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            runfolder.commit_epoch(run_dir, epoch, assignments, state.skipped,
+                                   checkpoint_state(model, optimizer, config, state, clustering), record)
             log(format_line(record, config.epochs))
+            for warning in record["warnings"]:
+                log(f"deepcluster: warning: epoch {epoch + 1}: {warning}")
         records.append(record)
     return records
 
@@ -473,8 +506,11 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
     config = from_dict(saved["config"])
     model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
     weights = saved["model"]
-    if "top_layer.weight" in weights:
+    if "top_layer.weight" in weights and weights["top_layer.weight"].dim() == 2:
         model.reset_classifier(weights["top_layer.weight"].shape[0])
+    mismatch = weights_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit its architecture: {mismatch}")
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
@@ -483,4 +519,4 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
 
 
 __all__ = ["Clustering", "cluster_features", "cluster_points", "compute_features", "reduce_features", "load_backbone", "open_source", "run",
-           "train_one_epoch", "CheckpointError"]
+           "train_one_epoch", "CheckpointError", "TrainingDiverged"]

@@ -28,12 +28,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow image as 8-bit RGB: applies EXIF rotation, flattens alpha on white,
     expands palettes, maps 16-bit and CMYK to 8-bit RGB."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: rescale to 0-255 rather than clipping to white.
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size else 0.0
-        array = array * (255.0 / peak) if peak > 0 else array
-        image = Image.fromarray(array.clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit grayscale (Pillow's "I" mode also holds 16-bit PNGs): map 0-65535 onto
+        # 0-255. Pillow's own conversion clips at 255, which turns almost every pixel white.
+        array = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.rint(array).clip(0, 255).astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -118,8 +117,14 @@ def _walk_images(root: Path) -> list[Path]:
 
 
 def check_header(path: Path) -> str | None:
-    """Open the image header only (fast) and return why it is unusable, or ``None``."""
+    """Open the image header only (fast) and return why it is unusable, or ``None``.
+
+    Damage past the header (a truncated JPEG) shows only when the pixels are decoded, in
+    the feature pass; such a file is then skipped with the reason ``decode_problem`` gives.
+    """
     try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
@@ -128,9 +133,13 @@ def check_header(path: Path) -> str | None:
                 return "empty image"
     except PermissionError:
         return "permission denied"
+    except OSError as error:
+        if error.errno is not None:  # the file itself: dangling link, symlink loop, I/O error
+            return f"cannot be opened ({error.strerror})"
+        return f"not a readable image ({type(error).__name__}: {error})"
     except Image.DecompressionBombError as error:
         return f"too large ({error})"
-    except (OSError, SyntaxError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - Pillow's parsers raise many types on corrupt headers
         return f"not a readable image ({type(error).__name__}: {error})"
     return None
 
@@ -169,6 +178,17 @@ def scan_folder(root: str | os.PathLike) -> FolderScan:
     else:
         class_names, labels = None, None
     return FolderScan([str(p) for p in good], labels, class_names, skipped)
+
+
+def decode_problem(source: ImageSource, index: int) -> str:
+    """Why image ``index`` of ``source`` cannot be used, found by decoding it again (only
+    called for the few images that failed in the feature pass)."""
+    try:
+        source.load(index)
+    except Exception as error:  # noqa: BLE001 - any failure is a reason to skip the file
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"cannot be decoded ({type(error).__name__}{': ' + text if text else ''})"
+    return "cannot be decoded (it failed in a data-loading worker, then decoded in the main process)"
 
 
 class FolderSource(ImageSource):

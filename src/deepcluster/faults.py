@@ -1,0 +1,103 @@
+"""Fault injection: make a run fail on purpose at a named point, to test recovery.
+
+The tests kill real training processes, fill the "disk" and poison the loss at exact,
+repeatable moments. They do it through one environment variable, read at every fault
+point (a dictionary lookup, nothing when it is unset)::
+
+    DEEPCLUSTER_FAULT=<action>:<point>:<count>[,<action>:<point>:<count>...]
+
+``<count>`` is 1 for the first time this process reaches ``<point>``, 2 for the second, and
+so on; counting starts anew in every process (a resumed run counts from 1 again).
+
+Points (``POINTS``):
+
+- ``features``: before each batch of the feature pass;
+- ``clustering``: after PCA, before k-means / PIC;
+- ``training``: before each optimiser step of the training pass;
+- ``assignments``, ``checkpoint``: halfway through writing the temporary file of an epoch's
+  assignments / of the checkpoint, before it is renamed into place;
+- ``log``: after the checkpoint, before the epoch's line is appended to ``log.jsonl``.
+
+Actions:
+
+- ``kill``: ``SIGKILL`` to this process, as the kernel's OOM killer or a pre-empting
+  scheduler would send: no handler, no cleanup, nothing flushed;
+- an errno name such as ``ENOSPC``, ``EROFS``, ``EACCES``, ``EIO``: raise the ``OSError``
+  the operating system would raise (only meaningful at the two write points);
+- ``nan``: at ``training`` only, the batch's loss becomes NaN.
+
+Example: ``DEEPCLUSTER_FAULT=kill:checkpoint:2`` tears the second checkpoint write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+from deepcluster.config import ConfigError
+
+ENV_VAR = "DEEPCLUSTER_FAULT"
+POINTS = ("features", "clustering", "training", "assignments", "checkpoint", "log")
+
+_counts: dict[str, int] = {}
+_spec_seen: str | None = None
+
+
+class FaultSpecError(ConfigError):
+    """``DEEPCLUSTER_FAULT`` cannot be parsed; the message says what is allowed."""
+
+
+def parse(spec: str) -> list[tuple[str, str, int]]:
+    """``"kill:training:3,ENOSPC:checkpoint:1"`` -> ``[("kill", "training", 3), ...]``."""
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        action, point, count = (item.split(":") + ["", ""])[:3]
+        valid_action = action in ("kill", "nan") or (action.startswith("E") and hasattr(errno, action))
+        if not valid_action or point not in POINTS or not count.isdigit() or int(count) < 1:
+            raise FaultSpecError(
+                f"{ENV_VAR}={spec!r}: each fault is <action>:<point>:<count> with action kill, nan or an "
+                f"errno name (ENOSPC, EROFS, ...), point one of {', '.join(POINTS)}, count >= 1")
+        faults.append((action, point, int(count)))
+    return faults
+
+
+def reset() -> None:
+    """Forget how often each point was reached (for tests that inject faults in-process)."""
+    global _spec_seen
+    _counts.clear()
+    _spec_seen = None
+
+
+def fault_point(point: str, path: str | os.PathLike | None = None) -> str | None:
+    """Count one pass through ``point`` and carry out the fault planned for it, if any.
+
+    Args:
+        point: one of ``POINTS``.
+        path: the file being written, named in an injected ``OSError``.
+
+    Returns:
+        ``"nan"`` when the caller should poison its loss, else ``None`` (``kill`` and errno
+        actions do not return).
+    """
+    global _spec_seen
+    spec = os.environ.get(ENV_VAR)
+    if not spec:
+        return None
+    if spec != _spec_seen:  # a new plan (tests change it in-process): count afresh
+        _counts.clear()
+        _spec_seen = spec
+    _counts[point] = _counts.get(point, 0) + 1
+    for action, planned_point, count in parse(spec):
+        if planned_point != point or count != _counts[point]:
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "nan":
+            return "nan"
+        code = getattr(errno, action)
+        raise OSError(code, os.strerror(code), None if path is None else os.fspath(path))
+    return None
+
+
+__all__ = ["ENV_VAR", "POINTS", "FaultSpecError", "fault_point", "parse", "reset"]

@@ -1,0 +1,70 @@
+"""Signs that training has gone wrong: a non-finite loss or features, one cluster eating
+the data set.
+
+A non-finite value is fatal (``TrainingDiverged``): every later step would spread it, so
+the run stops at once and its last checkpoint, written at the end of the last good epoch,
+stays as it is. A dominant cluster is only a warning: DeepCluster's uniform sampler is
+meant to pull the clustering out of it, and early epochs on hard data can pass through it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# More than this share of the images in one cluster is reported as degenerate (DeepCluster
+# section 3.3, "trivial parametrization": most images falling into a few clusters).
+DOMINANT_SHARE = 0.5
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the features became NaN or infinite; the message says when."""
+
+
+def check_loss(loss: float, epoch: int, step: int) -> None:
+    """Raise ``TrainingDiverged`` when a batch's loss is NaN or infinite.
+
+    Args:
+        loss: the batch's mean cross-entropy.
+        epoch: 0-based epoch index.
+        step: 0-based batch index within the epoch.
+    """
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"training loss became {loss} at epoch {epoch + 1}, batch {step + 1}; stopped, the checkpoint of the "
+            "last good epoch is kept. Lower 'lr' (and 'head_lr') or use precision fp32, then resume or restart")
+
+
+def check_features(features: np.ndarray, epoch: int) -> None:
+    """Raise ``TrainingDiverged`` when the ``(N, D)`` features hold a NaN or an infinity
+    (weights blown up by the previous epoch: k-means on them would be meaningless)."""
+    if not np.isfinite(features).all():
+        raise TrainingDiverged(
+            f"the network's features became NaN or infinite at epoch {epoch + 1}; stopped, the checkpoint of the "
+            "last good epoch is kept. Lower 'lr' (and 'head_lr'), then restart")
+
+
+def cluster_warnings(assignments: np.ndarray) -> list[str]:
+    """Warnings about the balance of one clustering.
+
+    Args:
+        assignments: ``(N,)`` cluster id of every image, negative for unusable images.
+
+    Returns:
+        One sentence when a single cluster holds more than ``DOMINANT_SHARE`` of the usable
+        images, else an empty list.
+    """
+    valid = assignments[assignments >= 0]
+    if len(valid) == 0:
+        return []
+    counts = np.bincount(valid)
+    largest = int(counts.argmax())
+    share = counts[largest] / len(valid)
+    if share <= DOMINANT_SHARE:
+        return []
+    return [f"cluster {largest} holds {100 * share:.1f}% of the images (more than half): the clustering is "
+            f"degenerate; if this persists, check the data for near-duplicates, raise 'n_clusters' or lower 'lr'"]
+
+
+__all__ = ["DOMINANT_SHARE", "TrainingDiverged", "check_features", "check_loss", "cluster_warnings"]

@@ -1,0 +1,202 @@
+"""The run folder on disk, kept consistent whatever moment a run is killed at.
+
+Files of a run (``RUN = config.out_dir``)::
+
+    RUN/config.yaml                the resolved settings
+    RUN/skipped.tsv                files left out: path<TAB>reason
+    RUN/assignments/epoch_NNNN.npy pseudo-labels of epoch NNNN (0-based), int32
+    RUN/checkpoint.pt              the state after the last completed epoch
+    RUN/log.jsonl                  one JSON record per completed epoch
+
+The checkpoint is the single source of truth. At the end of an epoch the files are
+written in the order assignments, skipped list, checkpoint, log line; each file except the
+log is replaced atomically (``checkpoint.atomic_write_bytes``), so a kill leaves either
+the old or the new version, plus perhaps a hidden temporary file. A run that starts (or
+resumes) removes those temporary files, deletes assignments of epochs the checkpoint has not
+completed, and rewrites ``log.jsonl`` from the records stored in the checkpoint: whatever the
+kill interrupted, the folder then describes exactly the epochs the checkpoint holds, with no
+duplicate and no torn line.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from deepcluster.checkpoint import atomic_write_bytes, remove_temp_files, save_checkpoint
+from deepcluster.config import Config
+from deepcluster.faults import fault_point
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+SKIPPED_NAME = "skipped.tsv"
+CONFIG_NAME = "config.yaml"
+ASSIGNMENTS_DIR = "assignments"
+_ASSIGNMENTS_FILE = re.compile(r"epoch_(\d+)\.npy")
+
+
+class RunFolderError(RuntimeError):
+    """A file of the run folder cannot be written (full disk, read-only folder, no
+    permission); the message names the file and the operating system's reason."""
+
+
+def _os_reason(error: OSError) -> str:
+    name = errno.errorcode.get(error.errno or 0)
+    text = error.strerror or str(error) or type(error).__name__
+    return f"{text} ({name})" if name else text
+
+
+def write_failure(what: str, path: Path, error: OSError, kept: str = "") -> RunFolderError:
+    """The error to raise when writing ``path`` failed with ``error``."""
+    return RunFolderError(f"cannot write {what} {str(path)!r}: {_os_reason(error)}" + (f"; {kept}" if kept else ""))
+
+
+def started_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the files a run writes before its first checkpoint."""
+    return (run_dir / CONFIG_NAME).is_file() or (run_dir / LOG_NAME).is_file()
+
+
+def json_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with plain Python values only (numpy scalars become floats and ints), so
+    that it can sit in a checkpoint that ``torch.load(weights_only=True)`` accepts."""
+    return json.loads(json.dumps(record))
+
+
+def skipped_text(skipped: dict[str, str]) -> str:
+    """The skipped list, one ``path<TAB>reason`` line per file, sorted by path. Tabs and
+    line breaks inside a path or reason become spaces, so every file stays one line."""
+    def clean(text: str) -> str:
+        return re.sub(r"[\t\r\n]", " ", text)
+
+    return "".join(f"{clean(path)}\t{clean(reason)}\n" for path, reason in sorted(skipped.items()))
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of ``log.jsonl``, skipping any line that is not a whole JSON object."""
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+    return records
+
+
+def log_text(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[str, Any]] | None,
+            skipped: dict[str, str]) -> list[Path]:
+    """Make ``run_dir`` describe exactly the first ``completed`` epochs, before training.
+
+    Args:
+        run_dir: the run folder (created if needed).
+        config: written to ``config.yaml``.
+        completed: epochs the checkpoint holds (0 for a fresh run).
+        records: the log records stored in the checkpoint, one per completed epoch; ``None``
+            for a checkpoint without them, whose ``log.jsonl`` is then cut to the whole
+            records of epochs before ``completed``, the first of each.
+        skipped: files left out so far, written to ``skipped.tsv``.
+
+    Returns:
+        The stale temporary files that were removed.
+
+    Raises:
+        RunFolderError: a file or folder cannot be written.
+    """
+    assignments_dir = run_dir / ASSIGNMENTS_DIR
+    try:
+        assignments_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_failure("the run folder", assignments_dir, error) from None
+    try:
+        removed = remove_temp_files(run_dir) + remove_temp_files(assignments_dir)
+        for stale in assignments_dir.iterdir():
+            match = _ASSIGNMENTS_FILE.fullmatch(stale.name)
+            if match and int(match.group(1)) >= completed:
+                stale.unlink()
+    except OSError as error:
+        raise write_failure("the run folder", run_dir, error) from None
+    if records is None:
+        records, seen = [], set()
+        for record in read_log(run_dir / LOG_NAME):
+            if record["epoch"] < completed and record["epoch"] not in seen:
+                seen.add(record["epoch"])
+                records.append(record)
+    for name, payload in ((CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False)),
+                          (SKIPPED_NAME, skipped_text(skipped)), (LOG_NAME, log_text(records[:completed]))):
+        path = run_dir / name
+        try:
+            atomic_write_bytes(path, payload.encode())
+        except OSError as error:
+            raise write_failure("the run file", path, error) from None
+    return removed
+
+
+def write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
+    """Replace ``skipped.tsv`` atomically.
+
+    Raises:
+        RunFolderError: it cannot be written.
+    """
+    path = run_dir / SKIPPED_NAME
+    try:
+        atomic_write_bytes(path, skipped_text(skipped).encode())
+    except OSError as error:
+        raise write_failure("skipped-file list", path, error) from None
+
+
+def save_assignments(path: Path, assignments: np.ndarray) -> None:
+    """Write ``(N,)`` assignments as an int32 ``.npy`` (no pickle), atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(assignments, dtype=np.int32), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue(), fault="assignments")
+
+
+def commit_epoch(run_dir: Path, epoch: int, assignments: np.ndarray, skipped: dict[str, str],
+                 checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
+    """Write the outputs of epoch ``epoch`` (0-based), checkpoint last but for the log line.
+
+    A failure leaves the previous checkpoint as it was and raises; the files of this epoch
+    written before it are removed or rewritten when the run is resumed (``prepare``).
+
+    Raises:
+        RunFolderError: naming the file that could not be written and why.
+    """
+    kept = (f"the checkpoint of epoch {epoch} is kept" if epoch > 0 else "no checkpoint had been written yet")
+    path = run_dir / ASSIGNMENTS_DIR / f"epoch_{epoch:04d}.npy"
+    try:
+        save_assignments(path, assignments)
+        path = run_dir / SKIPPED_NAME
+        atomic_write_bytes(path, skipped_text(skipped).encode())
+        path = run_dir / CHECKPOINT_NAME
+        save_checkpoint(path, checkpoint)
+    except OSError as error:
+        what = {CHECKPOINT_NAME: "checkpoint", SKIPPED_NAME: "skipped-file list"}.get(path.name, "assignments")
+        raise write_failure(what, path, error, kept) from None
+    fault_point("log")
+    path = run_dir / LOG_NAME
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as error:
+        # The checkpoint of this epoch is written; a resume rewrites the log from it.
+        raise write_failure("log", path, error, f"the checkpoint of epoch {epoch + 1} is written; resume to "
+                                                "continue") from None
+
+
+__all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "LOG_NAME", "RunFolderError", "SKIPPED_NAME", "commit_epoch",
+           "json_record", "prepare", "read_log", "save_assignments", "skipped_text", "started_run",
+           "write_skipped"]
