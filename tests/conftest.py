@@ -36,3 +36,43 @@ def image_folder(tmp_path_factory) -> Path:
             extension = "png" if i % 3 == 0 else "jpg"
             Image.fromarray(make_pattern(kind, rng)).save(root / name / f"{i:02d}.{extension}")
     return root
+
+
+# The smallest real training run: 36 tiny images, small net, one thread, no worker processes.
+TINY_TRAIN = ["--recipe", "small", "--n_clusters", "6", "--batch_size", "8", "--feature_batch_size", "16",
+              "--workers", "0", "--pca_dim", "8", "--kmeans_iters", "5", "--feature_dim", "32", "--threads", "1"]
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``deepcluster`` in-process: ``cli(*args, fault=None) -> (exit code, stdout, stderr)``.
+
+    ``train`` gets the ``TINY_TRAIN`` settings first (later arguments override them);
+    ``fault`` sets ``DEEPCLUSTER_FAULT`` for this call. Torch's global thread count, which
+    ``--threads`` changes, is restored afterwards.
+    """
+    import torch
+
+    from deepcluster import faults
+    from deepcluster.cli import main
+
+    threads = torch.get_num_threads()
+
+    def call(*args: str, fault: str | None = None) -> tuple[int, str, str]:
+        argv = [str(a) for a in args]
+        if argv[:1] == ["train"]:
+            argv = ["train", *TINY_TRAIN, *argv[1:]]
+        faults.reset()
+        if fault:
+            monkeypatch.setenv(faults.ENV_VAR, fault)
+        else:
+            monkeypatch.delenv(faults.ENV_VAR, raising=False)
+        try:
+            code = main(argv)
+        finally:
+            monkeypatch.delenv(faults.ENV_VAR, raising=False)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    yield call
+    torch.set_num_threads(threads)

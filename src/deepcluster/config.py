@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -169,11 +170,14 @@ def coerce(key: str, value: Any) -> Any:
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan or inf would poison every later computation
+                raise ValueError
+            return number
         if kind is tuple:
             items = value if isinstance(value, (list, tuple)) else str(value).split(",")
             numbers = tuple(float(v) for v in items)
-            if len(numbers) != 3:
+            if len(numbers) != 3 or not all(map(math.isfinite, numbers)):
                 raise ValueError
             return numbers
         if kind is str:
@@ -181,10 +185,18 @@ def coerce(key: str, value: Any) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError, OverflowError):
-        expected = {bool: "true or false", int: "an integer", float: "a number",
-                    tuple: "three comma-separated numbers", str: "a string"}[kind]
+        expected = {bool: "true or false", int: "an integer", float: "a finite number",
+                    tuple: "three comma-separated finite numbers", str: "a string"}[kind]
         raise ConfigError(f"setting {key!r} must be {expected}, got {value!r}") from None
     raise ConfigError(f"setting {key!r} has an unsupported type")
+
+
+# Smallest crop each architecture can take: its pooling stages shrink smaller inputs to
+# nothing (measured by a forward pass; tests/test_reliability.py checks the table).
+MIN_CROP = {"alexnet": 63, "vgg16": 32, "smallnet": 16}
+# Integers go to C code (torch, faiss, the data loader) that holds them in 32 bits.
+MAX_INT = 2**31 - 1
+MAX_THREADS = 1024
 
 
 def validate(config: Config) -> Config:
@@ -192,6 +204,10 @@ def validate(config: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"setting {key!r} is {getattr(config, key)!r}; choose one of: {', '.join(allowed)}")
+    for key, (kind, _) in TYPES.items():
+        value = getattr(config, key)
+        if kind is int and value is not None and value > MAX_INT:
+            raise ConfigError(f"setting {key!r} must be at most {MAX_INT}, got {value}")
     positive = ("resize", "crop", "n_clusters", "pca_dim", "kmeans_iters", "epochs", "batch_size",
                 "reassign_every", "feature_batch_size")
     for key in positive:
@@ -199,6 +215,11 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"setting {key!r} must be a positive integer, got {getattr(config, key)}")
     if config.n_clusters < 2:
         raise ConfigError(f"setting 'n_clusters' must be at least 2, got {config.n_clusters}")
+    if config.crop < MIN_CROP[config.arch]:
+        raise ConfigError(f"setting 'crop' must be at least {MIN_CROP[config.arch]} for arch {config.arch!r}, "
+                          f"got {config.crop}")
+    if config.seed < 0:
+        raise ConfigError(f"setting 'seed' must be a non-negative integer, got {config.seed}")
     for key in ("lr", "head_lr"):
         value = getattr(config, key)
         if value is not None and not value > 0:
@@ -209,21 +230,26 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"setting 'weight_decay' must be >= 0, got {config.weight_decay}")
     if not 0 < config.crop_scale_min <= 1:
         raise ConfigError(f"setting 'crop_scale_min' must be in (0, 1], got {config.crop_scale_min}")
-    if config.workers < 0:
-        raise ConfigError(f"setting 'workers' must be >= 0, got {config.workers}")
-    if config.threads is not None and config.threads < 1:
-        raise ConfigError(f"setting 'threads' must be a positive integer, got {config.threads}")
+    if not 0 <= config.workers <= MAX_THREADS:
+        raise ConfigError(f"setting 'workers' must be between 0 and {MAX_THREADS}, got {config.workers}")
+    if config.threads is not None and not 1 <= config.threads <= MAX_THREADS:
+        raise ConfigError(f"setting 'threads' must be between 1 and {MAX_THREADS} (or none), got {config.threads}")
     if config.feature_dim is not None and config.feature_dim < 1:
         raise ConfigError(f"setting 'feature_dim' must be a positive integer, got {config.feature_dim}")
     if any(s <= 0 for s in config.std):
         raise ConfigError(f"setting 'std' must be three positive numbers, got {config.std}")
     for key in ("device", "clustering_device"):
         value = getattr(config, key)
-        if not (value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())):
+        index = value[5:]
+        if not (value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and index.isdigit() and index.isascii())):
             raise ConfigError(f"setting {key!r} is {value!r}; choose auto, cpu, cuda or cuda:N")
     if config.pca_sample_size is not None and config.pca_sample_size < config.pca_dim:
         raise ConfigError(f"setting 'pca_sample_size' must be at least pca_dim ({config.pca_dim}) or null for "
                           f"all images, got {config.pca_sample_size}")
+    if not config.out_dir or "\0" in config.out_dir:
+        raise ConfigError(f"setting 'out_dir' must be a folder path, got {config.out_dir!r}")
+    if config.data is not None and "\0" in config.data:
+        raise ConfigError(f"setting 'data' must be a folder path, got {config.data!r}")
     return config
 
 
@@ -239,15 +265,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping of settings; a clear ``ConfigError`` for any problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
     try:
         content = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as error:
+        # PyYAML's constructors raise these for values such as the date 2024-13-45.
+        raise ConfigError(f"config file {str(path)!r} holds a value YAML cannot read ({error})") from None
     if content is None:
         return {}
     if not isinstance(content, dict) or not all(isinstance(k, str) for k in content):
@@ -264,7 +295,7 @@ def resolve(recipe: str | None = None, config_file: str | Path | None = None,
     from_file = load_yaml(config_file) if config_file is not None else {}
     file_recipe = from_file.pop("recipe", None)
     name = recipe or file_recipe or "paper"
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
     config = apply_overrides(Config(), RECIPES[name])
     config = apply_overrides(config, from_file)

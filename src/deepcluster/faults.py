@@ -62,6 +62,15 @@ def parse(spec: str) -> list[tuple[str, str, int]]:
     return faults
 
 
+def check_environment() -> None:
+    """Parse ``DEEPCLUSTER_FAULT`` now, so that a typo stops a run before it starts.
+
+    Raises:
+        FaultSpecError: the variable is set but malformed.
+    """
+    parse(os.environ.get(ENV_VAR, ""))
+
+
 def reset() -> None:
     """Forget how often each point was reached (for tests that inject faults in-process)."""
     global _spec_seen
@@ -100,4 +109,4 @@ def fault_point(point: str, path: str | os.PathLike | None = None) -> str | None
     return None
 
 
-__all__ = ["ENV_VAR", "POINTS", "FaultSpecError", "fault_point", "parse", "reset"]
+__all__ = ["ENV_VAR", "POINTS", "FaultSpecError", "check_environment", "fault_point", "parse", "reset"]

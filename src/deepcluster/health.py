@@ -22,6 +22,15 @@ class TrainingDiverged(RuntimeError):
     """The loss or the features became NaN or infinite; the message says when."""
 
 
+def _kept(epoch: int) -> str:
+    return (f"the checkpoint of epoch {epoch} is kept" if epoch > 0
+            else "no checkpoint had been written yet")
+
+
+ADVICE = ("lower 'lr' (and 'head_lr') and start a new run in another --out folder; a resume with the same "
+          "settings would repeat the same steps")
+
+
 def check_loss(loss: float, epoch: int, step: int) -> None:
     """Raise ``TrainingDiverged`` when a batch's loss is NaN or infinite.
 
@@ -31,18 +40,18 @@ def check_loss(loss: float, epoch: int, step: int) -> None:
         step: 0-based batch index within the epoch.
     """
     if not math.isfinite(loss):
-        raise TrainingDiverged(
-            f"training loss became {loss} at epoch {epoch + 1}, batch {step + 1}; stopped, the checkpoint of the "
-            "last good epoch is kept. Lower 'lr' (and 'head_lr') or use precision fp32, then resume or restart")
+        raise TrainingDiverged(f"training loss became {loss} at epoch {epoch + 1}, batch {step + 1}; stopped, "
+                               f"{_kept(epoch)}. To go on, {ADVICE}")
 
 
-def check_features(features: np.ndarray, epoch: int) -> None:
+def check_features(features: np.ndarray, epoch: int, block: int = 65536) -> None:
     """Raise ``TrainingDiverged`` when the ``(N, D)`` features hold a NaN or an infinity
-    (weights blown up by the previous epoch: k-means on them would be meaningless)."""
-    if not np.isfinite(features).all():
-        raise TrainingDiverged(
-            f"the network's features became NaN or infinite at epoch {epoch + 1}; stopped, the checkpoint of the "
-            "last good epoch is kept. Lower 'lr' (and 'head_lr'), then restart")
+    (weights blown up by the previous epoch: k-means on them would be meaningless).
+    Checked ``block`` rows at a time, so the test needs little memory beside the features."""
+    for start in range(0, len(features), block):
+        if not np.isfinite(features[start:start + block]).all():
+            raise TrainingDiverged(f"the network's features became NaN or infinite at epoch {epoch + 1}; stopped, "
+                                   f"{_kept(epoch)}. To go on, {ADVICE}")
 
 
 def cluster_warnings(assignments: np.ndarray) -> list[str]:

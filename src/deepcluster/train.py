@@ -37,6 +37,7 @@ from deepcluster.config import Config, ConfigError, from_dict
 from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
                               uniform_cluster_sample)
+from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
@@ -406,6 +407,7 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         RunFolderError: a file of the run folder cannot be written (full disk, read-only);
             the previous checkpoint is left as it was.
     """
+    check_fault_environment()
     device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)

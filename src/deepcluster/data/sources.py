@@ -7,6 +7,7 @@ ever feed evaluation metrics (NMI, ACC, ARI against the truth); training never r
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,12 +126,18 @@ def check_header(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns about large images as it opens them; we refuse them just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 return f"too large ({width}x{height} pixels, limit {MAX_IMAGE_PIXELS})"
             if width < 1 or height < 1:
                 return "empty image"
+    except Image.UnidentifiedImageError:
+        return "not a readable image (cannot identify its format)"
     except PermissionError:
         return "permission denied"
     except OSError as error:

@@ -1,0 +1,168 @@
+"""Kill and resume: real training processes killed with SIGKILL, then resumed.
+
+A SIGKILL gives the process no chance to clean up, exactly like the OOM killer or a
+pre-empted cloud machine. The kills land at exact points through the documented
+``DEEPCLUSTER_FAULT`` hook (``deepcluster.faults``), which sends the real signal to the real
+process, plus one kill from outside at an arbitrary moment. After ``--resume`` the run
+folder must hold exactly what an uninterrupted run with the same seed writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepcluster.faults import ENV_VAR
+
+EPOCHS = 3
+TINY = ["--recipe", "small", "--epochs", str(EPOCHS), "--n_clusters", "6", "--batch_size", "8",
+        "--feature_batch_size", "16", "--workers", "0", "--pca_dim", "8", "--kmeans_iters", "5",
+        "--feature_dim", "32", "--threads", "1"]
+# 36 images: 3 feature batches of 16 and 5 training batches of 8 per epoch.
+TIMING_KEYS = ("time_features", "time_pca", "time_kmeans", "time_clustering", "time_training",
+               "train_images_per_s")
+
+
+def train(data: Path, out: Path, fault: str | None = None, resume: bool = False,
+          start_only: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``deepcluster train`` in a fresh Python process (the test's PYTHONPATH is kept)."""
+    env = {key: value for key, value in os.environ.items() if key != ENV_VAR}
+    env["OMP_NUM_THREADS"] = "1"
+    if fault:
+        env[ENV_VAR] = fault
+    args = [sys.executable, "-m", "deepcluster", "train", "--data", str(data), "--out", str(out), *TINY]
+    if resume:
+        args.append("--resume")
+    if start_only:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def temp_files(run: Path) -> list[Path]:
+    return sorted(run.glob(".*.tmp-*")) + sorted(run.glob("assignments/.*.tmp-*"))
+
+
+def log_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Bit-for-bit equal assignments, weights and optimiser state; the same log but for timings."""
+    names = sorted(p.name for p in (reference / "assignments").glob("*.npy"))
+    assert names == [f"epoch_{e:04d}.npy" for e in range(EPOCHS)]
+    assert sorted(p.name for p in (run / "assignments").iterdir()) == names
+    for name in names:
+        assert (run / "assignments" / name).read_bytes() == (reference / "assignments" / name).read_bytes(), name
+    ours = torch.load(run / "checkpoint.pt", weights_only=True)
+    theirs = torch.load(reference / "checkpoint.pt", weights_only=True)
+    assert ours["epoch"] == theirs["epoch"] == EPOCHS
+    for name, tensor in theirs["model"].items():
+        assert torch.equal(ours["model"][name], tensor), name
+    for index, state in theirs["optimizer"]["state"].items():
+        assert torch.equal(ours["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert torch.equal(ours["torch_rng"], theirs["torch_rng"])
+    assert torch.equal(ours["assignments"], theirs["assignments"])
+    records, expected = log_records(run), log_records(reference)
+    assert [r["epoch"] for r in records] == list(range(EPOCHS))
+    for record, want in zip(records, expected):
+        assert {k: v for k, v in record.items() if k not in TIMING_KEYS} == \
+            {k: v for k, v in want.items() if k not in TIMING_KEYS}
+    assert temp_files(run) == []
+
+
+@pytest.fixture(scope="module")
+def reference(image_folder, tmp_path_factory) -> Path:
+    """The uninterrupted run every killed-and-resumed run must equal."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = train(image_folder, out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_killed(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
+
+
+def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(image_folder, reference, tmp_path):
+    run = tmp_path / "run"
+
+    # Epoch 1, feature pass, before any checkpoint exists.
+    assert_killed(train(image_folder, run, "kill:features:2"))
+    assert not (run / "checkpoint.pt").exists()
+
+    # --resume with no checkpoint starts over; the first checkpoint's write is torn halfway:
+    # the temporary file is left behind, no checkpoint.pt appears.
+    result = train(image_folder, run, "kill:checkpoint:1", resume=True)
+    assert_killed(result)
+    assert "no checkpoint yet" in result.stdout and "starting from the beginning" in result.stdout
+    torn = temp_files(run)
+    assert [p.name.startswith(".checkpoint.pt.tmp-") for p in torn] == [True]
+    assert 0 < torn[0].stat().st_size and not (run / "checkpoint.pt").exists()
+
+    # Killed after the checkpoint of epoch 1, before its log line; the torn file was removed.
+    result = train(image_folder, run, "kill:log:1", resume=True)
+    assert_killed(result)
+    assert "removed 1 temporary file" in result.stdout
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert (run / "log.jsonl").read_text() == "" and temp_files(run) == []
+
+    # Resumed (the log is rebuilt from the checkpoint), then killed in epoch 2's clustering.
+    result = train(image_folder, run, "kill:clustering:1", resume=True)
+    assert_killed(result)
+    assert "resuming after epoch 1" in result.stdout
+    assert [r["epoch"] for r in log_records(run)] == [0]
+
+    # Killed in the middle of epoch 2's training (its third batch).
+    assert_killed(train(image_folder, run, "kill:training:3", resume=True))
+    # A torn write of epoch 2's checkpoint never replaces the good one of epoch 1.
+    good = (run / "checkpoint.pt").read_bytes()
+    assert_killed(train(image_folder, run, "kill:checkpoint:1", resume=True))
+    assert (run / "checkpoint.pt").read_bytes() == good
+    assert len(temp_files(run)) == 1
+
+    result = train(image_folder, run, resume=True)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(run, reference)
+
+
+def test_sigkill_from_outside_at_an_arbitrary_moment_then_resume(image_folder, reference, tmp_path):
+    """The kill comes from another process, some milliseconds into the second epoch, with no
+    hook involved; where exactly it lands varies, the resumed result must not."""
+    run = tmp_path / "run"
+    process = train(image_folder, run, start_only=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 1):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+            time.sleep(0.002)
+        time.sleep(random.Random(0).uniform(0.0, 0.05))
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+        process.stdout.close()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL  # it was still running: a real interruption
+    assert np.load(run / "assignments" / "epoch_0000.npy", allow_pickle=False).shape == (36,)
+    result = train(image_folder, run, resume=True)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(run, reference)
+
+
+def test_resume_of_a_folder_that_never_started_is_a_clear_error(tmp_path, image_folder, capsys):
+    from deepcluster.cli import main
+
+    code = main(["train", "--data", str(image_folder), "--out", str(tmp_path / "nothing"), "--resume",
+                 "--recipe", "small"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "nothing to resume" in err and "checkpoint.pt" in err
