@@ -39,7 +39,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 # The smallest real training run: 36 tiny images, small net, one thread, no worker processes.
-TINY_TRAIN = ["--recipe", "small", "--n_clusters", "6", "--batch_size", "8", "--feature_batch_size", "16",
+TINY_TRAIN = ["--recipe", "small", "--epochs", "1", "--n_clusters", "6", "--batch_size", "8", "--feature_batch_size", "16",
               "--workers", "0", "--pca_dim", "8", "--kmeans_iters", "5", "--feature_dim", "32", "--threads", "1"]
 
 
@@ -76,3 +76,21 @@ def cli(capsys, monkeypatch):
 
     yield call
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def permissions_enforced(tmp_path_factory) -> bool:
+    """Whether file modes stop this process: False for root (or any process holding
+    CAP_DAC_OVERRIDE), which reads and writes whatever the mode says. Tests that need an
+    unreadable file or a read-only folder use chmod when this is True and inject the
+    operating system's error otherwise."""
+    probe = tmp_path_factory.mktemp("permissions") / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        probe.read_text()
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o600)
+    return False

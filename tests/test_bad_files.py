@@ -78,12 +78,13 @@ def make_broken(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def unreadable(monkeypatch):
-    """Make ``unreadable.png`` unreadable: chmod 000 when not root; as root, which reads any
-    file whatever its mode, opening it raises the PermissionError the OS would raise."""
+def unreadable(monkeypatch, permissions_enforced):
+    """Make ``unreadable.png`` unreadable: chmod 000 where file modes are enforced; as root
+    (which reads any file whatever its mode) opening it raises the PermissionError the
+    operating system would raise."""
     def apply(folder: Path) -> None:
         path = folder / "unreadable.png"
-        if os.geteuid() != 0:
+        if permissions_enforced:
             path.chmod(0)
             return
         real_open = sources_module.Image.open

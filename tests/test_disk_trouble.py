@@ -71,13 +71,15 @@ def test_a_real_file_size_limit_fails_the_write_and_keeps_the_checkpoint(cli, im
     assert leftovers(run) == []
 
 
-def test_a_read_only_run_folder_stops_before_training(cli, image_folder, tmp_path, monkeypatch):
-    """Not root: the folder really is made read-only with chmod. As root, which ignores file
-    modes, the same refusal is injected: ``os.open`` raises EROFS for any file created in it."""
+def test_a_read_only_run_folder_stops_before_training(cli, image_folder, tmp_path, monkeypatch,
+                                                     permissions_enforced):
+    """Where file modes are enforced the folder really is made read-only with chmod. As root,
+    which ignores file modes, the refusal is injected: ``os.open`` raises EROFS for any file
+    created in it, as a read-only file system would."""
     run = tmp_path / "run"
     before = one_epoch(cli, image_folder, run)
     folders = [run, run / "assignments"]
-    if os.geteuid() != 0:
+    if permissions_enforced:
         for folder in folders:
             folder.chmod(0o555)
         expected = f"{os.strerror(errno.EACCES)} (EACCES)"

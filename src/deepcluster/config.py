@@ -294,9 +294,10 @@ def resolve(recipe: str | None = None, config_file: str | Path | None = None,
     """
     from_file = load_yaml(config_file) if config_file is not None else {}
     file_recipe = from_file.pop("recipe", None)
+    for name in (recipe, file_recipe):  # a bad recipe in the file is an error even when overridden
+        if name is not None and (not isinstance(name, str) or name not in RECIPES):
+            raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
     name = recipe or file_recipe or "paper"
-    if not isinstance(name, str) or name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
     config = apply_overrides(Config(), RECIPES[name])
     config = apply_overrides(config, from_file)
     config = apply_overrides(config, overrides or {})

@@ -435,7 +435,9 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         state, _ = restore(checkpoint_path, model, optimizer, config)
     for item in getattr(source, "skipped", []):
         state.skipped[item.path] = item.reason
-    removed = runfolder.prepare(run_dir, config, state.epoch, state.records if resume else [], state.skipped)
+    removed = []
+    if distributed.is_main_process():  # one writer: other ranks could delete its temporary files
+        removed = runfolder.prepare(run_dir, config, state.epoch, state.records if resume else [], state.skipped)
     labels = source.labels
     log(f"deepcluster: {len(source)} images, {config.arch}{' + sobel' if config.sobel else ''}, "
         f"k={config.n_clusters}, {config.epochs} epochs, device {device}, run folder {run_dir}"
@@ -455,7 +457,8 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
                 state.skipped[source.name(int(index))] = decode_problem(source, int(index))
             needed = config.n_clusters if config.clustering == "kmeans" else 2
             if ok.sum() < needed:
-                runfolder.write_skipped(run_dir, state.skipped)
+                if distributed.is_main_process():
+                    runfolder.write_skipped(run_dir, state.skipped)
                 raise DataError(f"only {int(ok.sum())} of {len(source)} images could be decoded, fewer than the "
                                 f"{needed} clusters needed; the reasons are in "
                                 f"{str(run_dir / runfolder.SKIPPED_NAME)!r}")
