@@ -166,3 +166,35 @@ def test_resume_of_a_folder_that_never_started_is_a_clear_error(tmp_path, image_
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "nothing to resume" in err and "checkpoint.pt" in err
+
+
+@pytest.mark.parametrize("records_in_checkpoint", [True, False], ids=["records", "older-checkpoint"])
+def test_resume_cleans_up_what_a_kill_can_leave(records_in_checkpoint, cli, image_folder, tmp_path):
+    """The leftovers of kills at unlucky moments, planted by hand: temporary files of torn
+    writes, assignments of an epoch the checkpoint does not hold, a duplicated and a torn log
+    line. A checkpoint without log records (as older versions wrote) keeps the whole lines of
+    the epochs it holds, once each."""
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1")
+    assert code == 0, err
+    if not records_in_checkpoint:
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        del state["records"]
+        torch.save(state, run / "checkpoint.pt")
+    first = (run / "log.jsonl").read_text()
+    (run / "log.jsonl").write_text(first + first + '{"epoch": 1, "train_lo')
+    (run / ".checkpoint.pt.tmp-99-beef").write_bytes(b"torn")
+    (run / "assignments" / ".epoch_0001.npy.tmp-99-dead").write_bytes(b"torn")
+    (run / "assignments" / "epoch_0007.npy").write_bytes(b"stale")
+
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--resume")
+    assert code == 0, err
+    assert "removed 2 temporary file(s)" in out
+    assert temp_files(run) == []
+    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0000.npy", "epoch_0001.npy"]
+    lines = (run / "log.jsonl").read_text().splitlines()
+    assert lines[0] == first.strip() and [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 2 and [r["epoch"] for r in saved["records"]] == [0, 1]
+    latest = np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assert np.array_equal(latest, saved["assignments"].numpy())

@@ -97,7 +97,19 @@ def log_text(records: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(record) + "\n" for record in records)
 
 
-def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[str, Any]] | None,
+def records_from_log(run_dir: Path, completed: int) -> list[dict[str, Any]]:
+    """The log records of the first ``completed`` epochs as ``log.jsonl`` holds them: whole
+    JSON lines only, the first line of each epoch (for a checkpoint that stores no records,
+    as written before they were stored)."""
+    records, seen = [], set()
+    for record in read_log(run_dir / LOG_NAME):
+        if record["epoch"] < completed and record["epoch"] not in seen:
+            seen.add(record["epoch"])
+            records.append(record)
+    return records
+
+
+def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[str, Any]],
             skipped: dict[str, str]) -> list[Path]:
     """Make ``run_dir`` describe exactly the first ``completed`` epochs, before training.
 
@@ -105,9 +117,8 @@ def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[st
         run_dir: the run folder (created if needed).
         config: written to ``config.yaml``.
         completed: epochs the checkpoint holds (0 for a fresh run).
-        records: the log records stored in the checkpoint, one per completed epoch; ``None``
-            for a checkpoint without them, whose ``log.jsonl`` is then cut to the whole
-            records of epochs before ``completed``, the first of each.
+        records: one log record per completed epoch (those stored in the checkpoint);
+            ``log.jsonl`` is rewritten to hold exactly these.
         skipped: files left out so far, written to ``skipped.tsv``.
 
     Returns:
@@ -129,12 +140,6 @@ def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[st
                 stale.unlink()
     except OSError as error:
         raise write_failure("the run folder", run_dir, error) from None
-    if records is None:
-        records, seen = [], set()
-        for record in read_log(run_dir / LOG_NAME):
-            if record["epoch"] < completed and record["epoch"] not in seen:
-                seen.add(record["epoch"])
-                records.append(record)
     for name, payload in ((CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False)),
                           (SKIPPED_NAME, skipped_text(skipped)), (LOG_NAME, log_text(records[:completed]))):
         path = run_dir / name
@@ -198,5 +203,5 @@ def commit_epoch(run_dir: Path, epoch: int, assignments: np.ndarray, skipped: di
 
 
 __all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "LOG_NAME", "RunFolderError", "SKIPPED_NAME", "commit_epoch",
-           "json_record", "prepare", "read_log", "save_assignments", "skipped_text", "started_run",
+           "json_record", "prepare", "read_log", "records_from_log", "save_assignments", "skipped_text", "started_run",
            "write_skipped"]

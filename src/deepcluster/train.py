@@ -176,7 +176,7 @@ def cluster_features(features: np.ndarray, ok: np.ndarray, config: Config, seed:
 
 @torch.no_grad()
 def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
-                    seed: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, PCA, float, float]:
+                    seed: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, PCA | None, float, float]:
     """The feature pass streamed into PCA-whitening and L2 normalisation.
 
     Only ``(N, pca_dim)`` is kept for k-means. With ``pca_sample_size`` unset the PCA is
@@ -187,8 +187,8 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
 
     Returns:
         ``(N, pca_dim)`` float32 unit rows (zero for unusable images), the ``(N,)`` bool
-        mask of images that decoded, the fitted PCA, seconds in the network, seconds in
-        the PCA (fit and projections).
+        mask of images that decoded, the fitted PCA (``None``, and no rows, when fewer than
+        two images decoded), seconds in the network, seconds in the PCA (fit and projections).
 
     Raises:
         TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
@@ -221,12 +221,14 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         if ok.any():
             reducer.add(out[ok], rows[ok])
         time_pca += time.perf_counter() - tick
+    mask = distributed.gather_rows(local_ok.astype(np.uint8), indices, n_images).astype(bool)
+    if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
+        return np.zeros((n_images, 0), dtype=np.float32), mask, None, time.perf_counter() - start, time_pca
     tick = time.perf_counter()
     reduced, pca = reducer.finish()
     if distributed.is_distributed():
         reduced = distributed.gather_rows(reduced[indices], indices, n_images)
     time_pca += time.perf_counter() - tick
-    mask = distributed.gather_rows(local_ok.astype(np.uint8), indices, n_images).astype(bool)
     return reduced, mask, pca, time.perf_counter() - start - time_pca, time_pca
 
 
@@ -433,11 +435,13 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         saved = load_checkpoint(checkpoint_path)
         check_resume_config(saved["config"], config)
         state, _ = restore(checkpoint_path, model, optimizer, config)
+        if "records" not in saved:  # written before checkpoints stored the log records
+            state.records = runfolder.records_from_log(run_dir, state.epoch)
     for item in getattr(source, "skipped", []):
         state.skipped[item.path] = item.reason
     removed = []
     if distributed.is_main_process():  # one writer: other ranks could delete its temporary files
-        removed = runfolder.prepare(run_dir, config, state.epoch, state.records if resume else [], state.skipped)
+        removed = runfolder.prepare(run_dir, config, state.epoch, state.records, state.skipped)
     labels = source.labels
     log(f"deepcluster: {len(source)} images, {config.arch}{' + sobel' if config.sobel else ''}, "
         f"k={config.n_clusters}, {config.epochs} epochs, device {device}, run folder {run_dir}"
