@@ -65,11 +65,14 @@ def atomic_write_bytes(path: str | Path, payload: bytes, fault: str | None = Non
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    # Make the rename itself durable. Best effort: some file systems refuse to fsync a
+    # folder, and by now the new file is in place whatever happens.
+    with contextlib.suppress(OSError):
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def remove_temp_files(folder: str | Path) -> list[Path]:

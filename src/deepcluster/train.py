@@ -41,7 +41,7 @@ from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
-from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME
+from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME  # noqa: F401 - LOG_NAME: formerly defined here
 
 
 def open_source(config: Config) -> ImageSource:
