@@ -2,6 +2,7 @@
 
     deepcluster train [--recipe NAME] [--config FILE] [--data FOLDER] [--out DIR]
                       [--resume] [--KEY VALUE ...]
+    deepcluster eval | report | assign | features | export ...   (``cli_eval``, ``cli_tools``)
 
 Any setting of ``deepcluster.config.Config`` can be given as ``--key value`` (dashes or
 underscores). Bad input ends with one line on stderr and exit code 2.
@@ -67,6 +68,9 @@ def build_parser() -> Parser:
     from deepcluster.cli_eval import add_eval_parser
 
     add_eval_parser(commands)
+    from deepcluster.cli_tools import add_tool_parsers
+
+    add_tool_parsers(commands)
     return parser
 
 
@@ -90,6 +94,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from deepcluster.checkpoint import CheckpointError
     from deepcluster.data import DataError
+    from deepcluster.progress import erase_bars
 
     parser = build_parser()
     try:
@@ -103,11 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from deepcluster.cli_eval import cmd_eval
 
             return cmd_eval(parser.parse_args(argv))  # strict parse: unknown options are an error
+        from deepcluster.cli_tools import COMMANDS, run_tool
+
+        if args.command in COMMANDS:
+            return run_tool(parser.parse_args(argv), sys.argv[1:] if argv is None else argv)
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
+        erase_bars()
         print(f"deepcluster: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        erase_bars()
         print("deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)", file=sys.stderr)
         return 130
 

@@ -70,6 +70,7 @@ class Config:
     workers: int = 2  # data-loading processes (0 = load in the main process)
     feature_batch_size: int = 256
     threads: int | None = None  # torch CPU threads; None = torch's default
+    tensorboard: bool = True  # also write the per-epoch scalars to RUN/tensorboard (when installed)
 
     @property
     def run_dir(self) -> Path:

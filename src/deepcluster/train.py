@@ -37,6 +37,8 @@ from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSourc
                               PseudoLabelDataset, RandomResizedCropFlip, load_digits_source,
                               uniform_cluster_sample)
 from deepcluster.models import Backbone, create_model
+from deepcluster.progress import Progress, track
+from deepcluster.scalars import ScalarLog
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -91,7 +93,7 @@ def compute_features(model: Backbone, source: ImageSource, config: Config,
     local = np.zeros((len(indices), model.feature_dim), dtype=np.float32)
     local_ok = np.zeros(len(indices), dtype=bool)
     position = 0
-    for images, _, ok in loader:
+    for images, _, ok in track(loader, len(indices), "features", unit="img", size=lambda batch: len(batch[0])):
         with autocast(config, device):
             out = model.forward_features(normalize(images, device, config.channels_last))
         local[position:position + len(images)] = out.float().cpu().numpy()
@@ -130,17 +132,21 @@ def cluster_features(features: np.ndarray, ok: np.ndarray, config: Config, seed:
     """PCA-whiten, L2-normalise and cluster (k-means or PIC) the usable rows of ``features``."""
     usable = features[ok]
     start = time.perf_counter()
-    pca = fit_pca(usable, config.pca_dim, config.whiten_power)
-    points = l2_normalize(pca.transform(usable))
+    with Progress(None, "PCA-whitening"):
+        pca = fit_pca(usable, config.pca_dim, config.whiten_power)
+        points = l2_normalize(pca.transform(usable))
     time_pca = time.perf_counter() - start
     start = time.perf_counter()
     if config.clustering == "pic":
-        found = pic(points, knn_backend=config.kmeans_backend, seed=seed)
+        with Progress(None, "PIC"):
+            found = pic(points, knn_backend=config.kmeans_backend, seed=seed)
         labels, n_clusters, centroids, objective, n_split = (found.assignments, found.n_clusters, found.centroids,
                                                              None, 0)
     else:
-        result = kmeans(points, config.n_clusters, config.kmeans_iters, seed=seed,
-                        backend=config.kmeans_backend, init=config.kmeans_init)
+        with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
+            result = kmeans(points, config.n_clusters, config.kmeans_iters, seed=seed,
+                            backend=config.kmeans_backend, init=config.kmeans_init,
+                            on_iteration=lambda _: bar.update())
         labels, n_clusters, centroids, objective, n_split = (result.assignments, config.n_clusters, result.centroids,
                                                              result.objective[-1], result.n_split)
     time_kmeans = time.perf_counter() - start
@@ -173,6 +179,7 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
         network = nn.parallel.DistributedDataParallel(model)
     model.train()
     total_loss, seen = 0.0, 0
+    bar = Progress(len(indices), f"epoch {epoch + 1} training", unit="img")
     for images, targets in loader:
         inputs = normalize(images, device, config.channels_last)
         targets = targets.to(device)
@@ -186,6 +193,8 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
         head_optimizer.step()
         total_loss += loss.item() * len(images)
         seen += len(images)
+        bar.update(len(images), note=f"loss {total_loss / seen:.4f}")
+    bar.close()
     return total_loss / max(seen, 1), seen
 
 
@@ -251,7 +260,7 @@ def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, confi
     return state, saved
 
 
-RESUMABLE = {"epochs", "workers", "threads", "device", "feature_batch_size", "out_dir"}
+RESUMABLE = {"epochs", "workers", "threads", "device", "feature_batch_size", "out_dir", "tensorboard"}
 
 
 def check_resume_config(saved: dict, config: Config) -> None:
@@ -339,6 +348,8 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
 
     records = []
     clustering: Clustering | None = None
+    # Flushed every epoch, so a run that stops early keeps its scalars without a close().
+    scalars = ScalarLog(run_dir, config.tensorboard and distributed.is_main_process(), log)
     for epoch in range(state.epoch, config.epochs):
         record: dict = {"epoch": epoch}
         recluster = state.previous is None or epoch % config.reassign_every == 0
@@ -387,8 +398,10 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
             save_checkpoint(checkpoint_path, checkpoint_state(model, optimizer, config, state, clustering))
             with open(run_dir / LOG_NAME, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            scalars.write(record)
             log(format_line(record, config.epochs))
         records.append(record)
+    scalars.close()
     return records
 
 
