@@ -195,10 +195,10 @@ def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(images, (0, 0, radius, radius), mode="reflect"), vertical, groups=channels)
 
 
-def gradient_ascent(model: Backbone, layer: str, filters: list[int], mean: tuple[float, float, float],
-                    std: tuple[float, float, float], settings: AscentSettings = AscentSettings(),
-                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Images that maximise the mean response of each filter of ``layer`` (before its ReLU,
+def ascend(model: Backbone, layer: str, filters: list[int], mean: tuple[float, float, float],
+           std: tuple[float, float, float], settings: AscentSettings = AscentSettings(),
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inputs that maximise the mean response of each filter of ``layer`` (before its ReLU,
     so a filter that is silent on noise still gets a gradient).
 
     All filters are optimised together, one image each, in one batch per step. The model is
@@ -213,10 +213,9 @@ def gradient_ascent(model: Backbone, layer: str, filters: list[int], mean: tuple
         device: where to run.
 
     Returns:
-        ``(len(filters), size, size, 3)`` uint8 images, contrast-stretched each on its own.
+        ``(len(filters), 3, size, size)`` float pixels in [0, 1] (grey for Sobel networks),
+        before normalisation by ``mean`` and ``std``.
     """
-    if not filters:
-        return np.zeros((0, settings.size, settings.size, 3), dtype=np.uint8)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -249,8 +248,18 @@ def gradient_ascent(model: Backbone, layer: str, filters: list[int], mean: tuple
                 image.clamp_(0.0, 1.0)
             bar.update()
     model.train(was_training)
-    result = image.detach().expand(n, 3, settings.size, settings.size).cpu().numpy().transpose(0, 2, 3, 1)
-    return np.stack([_stretch(picture) for picture in result])
+    return image.detach().expand(n, 3, settings.size, settings.size).cpu()
+
+
+def gradient_ascent(model: Backbone, layer: str, filters: list[int], mean: tuple[float, float, float],
+                    std: tuple[float, float, float], settings: AscentSettings = AscentSettings(),
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    """:func:`ascend`, as ``(len(filters), size, size, 3)`` uint8 images contrast-stretched
+    each on its own, for display."""
+    if not filters:
+        return np.zeros((0, settings.size, settings.size, 3), dtype=np.uint8)
+    pixels = ascend(model, layer, filters, mean, std, settings, device).numpy().transpose(0, 2, 3, 1)
+    return np.stack([_stretch(picture) for picture in pixels])
 
 
 def _stretch(picture: np.ndarray) -> np.ndarray:
@@ -260,5 +269,5 @@ def _stretch(picture: np.ndarray) -> np.ndarray:
     return (scaled.clip(0, 1) * 255).round().astype(np.uint8)
 
 
-__all__ = ["AscentSettings", "FilterResponses", "effective_first_filters", "filter_grid", "filter_responses",
+__all__ = ["AscentSettings", "FilterResponses", "ascend", "effective_first_filters", "filter_grid", "filter_responses",
            "first_conv", "forward_to", "gradient_ascent", "layer_channels", "pick_filters"]
