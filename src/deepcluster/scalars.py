@@ -8,6 +8,7 @@ JSONL log stays the record. Steps are the log's ``epoch`` field (0 for the first
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,11 +57,12 @@ class ScalarLog:
     Args:
         run_dir: the run folder.
         enabled: the run's ``tensorboard`` setting.
-        log: where the one-time notice goes when scalars cannot be written.
+        log: where the one-time notice goes when scalars cannot be written (default: stderr,
+            so the run's one line per epoch on stdout stays as it is).
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool, log: Callable[[str], None] = print) -> None:
-        self.log = log
+    def __init__(self, run_dir: str | Path, enabled: bool, log: Callable[[str], None] | None = None) -> None:
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.writer = None
         self.directory = Path(run_dir) / TENSORBOARD_DIR
         if not enabled:

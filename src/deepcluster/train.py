@@ -349,7 +349,7 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     records = []
     clustering: Clustering | None = None
     # Flushed every epoch, so a run that stops early keeps its scalars without a close().
-    scalars = ScalarLog(run_dir, config.tensorboard and distributed.is_main_process(), log)
+    scalars = ScalarLog(run_dir, config.tensorboard and distributed.is_main_process())
     for epoch in range(state.epoch, config.epochs):
         record: dict = {"epoch": epoch}
         recluster = state.previous is None or epoch % config.reassign_every == 0
