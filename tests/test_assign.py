@@ -1,6 +1,7 @@
 """`deepcluster assign`: new images into the saved clusters, through the run's own pipeline."""
 
 import csv
+import dataclasses
 import shutil
 
 import numpy as np
@@ -29,14 +30,27 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
-def test_with_the_clustering_weights_assign_reproduces_the_pseudo_labels_exactly(image_folder, tmp_path, monkeypatch):
-    """Skip the training stage, so the saved weights are those the clustering saw: then the
-    features -> saved PCA -> L2 -> nearest saved centroid pipeline must give back the run's
-    own assignments, image for image."""
+def test_assign_on_the_training_images_reproduces_the_final_clustering_exactly(tiny_run, image_folder, tmp_path,
+                                                                               capsys):
+    assert main(["assign", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--data", str(image_folder),
+                 "--out", str(tmp_path), "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert "the final clustering (after epoch 2)" in out and "100.00% get the cluster of assignments/final.npy" in out
+    clusters = np.array([int(r["cluster"]) for r in read_csv(tmp_path / "assignments.csv")])
+    assert np.array_equal(clusters, np.load(tiny_run / "assignments" / "final.npy"))
+    final = load_checkpoint(tiny_run / "checkpoint.pt")["final"]
+    assert final["epoch"] == 2 and np.array_equal(final["assignments"].numpy(), clusters)
+
+
+def test_with_the_clustering_weights_the_last_epoch_clustering_is_reproduced_exactly(image_folder, tmp_path,
+                                                                                      monkeypatch):
+    """Without a final clustering, assign uses the last epoch's. Skip the training stage, so
+    the saved weights are those that clustering saw: then the features -> saved PCA -> L2 ->
+    nearest saved centroid pipeline must give back the run's own assignments, image for image."""
     monkeypatch.setattr(train, "train_one_epoch", lambda model, *args, **kwargs: (0.0, 36))
     config = resolve("small", overrides={"data": str(image_folder), "out_dir": str(tmp_path / "run"), "epochs": 1,
                                          "n_clusters": 6, "workers": 0, "pca_dim": 8, "kmeans_iters": 5,
-                                         "feature_dim": 32, "feature_batch_size": 16})
+                                         "feature_dim": 32, "feature_batch_size": 16, "final_clustering": False})
     train.run(config, log=lambda _: None)
     code = main(["assign", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(image_folder),
                  "--out", str(tmp_path / "out")])
@@ -47,6 +61,13 @@ def test_with_the_clustering_weights_assign_reproduces_the_pseudo_labels_exactly
     assert np.array_equal(np.array([int(r["cluster"]) for r in rows]), expected)
     distances = np.array([float(r["distance"]) for r in rows])
     assert np.all((distances >= 0) & (distances <= 2.0001))
+    assert not load_cluster_model(tmp_path / "run" / "checkpoint.pt").final
+
+    # A finished run without a final clustering gets one from a resume with nothing left to train.
+    lines = []
+    assert train.run(dataclasses.replace(config, final_clustering=True), resume=True, log=lines.append) == []
+    assert lines[-1].startswith("final clustering") and (tmp_path / "run" / "assignments" / "final.npy").is_file()
+    assert load_cluster_model(tmp_path / "run" / "checkpoint.pt").final
 
 
 def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run, image_folder, tmp_path, capsys):
@@ -55,7 +76,7 @@ def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run,
     assert main(["assign", "--checkpoint", str(checkpoint), "--data", str(image_folder), "--out",
                  str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "keep the last epoch's pseudo-label" in out  # same folder as training: agreement reported
+    assert "get the cluster of assignments/final.npy" in out  # same folder as training: agreement reported
     rows = read_csv(tmp_path / "assignments.csv")
     table = pyarrow_parquet.read_table(tmp_path / "assignments.parquet").to_pydict()
     assert table["path"] == [r["path"] for r in rows] and table["cluster"] == [int(r["cluster"]) for r in rows]
@@ -64,7 +85,7 @@ def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run,
 
     # The same steps by hand, from the library: features of the final weights, saved PCA, L2, nearest centroid.
     model, config = train.load_backbone(checkpoint)
-    saved = load_checkpoint(checkpoint)
+    saved = load_checkpoint(checkpoint)["final"]
     features, ok = train.compute_features(model.to(memory_format=torch.channels_last), FolderSource(image_folder),
                                           config, torch.device("cpu"))
     points = (features - saved["pca_mean"].numpy().astype(np.float32)) @ saved["pca_projection"].numpy().astype(np.float32)
@@ -114,7 +135,7 @@ def test_bad_input_is_one_line_and_exit_2(case, message, tiny_run, image_folder,
         extra = ["--format", "xlsx"]
     elif case == "no_clustering":
         saved = load_checkpoint(tiny_run / "checkpoint.pt")
-        for key in ("centroids", "pca_mean", "pca_projection"):
+        for key in ("centroids", "pca_mean", "pca_projection", "final"):
             saved.pop(key)
         saved.pop("format_version")
         save_checkpoint(tmp_path / "early.pt", saved)

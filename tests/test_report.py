@@ -125,6 +125,7 @@ def test_report_of_a_tiny_run_is_one_self_contained_page(tiny_run, tmp_path, cap
     assert not re.search(r'(src|href)="(?!data:|#)', html)  # nothing fetched: no file, no URL
     assert "<link" not in html and "<script src" not in html and "@import" not in html
     assert html.count('class="card"') == 4 and "purity" in html and "majority" in html
+    assert "of the final clustering (trained network after epoch 2)" in html and "final clustering" in html
     assert len(re.findall(r'class="unit"', html)) == 3
     assert len(html.encode()) < 2_000_000
 

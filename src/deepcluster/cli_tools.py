@@ -251,8 +251,11 @@ def cmd_assign(args: argparse.Namespace) -> int:
     cluster_model = load_cluster_model(args.checkpoint)
     source = FolderSource(args.data)
     out_dir = _out_dir(args.out_dir)
-    print(f"deepcluster assign: {len(source)} images, {cluster_model.n_clusters} clusters of epoch "
-          f"{cluster_model.epoch}, {cluster_model.config.arch}, device {device}", flush=True)
+    which = (f"the final clustering (after epoch {cluster_model.epoch})" if cluster_model.final else
+             f"the clustering epoch {cluster_model.epoch} trained on (no final clustering saved: centroids older "
+             "than the weights by one epoch of training)")
+    print(f"deepcluster assign: {len(source)} images, {cluster_model.n_clusters} clusters of {which}, "
+          f"{cluster_model.config.arch}, device {device}", flush=True)
     assignment = assign_images(cluster_model, source, device, args.batch_size, args.workers)
     written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), args.formats)
     placed = int(assignment.ok.sum())
@@ -266,8 +269,11 @@ def cmd_assign(args: argparse.Namespace) -> int:
             and previous is not None and len(previous) == len(assignment.clusters)):
         both = assignment.ok & (previous >= 0)
         agree = float((assignment.clusters[both] == previous[both]).mean()) if both.any() else float("nan")
-        print(f"these are the run's training images: {100 * agree:.1f}% keep the last epoch's pseudo-label (the "
-              "weights trained one more epoch after that clustering, so features moved)")
+        if cluster_model.final:
+            print(f"these are the run's training images: {100 * agree:.2f}% get the cluster of assignments/final.npy")
+        else:
+            print(f"these are the run's training images: {100 * agree:.1f}% keep the last epoch's pseudo-label (the "
+                  "weights trained one more epoch after that clustering, so features moved)")
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -1,7 +1,7 @@
 """Use a trained run on new images: cluster them without retraining, or extract features.
 
-Assigning an image follows the clustering pipeline of ``train`` step by step, with what the
-checkpoint saved at its last clustering:
+Assigning an image follows the clustering pipeline of ``train`` step by step, with the
+clustering saved in the checkpoint:
 
 1. features: the backbone in eval mode on the centre view (``train.compute_features``, the
    same batches, precision and memory layout as the run);
@@ -9,12 +9,13 @@ checkpoint saved at its last clustering:
 3. L2 normalisation of each row;
 4. the nearest saved centroid (the run's k-means search backend), and its distance.
 
-One caveat, by construction of DeepCluster: the centroids come from the clustering at the
-*start* of the last epoch, and the weights in the checkpoint are those at its *end*, after
-one more epoch of training. On the training images themselves, ``assign`` therefore agrees
-with the last epoch's pseudo-labels only as much as one epoch moves the features (the
-``nmi_prev`` of the log is the same kind of number); with unchanged weights it reproduces
-them exactly (a test checks this).
+Which clustering: a finished run saves a *final clustering* of its trained network
+(``train.add_final_clustering``); its centroids and PCA fit the saved weights, and ``assign``
+on the training images reproduces ``assignments/final.npy`` exactly. Without it (a run
+stopped early, or ``final_clustering: false``) the last epoch's clustering is used, with a
+caveat: it was computed from the weights at the *start* of that epoch, and the checkpoint
+holds those at its *end*; on CIFAR-10 (small recipe, 10 epochs) such stale centroids keep only
+19% of the training images in their cluster and fill 83 of 100 clusters.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class ClusterModel:
             ``(D, d)``).
         centroids: ``(k, d)`` float32 centroids of the last clustering, in the PCA space.
         epoch: epochs the checkpoint has completed.
-        assignments: ``(N,)`` last epoch's pseudo-labels of the training images, or ``None``.
+        assignments: ``(N,)`` labels of the training images under this clustering, or ``None``.
+        final: True for the final clustering (fits the weights), False for the last epoch's.
     """
 
     model: Backbone
@@ -62,6 +64,7 @@ class ClusterModel:
     centroids: np.ndarray
     epoch: int
     assignments: np.ndarray | None
+    final: bool = False
 
     @property
     def n_clusters(self) -> int:
@@ -87,6 +90,11 @@ def load_cluster_model(path: str | Path, device: torch.device | str = "cpu") -> 
     """
     model, config = load_backbone(path)
     saved = load_checkpoint(path)
+    final = saved.get("final")
+    if isinstance(final, dict) and int(final.get("epoch", -1)) == int(saved.get("epoch", 0)):
+        saved = {**final, "epoch": saved.get("epoch", 0)}
+    else:
+        final = None
     missing = [key for key in ("centroids", "pca_mean", "pca_projection") if saved.get(key) is None]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no clustering ({', '.join(missing)} missing); "
@@ -99,7 +107,7 @@ def load_cluster_model(path: str | Path, device: torch.device | str = "cpu") -> 
                               f"{model.feature_dim}")
     previous = saved.get("assignments")
     return ClusterModel(model.to(device), config, pca, centroids, int(saved.get("epoch", 0)),
-                        None if previous is None else previous.numpy().astype(np.int64))
+                        None if previous is None else previous.numpy().astype(np.int64), final is not None)
 
 
 @dataclass

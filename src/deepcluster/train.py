@@ -42,6 +42,7 @@ from deepcluster.scalars import ScalarLog
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+FINAL_NAME = "final.json"  # numbers of the final clustering (assignments/final.npy, checkpoint["final"])
 
 
 def open_source(config: Config) -> ImageSource:
@@ -260,7 +261,8 @@ def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, confi
     return state, saved
 
 
-RESUMABLE = {"epochs", "workers", "threads", "device", "feature_batch_size", "out_dir", "tensorboard"}
+RESUMABLE = {"epochs", "workers", "threads", "device", "feature_batch_size", "out_dir", "tensorboard",
+             "final_clustering"}
 
 
 def check_resume_config(saved: dict, config: Config) -> None:
@@ -307,7 +309,8 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     """Train DeepCluster as ``config`` says; returns the per-epoch records.
 
     Writes into ``config.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per
-    epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``.
+    epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``; after the
+    last epoch, the final clustering (``add_final_clustering``); ``tensorboard/`` scalars.
 
     Raises:
         ConfigError, DataError, CheckpointError: bad settings, data or checkpoint, before
@@ -402,7 +405,65 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
             log(format_line(record, config.epochs))
         records.append(record)
     scalars.close()
+    if config.final_clustering and state.epoch == config.epochs:
+        add_final_clustering(model, source, config, device, state, labels, redo=bool(records), log=log)
     return records
+
+
+def add_final_clustering(model: Backbone, source: ImageSource, config: Config, device: torch.device,
+                         state: RunState, labels: np.ndarray | None, redo: bool = True,
+                         log: Callable[[str], None] = print) -> dict | None:
+    """Cluster the trained network's features once more and store it with the checkpoint.
+
+    The clustering an epoch trains on comes from the weights at the *start* of that epoch,
+    so the last epoch's centroids do not fit the weights saved at its end (on CIFAR-10 the
+    saved centroids then keep only a fifth of the images in their cluster). The final
+    clustering (same pipeline: features, a fresh PCA-whitening, k-means) fits the saved
+    weights exactly: ``deepcluster assign`` uses it, and on the training images reproduces
+    ``assignments/final.npy``. Stored as ``checkpoint["final"]`` (centroids, PCA, assignments)
+    and ``RUN/final.json`` (its numbers); ``log.jsonl`` keeps one record per epoch only.
+
+    Args:
+        redo: when False, an existing final clustering of the same epoch is kept (a resume
+            with nothing left to train only adds a missing one).
+
+    Returns:
+        The numbers written to ``final.json``, or None when kept.
+    """
+    checkpoint_path = config.run_dir / CHECKPOINT_NAME
+    saved = load_checkpoint(checkpoint_path)
+    if not redo and saved.get("final") is not None and int(saved["final"]["epoch"]) == state.epoch:
+        return None
+    start = time.perf_counter()
+    features, ok = compute_features(model, source, config, device)
+    time_features = time.perf_counter() - start
+    final = cluster_features(features, ok, config, derived_seed(config.seed, state.epoch, 0))
+    del features
+    sizes = cluster_sizes(final.assignments, final.n_clusters)
+    summary = {"epoch": state.epoch, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
+               "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
+               "nmi_last_epoch": None if state.previous is None else nmi(state.previous, final.assignments),
+               **label_scores(final.assignments, labels), "time_features": time_features,
+               "time_clustering": final.time_pca + final.time_kmeans}
+    if distributed.is_main_process():
+        np.save(config.run_dir / "assignments" / "final.npy", final.assignments.astype(np.int32), allow_pickle=False)
+        saved.pop("format_version", None)
+        saved["final"] = {"epoch": state.epoch, "centroids": torch.from_numpy(final.centroids),
+                          "pca_mean": torch.from_numpy(final.pca.mean),
+                          "pca_projection": torch.from_numpy(final.pca.projection),
+                          "assignments": torch.from_numpy(final.assignments)}
+        save_checkpoint(checkpoint_path, saved)
+        (config.run_dir / FINAL_NAME).write_text(json.dumps(summary) + "\n")
+        parts = [f"final clustering of the trained network: {sizes.n_nonempty} clusters "
+                 f"(largest {100 * sizes.largest_share:.1f}%)"]
+        if summary["nmi_last_epoch"] is not None:
+            parts.append(f"nmi with epoch {state.epoch}'s {summary['nmi_last_epoch']:.3f}")
+        if "nmi_labels" in summary:
+            parts.append(f"nmi {summary['nmi_labels']:.3f} acc {summary['acc_labels']:.3f} "
+                         f"ari {summary['ari_labels']:.3f}")
+        parts.append(f"time {time_features + summary['time_clustering']:.1f}s")
+        log("  ".join(parts))
+    return summary
 
 
 def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
@@ -420,5 +481,5 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
     return model.eval(), config
 
 
-__all__ = ["Clustering", "cluster_features", "compute_features", "load_backbone", "open_source", "run",
+__all__ = ["Clustering", "add_final_clustering", "cluster_features", "compute_features", "load_backbone", "open_source", "run",
            "train_one_epoch", "CheckpointError"]

@@ -33,7 +33,8 @@ class ReportSettings:
     """Limits and choices of the report (the command line's options).
 
     Attributes:
-        epoch: 0-based epoch whose clustering is shown; ``None`` = the last one saved.
+        epoch: 0-based epoch whose clustering is shown; ``None`` = the final clustering of the
+            trained network when the run saved one, else the last epoch's.
         max_clusters: clusters shown in the grid (largest, and with labels also purest).
         images_per_cluster: random sample of each shown cluster.
         thumb_size: thumbnail side in pixels (larger images are reduced).
@@ -132,6 +133,15 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
         total = sum(float(r.get(k) or 0.0) for r in run.records
                     for k in ("time_features", "time_clustering", "time_training"))
         rows.append(("training time", f"{total / 60:.1f} min"))
+    final = run.final or {}
+    if final:
+        parts = [f"{final.get('n_nonempty', '?')} clusters"]
+        if isinstance(final.get("nmi_last_epoch"), (int, float)):
+            parts.append(f"NMI with the last epoch's {final['nmi_last_epoch']:.3f}")
+        for key, name in (("nmi_labels", "NMI"), ("acc_labels", "ACC"), ("ari_labels", "ARI")):
+            if isinstance(final.get(key), (int, float)):
+                parts.append(f"{name} {final[key]:.3f}")
+        rows.append(("final clustering", ", ".join(parts)))
     return rows
 
 
@@ -143,16 +153,17 @@ def _curves_section(run: RunData) -> str:
                                           for f in figures) + "</div>"
 
 
-def _clusters_section(run: RunData, epoch: int, settings: ReportSettings) -> tuple[str, int, int]:
-    """HTML of the cluster section; also the number of clusters and thumbnails shown."""
-    assignments = run.assignments(epoch)
+def _clusters_section(run: RunData, assignments: np.ndarray, which: str, settings: ReportSettings
+                      ) -> tuple[str, int, int]:
+    """HTML of the cluster section for ``assignments`` (described by ``which``); also the
+    number of clusters and thumbnails shown."""
     labels = run.labels if run.source is not None and run.labels is not None and len(run.labels) == len(assignments) \
         else None
     summaries = summarize_clusters(assignments, labels)
     n_clusters = max(int(assignments.max()) + 1, run.config.n_clusters if run.config.clustering == "kmeans" else 0)
     stats = size_statistics(summaries, n_clusters)
     sizes = np.array([s.size for s in summaries])
-    distribution = size_distribution(sizes, n_clusters, epoch + 1)
+    distribution = size_distribution(sizes, n_clusters, which)
     parts = ['<div class="figs">', page.figure_html(page.png_uri_bytes(distribution.png), distribution.title,
                                                     distribution.caption, wide=True), "</div>"]
     if stats.get("nonempty"):
@@ -181,12 +192,11 @@ def _clusters_section(run: RunData, epoch: int, settings: ReportSettings) -> tup
         thumbs += len(pictures)
         majority = None if summary.majority is None or not names else names[summary.majority]
         cards.append(page.ClusterCard(summary.cluster, summary.size, majority, summary.purity, pictures))
-    which = (f"the {len(shown)} largest" if labels is None else
-             f"{len(shown)} clusters: the largest and the purest (purity: share of the majority class; "
-             f"clusters of at least {min_size} images)")
-    parts.append(f'<p class="hint">Showing {which} of {len(summaries):,} non-empty clusters, '
-                 f'{settings.images_per_cluster} random images each, at epoch {epoch + 1} (the clustering that '
-                 'epoch trained on). Hover an image for its file name.</p>')
+    chosen = (f"the {len(shown)} largest" if labels is None else
+              f"{len(shown)} clusters: the largest and the purest (purity: share of the majority class; "
+              f"clusters of at least {min_size} images)")
+    parts.append(f'<p class="hint">Showing {chosen} of {len(summaries):,} non-empty clusters of {which}, '
+                 f'{settings.images_per_cluster} random images each. Hover an image for its file name.</p>')
     controls = ['<div class="controls"><span>Sort:</span><button data-sort="size" class="on">largest first</button>']
     if labels is not None:
         controls.append('<button data-sort="purity">purest first</button>')
@@ -301,13 +311,21 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
     epochs_done = len(run.records)
     sections = [("curves", "Training curves", _curves_section(run))]
     clusters_shown = thumbnails = 0
-    if run.assignment_files:
+    if settings.epoch is None and run.final_file is not None:
+        assignments = np.load(run.final_file, allow_pickle=False).astype(np.int64)
+        which = f"the final clustering (trained network after epoch {epochs_done})"
+    elif run.assignment_files:
         epoch = max(run.assignment_files) if settings.epoch is None else settings.epoch
         if epoch not in run.assignment_files:
             saved = sorted(run.assignment_files)
             raise ConfigError(f"--epoch {epoch + 1} has no saved assignments; this run has epochs "
                               f"{saved[0] + 1} to {saved[-1] + 1}")
-        html, clusters_shown, thumbnails = _clusters_section(run, epoch, settings)
+        assignments = run.assignments(epoch)
+        which = f"epoch {epoch + 1} (the clustering that epoch trained on)"
+    else:
+        assignments, which = None, ""
+    if assignments is not None:
+        html, clusters_shown, thumbnails = _clusters_section(run, assignments, which, settings)
         sections.append(("clusters", "Clusters", html))
     else:
         notes.append("clusters not shown: the run folder has no assignments yet")

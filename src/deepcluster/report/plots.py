@@ -146,13 +146,13 @@ def time_figure(records: list[dict[str, Any]]) -> Figure | None:
                   "over plain training", _png(figure))
 
 
-def size_distribution(sizes: np.ndarray, n_clusters: int, epoch: int) -> Figure:
+def size_distribution(sizes: np.ndarray, n_clusters: int, which: str) -> Figure:
     """Cluster sizes sorted from largest to smallest (log scale), with the uniform size marked.
 
     Args:
         sizes: ``(n_nonempty,)`` sizes of the non-empty clusters.
         n_clusters: k (empty clusters count in the uniform reference).
-        epoch: 1-based epoch of the assignment, for the title.
+        which: the clustering shown ("epoch 3 (...)", "the final clustering (...)").
     """
     plt = _pyplot()
     figure, (ranked, histogram) = plt.subplots(1, 2, figsize=(2 * WIDTH, HEIGHT))
@@ -170,8 +170,9 @@ def size_distribution(sizes: np.ndarray, n_clusters: int, epoch: int) -> Figure:
     histogram.set_xlabel("cluster size (images)")
     histogram.set_ylabel("clusters")
     histogram.grid(alpha=0.3)
-    return Figure(f"Cluster sizes at epoch {epoch}",
-                  f"{len(ordered)} non-empty of {n_clusters} clusters; the dashed line is the size if all were equal",
+    return Figure("Cluster sizes",
+                  f"{which}: {len(ordered)} non-empty of {n_clusters} clusters; the dashed line is the size if all "
+                  "were equal",
                   _png(figure))
 
 

@@ -27,6 +27,8 @@ class RunData:
         assignment_files: 0-based epoch -> path of its ``assignments/epoch_NNNN.npy``.
         source: the run's images, or ``None`` when they cannot be opened now.
         notes: why parts of the page are missing (data moved, sizes differ, ...).
+        final_file: ``assignments/final.npy``, the final clustering of the trained network, if any.
+        final: its numbers (``final.json``), if any.
     """
 
     run_dir: Path
@@ -35,6 +37,8 @@ class RunData:
     assignment_files: dict[int, Path]
     source: ImageSource | None
     notes: list[str] = field(default_factory=list)
+    final_file: Path | None = None
+    final: dict[str, Any] | None = None
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -108,6 +112,13 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
             if match:
                 files[int(match.group(1))] = path
     notes: list[str] = []
+    final_file = folder / "final.npy"
+    final = None
+    if (run_dir / "final.json").is_file():
+        try:
+            final = json.loads((run_dir / "final.json").read_text())
+        except (json.JSONDecodeError, OSError):
+            final = None
     source: ImageSource | None
     try:
         source = open_images(config, data)
@@ -115,12 +126,13 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
         source = None
         notes.append(f"images not shown: {error} (pass --data FOLDER if they moved)")
     if source is not None and files:
-        n_assigned = len(np.load(files[max(files)], mmap_mode="r", allow_pickle=False))
+        n_assigned = len(np.load(final_file if final_file.is_file() else files[max(files)], mmap_mode="r",
+                                 allow_pickle=False))
         if n_assigned != len(source):
             notes.append(f"images not shown: the folder now holds {len(source)} readable images but the run "
                          f"assigned {n_assigned}; pass --data with the folder the run was trained on")
             source = None
-    return RunData(run_dir, config, records, files, source, notes)
+    return RunData(run_dir, config, records, files, source, notes, final_file if final_file.is_file() else None, final)
 
 
 __all__ = ["RunData", "load_run", "open_images", "read_log"]
