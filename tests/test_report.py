@@ -19,6 +19,7 @@ from deepcluster.report.visuals import (AscentSettings, ascend, effective_first_
                                         forward_to, gradient_ascent, pick_filters)
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = torch.get_num_threads()
 FAST = ["--activation-sample", "36", "--ascent-steps", "10", "--n-filters", "3", "--top-images", "4",
         "--device", "cpu", "--threads", "1"]
 
@@ -77,6 +78,7 @@ def test_sobel_first_filters_are_what_the_first_layer_applies_to_the_grey_image(
 
 
 def test_gradient_ascent_excites_its_filter_quickly():
+    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (restored after the test)
     torch.manual_seed(0)
     model = create_model("smallnet", sobel=True).eval()
     filters, mean, std = [0, 5, 9], (0.5,) * 3, (0.25,) * 3
@@ -110,12 +112,18 @@ def page_images(html):
     return re.findall(r'<img src="([^"]*)"', html)
 
 
-def test_report_of_a_tiny_run_is_one_self_contained_page(tiny_run, tmp_path, capsys):
-    out = tmp_path / "report"
+@pytest.fixture(scope="module")
+def tiny_report(tiny_run, tmp_path_factory):
+    """The report page of ``tiny_run``, built once for the tests that only read it."""
+    out = tmp_path_factory.mktemp("report")
     assert main(["report", str(tiny_run), "--out", str(out), "--max-clusters", "4", "--images-per-cluster", "3"]
                 + FAST) == 0
-    assert "report:" in capsys.readouterr().out
-    html = (out / "index.html").read_text()
+    torch.set_num_threads(THREADS)
+    return out / "index.html"
+
+
+def test_report_of_a_tiny_run_is_one_self_contained_page(tiny_report):
+    html = tiny_report.read_text()
     for anchor in ("curves", "clusters", "conv1", "units"):
         assert f'id="{anchor}"' in html
     for title in ("Clustering objective", "Training loss", "NMI(t-1, t)", "Against the true labels", "Cluster sizes"):
@@ -162,11 +170,9 @@ def test_report_of_a_folder_that_is_not_a_run_exits_2(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="Chromium is not installed (apt-get install chromium); the page is not rendered")
-def test_the_page_renders_in_headless_chromium(tiny_run, tmp_path):
-    out = tmp_path / "report"
-    assert main(["report", str(tiny_run), "--out", str(out)] + FAST) == 0
+def test_the_page_renders_in_headless_chromium(tiny_report, tmp_path):
     shot = tmp_path / "shot.png"
-    result = subprocess.run([str(ROOT / "scripts" / "screenshot_report.sh"), str(out / "index.html"), str(shot),
+    result = subprocess.run([str(ROOT / "scripts" / "screenshot_report.sh"), str(tiny_report), str(shot),
                              "1200", "1600"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
@@ -175,3 +181,19 @@ def test_the_page_renders_in_headless_chromium(tiny_run, tmp_path):
     # The plots are drawn: some columns in the upper part carry the blue of the curves.
     blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 80) & (pixels[..., 1] > 80) & (pixels[..., 1] < 150)
     assert blue.sum() > 200
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Chromium is not installed (apt-get install chromium); the page's script is not run")
+def test_the_page_script_sorts_and_filters_clusters_in_chromium(tiny_report, tmp_path):
+    profile = tmp_path / "profile"
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--dump-dom", f"file://{tiny_report}#sort=purity"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-500:]
+    cards = re.findall(r'<div class="card( hidden)?" data-size="(\d+)" data-purity="([\d.]+)"', result.stdout)
+    purities = [float(p) for _, _, p in cards]
+    assert len(cards) >= 2 and purities == sorted(purities, reverse=True)  # the script re-ordered the grid
+    assert re.search(r"showing \d+ of \d+ clusters", result.stdout)

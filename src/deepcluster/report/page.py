@@ -125,6 +125,15 @@ SCRIPT = """
   var pageSize = parseInt(grid.getAttribute('data-page'), 10) || 24;
   var shown = pageSize, key = 'size', wanted = '';
   var more = document.getElementById('more'), count = document.getElementById('count');
+  // The view can be linked: index.html#sort=purity&class=cat
+  location.hash.replace(/^#/, '').split('&').forEach(function (pair) {
+    var kv = pair.split('=');
+    if (kv[0] === 'sort' && (kv[1] === 'size' || kv[1] === 'purity')) key = kv[1];
+    if (kv[0] === 'class') wanted = decodeURIComponent(kv[1] || '');
+  });
+  document.querySelectorAll('button[data-sort]').forEach(function (b) {
+    b.classList.toggle('on', b.getAttribute('data-sort') === key);
+  });
   function render() {
     cards.sort(function (a, b) {
       var d = parseFloat(b.dataset[key]) - parseFloat(a.dataset[key]);
@@ -150,6 +159,7 @@ SCRIPT = """
     });
   });
   var select = document.getElementById('class-filter');
+  if (select) select.value = wanted;
   if (select) select.addEventListener('change', function () { wanted = select.value; shown = pageSize; render(); });
   more.addEventListener('click', function () { shown += pageSize; render(); });
   render();
