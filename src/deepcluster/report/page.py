@@ -37,10 +37,13 @@ def thumbnail_uri(image: Image.Image, size: int, quality: int = 80) -> str:
     """A square JPEG thumbnail (shorter side to ``size`` if larger, centre crop) as a data URI.
 
     Images smaller than ``size`` keep their pixels; the page enlarges them without smoothing.
+    Tiny ones (under 16 px, e.g. the 8x8 digits) are PNG: JPEG blocks would blur every pixel.
     """
     image = image.convert("RGB")
     side = min(size, *image.size)
     square = center_crop(resize_shorter(image, side), side)
+    if side < 16:
+        return png_uri(square)
     buffer = io.BytesIO()
     square.save(buffer, format="JPEG", quality=quality, optimize=True)
     return data_uri(buffer.getvalue(), "image/jpeg")
