@@ -88,7 +88,8 @@ def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run,
     saved = load_checkpoint(checkpoint)["final"]
     features, ok = train.compute_features(model.to(memory_format=torch.channels_last), FolderSource(image_folder),
                                           config, torch.device("cpu"))
-    points = (features - saved["pca_mean"].numpy().astype(np.float32)) @ saved["pca_projection"].numpy().astype(np.float32)
+    mean, projection = saved["pca_mean"].numpy(), saved["pca_projection"].numpy()
+    points = (features - mean.astype(np.float32)) @ projection.astype(np.float32)
     by_hand = predict(l2_normalize(points), saved["centroids"].numpy(), backend="faiss")
     assert ok.all() and np.array_equal(by_hand, table["cluster"])
 

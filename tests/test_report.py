@@ -85,7 +85,8 @@ def test_gradient_ascent_excites_its_filter_quickly():
 
     def response(pixels):
         with torch.no_grad():
-            return forward_to(model, (pixels - 0.5) / 0.25, "conv4", before_relu=True)[range(3), filters].mean(dim=(1, 2))
+            maps = forward_to(model, (pixels - 0.5) / 0.25, "conv4", before_relu=True)
+            return maps[range(3), filters].mean(dim=(1, 2))
 
     start = time.perf_counter()
     pixels = ascend(model, "conv4", filters, mean, std, AscentSettings(size=32, steps=30))

@@ -40,7 +40,8 @@ def _formats(text: str) -> tuple[str, ...]:
 
 
 def _common(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str) -> None:
-    parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a GPU when present), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int, default=batch_default, help=batch_help)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -139,8 +140,8 @@ def _setup(args: argparse.Namespace):
     for name in ("batch_size", "workers"):
         value = getattr(args, name, None)
         if value is not None and value < (1 if name == "batch_size" else 0):
-            raise ConfigError(f"--{name.replace('_', '-')} must be {'positive' if name == 'batch_size' else '0 or more'}, "
-                              f"got {value}")
+            wanted = "positive" if name == "batch_size" else "0 or more"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
     if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
         raise ConfigError(f"--device is {args.device!r}; choose auto, cpu, cuda or cuda:N")
     return resolve_device(args.device)

@@ -481,5 +481,6 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
     return model.eval(), config
 
 
-__all__ = ["Clustering", "add_final_clustering", "cluster_features", "compute_features", "load_backbone", "open_source", "run",
+__all__ = ["Clustering", "add_final_clustering", "cluster_features", "compute_features", "load_backbone", "open_source",
+           "run",
            "train_one_epoch", "CheckpointError"]

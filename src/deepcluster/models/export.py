@@ -107,7 +107,8 @@ def read_backbone_metadata(path: str | Path) -> BackboneMetadata:
         with safe_open(str(path), framework="pt") as handle:
             values = handle.metadata() or {}
     except Exception as error:  # noqa: BLE001 - any parse failure means the same to the user
-        raise ExportError(f"{str(path)!r} is not a readable safetensors file ({str(error).splitlines()[0][:200]})") from None
+        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise ExportError(f"{str(path)!r} is not a readable safetensors file ({detail})") from None
     return BackboneMetadata.from_strings(values, repr(str(path)))
 
 

@@ -212,7 +212,8 @@ def _clusters_section(run: RunData, assignments: np.ndarray, which: str, setting
     return "".join(parts), len(shown), thumbs
 
 
-def _filters_sections(run: RunData, settings: ReportSettings, notes: list[str]) -> tuple[list[tuple[str, str, str]], int]:
+def _filters_sections(run: RunData, settings: ReportSettings,
+                      notes: list[str]) -> tuple[list[tuple[str, str, str]], int]:
     """The first-layer filters and the chosen layer's filters (top images, gradient ascent)."""
     from deepcluster.report import visuals
     from deepcluster.train import load_backbone
@@ -337,7 +338,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
         f"DeepCluster report: {name}", f"run folder {Path(run_dir).resolve()}",
         _summary_rows(run, epochs_done), sections, notes,
         f"Made by deepcluster {_version()} on {time.strftime('%Y-%m-%d %H:%M')}"
-        + (f" with: {command}" if command else "") + ". Self-contained: no file or network access is needed to view it.",
+        + (f" with: {command}" if command else "")
+        + ". Self-contained: no file or network access is needed to view it.",
         thumb_px=max(48, min(settings.thumb_size, 96)))
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,8 @@ def summarize_clusters(assignments: np.ndarray, labels: np.ndarray | None = None
                            None if purity is None else float(purity[c])) for c in order]
 
 
-def choose_clusters(summaries: list[ClusterSummary], max_clusters: int, min_size_for_purity: int = 1) -> list[ClusterSummary]:
+def choose_clusters(summaries: list[ClusterSummary], max_clusters: int,
+                    min_size_for_purity: int = 1) -> list[ClusterSummary]:
     """At most ``max_clusters`` clusters to show: the largest, and with labels also the purest.
 
     Without labels: the ``max_clusters`` largest. With labels: half the places go to the
@@ -83,7 +84,8 @@ def choose_clusters(summaries: list[ClusterSummary], max_clusters: int, min_size
     return sorted(chosen.values(), key=lambda s: (-s.size, s.cluster))
 
 
-def sample_members(assignments: np.ndarray, clusters: list[int], per_cluster: int, seed: int = 0) -> dict[int, np.ndarray]:
+def sample_members(assignments: np.ndarray, clusters: list[int], per_cluster: int,
+                   seed: int = 0) -> dict[int, np.ndarray]:
     """Up to ``per_cluster`` image indices of each cluster, drawn uniformly without
     replacement (seeded), in increasing index order.
 

@@ -186,13 +186,17 @@ def card_html(card: ClusterCard) -> str:
                  f'{100 * card.purity:.0f}%</span></div><div class="bar"><span style="width:{100 * card.purity:.1f}%">'
                  f'</span></div>')
     thumbs = "".join(f'<img src="{t.uri}" title="{esc(t.title)}" alt="">' for t in card.thumbs)
-    return (f'<div class="card" data-size="{card.size}" data-purity="{purity:.6f}" data-cls="{esc(card.majority or "")}">'
+    majority = esc(card.majority or "")
+    return (f'<div class="card" data-size="{card.size}" data-purity="{purity:.6f}" data-cls="{majority}">'
             f'<div class="head">{head}</div>{label}<div class="thumbs">{thumbs}</div></div>')
 
 
 def unit_html(row: FilterRow) -> str:
-    ascent = (f'<div class="ascent"><img src="{row.ascent_uri}" alt="gradient ascent of filter {row.channel}">'
-              f'<br>filter {row.channel}</div>') if row.ascent_uri else f'<div class="ascent">filter {row.channel}</div>'
+    if row.ascent_uri:
+        ascent = (f'<div class="ascent"><img src="{row.ascent_uri}" alt="gradient ascent of filter {row.channel}">'
+                  f"<br>filter {row.channel}</div>")
+    else:
+        ascent = f'<div class="ascent">filter {row.channel}</div>'
     tops = "".join(f'<img src="{t.uri}" title="{esc(t.title)}" alt="">' for t in row.top)
     return f'<div class="unit">{ascent}<div class="tops">{tops}</div></div>'
 
@@ -212,7 +216,8 @@ def page_html(title: str, subtitle: str, summary: list[tuple[str, str]], section
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in summary)
     nav = "".join(f'<a href="#{anchor}">{esc(heading)}</a>' for anchor, heading, _ in sections)
     remarks = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
-    body = "".join(f'<section id="{anchor}"><h2>{esc(heading)}</h2>{inner}</section>' for anchor, heading, inner in sections)
+    body = "".join(f'<section id="{anchor}"><h2>{esc(heading)}</h2>{inner}</section>'
+                   for anchor, heading, inner in sections)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{esc(title)}</title><style>{STYLE}:root {{ --thumb:{thumb_px}px; }}</style></head><body>"
