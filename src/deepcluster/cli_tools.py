@@ -62,7 +62,8 @@ def add_tool_parsers(subparsers: Any) -> None:
     report.add_argument("--out", dest="out_dir", help="folder for index.html (default: RUN_DIR/report)")
     report.add_argument("--data", help="image folder, if it moved since training (default: the run's)")
     report.add_argument("--epoch", type=int, default=None,
-                        help="epoch whose clustering is shown, counted from 1 as the terminal does (default: last)")
+                        help="epoch whose clustering is shown, counted from 1 as the terminal does (default: the final "
+                             "clustering when the run saved one, else the last epoch)")
     report.add_argument("--max-clusters", type=int, default=defaults.max_clusters,
                         help=f"clusters in the grid: the largest and, with labels, the purest (default "
                              f"{defaults.max_clusters}); bounds the page size at any k")

@@ -94,9 +94,8 @@ class Progress:
         rate = self.count / elapsed if elapsed > 0 else 0.0
         if self.total:
             share = min(self.count / self.total, 1.0)
-            remaining = (self.total - self.count) / rate if rate > 0 else 0.0
-            counts = (f"{self.count}/{self.total} {100 * share:3.0f}% {rate:.1f} {self.unit}/s "
-                      f"eta {_duration(remaining)}")
+            eta = _duration((self.total - self.count) / rate) if rate > 0 else "?"
+            counts = f"{self.count}/{self.total} {100 * share:3.0f}% {rate:.1f} {self.unit}/s eta {eta}"
         else:
             share = None
             counts = f"{self.count} {rate:.1f} {self.unit}/s {_duration(elapsed)}" if self.count else _duration(elapsed)
