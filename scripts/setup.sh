@@ -12,5 +12,5 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet torch==2.13.0
 fi
-.venv/bin/pip install --quiet -e ".[test]"
+.venv/bin/pip install --quiet -e ".[test,tools]"
 .venv/bin/python -c "import torch, faiss, deepcluster; print(f'deepcluster {deepcluster.__version__} ready: torch {torch.__version__}, faiss {faiss.__version__}')"

@@ -94,3 +94,18 @@ def permissions_enforced(tmp_path_factory) -> bool:
     finally:
         probe.chmod(0o600)
     return False
+
+
+@pytest.fixture(scope="session")
+def tiny_run(image_folder, tmp_path_factory) -> Path:
+    """A finished two-epoch run on ``image_folder`` (small recipe, k = 6): run folder with
+    log, assignments, checkpoint and TensorBoard scalars. Shared; tests must not modify it."""
+    from deepcluster.config import resolve
+    from deepcluster.train import run
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    config = resolve("small", overrides={
+        "data": str(image_folder), "out_dir": str(out), "n_clusters": 6, "epochs": 2, "batch_size": 8,
+        "feature_batch_size": 16, "workers": 0, "pca_dim": 8, "kmeans_iters": 5, "feature_dim": 32})
+    run(config, log=lambda _: None)
+    return out

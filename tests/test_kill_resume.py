@@ -59,7 +59,7 @@ def log_records(run: Path) -> list[dict]:
 def assert_same_run(run: Path, reference: Path) -> None:
     """Bit-for-bit equal assignments, weights and optimiser state; the same log but for timings."""
     names = sorted(p.name for p in (reference / "assignments").glob("*.npy"))
-    assert names == [f"epoch_{e:04d}.npy" for e in range(EPOCHS)]
+    assert names == [f"epoch_{e:04d}.npy" for e in range(EPOCHS)] + ["final.npy"]
     assert sorted(p.name for p in (run / "assignments").iterdir()) == names
     for name in names:
         assert (run / "assignments" / name).read_bytes() == (reference / "assignments" / name).read_bytes(), name
@@ -72,6 +72,8 @@ def assert_same_run(run: Path, reference: Path) -> None:
         assert torch.equal(ours["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
     assert torch.equal(ours["torch_rng"], theirs["torch_rng"])
     assert torch.equal(ours["assignments"], theirs["assignments"])
+    for key, value in theirs["final"].items():  # the clustering of the trained weights
+        assert torch.equal(ours["final"][key], value) if torch.is_tensor(value) else ours["final"][key] == value, key
     records, expected = log_records(run), log_records(reference)
     assert [r["epoch"] for r in records] == list(range(EPOCHS))
     for record, want in zip(records, expected):
@@ -191,7 +193,7 @@ def test_resume_cleans_up_what_a_kill_can_leave(records_in_checkpoint, cli, imag
     assert code == 0, err
     assert "removed 2 temporary file(s)" in out
     assert temp_files(run) == []
-    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0000.npy", "epoch_0001.npy"]
+    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0000.npy", "epoch_0001.npy", "final.npy"]
     lines = (run / "log.jsonl").read_text().splitlines()
     assert lines[0] == first.strip() and [json.loads(line)["epoch"] for line in lines] == [0, 1]
     saved = torch.load(run / "checkpoint.pt", weights_only=True)

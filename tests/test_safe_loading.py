@@ -47,6 +47,7 @@ def copy_run(good_run: Path, tmp_path: Path) -> Path:
     (run / "assignments").mkdir(parents=True)
     for path in good_run.rglob("*"):
         if path.is_file():
+            (run / path.relative_to(good_run)).parent.mkdir(parents=True, exist_ok=True)
             (run / path.relative_to(good_run)).write_bytes(path.read_bytes())
     return run
 

@@ -22,7 +22,8 @@ def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folde
     config = tiny_config(image_folder, tmp_path / "full")
     lines = []
     records = run(config, log=lines.append)
-    assert len(records) == 2 and len(lines) == 3  # header + one line per epoch
+    assert len(records) == 2 and len(lines) == 4  # header, one line per epoch, the final clustering
+    assert lines[-1].startswith("final clustering of the trained network")
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]
     for key in ("clustering_objective", "n_split", "largest_cluster_share", "n_nonempty", "train_loss",

@@ -2,6 +2,7 @@
 
     deepcluster train [--recipe NAME] [--config FILE] [--data FOLDER] [--out DIR]
                       [--resume] [--KEY VALUE ...]
+    deepcluster eval | report | assign | features | export ...   (``cli_eval``, ``cli_tools``)
 
 Any setting of ``deepcluster.config.Config`` can be given as ``--key value`` (dashes or
 underscores).
@@ -79,6 +80,9 @@ def build_parser() -> Parser:
     from deepcluster.cli_eval import add_eval_parser
 
     add_eval_parser(commands)
+    from deepcluster.cli_tools import add_tool_parsers
+
+    add_tool_parsers(commands)
     return parser
 
 
@@ -104,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deepcluster.data import DataError
     from deepcluster.health import TrainingDiverged
     from deepcluster.runfolder import RunFolderError
+    from deepcluster.progress import erase_bars
 
     parser = build_parser()
     try:
@@ -117,17 +122,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from deepcluster.cli_eval import cmd_eval
 
             return cmd_eval(parser.parse_args(argv))  # strict parse: unknown options are an error
+        from deepcluster.cli_tools import COMMANDS, run_tool
+
+        if args.command in COMMANDS:
+            return run_tool(parser.parse_args(argv), sys.argv[1:] if argv is None else argv)
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
+        erase_bars()
         print(f"deepcluster: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as error:
+        erase_bars()
         print(f"deepcluster: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
     except RunFolderError as error:
+        erase_bars()
         print(f"deepcluster: error: {error}", file=sys.stderr)
         return EXIT_WRITE
     except KeyboardInterrupt:
+        erase_bars()
         print("deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)", file=sys.stderr)
         return 130
 

@@ -73,6 +73,10 @@ class Config:
     workers: int = 2  # data-loading processes (0 = load in the main process)
     feature_batch_size: int = 256
     threads: int | None = None  # torch CPU threads; None = torch's default
+    tensorboard: bool = True  # also write the per-epoch scalars to RUN/tensorboard (when installed)
+    # After the last epoch, cluster the trained network's features once more so the saved
+    # centroids fit the saved weights (what `deepcluster assign` uses). Not in the paper.
+    final_clustering: bool = True
 
     @property
     def run_dir(self) -> Path:

@@ -138,6 +138,10 @@ def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[st
             match = _ASSIGNMENTS_FILE.fullmatch(stale.name)
             if match and int(match.group(1)) >= completed:
                 stale.unlink()
+        if completed < config.epochs:
+            # Epochs are left to train: a final clustering of the current weights is outdated.
+            for stale in (assignments_dir / FINAL_ASSIGNMENTS, run_dir / FINAL_SUMMARY):
+                stale.unlink(missing_ok=True)
     except OSError as error:
         raise write_failure("the run folder", run_dir, error) from None
     for name, payload in ((CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False)),
@@ -202,6 +206,29 @@ def commit_epoch(run_dir: Path, epoch: int, assignments: np.ndarray, skipped: di
                                                 "continue") from None
 
 
+FINAL_ASSIGNMENTS = "final.npy"  # in ASSIGNMENTS_DIR
+FINAL_SUMMARY = "final.json"
+
+
+def save_final(run_dir: Path, assignments: np.ndarray, checkpoint: dict[str, Any], summary: str) -> None:
+    """Write the final clustering: ``assignments/final.npy``, the checkpoint that holds it,
+    then its summary; each atomically.
+
+    Raises:
+        RunFolderError: naming the file that could not be written; the trained checkpoint
+            is kept (a resume with nothing left to train retries the final clustering).
+    """
+    path = run_dir / ASSIGNMENTS_DIR / FINAL_ASSIGNMENTS
+    try:
+        save_assignments(path, assignments)
+        path = run_dir / CHECKPOINT_NAME
+        save_checkpoint(path, checkpoint)
+        path = run_dir / FINAL_SUMMARY
+        atomic_write_bytes(path, summary.encode())
+    except OSError as error:
+        raise write_failure("final clustering", path, error, "the trained checkpoint is kept; --resume retries it") from None
+
+
 __all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "LOG_NAME", "RunFolderError", "SKIPPED_NAME", "commit_epoch",
-           "json_record", "prepare", "read_log", "records_from_log", "save_assignments", "skipped_text", "started_run",
+           "json_record", "prepare", "save_final", "read_log", "records_from_log", "save_assignments", "skipped_text", "started_run",
            "write_skipped"]

@@ -14,6 +14,7 @@ Each epoch:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,11 @@ from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
+from deepcluster.progress import Progress, track
 from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME  # noqa: F401 - LOG_NAME: formerly defined here
+from deepcluster.scalars import ScalarLog
+
+FINAL_NAME = runfolder.FINAL_SUMMARY  # numbers of the final clustering (assignments/final.npy, checkpoint["final"])
 
 
 def open_source(config: Config) -> ImageSource:
@@ -93,7 +98,7 @@ def compute_features(model: Backbone, source: ImageSource, config: Config,
     local = np.zeros((len(indices), model.feature_dim), dtype=np.float32)
     local_ok = np.zeros(len(indices), dtype=bool)
     position = 0
-    for images, _, ok in loader:
+    for images, _, ok in track(loader, len(indices), "features", unit="img", size=lambda batch: len(batch[0])):
         with autocast(config, device):
             out = model.forward_features(normalize(images, device, config.channels_last))
         local[position:position + len(images)] = out.float().cpu().numpy()
@@ -147,12 +152,15 @@ def cluster_points(points: np.ndarray, ok: np.ndarray, pca: PCA, config: Config,
     start = time.perf_counter()
     usable = points[ok] if not ok.all() else points
     if config.clustering == "pic":
-        found = pic(usable, knn_backend=config.kmeans_backend, device=device, seed=seed)
+        with Progress(None, "PIC"):
+            found = pic(usable, knn_backend=config.kmeans_backend, device=device, seed=seed)
         labels, n_clusters, centroids, objective, n_split = (found.assignments, found.n_clusters, found.centroids,
                                                              None, 0)
     else:
-        result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed,
-                        backend=config.kmeans_backend, init=config.kmeans_init, device=device)
+        with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
+            result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed,
+                            backend=config.kmeans_backend, init=config.kmeans_init, device=device,
+                            on_iteration=lambda _: bar.update())
         labels, n_clusters, centroids, objective, n_split = (result.assignments, config.n_clusters, result.centroids,
                                                              result.objective[-1], result.n_split)
     time_kmeans = time.perf_counter() - start
@@ -207,7 +215,7 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     local_ok = np.zeros(len(indices), dtype=bool)
     position, time_pca = 0, 0.0
     start = time.perf_counter()
-    for images, _, ok in loader:
+    for images, _, ok in track(loader, len(indices), "features", unit="img", size=lambda batch: len(batch[0])):
         fault_point("features")
         with autocast(config, device):
             out = model.forward_features(normalize(images, device, config.channels_last))
@@ -225,7 +233,8 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
         return np.zeros((n_images, 0), dtype=np.float32), mask, None, time.perf_counter() - start, time_pca
     tick = time.perf_counter()
-    reduced, pca = reducer.finish()
+    with Progress(None, "PCA-whitening"):
+        reduced, pca = reducer.finish()
     if distributed.is_distributed():
         reduced = distributed.gather_rows(reduced[indices], indices, n_images)
     time_pca += time.perf_counter() - tick
@@ -261,6 +270,7 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
         network = nn.parallel.DistributedDataParallel(model)
     model.train()
     total_loss, seen = 0.0, 0
+    bar = Progress(len(indices), f"epoch {epoch + 1} training", unit="img")
     for step, (images, targets) in enumerate(loader):
         inputs = normalize(images, device, config.channels_last)
         targets = targets.to(device)
@@ -278,6 +288,8 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
         head_optimizer.step()
         total_loss += loss_value * len(images)
         seen += len(images)
+        bar.update(len(images), note=f"loss {total_loss / seen:.4f}")
+    bar.close()
     return total_loss / max(seen, 1), seen
 
 
@@ -351,7 +363,8 @@ def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, confi
     return state, saved
 
 
-RESUMABLE = {"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir"}
+RESUMABLE = {"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
+             "tensorboard", "final_clustering"}
 
 
 def check_resume_config(saved: dict, config: Config) -> None:
@@ -395,7 +408,8 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     """Train DeepCluster as ``config`` says; returns the per-epoch records.
 
     Writes into ``config.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per
-    epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``.
+    epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``; after the
+    last epoch, the final clustering (``add_final_clustering``); ``tensorboard/`` scalars.
 
     A kill at any moment loses at most the epoch in progress: ``resume=True`` continues from
     the checkpoint and ends with the same assignments and weights as an uninterrupted run
@@ -450,6 +464,8 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
 
     records = []
     clustering: Clustering | None = None
+    # Flushed every epoch, so a run that stops early keeps its scalars without a close().
+    scalars = ScalarLog(run_dir, config.tensorboard and distributed.is_main_process())
     for epoch in range(state.epoch, config.epochs):
         record: dict = {"epoch": epoch}
         recluster = state.previous is None or epoch % config.reassign_every == 0
@@ -502,11 +518,71 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         if distributed.is_main_process():
             runfolder.commit_epoch(run_dir, epoch, assignments, state.skipped,
                                    checkpoint_state(model, optimizer, config, state, clustering), record)
+            scalars.write(record)
             log(format_line(record, config.epochs))
             for warning in record["warnings"]:
                 log(f"deepcluster: warning: epoch {epoch + 1}: {warning}")
         records.append(record)
+    scalars.close()
+    if config.final_clustering and state.epoch == config.epochs:
+        add_final_clustering(model, source, config, device, state, labels, redo=bool(records), log=log)
     return records
+
+
+def add_final_clustering(model: Backbone, source: ImageSource, config: Config, device: torch.device,
+                         state: RunState, labels: np.ndarray | None, redo: bool = True,
+                         log: Callable[[str], None] = print) -> dict | None:
+    """Cluster the trained network's features once more and store it with the checkpoint.
+
+    The clustering an epoch trains on comes from the weights at the *start* of that epoch,
+    so the last epoch's centroids do not fit the weights saved at its end (on CIFAR-10 the
+    saved centroids then keep only a fifth of the images in their cluster). The final
+    clustering (same pipeline: features, a fresh PCA-whitening, k-means) fits the saved
+    weights exactly: ``deepcluster assign`` uses it, and on the training images reproduces
+    ``assignments/final.npy``. Stored as ``checkpoint["final"]`` (centroids, PCA, assignments)
+    and ``RUN/final.json`` (its numbers); ``log.jsonl`` keeps one record per epoch only.
+
+    Args:
+        redo: when False, an existing final clustering of the same epoch is kept (a resume
+            with nothing left to train only adds a missing one).
+
+    Returns:
+        The numbers written to ``final.json``, or None when kept.
+    """
+    checkpoint_path = config.run_dir / CHECKPOINT_NAME
+    saved = load_checkpoint(checkpoint_path)
+    if (not redo and saved.get("final") is not None and int(saved["final"]["epoch"]) == state.epoch
+            and (config.run_dir / runfolder.ASSIGNMENTS_DIR / runfolder.FINAL_ASSIGNMENTS).is_file()):
+        return None
+    points, ok, pca, time_features, time_pca = reduce_features(model, source, config, device,
+                                                               derived_seed(config.seed, state.epoch, 2), state.epoch)
+    final = cluster_points(points, ok, pca, config, derived_seed(config.seed, state.epoch, 0),
+                           clustering_device(config, device))
+    final.time_pca = time_pca
+    del points
+    sizes = cluster_sizes(final.assignments, final.n_clusters)
+    summary = {"epoch": state.epoch, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
+               "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
+               "nmi_last_epoch": None if state.previous is None else nmi(state.previous, final.assignments),
+               **label_scores(final.assignments, labels), "time_features": time_features,
+               "time_clustering": final.time_pca + final.time_kmeans}
+    if distributed.is_main_process():
+        saved.pop("format_version", None)
+        saved["final"] = {"epoch": state.epoch, "centroids": torch.from_numpy(final.centroids),
+                          "pca_mean": torch.from_numpy(final.pca.mean),
+                          "pca_projection": torch.from_numpy(final.pca.projection),
+                          "assignments": torch.from_numpy(final.assignments)}
+        runfolder.save_final(config.run_dir, final.assignments, saved, json.dumps(summary) + "\n")
+        parts = [f"final clustering of the trained network: {sizes.n_nonempty} clusters "
+                 f"(largest {100 * sizes.largest_share:.1f}%)"]
+        if summary["nmi_last_epoch"] is not None:
+            parts.append(f"nmi with epoch {state.epoch}'s {summary['nmi_last_epoch']:.3f}")
+        if "nmi_labels" in summary:
+            parts.append(f"nmi {summary['nmi_labels']:.3f} acc {summary['acc_labels']:.3f} "
+                         f"ari {summary['ari_labels']:.3f}")
+        parts.append(f"time {time_features + summary['time_clustering']:.1f}s")
+        log("  ".join(parts))
+    return summary
 
 
 def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
@@ -527,5 +603,6 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
     return model.eval(), config
 
 
-__all__ = ["Clustering", "cluster_features", "cluster_points", "compute_features", "reduce_features", "load_backbone", "open_source", "run",
-           "train_one_epoch", "CheckpointError", "TrainingDiverged"]
+__all__ = ["Clustering", "add_final_clustering", "cluster_features", "cluster_points", "compute_features",
+           "load_backbone", "open_source", "reduce_features", "run", "train_one_epoch", "CheckpointError",
+           "TrainingDiverged"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -565,7 +565,8 @@ def _reduce(shard: Shard, sums: torch.Tensor | None, counts: torch.Tensor,
 
 def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20, seed: int = 0,
            backend: str = "faiss", init: str | np.ndarray = "random", device: str = "cpu", *,
-           distributed: bool = False, n_threads: int | None = None) -> KMeansResult:
+           distributed: bool = False, n_threads: int | None = None,
+           on_iteration: Callable[[int], None] | None = None) -> KMeansResult:
     """Cluster ``(N, d)`` points into ``n_clusters`` with Lloyd's algorithm.
 
     Runs exactly ``n_iter`` iterations, each: nearest centroid of every point (sizes and
@@ -587,6 +588,8 @@ def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20,
             process group. Without a process group this is the single-process run.
         n_threads: CPU worker threads (default: ``torch.get_num_threads()``); each runs
             the search and the sums of its share of the points single-threaded.
+        on_iteration: called with the iteration number after each Lloyd iteration and
+            with ``n_iter`` after the final assignment (progress bars); no effect on results.
 
     Returns:
         A :class:`KMeansResult`; with ``distributed``, assignments of the local points.
@@ -618,11 +621,12 @@ def kmeans(points: np.ndarray | torch.Tensor, n_clusters: int, n_iter: int = 20,
     centroids = torch.from_numpy(initial).to(points_t.device)
     n_threads = n_threads or torch.get_num_threads()
     with cpu_threads(1):  # the worker threads parallelise; every op runs single-threaded
-        return _lloyd(points_t, centroids, n_iter, seed, backend, run_device, shard, rng, n_threads)
+        return _lloyd(points_t, centroids, n_iter, seed, backend, run_device, shard, rng, n_threads, on_iteration)
 
 
 def _lloyd(points_t: torch.Tensor, centroids: torch.Tensor, n_iter: int, seed: int, backend: str,
-           run_device: torch.device, shard: Shard, rng: np.random.Generator, n_threads: int) -> KMeansResult:
+           run_device: torch.device, shard: Shard, rng: np.random.Generator, n_threads: int,
+           on_iteration: Callable[[int], None] | None = None) -> KMeansResult:
     """The iterations of :func:`kmeans`, from initial ``centroids`` (modified in place)."""
     n_clusters = len(centroids)
     assigner = _Assigner(points_t, backend, run_device, n_clusters, n_threads)
@@ -641,7 +645,11 @@ def _lloyd(points_t: torch.Tensor, centroids: torch.Tensor, n_iter: int, seed: i
             outcome = split_round(points_t, assigner.labels, centroids, counts, sums, rng, shard,
                                   salt=seed * 1_000_003 + iteration)
             splits.append(outcome.n_split)
+            if on_iteration is not None:
+                on_iteration(iteration)
         _, local_total = finder.run(centroids)
+        if on_iteration is not None:
+            on_iteration(n_iter)
     finally:
         assigner.close()
         finder.close()

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from deepcluster.data import CenterView, FeatureDataset, ImageSource, Normalize
 from deepcluster.models import Backbone
+from deepcluster.progress import track
 
 FC_LAYER = "fc"
 TARGET_DIM = 9000
@@ -254,7 +255,8 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
     ok = np.zeros(n_images, dtype=bool)
     loader = DataLoader(FeatureDataset(source, view), batch_size=batch_size, shuffle=False, num_workers=workers)
     done, next_report = 0, 0.0
-    for images, indices, decoded in loader:
+    for images, indices, decoded in track(loader, n_images, f"features {prefix.rstrip('_')}".rstrip(), unit="img",
+                                          size=lambda batch: len(batch[0])):
         batch = normalize(images, device, channels_last)
         outputs = forward_layers(model, batch, pools, include_fc)
         rows = indices.numpy()

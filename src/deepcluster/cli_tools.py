@@ -1,0 +1,353 @@
+"""Commands that look at and use a trained run. They parse and wire; the library works.
+
+    deepcluster report RUN_DIR [--out DIR] [--max-clusters 100] [--layer conv5] [--device auto] ...
+    deepcluster assign --checkpoint CKPT --data FOLDER --out DIR [--format csv,parquet]
+    deepcluster features --checkpoint CKPT --data FOLDER --out DIR [--layer fc|convN] [--pca]
+    deepcluster export --checkpoint CKPT --out FILE.safetensors
+
+Bad input ends with one line on stderr and exit code 2 (see ``cli.main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any, Sequence
+
+from deepcluster.config import ConfigError
+
+COMMANDS = ("report", "assign", "features", "export")
+FORMATS = ("csv", "parquet")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip().lower() for item in text.split(",") if item.strip())
+    unknown = [item for item in items if item not in FORMATS]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(FORMATS)} (comma-separated), got {text!r}")
+    return items
+
+
+def _common(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (a GPU when present), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--batch-size", type=int, default=batch_default, help=batch_help)
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def add_tool_parsers(subparsers: Any) -> None:
+    """Register ``report``, ``assign``, ``features`` and ``export``."""
+    from deepcluster.report import ReportSettings
+
+    defaults = ReportSettings()
+    report = subparsers.add_parser(
+        "report", help="write a self-contained HTML page about a run: curves, clusters, filters",
+        description="Write RUN_DIR/report/index.html (or --out DIR/index.html): per-epoch curves, cluster sizes, "
+                    "sample images of the clusters (with majority class and purity when the folder has classes), "
+                    "first-layer filters, the images that most excite filters of a layer and gradient-ascent "
+                    "visualisations. Images are embedded; the page opens from disk with no network.")
+    report.add_argument("run_dir", help="run folder written by `deepcluster train --out`")
+    report.add_argument("--out", dest="out_dir", help="folder for index.html (default: RUN_DIR/report)")
+    report.add_argument("--data", help="image folder, if it moved since training (default: the run's)")
+    report.add_argument("--epoch", type=int, default=None,
+                        help="epoch whose clustering is shown, counted from 1 as the terminal does (default: the final "
+                             "clustering when the run saved one, else the last epoch)")
+    report.add_argument("--max-clusters", type=int, default=defaults.max_clusters,
+                        help=f"clusters in the grid: the largest and, with labels, the purest (default "
+                             f"{defaults.max_clusters}); bounds the page size at any k")
+    report.add_argument("--images-per-cluster", type=int, default=defaults.images_per_cluster,
+                        help=f"random images shown per cluster (default {defaults.images_per_cluster})")
+    report.add_argument("--thumb-size", type=int, default=defaults.thumb_size,
+                        help=f"thumbnail side in pixels (default {defaults.thumb_size})")
+    report.add_argument("--layer", default=None,
+                        help="conv layer for top images and gradient ascent, e.g. conv5 (default: the last)")
+    report.add_argument("--filters", type=_int_list, default=None,
+                        help="filters of that layer to show, e.g. 3,17,42 (default: the most selective)")
+    report.add_argument("--n-filters", type=int, default=defaults.n_filters,
+                        help=f"filters shown when not given (default {defaults.n_filters})")
+    report.add_argument("--top-images", type=int, default=defaults.top_images,
+                        help=f"images shown per filter (default {defaults.top_images})")
+    report.add_argument("--activation-sample", type=int, default=defaults.activation_sample,
+                        help=f"images searched for the top images (default {defaults.activation_sample})")
+    report.add_argument("--ascent-steps", type=int, default=defaults.ascent_steps,
+                        help=f"gradient-ascent steps, 0 to skip (default {defaults.ascent_steps}; about a "
+                             "second for the small net at 32 px, tens of seconds for AlexNet at 224 px on a CPU)")
+    report.add_argument("--ascent-size", type=int, default=None,
+                        help="side of the gradient-ascent images (default: the crop size, at most 128)")
+    report.add_argument("--seed", type=int, default=defaults.seed, help="seed of every random sample (default 0)")
+    _common(report, defaults.batch_size, f"images per forward pass (default {defaults.batch_size})")
+
+    assign = subparsers.add_parser(
+        "assign", help="cluster new images with a checkpoint's PCA and centroids (CSV and Parquet)",
+        description="Place every image of a folder in the cluster of the nearest saved centroid, through the "
+                    "run's own pipeline (eval-mode features of the centre view, the saved PCA-whitening, L2 "
+                    "normalisation). Writes OUT/assignments.csv and OUT/assignments.parquet: path, cluster, "
+                    "distance (Euclidean, in the whitened normalised space) and, with class folders, class.")
+    assign.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    assign.add_argument("--data", required=True, help="image folder (any layout; class sub-folders add a column)")
+    assign.add_argument("--out", dest="out_dir", required=True, help="output folder")
+    assign.add_argument("--format", dest="formats", type=_formats, default=FORMATS,
+                        help="csv, parquet or both (default csv,parquet)")
+    _common(assign, None, "images per forward pass (default: the run's feature_batch_size, which reproduces its "
+                          "feature pass exactly)")
+
+    features = subparsers.add_parser(
+        "features", help="write the features of a folder of images (.npy plus the list of paths)",
+        description="Write OUT/features.npy (float32, one row per image), OUT/paths.tsv (row, path, readable and, "
+                    "with class folders, class) and OUT/features.json (what the rows are).")
+    features.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    features.add_argument("--data", required=True, help="image folder")
+    features.add_argument("--out", dest="out_dir", required=True, help="output folder")
+    features.add_argument("--layer", default="fc",
+                          help="fc: what DeepCluster clusters, before PCA (default); convN: that layer after its "
+                               "ReLU, average-pooled to about --pool-dim numbers as the linear probes do")
+    features.add_argument("--pca", action="store_true",
+                          help="apply the checkpoint's PCA-whitening and L2 normalisation (fc only): the space "
+                               "k-means clusters in")
+    features.add_argument("--pool-dim", type=int, default=9000, help="pooled size of a conv layer (default 9000)")
+    _common(features, 256, "images per forward pass (default 256)")
+
+    export = subparsers.add_parser(
+        "export", help="write the backbone alone as safetensors",
+        description="Write the backbone of a checkpoint (no pseudo-label top layer) with its architecture, "
+                    "Sobel flag, feature width, image size and normalisation as metadata. Load it back with "
+                    "deepcluster.models.load_backbone_safetensors(PATH).")
+    export.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    export.add_argument("--out", required=True, help="file to write, e.g. backbone.safetensors")
+
+
+def _setup(args: argparse.Namespace):
+    """Threads and device of a command; bad values are a one-line error."""
+    import torch
+
+    from deepcluster.train import resolve_device
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    for name in ("batch_size", "workers"):
+        value = getattr(args, name, None)
+        if value is not None and value < (1 if name == "batch_size" else 0):
+            wanted = "positive" if name == "batch_size" else "0 or more"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
+    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
+        raise ConfigError(f"--device is {args.device!r}; choose auto, cpu, cuda or cuda:N")
+    return resolve_device(args.device)
+
+
+def _out_dir(path: str) -> Path:
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {path!r} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create output folder {path!r}: {error.strerror or error}") from None
+    return folder
+
+
+def _writing(path: Path):
+    """Context for writes: an OSError becomes a one-line ``ConfigError`` naming the file."""
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, error, _tb):
+            if isinstance(error, OSError):
+                raise ConfigError(f"cannot write {str(path)!r}: {error.strerror or error}") from None
+            return False
+
+    return _Guard()
+
+
+def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from deepcluster.report import ReportSettings, build_report
+
+    device = _setup(args)
+    settings = ReportSettings(
+        epoch=None if args.epoch is None else args.epoch - 1, max_clusters=args.max_clusters,
+        images_per_cluster=args.images_per_cluster, thumb_size=args.thumb_size, layer=args.layer,
+        filters=args.filters, n_filters=args.n_filters, top_images=args.top_images,
+        activation_sample=args.activation_sample, ascent_steps=args.ascent_steps, ascent_size=args.ascent_size,
+        device=str(device), batch_size=args.batch_size, workers=args.workers, seed=args.seed, data=args.data)
+    if args.out_dir:
+        _out_dir(args.out_dir)
+    command = "deepcluster " + " ".join(shlex.quote(a) for a in argv)
+    with _writing(Path(args.out_dir or args.run_dir)):
+        result = build_report(args.run_dir, args.out_dir, settings, command=command)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"report: {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.clusters_shown} clusters and "
+          f"{result.thumbnails} images shown, {result.seconds:.1f}s)")
+    return 0
+
+
+def _class_column(source) -> list[str] | None:
+    if source.labels is None or not source.class_names:
+        return None
+    return [source.class_names[label] for label in source.labels]
+
+
+def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes: list[str] | None,
+                            formats: Sequence[str]) -> list[Path]:
+    """``assignments.csv`` / ``assignments.parquet``: one row per image, in folder order.
+
+    Columns: ``path``, ``cluster`` (-1: unreadable), ``distance`` (empty / null when
+    unreadable) and ``class`` when the folder has class sub-folders.
+    """
+    import numpy as np
+
+    written = []
+    if "csv" in formats:
+        path = out_dir / "assignments.csv"
+        with _writing(path), open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "cluster", "distance"] + (["class"] if classes else []))
+            for row, name in enumerate(paths):
+                distance = assignment.distances[row]
+                cells = [name, int(assignment.clusters[row]), "" if np.isnan(distance) else f"{distance:.6f}"]
+                writer.writerow(cells + ([classes[row]] if classes else []))
+        written.append(path)
+    if "parquet" in formats:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = out_dir / "assignments.parquet"
+        columns = {"path": pa.array(paths, pa.string()),
+                   "cluster": pa.array(assignment.clusters.astype(np.int32)),
+                   "distance": pa.array(assignment.distances, pa.float32(), mask=np.isnan(assignment.distances))}
+        if classes:
+            columns["class"] = pa.array(classes, pa.string())
+        with _writing(path):
+            pq.write_table(pa.table(columns), path)
+        written.append(path)
+    return written
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from deepcluster.data import FolderSource
+    from deepcluster.inference import assign_images, load_cluster_model
+
+    device = _setup(args)
+    if "parquet" in args.formats:
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise ConfigError("Parquet output needs pyarrow: pip install pyarrow (or deepcluster[tools]), "
+                              "or pass --format csv") from None
+    cluster_model = load_cluster_model(args.checkpoint)
+    source = FolderSource(args.data)
+    out_dir = _out_dir(args.out_dir)
+    which = (f"the final clustering (after epoch {cluster_model.epoch})" if cluster_model.final else
+             f"the clustering epoch {cluster_model.epoch} trained on (no final clustering saved: centroids older "
+             "than the weights by one epoch of training)")
+    print(f"deepcluster assign: {len(source)} images, {cluster_model.n_clusters} clusters of {which}, "
+          f"{cluster_model.config.arch}, device {device}", flush=True)
+    assignment = assign_images(cluster_model, source, device, args.batch_size, args.workers)
+    written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), args.formats)
+    placed = int(assignment.ok.sum())
+    used = int(np.unique(assignment.clusters[assignment.ok]).size)
+    print(f"{placed} images placed in {used} clusters (median distance "
+          f"{float(np.nanmedian(assignment.distances)) if placed else float('nan'):.3f})"
+          + (f", {len(source) - placed} unreadable" if placed < len(source) else ""))
+    trained_on = cluster_model.config.data
+    previous = cluster_model.assignments
+    if (trained_on is not None and os.path.realpath(trained_on) == os.path.realpath(args.data)
+            and previous is not None and len(previous) == len(assignment.clusters)):
+        both = assignment.ok & (previous >= 0)
+        agree = float((assignment.clusters[both] == previous[both]).mean()) if both.any() else float("nan")
+        if cluster_model.final:
+            print(f"these are the run's training images: {100 * agree:.2f}% get the cluster of assignments/final.npy")
+        else:
+            print(f"these are the run's training images: {100 * agree:.1f}% keep the last epoch's pseudo-label (the "
+                  "weights trained one more epoch after that clustering, so features moved)")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from deepcluster.data import FolderSource
+    from deepcluster.inference import load_cluster_model, write_features
+    from deepcluster.train import load_backbone
+
+    device = _setup(args)
+    if args.pool_dim < 1:
+        raise ConfigError(f"--pool-dim must be a positive integer, got {args.pool_dim}")
+    if args.pca:
+        cluster_model = load_cluster_model(args.checkpoint)
+        model, config, pca = cluster_model.model, cluster_model.config, cluster_model.pca
+    else:
+        (model, config), pca = load_backbone(args.checkpoint), None
+    source = FolderSource(args.data)
+    out_dir = _out_dir(args.out_dir)
+    print(f"deepcluster features: {len(source)} images, layer {args.layer}{' + PCA' if args.pca else ''}, "
+          f"{config.arch}, device {device}", flush=True)
+    features_path = out_dir / "features.npy"
+    with _writing(features_path):
+        result = write_features(model, config, source, features_path, args.layer, pca, args.pool_dim,
+                                args.batch_size, args.workers, device)
+    classes = _class_column(source)
+    table = out_dir / "paths.tsv"
+    with _writing(table), open(table, "w") as handle:
+        handle.write("row\tpath\treadable" + ("\tclass" if classes else "") + "\n")
+        for row, path in enumerate(source.paths):
+            handle.write(f"{row}\t{path}\t{int(result.ok[row])}" + (f"\t{classes[row]}" if classes else "") + "\n")
+    meta = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data), "layer": result.layer,
+            "dim": result.dim, "n_images": len(source), "n_unreadable": int((~result.ok).sum()),
+            "pooling": result.pooling, "pca_whitened_l2": result.whitened, "arch": config.arch, "sobel": config.sobel,
+            "image_size": config.crop, "resize": config.resize, "mean": list(config.mean), "std": list(config.std),
+            "dtype": "float32", "rows": "paths.tsv order; rows of unreadable images are zero"}
+    with _writing(out_dir / "features.json"):
+        (out_dir / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {features_path} ({len(source)} x {result.dim} float32), {table}, {out_dir / 'features.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from deepcluster.checkpoint import load_checkpoint
+    from deepcluster.models.export import BackboneMetadata, save_backbone_safetensors
+    from deepcluster.train import load_backbone
+
+    model, config = load_backbone(args.checkpoint)
+    epoch = int(load_checkpoint(args.checkpoint).get("epoch", 0))
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give a file name such as backbone.safetensors")
+    metadata = BackboneMetadata(model.arch, model.sobel is not None, model.feature_dim, config.crop, config.resize,
+                                tuple(config.mean), tuple(config.std), epoch, os.path.abspath(args.checkpoint))
+    with _writing(out):
+        save_backbone_safetensors(model, out, metadata)
+    n_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("top_layer."))
+    print(f"wrote {out} ({config.arch}, {n_params:,} parameters, epoch {epoch}); load it with "
+          f"deepcluster.models.load_backbone_safetensors({str(out)!r})")
+    return 0
+
+
+def run_tool(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Dispatch one of ``COMMANDS``."""
+    if args.command == "report":
+        return cmd_report(args, argv)
+    if args.command == "assign":
+        return cmd_assign(args)
+    if args.command == "features":
+        return cmd_features(args)
+    return cmd_export(args)
+
+
+__all__ = ["COMMANDS", "add_tool_parsers", "run_tool", "write_assignment_tables"]

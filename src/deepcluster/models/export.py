@@ -1,0 +1,144 @@
+"""The backbone alone as a safetensors file, and back.
+
+The file holds the body and fully connected weights (Sobel buffers and BatchNorm
+statistics included; the pseudo-label top layer left out, it means nothing outside its
+epoch) and, as safetensors string metadata, all that is needed to rebuild and feed it:
+architecture, Sobel, feature width, input size and normalisation. Loading needs neither
+the checkpoint nor its configuration:
+
+    from deepcluster.models import load_backbone_safetensors
+    model = load_backbone_safetensors("backbone.safetensors")    # eval mode, on the CPU
+    features = model.forward_features(images)                     # (B, feature_dim)
+
+safetensors stores raw tensors only, so loading a file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = "deepcluster-backbone"
+FORMAT_VERSION = "1"
+
+
+class ExportError(ValueError):
+    """A file is not a deepcluster backbone or does not fit its metadata; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackboneMetadata:
+    """How to rebuild an exported backbone and prepare its input.
+
+    Attributes:
+        arch: registry name (``alexnet``, ``vgg16``, ``smallnet``).
+        sobel: the fixed grayscale + Sobel filter is part of the model (give it RGB).
+        feature_dim: width of ``forward_features``' output.
+        image_size: side of the square centre crop the backbone was trained on (px).
+        resize: shorter side before that crop (px).
+        mean, std: per-channel normalisation of RGB values in [0, 1].
+        epoch: training epochs behind these weights.
+        source: the checkpoint it came from (for the record).
+    """
+
+    arch: str
+    sobel: bool
+    feature_dim: int
+    image_size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    epoch: int = 0
+    source: str = ""
+
+    def to_strings(self) -> dict[str, str]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": self.arch,
+                "sobel": json.dumps(self.sobel), "feature_dim": str(self.feature_dim),
+                "image_size": str(self.image_size), "resize": str(self.resize), "mean": json.dumps(list(self.mean)),
+                "std": json.dumps(list(self.std)), "epoch": str(self.epoch), "source": self.source}
+
+    @staticmethod
+    def from_strings(values: dict[str, str], where: str = "file") -> "BackboneMetadata":
+        if values.get("format") != FORMAT:
+            raise ExportError(f"{where} is not a deepcluster backbone (no '{FORMAT}' metadata); "
+                              "write one with `deepcluster export`")
+        try:
+            return BackboneMetadata(
+                arch=values["arch"], sobel=bool(json.loads(values["sobel"])), feature_dim=int(values["feature_dim"]),
+                image_size=int(values["image_size"]), resize=int(values["resize"]),
+                mean=tuple(float(v) for v in json.loads(values["mean"])),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in json.loads(values["std"])),  # type: ignore[arg-type]
+                epoch=int(values.get("epoch", "0")), source=values.get("source", ""))
+        except (KeyError, ValueError, TypeError) as error:
+            raise ExportError(f"{where} has damaged backbone metadata ({type(error).__name__}: {error})") from None
+
+
+def backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the top layer, as contiguous CPU tensors that share no memory."""
+    return {name: tensor.detach().to("cpu").contiguous().clone()
+            for name, tensor in model.state_dict().items() if not name.startswith("top_layer.")}
+
+
+def save_backbone_safetensors(model: torch.nn.Module, path: str | Path, metadata: BackboneMetadata) -> Path:
+    """Write ``model``'s backbone (no top layer) and ``metadata`` to ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(backbone_tensors(model), str(path), metadata=metadata.to_strings())
+    return path
+
+
+def read_backbone_metadata(path: str | Path) -> BackboneMetadata:
+    """The metadata of an exported backbone, without loading its weights.
+
+    Raises:
+        ExportError: missing file, not safetensors, or not a deepcluster backbone.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"backbone file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            values = handle.metadata() or {}
+    except Exception as error:  # noqa: BLE001 - any parse failure means the same to the user
+        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise ExportError(f"{str(path)!r} is not a readable safetensors file ({detail})") from None
+    return BackboneMetadata.from_strings(values, repr(str(path)))
+
+
+def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cpu"):
+    """A ready backbone from a file written by ``deepcluster export``: built from the file's
+    metadata, weights loaded strictly, in eval mode, on ``device``.
+
+    Its input: RGB images resized (shorter side ``resize``), centre-cropped to ``image_size``,
+    scaled to [0, 1] and normalised with ``mean`` / ``std`` (see :func:`read_backbone_metadata`);
+    ``forward_features`` gives the features DeepCluster clustered, ``forward_body`` the conv map.
+
+    Raises:
+        ExportError: missing or foreign file, or weights that do not fit the architecture.
+    """
+    from safetensors.torch import load_file
+
+    from deepcluster.models import create_model
+
+    info = read_backbone_metadata(path)
+    try:
+        model = create_model(info.arch, sobel=info.sobel, feature_dim=info.feature_dim)
+    except ValueError as error:
+        raise ExportError(f"{str(path)!r}: {error}") from None
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[1:2]) or str(error)
+        raise ExportError(f"{str(path)!r} does not fit architecture {info.arch!r}: {detail[:300]}") from None
+    return model.to(device).eval()
+
+
+__all__ = ["BackboneMetadata", "ExportError", "backbone_tensors", "load_backbone_safetensors",
+           "read_backbone_metadata", "save_backbone_safetensors"]
