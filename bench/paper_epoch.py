@@ -88,7 +88,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         config = resolve("paper", overrides={"data": args.data, "out_dir": out_dir, "epochs": 1,
                                              "n_clusters": args.n_clusters, "precision": args.precision,
-                                             "workers": args.workers})
+                                             "workers": args.workers, "final_clustering": False,
+                                             "tensorboard": False})
         sampler = PeakSampler()
         sampler.start()
         start = time.perf_counter()
