@@ -129,7 +129,7 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(damage, message, cli, goo
 def test_load_backbone_refuses_a_changed_shape(good_run, tmp_path):
     run = copy_run(good_run, tmp_path)
     _edit(_reshape_first_conv)(run / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match=r"does not fit its architecture: parameter .* has shape \(7, 2, 3, 3\)"):
+    with pytest.raises(CheckpointError, match=r"does not fit this model: parameter .* has shape \(7, 2, 3, 3\)"):
         load_backbone(run / "checkpoint.pt")
 
 

@@ -336,14 +336,12 @@ def checkpoint_state(model: Backbone, optimizer: torch.optim.Optimizer, config: 
     return out
 
 
-def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, config: Config) -> tuple[RunState, dict]:
-    """Load a checkpoint into ``model`` and ``optimizer``; returns the run state."""
-    saved = load_checkpoint(path)
-    check_resumable(saved, path)
-    if saved.get("arch") != config.arch:
-        raise CheckpointError(f"checkpoint {str(path)!r} is for architecture {saved.get('arch')!r}, "
-                              f"but the run asks for {config.arch!r}")
-    weights = saved["model"]
+def load_weights(model: Backbone, weights: dict, path: str | Path) -> None:
+    """Load a checkpoint's weights into ``model``, re-creating its head at the saved width.
+
+    Raises:
+        CheckpointError: a missing, extra or differently shaped tensor.
+    """
     if "top_layer.weight" in weights and weights["top_layer.weight"].dim() == 2:
         model.reset_classifier(weights["top_layer.weight"].shape[0])
     mismatch = weights_mismatch(model.state_dict(), weights)
@@ -351,6 +349,19 @@ def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, confi
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {mismatch}")
     try:
         model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {str(error).splitlines()[0]}") from None
+
+
+def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, config: Config) -> tuple[RunState, dict]:
+    """Load a checkpoint into ``model`` and ``optimizer``; returns the run state."""
+    saved = load_checkpoint(path)
+    check_resumable(saved, path)
+    if saved.get("arch") != config.arch:
+        raise CheckpointError(f"checkpoint {str(path)!r} is for architecture {saved.get('arch')!r}, "
+                              f"but the run asks for {config.arch!r}")
+    load_weights(model, saved["model"], path)
+    try:
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {str(error).splitlines()[0]}") from None
@@ -590,16 +601,7 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
     saved = load_checkpoint(path)
     config = from_dict(saved["config"])
     model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
-    weights = saved["model"]
-    if "top_layer.weight" in weights and weights["top_layer.weight"].dim() == 2:
-        model.reset_classifier(weights["top_layer.weight"].shape[0])
-    mismatch = weights_mismatch(model.state_dict(), weights)
-    if mismatch:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit its architecture: {mismatch}")
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit its architecture: {str(error).splitlines()[0]}") from None
+    load_weights(model, saved["model"], path)
     return model.eval(), config
 
 
