@@ -46,6 +46,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from deepcluster.clustering.search import packed_onednn_usable
+
 CASES = {
     "small": {"n_points": 100_000, "dim": 256, "n_clusters": 1_000, "n_iter": 20},
     "large": {"n_points": 250_000, "dim": 256, "n_clusters": 10_000, "n_iter": 5},
@@ -89,7 +91,8 @@ def cpu_share(timing: Timing) -> float:
 
 def gemm_rates(dim: int, n_clusters: int, repeats: int = 5) -> dict[str, float]:
     """GFLOP/s of float32 matrix products: the k-means shape (16,384 x d) @ (d x k) and a
-    square 4096^3, with torch (MKL) and numpy (OpenBLAS); best of ``repeats``."""
+    square 4096^3, with torch (MKL), numpy (OpenBLAS) and, where available, oneDNN with
+    packed weights (torch's ``mkldnn._linear_pointwise``); best of ``repeats``."""
     rng = np.random.default_rng(1)
     shapes = {"kmeans_shape": (16384, dim, n_clusters), "square_4096": (4096, 4096, 4096)}
     rates = {}
@@ -98,7 +101,11 @@ def gemm_rates(dim: int, n_clusters: int, repeats: int = 5) -> dict[str, float]:
         b = rng.standard_normal((kk, n), dtype=np.float32)
         a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
         out_t = torch.empty(m, n)
-        for library, product in (("torch", lambda: torch.mm(a_t, b_t, out=out_t)), ("numpy", lambda: a @ b)):
+        products = [("torch", lambda: torch.mm(a_t, b_t, out=out_t)), ("numpy", lambda: a @ b)]
+        if packed_onednn_usable():  # the product the torch backend uses, weights packed once
+            packed = torch.ops.mkldnn._reorder_linear_weight(b_t.t().contiguous(), m)
+            products.append(("onednn", lambda: torch.ops.mkldnn._linear_pointwise(a_t, packed, None, "none", [], "")))
+        for library, product in products:
             product()  # warm-up: first-touch of the output, thread start
             best = min((timed(lambda: (product(), None, None)[1:]) for _ in range(repeats)), key=lambda t: t.wall_s)
             rates[f"{library}_{name}"] = 2.0 * m * kk * n / best.wall_s / 1e9
@@ -195,8 +202,9 @@ def markdown(results: list[dict]) -> str:
                      f"{result['gemm_rate']:.1f} | | 100% | | | |")
         lines.append(f"| {label} | GEMM, best per CPU-s ({gemm_per_cpu_name}) | | | | "
                      f"{gemm_per_cpu:.1f} | | 100% | | |")
-        lines.append(f"| {label} | GEMM torch / numpy, k-means shape (before) | | | "
-                     f"{rates['torch_kmeans_shape']:.1f} / {rates['numpy_kmeans_shape']:.1f} | | | | | |")
+        libraries = [name for name in ("torch", "numpy", "onednn") if f"{name}_kmeans_shape" in rates]
+        lines.append(f"| {label} | GEMM {' / '.join(libraries)}, k-means shape (before) | | | "
+                     + " / ".join(f"{rates[f'{name}_kmeans_shape']:.1f}" for name in libraries) + " | | | | | |")
     return "\n".join(lines)
 
 

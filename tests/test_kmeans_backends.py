@@ -6,7 +6,8 @@ import torch
 
 from deepcluster.clustering import kmeans, nearest_centroid, nmi, predict
 from deepcluster.clustering.kmeans import init_centroids, split_empty_clusters
-from deepcluster.clustering.search import FaissSearch, TorchSearch, block_rows, onednn_usable
+from deepcluster.clustering.search import (FaissSearch, TorchSearch, block_rows, onednn_usable, packed_onednn_usable,
+                                           row_min)
 
 BACKENDS = ["faiss", "torch"]
 
@@ -50,6 +51,39 @@ def test_torch_search_onednn_and_addmm_products_agree():
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="unknown gemm 'blas'"):
         TorchSearch(gemm="blas")
+
+
+def test_two_level_row_min_is_min_with_first_index_on_ties():
+    rng = np.random.default_rng(5)
+    scores = torch.from_numpy(rng.integers(0, 40, (500, 640)).astype(np.float32))  # many ties per row
+    scores[7] = 3.0  # a whole row tied: index 0
+    scores[9, 600:] = -1.0  # the minimum only in the last group
+    values, indices = row_min(scores, 64)
+    expected = scores.min(1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(indices, torch.from_numpy(scores.numpy().argmin(1)))  # numpy: first occurrence
+    assert int(indices[7]) == 0 and int(indices[9]) == 600
+
+
+@pytest.mark.parametrize("gemm", ["addmm", "onednn"])
+def test_torch_search_with_padded_groups_is_exact_and_keeps_the_first_duplicate(gemm):
+    if gemm == "onednn" and not onednn_usable():
+        pytest.skip("PyTorch built without mkldnn")
+    rng = np.random.default_rng(8)
+    centroids = rng.standard_normal((300, 16)).astype(np.float32)  # 300 = 4 groups of 64 + 44, padded to 320
+    centroids[250] = centroids[5]  # a duplicate: its points go to the first copy
+    points = np.concatenate([centroids[[5, 299, 0]] + 0.01 * rng.standard_normal((3, 16)).astype(np.float32),
+                             rng.standard_normal((997, 16)).astype(np.float32)])
+    search = TorchSearch(gemm=gemm)
+    search.set_centroids(torch.from_numpy(centroids))
+    assert search.group == 64
+    labels, distances = search.search(torch.from_numpy(points))
+    exact = ((points[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)
+    assert labels[:3].tolist() == [5, 299, 0]
+    assert np.array_equal(labels.numpy(), exact.argmin(1))
+    assert 250 not in labels.tolist()
+    assert np.allclose(distances.numpy(), exact.min(1), rtol=1e-4, atol=1e-4)
+    assert TorchSearch(gemm="onednn" if onednn_usable() else "addmm").packed == packed_onednn_usable()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

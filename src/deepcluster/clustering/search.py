@@ -6,9 +6,14 @@ index of and the squared Euclidean distance to the nearest centroid. Two backend
 - ``faiss``: an exact flat L2 index (``IndexFlatL2``), on the CPU, or on a GPU when
   ``device`` is ``cuda[:n]`` and the installed faiss is a GPU build.
 - ``torch``: ``||c||^2 / 2 - x.c`` by one matrix product per block of rows followed by a
-  row minimum, on any torch device. On CPUs the product goes through oneDNN (PyTorch's
-  ``mkldnn`` tensors, exact float32) when available, which on AMD CPUs runs AVX-512
-  kernels where PyTorch's default ``addmm`` (MKL) does not; elsewhere through ``addmm``.
+  row minimum, on any torch device. On CPUs the product goes through oneDNN (exact
+  float32) when available, which on AMD CPUs runs AVX-512 kernels where PyTorch's default
+  ``addmm`` (MKL) does not; elsewhere through ``addmm``. The centroids are packed once per
+  iteration into oneDNN's own weight layout (``torch.ops.mkldnn._linear_pointwise``, the
+  op PyTorch's compiler uses for frozen linear layers), so each block is one product from
+  and to ordinary tensors. On CPUs the row minimum is taken in two levels (see
+  :func:`row_min`): PyTorch's ``min(dim)`` with indices is not vectorised and cost a
+  quarter of the product's time.
 
 Both take and return torch tensors: points stay where they are (CPU tensors are shared
 with numpy, so the faiss backend copies nothing). On a CPU, k-means calls one search
@@ -18,6 +23,8 @@ multi-threaded product over large blocks (faiss's own ``IndexFlatL2.search``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -32,6 +39,9 @@ CPU_SCORE_BUDGET = 1 << 20
 GPU_SCORE_BUDGET = 1 << 26
 # Rows per faiss search call on a CPU worker (faiss blocks by 1,024 centroids inside).
 FAISS_CPU_ROWS = 1024
+# Columns per group of the two-level row minimum on CPUs; used from this many groups on.
+MIN_GROUP = 64
+MIN_GROUPS = 4
 
 
 def check_backend(backend: str) -> str:
@@ -84,6 +94,39 @@ def onednn_usable() -> bool:
     return precision in ("none", "ieee")
 
 
+@functools.cache
+def packed_onednn_usable() -> bool:
+    """Whether this PyTorch has oneDNN's packed-weight linear ops and they run here
+    (tried once on a tiny product)."""
+    if not onednn_usable():
+        return False
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(3, 2), 4)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(4, 2), weight, torch.zeros(3), "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return tuple(out.shape) == (4, 3) and bool((out == 2).all())
+
+
+def row_min(scores: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum of every row of ``(n, m)`` scores and the index of its first occurrence.
+
+    With ``group`` (``m`` a multiple of it), in two levels: the minimum of each group of
+    ``group`` consecutive columns (a vectorised ``amin``), the first group holding the row
+    minimum, then the first column of that group holding it. Same result as
+    ``scores.min(1)``; about 2.5x faster on CPUs at ``m = 1,024`` (PyTorch's reduction with
+    indices is scalar code; ``amin`` is not).
+    """
+    if group is None:
+        return scores.min(1)
+    n_rows, width = scores.shape
+    grouped = scores.view(n_rows, width // group, group)
+    values, chosen = grouped.amin(2).min(1)
+    members = grouped.reshape(-1, group).index_select(
+        0, torch.arange(n_rows, device=scores.device) * (width // group) + chosen)
+    return values, chosen * group + members.argmin(1)
+
+
 class TorchSearch:
     """Exact nearest-centroid search by blocked matrix products on a torch device.
 
@@ -92,7 +135,8 @@ class TorchSearch:
             block at a time.
         rows_per_block: rows per product; default ``block_rows(k, device)``.
         gemm: ``auto`` (oneDNN on CPUs where usable, else ``addmm``), ``addmm`` or
-            ``onednn`` (CPU only). All give the same float32 products up to rounding.
+            ``onednn`` (CPU only; packed weights where this PyTorch has the ops, else
+            ``mkldnn`` tensors). All give the same float32 products up to rounding.
 
     Raises:
         ValueError: an unknown ``gemm``, or ``onednn`` where it is not usable.
@@ -109,29 +153,45 @@ class TorchSearch:
         if gemm == "auto":
             gemm = "onednn" if self.device.type == "cpu" and onednn_usable() else "addmm"
         self.gemm = gemm
+        self.packed = gemm == "onednn" and packed_onednn_usable()
         self.centroids: torch.Tensor | None = None
-        self._half_norms: torch.Tensor | None = None
-        self._scores: torch.Tensor | None = None
-        self._negated_onednn: torch.Tensor | None = None
-        self._half_norms_onednn: torch.Tensor | None = None
+        self.group: int | None = None
+        self._weight: torch.Tensor | None = None  # (k', d) -centroids, k' padded to whole groups
+        self._bias: torch.Tensor | None = None  # (k',) ||c||^2 / 2, +inf in the padding
+        self._scores: torch.Tensor | None = None  # output buffer of addmm
+        self._rows = 0
 
     def set_centroids(self, centroids: torch.Tensor) -> None:
         """Use ``(k, d)`` float32 ``centroids`` for the next searches."""
         self.centroids = centroids.to(self.device, torch.float32).contiguous()
-        self._half_norms = 0.5 * (self.centroids * self.centroids).sum(1)
-        if self.gemm == "onednn":
-            self._negated_onednn = (-self.centroids).to_mkldnn()
-            self._half_norms_onednn = self._half_norms.to_mkldnn()
-        rows = self.rows_per_block or block_rows(len(self.centroids), self.device)
-        if self._scores is None or self._scores.shape != (rows, len(self.centroids)):
-            self._scores = torch.empty(rows, len(self.centroids), device=self.device)
+        n_clusters = len(self.centroids)
+        cpu = self.device.type == "cpu"
+        self.group = MIN_GROUP if cpu and n_clusters >= MIN_GROUP * MIN_GROUPS else None
+        width = n_clusters if self.group is None else -(-n_clusters // self.group) * self.group
+        # Padding columns score +inf (zero weight, infinite bias): never a row's minimum.
+        weight = torch.zeros(width, self.centroids.shape[1], device=self.device)
+        weight[:n_clusters] = -self.centroids
+        bias = torch.full((width,), float("inf"), device=self.device)
+        bias[:n_clusters] = 0.5 * (self.centroids * self.centroids).sum(1)
+        rows = self.rows_per_block or block_rows(n_clusters, self.device)
+        if self.packed:
+            self._weight, self._bias = torch.ops.mkldnn._reorder_linear_weight(weight, rows), bias
+        elif self.gemm == "onednn":
+            self._weight, self._bias = weight.to_mkldnn(), bias.to_mkldnn()
+        else:
+            self._weight, self._bias = weight, bias
+        self._rows = rows
+        if self.gemm == "addmm" and (self._scores is None or self._scores.shape != (rows, width)):
+            self._scores = torch.empty(rows, width, device=self.device)
 
     def _scores_of(self, block: torch.Tensor) -> torch.Tensor:
-        """``(n, k)`` scores ``||c||^2 / 2 - x.c``: their row minimum is the nearest centroid."""
+        """``(n, k')`` scores ``||c||^2 / 2 - x.c``: their row minimum is the nearest centroid."""
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(block.contiguous(), self._weight, self._bias, "none", [], "")
         if self.gemm == "onednn":
-            return F.linear(block.to_mkldnn(), self._negated_onednn, self._half_norms_onednn).to_dense()
+            return F.linear(block.to_mkldnn(), self._weight, self._bias).to_dense()
         scores = self._scores[: len(block)]
-        return torch.addmm(self._half_norms, block, self.centroids.t(), beta=1.0, alpha=-1.0, out=scores)
+        return torch.addmm(self._bias, block, self._weight.t(), out=scores)
 
     def search(self, points: torch.Tensor,
                squared_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,11 +211,13 @@ class TorchSearch:
         n_rows = len(points)
         labels = torch.empty(n_rows, dtype=torch.int64, device=self.device)
         distances = torch.empty(n_rows, dtype=torch.float32, device=self.device)
-        rows = len(self._scores)
-        for start in range(0, n_rows, rows):
-            stop = min(start + rows, n_rows)
+        last = len(self.centroids) - 1
+        for start in range(0, n_rows, self._rows):
+            stop = min(start + self._rows, n_rows)
             block = points[start:stop].to(self.device, non_blocking=True)
-            torch.min(self._scores_of(block), dim=1, out=(distances[start:stop], labels[start:stop]))
+            distances[start:stop], labels[start:stop] = row_min(self._scores_of(block), self.group)
+            if self.group is not None:
+                labels[start:stop].clamp_(max=last)  # a NaN point could land in the padding
             norms = (block * block).sum(1) if squared_norms is None else squared_norms[start:stop].to(self.device)
             distances[start:stop].mul_(2.0).add_(norms).clamp_(min=0.0)
         return labels.to(points.device), distances.to(points.device)
