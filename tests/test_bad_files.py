@@ -201,3 +201,38 @@ def test_a_folder_with_nothing_usable_is_an_error_before_training(cli, tmp_path,
     assert "only 0 of 8 images could be decoded" in err and "skipped.tsv" in err
     assert "epoch   1/" not in out and not (run / "checkpoint.pt").exists()
     assert len((run / "skipped.tsv").read_text().splitlines()) == 8
+
+
+def test_a_file_that_breaks_after_the_feature_pass_is_left_out_of_training(cli, tmp_path, monkeypatch):
+    from deepcluster import train as train_module
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(make_pattern(i % 3, rng)).save(data / f"good_{i:02d}.png")
+    victim = data / "good_05.png"
+    paths = FolderSource(data).paths  # the order of the assignments
+    original = train_module.reduce_features
+    passes = []
+
+    def reduce_then_break(*args, **kwargs):
+        result = original(*args, **kwargs)
+        passes.append(1)
+        if len(passes) == 1:  # after the first feature pass read it, before training reads it
+            victim.write_bytes(b"this is no longer a PNG")
+        return result
+
+    monkeypatch.setattr(train_module, "reduce_features", reduce_then_break)
+    run = tmp_path / "run"
+    # Every image is drawn at least once: more samples than images, with uniform sampling.
+    code, out, err = cli("train", "--data", data, "--out", run, "--epochs", "2", "--n_clusters", "3")
+    assert code == 0, err
+    assert out.count("good_05.png could not be read in the training pass") == 1
+    lines = dict(line.split("\t") for line in (run / "skipped.tsv").read_text().splitlines())
+    assert list(lines) == [str(victim)]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["n_skipped"] for r in records] == [1, 1]
+    assert all(np.isfinite(r["train_loss"]) for r in records)
+    second = np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assert second[paths.index(str(victim))] == -1  # found broken by the next feature pass

@@ -200,3 +200,30 @@ def test_resume_cleans_up_what_a_kill_can_leave(records_in_checkpoint, cli, imag
     assert saved["epoch"] == 2 and [r["epoch"] for r in saved["records"]] == [0, 1]
     latest = np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False)
     assert np.array_equal(latest, saved["assignments"].numpy())
+
+
+def test_a_second_run_on_a_folder_in_use_stops_and_a_killed_run_leaves_no_stale_lock(image_folder, reference,
+                                                                                      tmp_path, capsys):
+    from deepcluster.cli import main
+
+    run = tmp_path / "run"
+    process = train(image_folder, run, start_only=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "config.yaml").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+            time.sleep(0.002)
+        for resume in ([], ["--resume"]):  # a fresh start and a resume both meet the running run
+            code = main(["train", "--data", str(image_folder), "--out", str(run), *TINY, *resume])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1, err
+            assert "is being written by another deepcluster run" in err and f"(process {process.pid})" in err
+        assert process.poll() is None  # the first run was not disturbed
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+        process.stdout.close()
+        process.stderr.close()
+    result = train(image_folder, run, resume=True)  # the kernel dropped the dead run's lock
+    assert result.returncode == 0, result.stderr
+    assert_same_run(run, reference)

@@ -7,6 +7,13 @@ Files of a run (``RUN = config.out_dir``)::
     RUN/assignments/epoch_NNNN.npy pseudo-labels of epoch NNNN (0-based), int32
     RUN/checkpoint.pt              the state after the last completed epoch
     RUN/log.jsonl                  one JSON record per completed epoch
+    RUN/.lock                      held (``flock``) by the run writing the folder
+
+Only one run may write a folder at a time: ``lock`` takes an exclusive ``flock`` on
+``RUN/.lock`` for the whole run, so a second ``train`` (or ``--resume``) on the same folder
+stops at once with a clear error instead of mixing its epochs into the first one's. The
+operating system releases the lock when the process ends, however it ends, so a killed
+run never leaves a stale lock behind.
 
 The checkpoint is the single source of truth. At the end of an epoch the files are
 written in the order assignments, skipped list, checkpoint, log line; each file except the
@@ -23,15 +30,17 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import yaml
 
 from deepcluster.checkpoint import atomic_write_bytes, remove_temp_files, save_checkpoint
-from deepcluster.config import Config
+from deepcluster.config import Config, ConfigError
 from deepcluster.faults import fault_point
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -39,6 +48,7 @@ LOG_NAME = "log.jsonl"
 SKIPPED_NAME = "skipped.tsv"
 CONFIG_NAME = "config.yaml"
 ASSIGNMENTS_DIR = "assignments"
+LOCK_NAME = ".lock"
 _ASSIGNMENTS_FILE = re.compile(r"epoch_(\d+)\.npy")
 
 
@@ -56,6 +66,47 @@ def _os_reason(error: OSError) -> str:
 def write_failure(what: str, path: Path, error: OSError, kept: str = "") -> RunFolderError:
     """The error to raise when writing ``path`` failed with ``error``."""
     return RunFolderError(f"cannot write {what} {str(path)!r}: {_os_reason(error)}" + (f"; {kept}" if kept else ""))
+
+
+@contextmanager
+def lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's exclusive lock inside the block (creating the folder).
+
+    Raises:
+        ConfigError: another process holds the lock (names its process id).
+        RunFolderError: the folder or its lock file cannot be created.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no locking
+        yield
+        return
+    path = run_dir / LOCK_NAME
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise write_failure("the run file", path, error) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"run folder {str(run_dir)!r} is being written by another deepcluster run "
+                              f"(process {holder}); wait for it to end or choose another --out_dir") from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            if created and [entry.name for entry in run_dir.iterdir()] == [LOCK_NAME]:
+                # Stopped before writing anything (bad settings): leave no folder behind.
+                path.unlink(missing_ok=True)
+                run_dir.rmdir()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        os.close(handle)
 
 
 def started_run(run_dir: Path) -> bool:

@@ -35,6 +35,7 @@ from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
 from deepcluster.config import Config, ConfigError, from_dict
+from deepcluster.data.pseudo import UNREADABLE
 from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
                               uniform_cluster_sample)
@@ -243,8 +244,12 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
 
 def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, source: ImageSource,
                     assignments: np.ndarray, config: Config, epoch: int,
-                    device: torch.device) -> tuple[float, int]:
-    """One pass of pseudo-label classification; returns (mean loss, images seen).
+                    device: torch.device, unreadable: set[int] | None = None) -> tuple[float, int]:
+    """One pass of pseudo-label classification; returns (mean loss, images trained on).
+
+    An image that cannot be read any more (it was readable in the feature pass) is left out
+    of its batch's loss and its index added to ``unreadable``; a batch with no readable
+    image still runs its step with a zero loss, so every process takes the same steps.
 
     Raises:
         TrainingDiverged: a batch's loss is NaN or infinite (checked before its step, so
@@ -264,19 +269,23 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
     head_optimizer = torch.optim.SGD(model.top_layer.parameters(), lr=config.head_lr or config.lr,
                                      weight_decay=config.weight_decay)
     normalize = Normalize(config.mean, config.std)
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(ignore_index=UNREADABLE)
     network = model
     if distributed.is_distributed():
         network = nn.parallel.DistributedDataParallel(model)
     model.train()
     total_loss, seen = 0.0, 0
     bar = Progress(len(indices), f"epoch {epoch + 1} training", unit="img")
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets, image_indices) in enumerate(loader):
+        failed = targets == UNREADABLE
+        n_readable = len(images) - int(failed.sum())
+        if n_readable < len(images) and unreadable is not None:
+            unreadable.update(int(index) for index in image_indices[failed])
         inputs = normalize(images, device, config.channels_last)
         targets = targets.to(device)
         with autocast(config, device):
             logits = network(inputs)
-        loss = criterion(logits.float(), targets)
+        loss = criterion(logits.float(), targets) if n_readable else logits.float().sum() * 0.0
         if fault_point("training") == "nan":
             loss = loss * math.nan
         loss_value = loss.item()
@@ -286,8 +295,8 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
         loss.backward()
         body_optimizer.step()
         head_optimizer.step()
-        total_loss += loss_value * len(images)
-        seen += len(images)
+        total_loss += loss_value * n_readable
+        seen += n_readable
         bar.update(len(images), note=f"loss {total_loss / seen:.4f}")
     bar.close()
     return total_loss / max(seen, 1), seen
@@ -438,6 +447,14 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    if not distributed.is_main_process():  # the main process holds the folder for all of them
+        return _run(config, resume, log, device)
+    with runfolder.lock(config.run_dir):
+        return _run(config, resume, log, device)
+
+
+def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch.device) -> list[dict]:
+    """The body of :func:`run`, with the run folder locked."""
     run_dir = config.run_dir
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if resume and not checkpoint_path.is_file():
@@ -516,7 +533,14 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         record.update(label_scores(assignments, labels))
 
         start = time.perf_counter()
-        loss, seen = train_one_epoch(model, optimizer, source, assignments, config, epoch, device)
+        unreadable: set[int] = set()
+        loss, seen = train_one_epoch(model, optimizer, source, assignments, config, epoch, device, unreadable)
+        for index in sorted(unreadable):
+            name = source.name(index)
+            if name not in state.skipped:
+                log(f"deepcluster: warning: epoch {epoch + 1}: {name} could not be read in the training pass "
+                    "(readable in the feature pass); left out of the loss and listed in skipped.tsv")
+            state.skipped[name] = f"became unreadable during the run (training pass of epoch {epoch + 1})"
         record["time_training"] = time.perf_counter() - start
         record["train_loss"] = loss
         record["train_images_per_s"] = seen * distributed.world_size() / max(record["time_training"], 1e-9)

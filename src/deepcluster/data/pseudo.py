@@ -70,8 +70,17 @@ class FeatureDataset(Dataset):
             return torch.zeros(3, self.view.crop, self.view.crop, dtype=torch.uint8), index, False
 
 
+# Target of a training sample whose image could not be read: the loss ignores it.
+UNREADABLE = -1
+
+
 class PseudoLabelDataset(Dataset):
-    """One epoch of training samples: image ``indices[i]`` with its pseudo-label.
+    """One epoch of training samples: ``(uint8 image, pseudo-label, image index)`` of image
+    ``indices[i]``.
+
+    An image that fails to decode here (it decoded in the feature pass, so it changed or
+    vanished since) yields a black image with target ``UNREADABLE``: the training pass
+    leaves it out of the loss and records it instead of stopping the run.
 
     Args:
         source: the images.
@@ -91,5 +100,9 @@ class PseudoLabelDataset(Dataset):
 
     def __getitem__(self, position: int):
         index = int(self.indices[position])
-        image = self.transform(self.source.load(index), item_rng(self.seed, self.epoch, position))
-        return image, int(self.assignments[index])
+        try:
+            image = self.transform(self.source.load(index), item_rng(self.seed, self.epoch, position))
+        except Exception:  # noqa: BLE001 - any decode failure: left out of the loss
+            size = self.transform.size
+            return torch.zeros(3, size, size, dtype=torch.uint8), UNREADABLE, index
+        return image, int(self.assignments[index]), index
