@@ -15,12 +15,16 @@ Exit codes (each failure is one line on stderr, ``deepcluster: error: ...``, no 
   the last good epoch is kept;
 - 4 (``EXIT_WRITE``): a file of the run folder cannot be written (full disk, read-only
   folder, no permission); the previous checkpoint is kept;
+- 5 (``EXIT_MEMORY``): out of memory (host or GPU) that Python could catch; the checkpoint
+  of the last completed epoch is kept. (When the kernel's OOM killer ends the process
+  instead, nothing can be printed; ``--resume`` still continues from the last checkpoint.)
 - 130: interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any, Sequence
 
@@ -29,6 +33,7 @@ from deepcluster.config import RECIPES, ConfigError, resolve
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_WRITE = 4
+EXIT_MEMORY = 5
 
 
 class UsageError(Exception):
@@ -103,6 +108,29 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """The short reason if ``error`` is an allocation failure (host or GPU), else ``None``."""
+    import torch
+
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return message or "an allocation failed"
+    lowered = message.lower()
+    if isinstance(error, RuntimeError) and any(words in lowered for words in ("not enough memory", "out of memory", "can't allocate memory",
+                                          "cannot allocate memory")):
+        match = re.search(r"tried to allocate (\d+) bytes", message)
+        if match:
+            return f"an allocation of {int(match.group(1)) / 2**30:.1f} GiB failed"
+        return message[:200]
+    return None
+
+
+def argv_command(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named on the command line, if any."""
+    words = [word for word in (sys.argv[1:] if argv is None else argv) if not str(word).startswith("-")]
+    return str(words[0]) if words else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from deepcluster.checkpoint import CheckpointError
     from deepcluster.data import DataError
@@ -139,6 +167,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         erase_bars()
         print(f"deepcluster: error: {error}", file=sys.stderr)
         return EXIT_WRITE
+    except (MemoryError, RuntimeError) as error:
+        reason = out_of_memory(error)
+        if reason is None:
+            raise
+        erase_bars()
+        if argv_command(argv) == "train":
+            advice = ("lower batch_size, feature_batch_size, feature_dim or n_clusters, or use a machine with more "
+                      "memory; a checkpoint already written is kept (continue with --resume)")
+        else:
+            advice = "use fewer images, layers (eval: --probe-layers) or a smaller batch, or a machine with more memory"
+        print(f"deepcluster: error: out of memory ({reason}); {advice}", file=sys.stderr)
+        return EXIT_MEMORY
     except KeyboardInterrupt:
         erase_bars()
         print("deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)", file=sys.stderr)

@@ -24,7 +24,9 @@ Actions:
   scheduler would send: no handler, no cleanup, nothing flushed;
 - an errno name such as ``ENOSPC``, ``EROFS``, ``EACCES``, ``EIO``: raise the ``OSError``
   the operating system would raise (only meaningful at the two write points);
-- ``nan``: at ``training`` only, the batch's loss becomes NaN.
+- ``nan``: at ``training`` only, the batch's loss becomes NaN;
+- ``oom``: raise the ``RuntimeError`` PyTorch's CPU allocator raises when the operating
+  system refuses an allocation.
 
 Example: ``DEEPCLUSTER_FAULT=kill:checkpoint:2`` tears the second checkpoint write.
 """
@@ -53,10 +55,10 @@ def parse(spec: str) -> list[tuple[str, str, int]]:
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         action, point, count = (item.split(":") + ["", ""])[:3]
-        valid_action = action in ("kill", "nan") or (action.startswith("E") and hasattr(errno, action))
+        valid_action = action in ("kill", "nan", "oom") or (action.startswith("E") and hasattr(errno, action))
         if not valid_action or point not in POINTS or not count.isdigit() or int(count) < 1:
             raise FaultSpecError(
-                f"{ENV_VAR}={spec!r}: each fault is <action>:<point>:<count> with action kill, nan or an "
+                f"{ENV_VAR}={spec!r}: each fault is <action>:<point>:<count> with action kill, nan, oom or an "
                 f"errno name (ENOSPC, EROFS, ...), point one of {', '.join(POINTS)}, count >= 1")
         faults.append((action, point, int(count)))
     return faults
@@ -104,6 +106,9 @@ def fault_point(point: str, path: str | os.PathLike | None = None) -> str | None
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "nan":
             return "nan"
+        if action == "oom":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")
         code = getattr(errno, action)
         raise OSError(code, os.strerror(code), None if path is None else os.fspath(path))
     return None
