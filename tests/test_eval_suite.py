@@ -45,3 +45,33 @@ def test_unknown_validation_class_is_a_data_error(image_folder, tmp_path):
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         check_settings(EvalSettings(**bad))
+
+
+def test_probes_read_a_memory_mapped_layer_in_place_without_changing_it(tmp_path):
+    from deepcluster.evaluation.features import ExtractedFeatures
+    from deepcluster.evaluation.linear_probe import ProbeSettings, train_linear_probe
+    from deepcluster.evaluation.suite import SplitFeatures
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    values = (rng.normal(size=(300, 16)) + labels[:, None]).astype(np.float32)
+    stored = np.lib.format.open_memmap(tmp_path / "train_conv1.npy", mode="w+", dtype=np.float32, shape=values.shape)
+    stored[:] = values
+    stored.flush()
+    everything = SplitFeatures(ExtractedFeatures({"conv1": stored}, np.ones(300, dtype=bool), 0.0), labels)
+    x, y = everything.layer("conv1", copy=False)
+    assert x is stored and y is labels  # no copy of the layer at all
+    copied, _ = everything.layer("conv1")
+    assert not np.shares_memory(copied, stored) and np.array_equal(copied, values)
+
+    settings = ProbeSettings(epochs=3, batch_size=32)
+    in_place = train_linear_probe(x, y, x[:100], y[:100], 3, settings)
+    in_ram = train_linear_probe(values, labels, values[:100], labels[:100], 3, settings)
+    assert in_place.history == in_ram.history
+    assert np.array_equal(np.load(tmp_path / "train_conv1.npy"), values)  # the probe never wrote into the file
+
+    ok = np.ones(300, dtype=bool)
+    ok[[5, 17]] = False  # two unreadable images: their rows are left out, in one copy
+    some = SplitFeatures(ExtractedFeatures({"conv1": stored}, ok, 0.0), labels)
+    x, y = some.layer("conv1", copy=False)
+    assert len(x) == 298 and not np.shares_memory(x, stored) and np.array_equal(y, labels[ok])

@@ -222,7 +222,7 @@ def select_probe_layers(pools: dict[str, PoolSpec], wanted: tuple[str, ...] | No
 
 @dataclass
 class SplitFeatures:
-    """The extracted features of one split, loaded into RAM one layer at a time.
+    """The extracted features of one split, read one layer at a time.
 
     Attributes:
         extracted: every layer of every image (possibly memory maps on disk).
@@ -237,10 +237,21 @@ class SplitFeatures:
         """Indices of the images that decoded."""
         return np.flatnonzero(self.extracted.ok)
 
-    def layer(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(n_usable, dim)`` float32 features of ``name`` in RAM and their ``(n_usable,)`` labels."""
+    def layer(self, name: str, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(n_usable, dim)`` float32 features of ``name`` and their ``(n_usable,)`` labels.
+
+        Args:
+            name: the layer.
+            copy: ``True``: a private array in RAM, free to modify. ``False``, for readers
+                that never write: when every image decoded, the stored array itself (on disk,
+                a memory map whose pages the system may drop and read again), so that no
+                copy of a layer (1.8 GB for 50,000 images) is made at all.
+        """
         usable = self.usable
-        return np.array(self.extracted.layers[name][usable]), self.labels[usable]
+        stored = self.extracted.layers[name]
+        if len(usable) == len(stored):
+            return (np.array(stored) if copy else stored), self.labels
+        return stored[usable], self.labels[usable]  # fancy indexing makes the one copy
 
 
 def evaluate_backbone(model: Backbone, config: Config, splits: LabelledSplits, settings: EvalSettings,
@@ -325,8 +336,8 @@ def run_linear_probes(model: Backbone, config: Config, splits: LabelledSplits, s
     if settings.probe_mode == "fast":
         for name, spec in pools.items():
             log(f"  linear probe {name} ({spec.describe()}), fast mode, {settings.probe.epochs} epochs")
-            train_x, train_y = data["train"].layer(name)
-            val_x, val_y = data["val"].layer(name)
+            train_x, train_y = data["train"].layer(name, copy=False)  # the probe only reads its inputs
+            val_x, val_y = data["val"].layer(name, copy=False)
             outcome = train_linear_probe(train_x, train_y, val_x, val_y, splits.n_classes, settings.probe)
             del train_x, val_x
             layers[name] = {"pooling": spec.describe(), "dim": spec.dim, **dataclasses.asdict(outcome)}
