@@ -7,7 +7,14 @@ Files of a run (``RUN = config.out_dir``)::
     RUN/assignments/epoch_NNNN.npy pseudo-labels of epoch NNNN (0-based), int32
     RUN/checkpoint.pt              the state after the last completed epoch
     RUN/log.jsonl                  one JSON record per completed epoch
+    RUN/images.json                the run's images, in the order of the assignments
     RUN/.lock                      held (``flock``) by the run writing the folder
+
+A run fixes its images when it starts: ``images.json`` lists them (relative to the data
+folder, in the order the assignments use) and a resumed run, ``report`` and the final
+clustering read that list instead of scanning the folder again. Files added to the folder
+later are not used; files that went missing are skipped when they fail to load. The row of
+an image in every assignments file therefore always means the same image.
 
 Only one run may write a folder at a time: ``lock`` takes an exclusive ``flock`` on
 ``RUN/.lock`` for the whole run, so a second ``train`` (or ``--resume``) on the same folder
@@ -41,6 +48,7 @@ import yaml
 
 from deepcluster.checkpoint import atomic_write_bytes, remove_temp_files, save_checkpoint
 from deepcluster.config import Config, ConfigError
+from deepcluster.data.sources import DataError
 from deepcluster.faults import fault_point
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -49,6 +57,7 @@ SKIPPED_NAME = "skipped.tsv"
 CONFIG_NAME = "config.yaml"
 ASSIGNMENTS_DIR = "assignments"
 LOCK_NAME = ".lock"
+IMAGES_NAME = "images.json"
 _ASSIGNMENTS_FILE = re.compile(r"epoch_(\d+)\.npy")
 
 
@@ -107,6 +116,42 @@ def lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         os.close(handle)
+
+
+def write_images(run_dir: Path, root: str, files: list[str]) -> None:
+    """Store the run's image list (``files`` relative to ``root``), atomically.
+
+    Raises:
+        RunFolderError: the file cannot be written.
+    """
+    path = run_dir / IMAGES_NAME
+    payload = json.dumps({"format": 1, "root": root, "n_images": len(files), "files": files})
+    try:
+        atomic_write_bytes(path, payload.encode())
+    except OSError as error:
+        raise write_failure("the run file", path, error) from None
+
+
+def read_images(run_dir: Path) -> list[str] | None:
+    """The image list a run stored, or ``None`` when the run has none (written by an older
+    version, or the built-in digits).
+
+    Raises:
+        DataError: the file exists but is damaged.
+    """
+    path = run_dir / IMAGES_NAME
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_bytes())
+        files = stored["files"]
+        if not isinstance(files, list) or not all(isinstance(name, str) for name in files) \
+                or stored.get("n_images") != len(files):
+            raise ValueError("not a list of file names of the stated length")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"cannot read the run's image list {str(path)!r} ({error}); it is written when a run "
+                             "starts: delete it to fall back to scanning the data folder") from None
+    return files
 
 
 def started_run(run_dir: Path) -> bool:

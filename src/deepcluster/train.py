@@ -38,7 +38,7 @@ from deepcluster.config import Config, ConfigError, from_dict
 from deepcluster.data.pseudo import UNREADABLE
 from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
-                              uniform_cluster_sample)
+                              uniform_cluster_sample, walk_relative)
 from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
@@ -50,9 +50,29 @@ from deepcluster.scalars import ScalarLog
 FINAL_NAME = runfolder.FINAL_SUMMARY  # numbers of the final clustering (assignments/final.npy, checkpoint["final"])
 
 
-def open_source(config: Config) -> ImageSource:
-    """The images of the run: the built-in digits when ``config.data`` is None."""
-    return load_digits_source() if config.data is None else FolderSource(config.data)
+def open_source(config: Config, run_dir: Path | None = None) -> ImageSource:
+    """The images of the run: the built-in digits when ``config.data`` is None; with
+    ``run_dir``, the list the run stored when it started (``RUN/images.json``), when it has
+    one, else a fresh scan of the folder."""
+    if config.data is None:
+        return load_digits_source()
+    return FolderSource(config.data, None if run_dir is None else runfolder.read_images(run_dir))
+
+
+def folder_changes(source: ImageSource, skipped: dict[str, str]) -> str | None:
+    """What changed in a run's data folder since the run stored its image list (a cheap
+    listing, no header read), as a warning; ``None`` when nothing did."""
+    if not isinstance(source, FolderSource):
+        return None
+    stored = set(source.relative_files())
+    present = set(walk_relative(source.root))
+    added = [name for name in present - stored if str(Path(source.root) / name) not in skipped]
+    missing = stored - present
+    if not added and not missing:
+        return None
+    return (f"deepcluster: warning: the data folder {source.root!r} changed since the run started: "
+            f"{len(added)} new image file(s) not used (a run keeps the images it started with, listed in "
+            f"images.json), {len(missing)} missing (left out as unreadable)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -467,7 +487,7 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
     if not resume and checkpoint_path.is_file():
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
                           "or choose another --out_dir")
-    source = open_source(config)
+    source = open_source(config, run_dir if resume else None)
     if config.clustering == "kmeans" and config.n_clusters > len(source):
         raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} images; "
                           f"choose at most {len(source)}")
@@ -479,11 +499,22 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
         state, _ = restore(checkpoint_path, model, optimizer, config)
         if "records" not in saved:  # written before checkpoints stored the log records
             state.records = runfolder.records_from_log(run_dir, state.epoch)
+        if state.previous is not None and len(state.previous) != len(source):
+            raise ConfigError(f"the data folder {config.data!r} now holds {len(source)} usable images but the run "
+                              f"was trained on {len(state.previous)}; restore the folder as it was, or start a new "
+                              "run with another --out_dir")
     for item in getattr(source, "skipped", []):
         state.skipped[item.path] = item.reason
     removed = []
     if distributed.is_main_process():  # one writer: other ranks could delete its temporary files
         removed = runfolder.prepare(run_dir, config, state.epoch, state.records, state.skipped)
+        if isinstance(source, FolderSource):
+            if not resume or not (run_dir / runfolder.IMAGES_NAME).is_file():  # or a run from before the list
+                runfolder.write_images(run_dir, source.root, source.relative_files())
+            else:
+                change = folder_changes(source, state.skipped)
+                if change:
+                    log(change)
     labels = source.labels
     log(f"deepcluster: {len(source)} images, {config.arch}{' + sobel' if config.sobel else ''}, "
         f"k={config.n_clusters}, {config.epochs} epochs, device {device}, run folder {run_dir}"

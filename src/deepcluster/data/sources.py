@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -176,15 +176,24 @@ def scan_folder(root: str | os.PathLike) -> FolderScan:
             skipped.append(SkippedFile(str(path), reason))
     if not good:
         raise DataError(f"none of the {len(files)} image files under {str(root)!r} could be read (first: {skipped[0].path}: {skipped[0].reason})")
-    relative = [path.relative_to(root) for path in good]
-    labelled = all(len(rel.parts) == 2 for rel in relative)
-    if labelled:
-        class_names = sorted({rel.parts[0] for rel in relative})
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = np.array([index[rel.parts[0]] for rel in relative], dtype=np.int64)
-    else:
-        class_names, labels = None, None
+    labels, class_names = folder_labels([path.relative_to(root) for path in good])
     return FolderScan([str(p) for p in good], labels, class_names, skipped)
+
+
+def folder_labels(relative: list[PurePath]) -> tuple[np.ndarray | None, list[str] | None]:
+    """``(labels, class names)`` when every file lies in a direct sub-folder (its class),
+    else ``(None, None)``."""
+    if not all(len(rel.parts) == 2 for rel in relative):
+        return None, None
+    class_names = sorted({rel.parts[0] for rel in relative})
+    index = {name: i for i, name in enumerate(class_names)}
+    return np.array([index[rel.parts[0]] for rel in relative], dtype=np.int64), class_names
+
+
+def walk_relative(root: str | os.PathLike) -> list[str]:
+    """The image files under ``root`` (no header check), relative to it: a cheap listing to
+    compare a folder with the list a run stored."""
+    return [str(path.relative_to(root)) for path in _walk_images(Path(root))]
 
 
 def decode_problem(source: ImageSource, index: int) -> str:
@@ -199,15 +208,33 @@ def decode_problem(source: ImageSource, index: int) -> str:
 
 
 class FolderSource(ImageSource):
-    """Images in a folder (class sub-folders, or any layout without labels)."""
+    """Images in a folder (class sub-folders, or any layout without labels).
 
-    def __init__(self, root: str | os.PathLike):
-        scan = scan_folder(root)
+    Args:
+        root: the folder.
+        files: the images to use, relative to ``root``, in this order (a run's stored list,
+            ``RUN/images.json``); ``None`` scans the folder and checks every header. Given
+            files are not opened here: one that is missing or broken fails when it is
+            decoded, and is skipped then.
+    """
+
+    def __init__(self, root: str | os.PathLike, files: list[str] | None = None):
         self.root = str(root)
+        if files is None:
+            scan = scan_folder(root)
+        else:
+            if not Path(root).is_dir():
+                raise DataError(f"data folder {self.root!r} does not exist or is not a folder")
+            labels, class_names = folder_labels([PurePath(name) for name in files])
+            scan = FolderScan([str(Path(root) / name) for name in files], labels, class_names)
         self.paths = scan.paths
         self.labels = scan.labels
         self.class_names = scan.class_names
         self.skipped = scan.skipped
+
+    def relative_files(self) -> list[str]:
+        """The images' paths relative to the root, in order (what ``files`` takes)."""
+        return [str(Path(path).relative_to(self.root)) for path in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -12,6 +12,7 @@ import numpy as np
 
 from deepcluster.config import Config, ConfigError, from_dict, load_yaml
 from deepcluster.data import DataError, FolderSource, ImageSource, load_digits_source
+from deepcluster.runfolder import read_images
 
 ASSIGNMENT_FILE = re.compile(r"^epoch_(\d{4,})\.npy$")
 
@@ -75,10 +76,14 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def open_images(config: Config, data: str | None) -> ImageSource:
-    """The run's images: ``data`` when given, else the run's own folder (digits when none)."""
+def open_images(config: Config, data: str | None, run_dir: str | Path | None = None) -> ImageSource:
+    """The run's images: ``data`` when given, else the run's own folder (digits when none);
+    in the order of the run's stored list (``RUN/images.json``) when ``run_dir`` has one,
+    which also spares a scan of every header."""
     folder = data if data is not None else config.data
-    return load_digits_source() if folder is None else FolderSource(folder)
+    if folder is None:
+        return load_digits_source()
+    return FolderSource(folder, None if run_dir is None else read_images(Path(run_dir)))
 
 
 def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
@@ -121,7 +126,7 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
             final = None
     source: ImageSource | None
     try:
-        source = open_images(config, data)
+        source = open_images(config, data, run_dir)
     except DataError as error:
         source = None
         notes.append(f"images not shown: {error} (pass --data FOLDER if they moved)")
