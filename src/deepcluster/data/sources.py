@@ -202,6 +202,8 @@ def decode_problem(source: ImageSource, index: int) -> str:
     try:
         source.load(index)
     except Exception as error:  # noqa: BLE001 - any failure is a reason to skip the file
+        if isinstance(error, OSError) and error.errno is not None:  # the file itself: gone, unreadable, I/O error
+            return f"cannot be opened ({error.strerror})"
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return f"cannot be decoded ({type(error).__name__}{': ' + text if text else ''})"
     return "cannot be decoded (it failed in a data-loading worker, then decoded in the main process)"
