@@ -43,6 +43,13 @@ TINY_TRAIN = ["--recipe", "small", "--epochs", "1", "--n_clusters", "6", "--batc
               "--workers", "0", "--pca_dim", "8", "--kmeans_iters", "5", "--feature_dim", "32", "--threads", "1"]
 
 
+def one_epoch(cli, data, run) -> bytes:
+    """Train the first epoch of a ``TINY_TRAIN`` run into ``run``; returns its checkpoint's bytes."""
+    code, _, err = cli("train", "--data", data, "--out", run, "--epochs", "1")
+    assert code == 0, err
+    return (run / "checkpoint.pt").read_bytes()
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run ``deepcluster`` in-process: ``cli(*args, fault=None) -> (exit code, stdout, stderr)``.

@@ -15,6 +15,7 @@ from deepcluster import train as train_module
 from deepcluster.cli import main
 from deepcluster.config import FIELDS, MIN_CROP, RECIPES, validate
 from deepcluster.models import create_model
+from conftest import one_epoch
 
 
 @pytest.mark.parametrize("args, message", [
@@ -75,9 +76,7 @@ def test_a_missing_or_unreadable_config_file_is_one_line(cli, tmp_path):
 
 def test_resuming_with_another_architecture_is_refused(cli, image_folder, tmp_path):
     run = tmp_path / "run"
-    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1")
-    assert code == 0, err
-    before = (run / "checkpoint.pt").read_bytes()
+    before = one_epoch(cli, image_folder, run)
     code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--resume",
                          "--arch", "vgg16")
     assert code == 2 and err.count("\n") == 1

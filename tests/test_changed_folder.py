@@ -11,6 +11,7 @@ import numpy as np
 
 from deepcluster.data import FolderSource
 from deepcluster.report.run_data import load_run
+from conftest import one_epoch
 
 
 def copy_folder(image_folder, tmp_path):
@@ -28,8 +29,7 @@ def test_the_stored_list_gives_the_scan_s_order_and_labels(image_folder):
 
 def test_resume_keeps_the_images_the_run_started_with(cli, image_folder, tmp_path):
     data, run = copy_folder(image_folder, tmp_path), tmp_path / "run"
-    code, _, err = cli("train", "--data", data, "--out", run, "--epochs", "1")
-    assert code == 0, err
+    one_epoch(cli, data, run)
     stored = json.loads((run / "images.json").read_text())
     assert stored["n_images"] == 36 and stored["files"] == FolderSource(data).relative_files()
     missing = data / stored["files"][4]
@@ -55,8 +55,7 @@ def test_resume_keeps_the_images_the_run_started_with(cli, image_folder, tmp_pat
 def test_a_run_without_a_stored_list_refuses_a_changed_folder_and_stores_the_list_otherwise(
         cli, image_folder, tmp_path):
     data, run = copy_folder(image_folder, tmp_path), tmp_path / "run"
-    code, _, err = cli("train", "--data", data, "--out", run, "--epochs", "1")
-    assert code == 0, err
+    one_epoch(cli, data, run)
     (run / "images.json").unlink()  # as a run written before the list existed
     extra = data / "rings" / "000.png"
     shutil.copy(data / "rings" / "01.jpg", extra)
@@ -72,8 +71,7 @@ def test_a_run_without_a_stored_list_refuses_a_changed_folder_and_stores_the_lis
 
 def test_a_damaged_image_list_is_one_line(cli, image_folder, tmp_path):
     data, run = copy_folder(image_folder, tmp_path), tmp_path / "run"
-    code, _, err = cli("train", "--data", data, "--out", run, "--epochs", "1")
-    assert code == 0, err
+    one_epoch(cli, data, run)
     (run / "images.json").write_text('{"format": 1, "n_images": 36, "files": ["a.png"]}')
     code, _, err = cli("train", "--data", data, "--out", run, "--epochs", "2", "--resume")
     assert code == 2 and err.count("\n") == 1, err

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import make_pattern
+from conftest import make_pattern, one_epoch
 from deepcluster.cli import EXIT_DIVERGED
 from deepcluster.health import TrainingDiverged, check_features, cluster_warnings
 
@@ -21,9 +21,7 @@ def leftovers(run):
 def test_a_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(cli, image_folder, tmp_path):
     """The second batch of epoch 2 gets a NaN loss (``DEEPCLUSTER_FAULT=nan:training:2``)."""
     run = tmp_path / "run"
-    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1")
-    assert code == 0, err
-    good = (run / "checkpoint.pt").read_bytes()
+    good = one_epoch(cli, image_folder, run)
     code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--resume",
                          fault="nan:training:2")
     assert code == EXIT_DIVERGED
@@ -48,8 +46,7 @@ def test_an_absurd_learning_rate_diverges_for_real_with_one_line(cli, image_fold
 
 def test_nan_weights_in_a_checkpoint_stop_at_the_feature_pass(cli, image_folder, tmp_path):
     run = tmp_path / "run"
-    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1")
-    assert code == 0, err
+    one_epoch(cli, image_folder, run)
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     name = next(k for k, v in saved["model"].items() if v.is_floating_point() and k.startswith("classifier"))
     saved["model"][name][0] = float("nan")

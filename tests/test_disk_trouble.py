@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, one_epoch
 from deepcluster import checkpoint as checkpoint_module
 from deepcluster.cli import EXIT_WRITE
 from deepcluster.faults import ENV_VAR
@@ -19,12 +19,6 @@ from deepcluster.faults import ENV_VAR
 
 def leftovers(run):
     return sorted(run.glob(".*.tmp-*")) + sorted(run.glob("assignments/.*.tmp-*"))
-
-
-def one_epoch(cli, image_folder, run) -> bytes:
-    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1")
-    assert code == 0, err
-    return (run / "checkpoint.pt").read_bytes()
 
 
 @pytest.mark.parametrize("name", ["ENOSPC", "EROFS", "EACCES"])

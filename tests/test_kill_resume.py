@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from deepcluster.faults import ENV_VAR
+from conftest import one_epoch
 
 EPOCHS = 3
 TINY = ["--recipe", "small", "--epochs", str(EPOCHS), "--n_clusters", "6", "--batch_size", "8",
@@ -177,8 +178,7 @@ def test_resume_cleans_up_what_a_kill_can_leave(records_in_checkpoint, cli, imag
     line. A checkpoint without log records (as older versions wrote) keeps the whole lines of
     the epochs it holds, once each."""
     run = tmp_path / "run"
-    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1")
-    assert code == 0, err
+    one_epoch(cli, image_folder, run)
     if not records_in_checkpoint:
         state = torch.load(run / "checkpoint.pt", weights_only=True)
         del state["records"]

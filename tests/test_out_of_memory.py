@@ -7,6 +7,7 @@ import resource
 from contextlib import contextmanager
 
 from deepcluster.cli import EXIT_MEMORY
+from conftest import one_epoch
 
 
 @contextmanager
@@ -35,9 +36,7 @@ def test_a_network_too_large_for_the_memory_is_one_line_and_exit_5(cli, image_fo
 
 def test_running_out_of_memory_mid_run_keeps_the_checkpoint_and_resume_goes_on(cli, image_folder, tmp_path):
     run = tmp_path / "run"
-    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1")
-    assert code == 0, err
-    before = (run / "checkpoint.pt").read_bytes()
+    before = one_epoch(cli, image_folder, run)
     code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--resume",
                        fault="oom:training:2")
     assert code == EXIT_MEMORY and err.count("\n") == 1, err
