@@ -125,12 +125,6 @@ def out_of_memory(error: BaseException) -> str | None:
     return None
 
 
-def argv_command(argv: Sequence[str] | None) -> str | None:
-    """The sub-command named on the command line, if any."""
-    words = [word for word in (sys.argv[1:] if argv is None else argv) if not str(word).startswith("-")]
-    return str(words[0]) if words else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from deepcluster.checkpoint import CheckpointError
     from deepcluster.data import DataError
@@ -139,8 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deepcluster.progress import erase_bars
 
     parser = build_parser()
+    command = None
     try:
         args, extra = parser.parse_known_args(argv)
+        command = args.command
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
@@ -172,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason is None:
             raise
         erase_bars()
-        if argv_command(argv) == "train":
+        if command == "train":
             advice = ("lower batch_size, feature_batch_size, feature_dim or n_clusters, or use a machine with more "
                       "memory; a checkpoint already written is kept (continue with --resume)")
         else:

@@ -233,10 +233,13 @@ class FolderSource(ImageSource):
         self.labels = scan.labels
         self.class_names = scan.class_names
         self.skipped = scan.skipped
+        self._relative = None if files is None else list(files)
 
     def relative_files(self) -> list[str]:
         """The images' paths relative to the root, in order (what ``files`` takes)."""
-        return [str(Path(path).relative_to(self.root)) for path in self.paths]
+        if self._relative is None:
+            self._relative = [str(Path(path).relative_to(self.root)) for path in self.paths]
+        return self._relative
 
     def __len__(self) -> int:
         return len(self.paths)
