@@ -22,12 +22,12 @@ def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folde
     config = tiny_config(image_folder, tmp_path / "full")
     lines = []
     records = run(config, log=lines.append)
-    assert len(records) == 2 and len(lines) == 4  # header, one line per epoch, the final clustering
+    assert len(records) == 2 and len(lines) == 5  # header, the --val hint, one line per epoch, the final clustering
     assert lines[-1].startswith("final clustering of the trained network")
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]
     for key in ("clustering_objective", "n_split", "largest_cluster_share", "n_nonempty", "train_loss",
-                "nmi_labels", "acc_labels", "ari_labels", "time_features", "time_clustering",
+                "nmi_labels", "cluster_acc", "ari_labels", "time_features", "time_clustering",
                 "time_training", "train_images_per_s"):
         assert key in log[1], key
     assert log[0]["nmi_prev"] is None and 0 <= log[1]["nmi_prev"] <= 1
@@ -104,7 +104,8 @@ def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(ima
     source = FolderSource(config.data)
     features, ok = compute_features(model, source, config, device)
     reference = cluster_features(features, ok, config, seed=3)
-    points, ok_streamed, pca, _, _ = reduce_features(model, source, config, device, seed=5)
+    reduced = reduce_features(model, source, config, device, seed=5)
+    points, ok_streamed, pca = reduced.points, reduced.decoded, reduced.pca
     assert np.array_equal(ok, ok_streamed)
     expected = reference.pca.transform(features)
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
@@ -113,7 +114,8 @@ def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(ima
 
     # A bounded sample: the PCA sees only 20 of the 36 images, every image is still reduced.
     bounded = tiny_config(image_folder, tmp_path / "run", pca_sample_size=20)
-    points, ok_streamed, pca, _, _ = reduce_features(model, source, bounded, device, seed=5)
+    reduced = reduce_features(model, source, bounded, device, seed=5)
+    points, ok_streamed = reduced.points, reduced.decoded
     assert points.shape == (36, 8) and ok_streamed.all()
     np.testing.assert_allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-5)
     records = run(tiny_config(image_folder, tmp_path / "bounded", pca_sample_size=20, epochs=1), log=lambda _: None)

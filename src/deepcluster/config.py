@@ -34,16 +34,28 @@ class Config:
 
     # -- what to train on, where to write
     data: str | None = None  # image folder; None = the built-in scikit-learn digits
+    # Labelled folder (FOLDER/<class>/<image>, e.g. a test split) for the online kNN: every
+    # val_every epochs (and the last) its images are classified by the training images' features.
+    val: str | None = None
+    val_every: int = 1
     out_dir: str = "runs/deepcluster"
     # -- network
     arch: str = "alexnet"  # alexnet | vgg16 | smallnet
     sobel: bool = True  # fixed grayscale + Sobel input filter
     feature_dim: int | None = None  # width of the fc layers; None = architecture default
+    # reference: fc weights and heads from N(0, 0.01) (the authors'); width: N(0, 0.01*sqrt(4096/fan_in)),
+    # the same gain for any width (a 512-wide net otherwise starts with near-zero logits).
+    fc_init: str = "reference"
     # -- image views
     resize: int = 256  # feature pass: shorter side resized to this ...
     crop: int = 224  # ... then centre-cropped; also the training crop size
     crop_scale_min: float = 0.08  # random resized crop: smallest share of the area
     hflip: bool = True
+    # Colour jitter of training views (not in the paper; v2 and SimCLR use it): with
+    # probability 0.8 brightness/contrast/saturation x U[1-s, 1+s] and hue +-s/4, then gray
+    # with probability grayscale_prob. 0 = off (reference).
+    color_jitter: float = 0.0
+    grayscale_prob: float = 0.0
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # -- clustering
@@ -111,6 +123,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("alexnet", "vgg16", "smallnet"),
+    "fc_init": ("reference", "width"),
     "clustering": ("kmeans", "pic"),
     "kmeans_backend": ("faiss", "torch"),
     "kmeans_init": ("random", "kmeans++"),
@@ -213,7 +226,7 @@ def validate(config: Config) -> Config:
         if kind is int and value is not None and value > MAX_INT:
             raise ConfigError(f"setting {key!r} must be at most {MAX_INT}, got {value}")
     positive = ("resize", "crop", "n_clusters", "pca_dim", "kmeans_iters", "epochs", "batch_size",
-                "reassign_every", "feature_batch_size")
+                "reassign_every", "feature_batch_size", "val_every")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"setting {key!r} must be a positive integer, got {getattr(config, key)}")
@@ -232,6 +245,9 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"setting 'momentum' must be in [0, 1), got {config.momentum}")
     if config.weight_decay < 0:
         raise ConfigError(f"setting 'weight_decay' must be >= 0, got {config.weight_decay}")
+    for key in ("color_jitter", "grayscale_prob"):
+        if not 0 <= getattr(config, key) <= 1:
+            raise ConfigError(f"setting {key!r} must be in [0, 1], got {getattr(config, key)}")
     if not 0 < config.crop_scale_min <= 1:
         raise ConfigError(f"setting 'crop_scale_min' must be in (0, 1], got {config.crop_scale_min}")
     if not 0 <= config.workers <= MAX_THREADS:

@@ -29,20 +29,21 @@ from torch.utils.data import DataLoader
 from deepcluster import distributed
 from deepcluster import runfolder
 from deepcluster.checkpoint import CheckpointError, check_resumable, load_checkpoint, weights_mismatch
-from deepcluster.clustering import (ari, cluster_sizes, clustering_accuracy, kmeans,
+from deepcluster.clustering import (cluster_sizes, kmeans,
                                     l2_normalize, nmi)
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
 from deepcluster.config import Config, ConfigError, from_dict
 from deepcluster.data.pseudo import UNREADABLE
-from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
+from deepcluster.data import (CenterView, ColorJitter, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
                               uniform_cluster_sample, walk_relative)
 from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
+from deepcluster.monitor import KnnMonitor, label_scores
 from deepcluster.progress import Progress, track
 from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME  # noqa: F401 - LOG_NAME: formerly defined here
 from deepcluster.scalars import ScalarLog
@@ -203,9 +204,39 @@ def cluster_features(features: np.ndarray, ok: np.ndarray, config: Config, seed:
     return clustering
 
 
+def pca_dim_for(pca_dim: int, n_images: int) -> int:
+    """The PCA width used for ``n_images`` images: ``pca_dim``, or half the images when
+    there are too few. Whitened to ``N - 1`` or more dimensions, ``N`` points are all equally
+    far apart (a regular simplex), so k-means can only split them at random."""
+    return pca_dim if n_images > pca_dim + 1 else max(1, (n_images - 1) // 2)
+
+
+@dataclass
+class ReducedFeatures:
+    """One feature pass, reduced for clustering.
+
+    Attributes:
+        points: ``(N, pca_dim)`` float32 unit rows (zero for unusable images; no columns
+            when fewer than two images decoded).
+        decoded: ``(N,)`` bool, the images that decoded.
+        pca: the fitted PCA (``None`` when fewer than two images decoded).
+        time_network: seconds in the network.
+        time_pca: seconds in the PCA (fit and projections).
+        kept: ``(keep.sum(), feature_dim)`` raw features of the ``keep`` images, in image
+            order (None without ``keep``).
+    """
+
+    points: np.ndarray
+    decoded: np.ndarray
+    pca: PCA | None
+    time_network: float
+    time_pca: float
+    kept: np.ndarray | None = None
+
+
 @torch.no_grad()
 def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
-                    seed: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, PCA | None, float, float]:
+                    seed: int, epoch: int = 0, keep: np.ndarray | None = None) -> ReducedFeatures:
     """The feature pass streamed into PCA-whitening and L2 normalisation.
 
     Only ``(N, pca_dim)`` is kept for k-means. With ``pca_sample_size`` unset the PCA is
@@ -214,10 +245,9 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     the first ``pca_sample_size`` of them and every later batch is projected on arrival,
     so memory stays bounded (ImageNet: 1.6 GB of sample instead of 21 GB).
 
-    Returns:
-        ``(N, pca_dim)`` float32 unit rows (zero for unusable images), the ``(N,)`` bool
-        mask of images that decoded, the fitted PCA (``None``, and no rows, when fewer than
-        two images decoded), seconds in the network, seconds in the PCA (fit and projections).
+    Args:
+        keep: ``(N,)`` bool, images whose raw features are also returned (``kept``), e.g.
+            the online kNN's memory; None keeps none.
 
     Raises:
         TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
@@ -229,11 +259,15 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     order = np.random.default_rng(seed).permutation(n_images) if bounded else np.arange(n_images)
     indices = distributed.shard(order)
     share = -(-config.pca_sample_size // distributed.world_size()) if bounded else len(indices)
-    reducer = StreamingPCA(n_images, config.pca_dim, config.whiten_power, sample_size=max(share, 2),
+    reducer = StreamingPCA(n_images, pca_dim_for(config.pca_dim, n_images), config.whiten_power,
+                           sample_size=max(share, 2),
                            gather_sample=distributed.all_gather_rows if distributed.is_distributed() else None)
     dataset = torch.utils.data.Subset(FeatureDataset(source, CenterView(config.resize, config.crop)), indices)
     loader = DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False, **loader_kwargs(config, device))
     local_ok = np.zeros(len(indices), dtype=bool)
+    keep_local = None if keep is None else keep[indices]
+    kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.feature_dim), dtype=np.float32)
+    kept_position = 0
     position, time_pca = 0, 0.0
     start = time.perf_counter()
     for images, _, ok in track(loader, len(indices), "features", unit="img", size=lambda batch: len(batch[0])):
@@ -245,21 +279,35 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         check_features(out, epoch)
         rows = indices[position:position + len(images)]
         local_ok[position:position + len(images)] = ok
+        if keep_local is not None:
+            wanted = keep_local[position:position + len(images)]
+            kept_local[kept_position:kept_position + int(wanted.sum())] = out[wanted]
+            kept_position += int(wanted.sum())
         position += len(images)
         tick = time.perf_counter()
         if ok.any():
             reducer.add(out[ok], rows[ok])
         time_pca += time.perf_counter() - tick
     mask = distributed.gather_rows(local_ok.astype(np.uint8), indices, n_images).astype(bool)
+    # Back into image order: the rows of keep's true entries, ascending.
+    kept = None if keep is None else distributed.gather_rows(kept_local, indices[keep_local], n_images)[keep]
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
-        return np.zeros((n_images, 0), dtype=np.float32), mask, None, time.perf_counter() - start, time_pca
+        return ReducedFeatures(np.zeros((n_images, 0), dtype=np.float32), mask, None,
+                               time.perf_counter() - start, time_pca, kept)
     tick = time.perf_counter()
     with Progress(None, "PCA-whitening"):
         reduced, pca = reducer.finish()
     if distributed.is_distributed():
         reduced = distributed.gather_rows(reduced[indices], indices, n_images)
     time_pca += time.perf_counter() - tick
-    return reduced, mask, pca, time.perf_counter() - start - time_pca, time_pca
+    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - start - time_pca, time_pca, kept)
+
+
+def color_jitter(config: Config) -> ColorJitter | None:
+    """The training views' colour jitter, or None when off (the reference)."""
+    if config.color_jitter == 0 and config.grayscale_prob == 0:
+        return None
+    return ColorJitter(config.color_jitter, config.color_jitter / 4, 0.8, config.grayscale_prob)
 
 
 def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, source: ImageSource,
@@ -282,7 +330,8 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
     else:
         indices = rng.permutation(np.flatnonzero(assignments >= 0))
     indices = distributed.shard(indices)
-    transform = RandomResizedCropFlip(config.crop, (config.crop_scale_min, 1.0), flip=config.hflip)
+    transform = RandomResizedCropFlip(config.crop, (config.crop_scale_min, 1.0), flip=config.hflip,
+                                      color=color_jitter(config))
     dataset = PseudoLabelDataset(source, indices, assignments, transform, config.seed, epoch)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False,
                         **loader_kwargs(config, device))
@@ -335,7 +384,7 @@ class RunState:
 def build(config: Config, device: torch.device) -> tuple[Backbone, torch.optim.Optimizer]:
     """A fresh backbone on ``device`` and its body optimiser (SGD with momentum)."""
     torch.manual_seed(config.seed)
-    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
+    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -404,7 +453,7 @@ def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, confi
 
 
 RESUMABLE = {"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
-             "tensorboard", "final_clustering"}
+             "tensorboard", "final_clustering", "val", "val_every"}
 
 
 def check_resume_config(saved: dict, config: Config) -> None:
@@ -420,36 +469,54 @@ def check_resume_config(saved: dict, config: Config) -> None:
         raise ConfigError(f"cannot resume with different settings ({details}); only {', '.join(sorted(RESUMABLE))} may change")
 
 
-def label_scores(assignments: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
-    if labels is None:
-        return {}
-    usable = assignments >= 0
-    truth, pred = labels[usable], assignments[usable]
-    return {"nmi_labels": nmi(truth, pred), "acc_labels": clustering_accuracy(truth, pred), "ari_labels": ari(truth, pred)}
+def knn_scores(model: Backbone, monitor: KnnMonitor, reduced: ReducedFeatures, config: Config,
+               device: torch.device) -> dict[str, float]:
+    """Online kNN of the validation images: their feature pass, against the memory rows
+    the epoch's feature pass kept (``reduced.kept``)."""
+    val_features, val_decoded = compute_features(model, monitor.val, config, device)
+    memory_decoded = None if monitor.memory is None else reduced.decoded[monitor.memory]
+    return monitor.score(val_features, val_decoded, reduced.kept, memory_decoded, device)
+
+
+def format_scores(record: dict) -> list[str]:
+    """The label scores of a record, named so they cannot be misread (see ``monitor``)."""
+    parts = []
+    if "knn_top1" in record:
+        parts.append(f"knn top-1 {record['knn_top1']:.1f}%")
+    if "cluster_acc" in record:
+        parts.append(f"acc(k=classes) {100 * record['cluster_acc']:.1f}%")
+    if "nmi_labels" in record:
+        parts.append(f"nmi {record['nmi_labels']:.3f} (chance {record['nmi_chance']:.3f}) "
+                     f"ari {record['ari_labels']:.3f} purity {100 * record['purity']:.1f}%")
+    return parts
 
 
 def format_line(record: dict, epochs: int) -> str:
-    """The one terminal line of an epoch."""
+    """The one terminal line of an epoch: the scores are of the features the epoch clustered
+    (the weights it started from: epoch 1 shows the random start)."""
     parts = [f"epoch {record['epoch'] + 1:>3}/{epochs}"]
     if record["clustering_objective"] is not None:
         parts.append(f"clus {record['clustering_objective']:.4f}")
     parts.append(f"loss {record['train_loss']:.4f}")
+    parts.extend(format_scores(record))
     if record.get("nmi_prev") is not None:
         parts.append(f"nmi(t-1,t) {record['nmi_prev']:.3f}")
-    if "nmi_labels" in record:
-        parts.append(f"nmi {record['nmi_labels']:.3f} acc {record['acc_labels']:.3f} ari {record['ari_labels']:.3f}")
     parts.append(f"clusters {record['n_nonempty']} (largest {100 * record['largest_cluster_share']:.1f}%)")
     parts.append(f"time feat {record['time_features']:.1f}s clus {record['time_clustering']:.1f}s "
                  f"train {record['time_training']:.1f}s ({record['train_images_per_s']:.0f} img/s)")
     return "  ".join(parts)
 
 
-def run(config: Config, resume: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+def run(config: Config, resume: bool = False, log: Callable[[str], None] = print,
+        stop: Callable[[dict], bool] | None = None) -> list[dict]:
     """Train DeepCluster as ``config`` says; returns the per-epoch records.
 
     Writes into ``config.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per
     epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``; after the
     last epoch, the final clustering (``add_final_clustering``); ``tensorboard/`` scalars.
+
+    ``stop``, when given, is asked after each committed epoch with its record; True ends
+    the run there (resumable, like a kill between epochs; no final clustering).
 
     A kill at any moment loses at most the epoch in progress: ``resume=True`` continues from
     the checkpoint and ends with the same assignments and weights as an uninterrupted run
@@ -468,12 +535,13 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if not distributed.is_main_process():  # the main process holds the folder for all of them
-        return _run(config, resume, log, device)
+        return _run(config, resume, log, device, stop)
     with runfolder.lock(config.run_dir):
-        return _run(config, resume, log, device)
+        return _run(config, resume, log, device, stop)
 
 
-def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch.device) -> list[dict]:
+def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch.device,
+         stop: Callable[[dict], bool] | None = None) -> list[dict]:
     """The body of :func:`run`, with the run folder locked."""
     run_dir = config.run_dir
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -516,6 +584,18 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
                 if change:
                     log(change)
     labels = source.labels
+    monitor = None
+    if config.val is not None:
+        monitor = KnnMonitor.open(config.val, source)
+        if monitor.note:
+            log(f"deepcluster: {monitor.note}")
+    elif labels is not None:
+        log("deepcluster: the data folder has classes: add --val FOLDER (labelled images, e.g. a test split) "
+            "to see the online kNN accuracy every epoch")
+    if config.pca_dim > pca_dim_for(config.pca_dim, len(source)):
+        log(f"deepcluster: warning: {len(source)} images are too few for pca_dim {config.pca_dim} (whitened to "
+            f"N - 1 dimensions or more, the points are all equally far apart and k-means is arbitrary); "
+            f"using {pca_dim_for(config.pca_dim, len(source))}")
     log(f"deepcluster: {len(source)} images, {config.arch}{' + sobel' if config.sobel else ''}, "
         f"k={config.n_clusters}, {config.epochs} epochs, device {device}, run folder {run_dir}"
         + (f", resuming after epoch {state.epoch}" if resume else "")
@@ -530,8 +610,11 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
         recluster = state.previous is None or epoch % config.reassign_every == 0
         record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
         if recluster:
-            points, ok, pca, record["time_features"], time_pca = reduce_features(
-                model, source, config, device, derived_seed(config.seed, epoch, 2), epoch)
+            measure_knn = monitor is not None and (epoch % config.val_every == 0 or epoch == config.epochs - 1)
+            reduced = reduce_features(model, source, config, device, derived_seed(config.seed, epoch, 2), epoch,
+                                      keep=monitor.memory if measure_knn else None)
+            points, ok, pca = reduced.points, reduced.decoded, reduced.pca
+            record["time_features"], time_pca = reduced.time_network, reduced.time_pca
             for index in np.flatnonzero(~ok):
                 state.skipped[source.name(int(index))] = decode_problem(source, int(index))
             needed = config.n_clusters if config.clustering == "kmeans" else 2
@@ -544,7 +627,6 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
             clustering = cluster_points(points, ok, pca, config, derived_seed(config.seed, epoch, 0),
                                         clustering_device(config, device))
             clustering.time_pca = time_pca
-            del points
             assignments = clustering.assignments
             model.reset_classifier(clustering.n_clusters)
             record.update(time_pca=clustering.time_pca, time_kmeans=clustering.time_kmeans,
@@ -561,7 +643,13 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
             nmi_prev=nmi(state.previous, assignments) if recluster and state.previous is not None else None,
             warnings=cluster_warnings(assignments),
         )
-        record.update(label_scores(assignments, labels))
+        tick = time.perf_counter()
+        record.update(label_scores(assignments, labels, points if recluster else None,
+                                   derived_seed(config.seed, epoch, 3), config.kmeans_backend))
+        if recluster and measure_knn:
+            record.update(knn_scores(model, monitor, reduced, config, device))
+        record["time_monitor"] = time.perf_counter() - tick
+        points = reduced = None
 
         start = time.perf_counter()
         unreadable: set[int] = set()
@@ -589,15 +677,18 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
             for warning in record["warnings"]:
                 log(f"deepcluster: warning: epoch {epoch + 1}: {warning}")
         records.append(record)
+        if stop is not None and stop(record):
+            break
     scalars.close()
     if config.final_clustering and state.epoch == config.epochs:
-        add_final_clustering(model, source, config, device, state, labels, redo=bool(records), log=log)
+        add_final_clustering(model, source, config, device, state, labels, redo=bool(records), log=log,
+                             monitor=monitor)
     return records
 
 
 def add_final_clustering(model: Backbone, source: ImageSource, config: Config, device: torch.device,
                          state: RunState, labels: np.ndarray | None, redo: bool = True,
-                         log: Callable[[str], None] = print) -> dict | None:
+                         log: Callable[[str], None] = print, monitor: KnnMonitor | None = None) -> dict | None:
     """Cluster the trained network's features once more and store it with the checkpoint.
 
     The clustering an epoch trains on comes from the weights at the *start* of that epoch,
@@ -620,18 +711,21 @@ def add_final_clustering(model: Backbone, source: ImageSource, config: Config, d
     if (not redo and saved.get("final") is not None and int(saved["final"]["epoch"]) == state.epoch
             and (config.run_dir / runfolder.ASSIGNMENTS_DIR / runfolder.FINAL_ASSIGNMENTS).is_file()):
         return None
-    points, ok, pca, time_features, time_pca = reduce_features(model, source, config, device,
-                                                               derived_seed(config.seed, state.epoch, 2), state.epoch)
-    final = cluster_points(points, ok, pca, config, derived_seed(config.seed, state.epoch, 0),
-                           clustering_device(config, device))
-    final.time_pca = time_pca
-    del points
+    reduced = reduce_features(model, source, config, device, derived_seed(config.seed, state.epoch, 2), state.epoch,
+                              keep=None if monitor is None else monitor.memory)
+    final = cluster_points(reduced.points, reduced.decoded, reduced.pca, config,
+                           derived_seed(config.seed, state.epoch, 0), clustering_device(config, device))
+    final.time_pca = reduced.time_pca
     sizes = cluster_sizes(final.assignments, final.n_clusters)
     summary = {"epoch": state.epoch, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
                "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
                "nmi_last_epoch": None if state.previous is None else nmi(state.previous, final.assignments),
-               **label_scores(final.assignments, labels), "time_features": time_features,
-               "time_clustering": final.time_pca + final.time_kmeans}
+               **label_scores(final.assignments, labels, reduced.points, derived_seed(config.seed, state.epoch, 3),
+                              config.kmeans_backend),
+               **({} if monitor is None else knn_scores(model, monitor, reduced, config, device)),
+               "time_features": reduced.time_network, "time_clustering": final.time_pca + final.time_kmeans}
+    time_features = reduced.time_network
+    del reduced
     if distributed.is_main_process():
         saved.pop("format_version", None)
         saved["final"] = {"epoch": state.epoch, "centroids": torch.from_numpy(final.centroids),
@@ -643,9 +737,7 @@ def add_final_clustering(model: Backbone, source: ImageSource, config: Config, d
                  f"(largest {100 * sizes.largest_share:.1f}%)"]
         if summary["nmi_last_epoch"] is not None:
             parts.append(f"nmi with epoch {state.epoch}'s {summary['nmi_last_epoch']:.3f}")
-        if "nmi_labels" in summary:
-            parts.append(f"nmi {summary['nmi_labels']:.3f} acc {summary['acc_labels']:.3f} "
-                         f"ari {summary['ari_labels']:.3f}")
+        parts.extend(format_scores(summary))
         parts.append(f"time {time_features + summary['time_clustering']:.1f}s")
         log("  ".join(parts))
     return summary
@@ -655,7 +747,7 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
     """The trained backbone of a checkpoint (top layer included) and its configuration."""
     saved = load_checkpoint(path)
     config = from_dict(saved["config"])
-    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
+    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init)
     load_weights(model, saved["model"], path)
     return model.eval(), config
 

@@ -56,7 +56,7 @@ class CenterView:
 
 @dataclass(frozen=True)
 class RandomResizedCropFlip:
-    """The training view: random resized crop then random horizontal flip.
+    """The training view: random resized crop, random horizontal flip, optional colour jitter.
 
     The crop covers a uniformly drawn share of the area in ``scale`` with a log-uniform
     aspect ratio in ``ratio`` (10 tries, then the largest central crop that fits), and is
@@ -67,6 +67,7 @@ class RandomResizedCropFlip:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     flip: bool = True
+    color: ColorJitter | None = None
 
     def box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         area = width * height
@@ -96,7 +97,46 @@ class RandomResizedCropFlip:
         image = image.resize((self.size, self.size), Image.BILINEAR, box=box)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.color is not None:
+            image = self.color(image, rng)
         return to_uint8_tensor(image)
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """Random colour changes of a training view (not in the v1 paper; v2 and SimCLR use them).
+
+    With probability ``p``: brightness, contrast and saturation factors drawn uniformly in
+    ``[1 - strength, 1 + strength]`` and a hue shift in ``[-hue, hue]`` turns, applied in a
+    random order; then, with probability ``grayscale``, the view becomes gray (three equal
+    channels). Pillow only: ``ImageEnhance`` for the factors, HSV for the hue.
+    """
+
+    strength: float = 0.4
+    hue: float = 0.1
+    p: float = 0.8
+    grayscale: float = 0.2
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        from PIL import ImageEnhance
+
+        if self.p > 0 and rng.random() < self.p:
+            low, high = max(0.0, 1.0 - self.strength), 1.0 + self.strength
+            for op in rng.permutation(4):
+                if op == 0 and self.strength > 0:
+                    image = ImageEnhance.Brightness(image).enhance(rng.uniform(low, high))
+                elif op == 1 and self.strength > 0:
+                    image = ImageEnhance.Contrast(image).enhance(rng.uniform(low, high))
+                elif op == 2 and self.strength > 0:
+                    image = ImageEnhance.Color(image).enhance(rng.uniform(low, high))
+                elif op == 3 and self.hue > 0:
+                    hsv = np.asarray(image.convert("HSV")).copy()
+                    shift = int(round(rng.uniform(-self.hue, self.hue) * 255))
+                    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
+                    image = Image.fromarray(hsv, "HSV").convert("RGB")
+        if self.grayscale > 0 and rng.random() < self.grayscale:
+            image = image.convert("L").convert("RGB")
+        return image
 
 
 class Normalize:

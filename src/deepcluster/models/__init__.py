@@ -11,9 +11,10 @@ from deepcluster.models.sobel import SobelFilter
 from deepcluster.models.vgg import VGG16
 
 MODELS: dict[str, type[Backbone]] = {"alexnet": AlexNet, "vgg16": VGG16, "smallnet": SmallNet}
+FC_INITS = ("reference", "width")
 
 
-def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None) -> Backbone:
+def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, fc_init: str = "reference") -> Backbone:
     """Build a backbone by name (``alexnet``, ``vgg16`` or ``smallnet``).
 
     Args:
@@ -21,14 +22,23 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None) 
         sobel: put the fixed grayscale + Sobel input filter in front.
         feature_dim: width of the fully connected layers; ``None`` keeps the
             architecture's default (4096 for AlexNet and VGG-16, 512 for the small net).
+        fc_init: ``reference`` draws every fully connected layer (and later heads) from
+            N(0, 0.01) as the authors do; ``width`` scales each to
+            N(0, 0.01 * sqrt(4096 / fan_in)), the gain the reference gives its 4096-wide
+            layers, so narrow layers are not started near zero (see ``Backbone.scale_fc_init``).
 
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
     """
     if arch not in MODELS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(sorted(MODELS))}")
+    if fc_init not in FC_INITS:
+        raise ValueError(f"unknown fc_init {fc_init!r}; choose one of: {', '.join(FC_INITS)}")
     kwargs = {} if feature_dim is None else {"feature_dim": feature_dim}
-    return MODELS[arch](sobel=sobel, **kwargs)
+    model = MODELS[arch](sobel=sobel, **kwargs)
+    if fc_init == "width":
+        model.scale_fc_init()
+    return model
 
 
 __all__ = ["AlexNet", "Backbone", "BackboneMetadata", "ExportError", "MODELS", "SmallNet", "SobelFilter", "VGG16",

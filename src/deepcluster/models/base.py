@@ -20,6 +20,11 @@ from torch import nn
 from deepcluster.models.sobel import SobelFilter
 
 
+# The reference's N(0, 0.01) for fully connected weights, and the width it was made for.
+REFERENCE_STD = 0.01
+REFERENCE_WIDTH = 4096
+
+
 class Backbone(nn.Module):
     """Base class: subclasses build ``self.features`` and ``self.classifier``.
 
@@ -39,6 +44,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.sobel = SobelFilter() if sobel else None
         self.top_layer: nn.Linear | None = None
+        self.head_std = REFERENCE_STD  # the top layer's init; see scale_fc_init
 
     @property
     def in_channels(self) -> int:
@@ -70,10 +76,26 @@ class Backbone(nn.Module):
         """
         device = next(self.classifier.parameters()).device
         layer = nn.Linear(self.feature_dim, n_outputs).to(device)
-        nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+        nn.init.normal_(layer.weight, mean=0.0, std=self.head_std)
         nn.init.zeros_(layer.bias)
         self.top_layer = layer
         return layer
+
+    def scale_fc_init(self) -> None:
+        """Rescale the fully connected layers from N(0, 0.01) to N(0, 0.01 * sqrt(4096 / fan_in)).
+
+        The reference draws every fully connected weight from N(0, 0.01). That suits
+        AlexNet's 4096-wide layers (each passes on about 0.64 of its input's scale), but a
+        512-wide net passes on 0.23 per layer: its pseudo-label logits start near zero, so
+        hardly any gradient reaches the convolutions for the first epochs and the loss sits
+        at ln k. Scaled by fan-in, every layer has the reference's 4096-wide gain, whatever
+        its width; for a 4096-wide layer nothing changes. Heads made later follow the rule.
+        """
+        for layer in self.classifier.modules():
+            if isinstance(layer, nn.Linear):
+                with torch.no_grad():
+                    layer.weight.mul_(math.sqrt(REFERENCE_WIDTH / layer.in_features))
+        self.head_std = REFERENCE_STD * math.sqrt(REFERENCE_WIDTH / self.feature_dim)
 
     def body_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters of everything but the top layer (the body optimiser's)."""

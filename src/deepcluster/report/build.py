@@ -111,6 +111,10 @@ class ReportResult:
     seconds: float = 0.0
 
 
+# Label scores shown in the summary table, as (log key, name).
+LABEL_SCORES = (("knn_top1", "kNN top-1 %"), ("cluster_acc", "ACC (k = classes)"), ("nmi_labels", "NMI"),
+                ("nmi_chance", "NMI by chance"), ("ari_labels", "ARI"))
+
 def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
     config = run.config
     data = config.data or "built-in digits (scikit-learn, 1,797 images)"
@@ -126,7 +130,7 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
         parts = [f"loss {last['train_loss']:.3f}"] if isinstance(last.get("train_loss"), (int, float)) else []
         if isinstance(last.get("nmi_prev"), (int, float)):
             parts.append(f"NMI(t-1,t) {last['nmi_prev']:.3f}")
-        for key, name in (("nmi_labels", "NMI"), ("acc_labels", "ACC"), ("ari_labels", "ARI")):
+        for key, name in LABEL_SCORES:
             if isinstance(last.get(key), (int, float)):
                 parts.append(f"{name} {last[key]:.3f}")
         rows.append(("last epoch", ", ".join(parts)))
@@ -138,7 +142,7 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
         parts = [f"{final.get('n_nonempty', '?')} clusters"]
         if isinstance(final.get("nmi_last_epoch"), (int, float)):
             parts.append(f"NMI with the last epoch's {final['nmi_last_epoch']:.3f}")
-        for key, name in (("nmi_labels", "NMI"), ("acc_labels", "ACC"), ("ari_labels", "ARI")):
+        for key, name in LABEL_SCORES:
             if isinstance(final.get(key), (int, float)):
                 parts.append(f"{name} {final[key]:.3f}")
         rows.append(("final clustering", ", ".join(parts)))

@@ -109,9 +109,14 @@ def epoch_curves(records: list[dict[str, Any]]) -> list[Figure]:
          [("train_loss", "loss")], "loss", None),
         ("NMI(t-1, t)", "agreement of consecutive clusterings; rises then levels off as the clustering "
          "stabilises (the paper's stays below about 0.8)", [("nmi_prev", "NMI(t-1, t)")], "NMI", (0.0, 1.0)),
-        ("Against the true labels", "NMI, clustering accuracy (best one-to-one match) and ARI of the pseudo-labels "
-         "with the classes; labels are never used for training",
-         [("nmi_labels", "NMI"), ("acc_labels", "ACC"), ("ari_labels", "ARI")], "score", (0.0, 1.0)),
+        ("Online kNN", "top-1 accuracy (%) of the --val images classified by their 20 most similar training "
+         "images, on the features each epoch clustered (epoch 1 = the random start)",
+         [("knn_top1", "kNN top-1 (%)")], "accuracy (%)", None),
+        ("Against the true labels", "NMI of the k pseudo-labels with the classes beside its chance level (the "
+         "same cluster sizes shuffled), ARI, and the clustering accuracy of a k-means with k = number of classes "
+         "(best one-to-one match); labels are never used for training",
+         [("nmi_labels", "NMI"), ("nmi_chance", "NMI by chance"), ("ari_labels", "ARI"),
+          ("cluster_acc", "ACC (k = classes)")], "score", (0.0, 1.0)),
         ("Largest cluster", "share of the images in the largest cluster; a jump means a degenerate solution",
          [("largest_cluster_share", "largest share")], "share of images", None),
     ]

@@ -1,0 +1,169 @@
+"""Does a recipe learn? Train it on a labelled train / val pair under a wall-clock budget and
+record the online kNN and the label scores of every epoch.
+
+    python bench/learning.py --recipe small --train cifar10/train --val cifar10/test \
+        --minutes 120 --name small_cifar10 [--set key=value ...]
+
+Every epoch's record (kNN top-1 of the validation images, clustering accuracy at k = number
+of classes, NMI beside its chance level, times) goes to ``bench/results/learning_NAME.json``
+as it comes, and a PNG of the curves beside it. The first epoch's scores are those of the
+random weights the run starts from (its baseline); after the budget the run stops between
+epochs and the trained weights are measured once more (the final clustering). The budget
+counts training time only: the seconds spent measuring (``time_monitor`` and the validation
+pass) are left out, so how often one measures does not change how far a run gets.
+
+The raw-pixel baseline (``--raw-baseline``): the same kNN and k = number of classes k-means
+on the centre view's pixels, with no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepcluster.config import coerce, resolve
+from deepcluster.train import run
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    except OSError:
+        pass
+    return ""
+
+
+def raw_pixel_baseline(config, train_dir: str, val_dir: str) -> dict:
+    """kNN and k = classes k-means on the centre view's raw pixels (no network)."""
+    from deepcluster.data import CenterView, FolderSource
+    from deepcluster.evaluation.knn import knn_classify
+    from deepcluster.monitor import class_kmeans_accuracy
+
+    def pixels(source):
+        view = CenterView(config.resize, config.crop)
+        return np.stack([view(source.load(i)).float().flatten().numpy() for i in range(len(source))])
+
+    train, val = FolderSource(train_dir), FolderSource(val_dir)
+    train_x, val_x = pixels(train), pixels(val)
+    knn = knn_classify(train_x, train.labels, val_x, val.labels, len(train.class_names))
+    points = train_x - train_x.mean(axis=0)
+    points /= np.linalg.norm(points, axis=1, keepdims=True) + 1e-12
+    acc, class_nmi = class_kmeans_accuracy(points.astype(np.float32), train.labels, seed=0)
+    return {"knn_top1": knn.top1, "knn_top5": knn.top5, "cluster_acc": acc, "cluster_nmi": class_nmi}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = result["records"]
+    minutes = np.cumsum([r["time_budget"] for r in records]) / 60.0
+    start = np.concatenate([[0.0], minutes[:-1]])  # an epoch's scores are of the weights it started from
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    final = result.get("final") or {}
+    for ax, key, name, scale in ((axes[0], "knn_top1", "kNN top-1 on val (%)", 1.0),
+                                 (axes[1], "cluster_acc", "clustering ACC, k = classes (%)", 100.0)):
+        xs = [x for x, r in zip(start, records) if key in r]
+        ys = [scale * r[key] for r in records if key in r]
+        if key in final:
+            xs, ys = xs + [minutes[-1]], ys + [scale * final[key]]
+        ax.plot(xs, ys, marker="o", markersize=3, label=result["name"])
+        if ys:
+            ax.axhline(ys[0], color="grey", linestyle="--", linewidth=1, label="random init")
+        raw = result.get("raw_pixels") or {}
+        if key in raw:
+            ax.axhline(scale * raw[key], color="tab:red", linestyle=":", linewidth=1, label="raw pixels")
+        ax.set_xlabel("training minutes")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['name']}: {result['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="small")
+    parser.add_argument("--train", required=True, help="labelled training folder (FOLDER/<class>/<image>)")
+    parser.add_argument("--val", required=True, help="labelled validation folder")
+    parser.add_argument("--minutes", type=float, required=True, help="training budget (measuring excluded)")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--out", default=None, help="run folder (default /tmp/deepcluster-learning/NAME)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings over the recipe")
+    parser.add_argument("--raw-baseline", action="store_true")
+    args = parser.parse_args(argv)
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    overrides = {key: coerce(key, value) for key, value in overrides.items()}
+    out = args.out or f"/tmp/deepcluster-learning/{args.name}"
+    overrides.update(data=args.train, val=args.val, out_dir=out, tensorboard=False)
+    overrides.setdefault("epochs", 10000)
+    config = resolve(args.recipe, overrides=overrides)
+    RESULTS.mkdir(exist_ok=True)
+    json_path, png_path = RESULTS / f"learning_{args.name}.json", RESULTS / f"learning_{args.name}.png"
+    result = {"name": args.name, "recipe": args.recipe, "settings": overrides, "config": config.to_dict(),
+              "command": " ".join(["python", "bench/learning.py"] + sys.argv[1:]), "cpu": cpu_model(),
+              "cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "budget_minutes": args.minutes, "records": [], "final": None}
+    if args.raw_baseline:
+        result["raw_pixels"] = raw_pixel_baseline(config, args.train, args.val)
+        print("raw pixels:", result["raw_pixels"], flush=True)
+
+    def save() -> None:
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        if result["records"]:
+            plot(result, png_path)
+
+    spent = 0.0
+
+    def stop(record: dict) -> bool:
+        nonlocal spent
+        # Measuring is not training: the monitor's seconds are left out of the budget.
+        record["time_budget"] = (record["time_features"] + record["time_clustering"] + record["time_training"])
+        spent += record["time_budget"]
+        record["minutes"] = spent / 60.0
+        result["records"].append(record)
+        save()
+        return spent >= 60.0 * args.minutes
+
+    start = time.perf_counter()
+    run(config, log=lambda line: print(line, flush=True), stop=stop)
+    done = len(result["records"])
+    final_config = resolve(args.recipe, overrides={**overrides, "epochs": done})
+    run(final_config, resume=True, log=lambda line: print(line, flush=True))
+    final_path = Path(out) / "final.json"
+    if final_path.is_file():
+        result["final"] = json.loads(final_path.read_text())
+    result["wall_minutes"] = (time.perf_counter() - start) / 60.0
+    save()
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

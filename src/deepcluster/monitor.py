@@ -1,0 +1,193 @@
+"""What a run shows every epoch about whether its features are learning.
+
+Two kinds of numbers, both only where classes are known (they never steer training):
+
+- **Label scores of the epoch's clustering** (the training folder has class sub-folders):
+  NMI of the k pseudo-labels with the classes beside its chance level, ARI, the purity of
+  the pseudo-labels, and the clustering accuracy papers report: a k-means with k = number
+  of classes on the same PCA-whitened points, matched one-to-one to the classes. The
+  one-to-one accuracy of the k pseudo-labels themselves is not reported: with k above the
+  number of classes it credits at most one cluster per class (CIFAR-10 at k = 100 shows
+  about 5% whatever the features), which reads as failure when it is not.
+- **Online kNN** (``val`` set): the labelled validation images are classified by their
+  k = 20 most cosine-similar training images, votes weighted by ``exp(cos / 0.07)``, on the
+  features DeepCluster clusters, exactly as ``deepcluster eval``'s kNN protocol. The
+  training side reuses the epoch's feature pass; only the validation images cost a pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepcluster.clustering import ari, clustering_accuracy, kmeans, nmi
+from deepcluster.data import DataError, FolderSource, ImageSource
+from deepcluster.evaluation.knn import knn_classify
+
+# k-means for the k = number of classes accuracy: a few Lloyd iterations from k-means++
+# starts is plenty at such a small k.
+CLASS_KMEANS_ITERS = 30
+
+
+def purity(labels: np.ndarray, assignments: np.ndarray) -> float:
+    """Share of images whose cluster's majority class is their class (1 = every cluster
+    pure; it grows with the number of clusters, so compare it at equal k only)."""
+    labels, assignments = np.asarray(labels), np.asarray(assignments)
+    _, cluster = np.unique(assignments, return_inverse=True)
+    _, truth = np.unique(labels, return_inverse=True)
+    counts = np.zeros((cluster.max() + 1, truth.max() + 1), dtype=np.int64)
+    np.add.at(counts, (cluster, truth), 1)
+    return float(counts.max(axis=1).sum() / len(labels))
+
+
+def chance_nmi(labels: np.ndarray, assignments: np.ndarray, seed: int = 0) -> float:
+    """NMI of the classes with the same cluster sizes shuffled at random: what NMI reads
+    when the clustering knows nothing (it grows with k and the number of classes)."""
+    shuffled = np.random.default_rng(seed).permutation(np.asarray(assignments))
+    return nmi(labels, shuffled)
+
+
+def class_kmeans_accuracy(points: np.ndarray, labels: np.ndarray, seed: int,
+                          backend: str = "faiss") -> tuple[float, float]:
+    """Clustering accuracy and NMI of a k-means with k = number of classes.
+
+    Args:
+        points: ``(N, d)`` float32 points (the epoch's PCA-whitened, L2-normalised rows).
+        labels: ``(N,)`` classes.
+        seed: k-means seed.
+
+    Returns:
+        ``(accuracy, nmi)``: accuracy in [0, 1] under the best one-to-one matching of the
+        clusters to the classes.
+    """
+    n_classes = len(np.unique(labels))
+    result = kmeans(np.ascontiguousarray(points, dtype=np.float32), n_classes, CLASS_KMEANS_ITERS, seed=seed,
+                    backend=backend, init="kmeans++")
+    return clustering_accuracy(labels, result.assignments), nmi(labels, result.assignments)
+
+
+def label_scores(assignments: np.ndarray, labels: np.ndarray | None, points: np.ndarray | None = None,
+                 seed: int = 0, backend: str = "faiss") -> dict[str, float]:
+    """The log's label scores of one clustering (empty without labels).
+
+    Args:
+        assignments: ``(N,)`` pseudo-labels, -1 for unusable images (left out).
+        labels: ``(N,)`` classes, or None.
+        points: ``(N, d)`` the clustered points; when given, adds the k = number of classes
+            k-means accuracy (``cluster_acc``, ``cluster_nmi``).
+        seed: seed of the chance level and of that k-means.
+
+    Returns:
+        ``nmi_labels``, ``nmi_chance``, ``ari_labels``, ``purity`` and, with points,
+        ``cluster_acc``, ``cluster_nmi``.
+    """
+    if labels is None:
+        return {}
+    usable = assignments >= 0
+    truth, pred = labels[usable], assignments[usable]
+    scores = {"nmi_labels": nmi(truth, pred), "nmi_chance": chance_nmi(truth, pred, seed),
+              "ari_labels": ari(truth, pred), "purity": purity(truth, pred)}
+    if points is not None and len(np.unique(truth)) <= usable.sum():
+        scores["cluster_acc"], scores["cluster_nmi"] = class_kmeans_accuracy(points[usable], truth, seed, backend)
+    return scores
+
+
+@dataclass
+class KnnMonitor:
+    """Online kNN of a labelled validation folder against the run's training images.
+
+    Attributes:
+        val: the validation images.
+        val_labels: ``(M,)`` their classes, numbered as the training folder's.
+        memory: ``(N,)`` bool, the training images whose features are kept as the kNN
+            memory (those with a class); None when the training folder has no classes:
+            then each validation image is classified by the other validation images
+            (leave-one-out).
+        train_labels: ``(N,)`` classes of the training images (None without).
+        n_classes: number of classes.
+        k, temperature: the kNN's neighbours and vote temperature.
+        note: a one-line remark for the terminal (classes left out, leave-one-out).
+    """
+
+    val: ImageSource
+    val_labels: np.ndarray
+    memory: np.ndarray | None
+    train_labels: np.ndarray | None
+    n_classes: int
+    k: int = 20
+    temperature: float = 0.07
+    note: str | None = None
+
+    @classmethod
+    def open(cls, val_dir: str | Path, train: ImageSource, k: int = 20, temperature: float = 0.07) -> "KnnMonitor":
+        """Read the validation folder; match its classes to the training folder's by name.
+
+        Raises:
+            DataError: the folder is missing, has no class sub-folders, or shares no class
+                with the training folder.
+        """
+        val = FolderSource(val_dir)
+        if val.labels is None:
+            raise DataError(f"--val {str(val_dir)!r} has no class sub-folders (FOLDER/<class>/<image>); the online "
+                            "kNN needs labelled images")
+        val_names = list(val.class_names)
+        if train.labels is None or not train.class_names:
+            note = (f"the training folder has no classes, so the online kNN classifies each of the {len(val)} "
+                    f"validation images by the other validation images (leave-one-out)")
+            return cls(val, np.asarray(val.labels), None, None, len(val_names), k, temperature, note)
+        index = {name: i for i, name in enumerate(train.class_names)}
+        val_labels = np.array([index.get(val_names[label], -1) for label in val.labels], dtype=np.int64)
+        if (val_labels < 0).all():
+            raise DataError(f"--val {str(val_dir)!r} shares no class name with the training folder "
+                            f"(val: {', '.join(val_names[:5])}...; train: {', '.join(train.class_names[:5])}...)")
+        note = None
+        if (val_labels < 0).any():
+            unknown = sorted({val_names[label] for label in val.labels[val_labels < 0]})
+            note = (f"{int((val_labels < 0).sum())} validation images of classes the training folder lacks "
+                    f"({', '.join(unknown[:3])}{'...' if len(unknown) > 3 else ''}) are left out of the online kNN")
+        return cls(val, val_labels, np.ones(len(train), dtype=bool), np.asarray(train.labels),
+                   len(train.class_names), k, temperature, note)
+
+    def score(self, val_features: np.ndarray, val_decoded: np.ndarray,
+              memory_features: np.ndarray | None, memory_decoded: np.ndarray | None,
+              device: torch.device | str = "cpu") -> dict[str, float]:
+        """kNN top-1 and top-5 (%) of the validation images.
+
+        Args:
+            val_features: ``(M, D)`` features of the validation images.
+            val_decoded: ``(M,)`` bool, the validation images that decoded.
+            memory_features: ``(N', D)`` features of the training images in ``memory``
+                (None for leave-one-out).
+            memory_decoded: ``(N',)`` bool, those that decoded.
+        """
+        query = val_decoded & (self.val_labels >= 0)
+        if memory_features is None:  # leave-one-out within the validation images
+            feats, labels = val_features[query], self.val_labels[query]
+            top1, top5 = _leave_one_out(feats, labels, self.n_classes, self.k, self.temperature, device)
+            return {"knn_top1": top1, "knn_top5": top5}
+        labels = self.train_labels[self.memory][memory_decoded]
+        result = knn_classify(memory_features[memory_decoded], labels, val_features[query], self.val_labels[query],
+                              self.n_classes, self.k, self.temperature, device=device)
+        return {"knn_top1": result.top1, "knn_top5": result.top5}
+
+
+def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float,
+                   device: torch.device | str) -> tuple[float, float]:
+    """kNN accuracy (%) of every row against all the others."""
+    from deepcluster.evaluation.knn import nearest_neighbors
+
+    sims, index = nearest_neighbors(features, features, min(k + 1, len(features)), device=device)
+    sims, index = sims[:, 1:], index[:, 1:]  # drop the image itself (its own best match)
+    label_tensor = torch.as_tensor(labels, dtype=torch.int64, device=sims.device)
+    votes = torch.zeros(len(sims), n_classes, device=sims.device)
+    votes.scatter_add_(1, label_tensor[index], torch.exp((sims - 1.0) / temperature))
+    top = votes.topk(min(5, n_classes), dim=1).indices
+    n = max(len(labels), 1)
+    return (float((top[:, 0] == label_tensor).sum()) * 100.0 / n,
+            float((top == label_tensor[:, None]).any(dim=1).sum()) * 100.0 / n)
+
+
+__all__ = ["KnnMonitor", "chance_nmi", "class_kmeans_accuracy", "label_scores", "purity"]

@@ -1,0 +1,138 @@
+"""What a run shows every epoch: online kNN, label scores named so they cannot be misread,
+the small-N guard on PCA-whitening, and the fully connected init scaled by width."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deepcluster.monitor import KnnMonitor, chance_nmi, class_kmeans_accuracy, label_scores, purity
+
+
+def test_class_kmeans_accuracy_is_one_on_separable_blobs():
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 16, dtype=np.float32) * 10
+    labels = np.repeat(np.arange(4), 50)
+    points = centres[labels] + rng.normal(0, 0.1, (200, 16)).astype(np.float32)
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    accuracy, class_nmi = class_kmeans_accuracy(points, labels, seed=3)
+    assert accuracy == 1.0 and class_nmi == pytest.approx(1.0)
+
+
+def test_purity_and_chance_nmi():
+    labels = np.repeat(np.arange(4), 100)
+    assert purity(labels, labels * 2) == 1.0  # each cluster one class
+    assert purity(labels, np.zeros_like(labels)) == 0.25  # one cluster: its majority class only
+    # Shuffled clusters carry no information: NMI far below a real clustering's, well above 0
+    # when there are many clusters (the chance level the log shows beside NMI).
+    fine = np.arange(400) % 50
+    assert 0.05 < chance_nmi(labels, fine) < 0.3
+
+
+def test_label_scores_replace_the_one_to_one_accuracy_of_k_clusters():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 30)
+    assignments = labels * 4 + rng.integers(0, 4, 90)  # 12 pure clusters over 3 classes
+    assignments[0] = -1  # unusable image: left out
+    points = np.eye(3, 8, dtype=np.float32)[labels] + rng.normal(0, 0.01, (90, 8)).astype(np.float32)
+    scores = label_scores(assignments, labels, points, seed=0)
+    assert set(scores) == {"nmi_labels", "nmi_chance", "ari_labels", "purity", "cluster_acc", "cluster_nmi"}
+    assert scores["purity"] == 1.0 and scores["cluster_acc"] == 1.0
+    assert scores["nmi_chance"] < scores["nmi_labels"]
+    assert label_scores(assignments, None) == {}
+
+
+def test_leave_one_out_knn_when_the_training_folder_has_no_classes(image_folder, tmp_path):
+    from deepcluster.data import ArraySource
+
+    unlabelled = ArraySource(np.zeros((5, 8, 8, 3), dtype=np.uint8))
+    monitor = KnnMonitor.open(image_folder, unlabelled)
+    assert monitor.memory is None and "leave-one-out" in monitor.note
+    features = np.repeat(np.eye(3, dtype=np.float32), 12, axis=0)  # each class one direction
+    scores = monitor.score(features, np.ones(36, dtype=bool), None, None)
+    assert scores["knn_top1"] == 100.0
+
+
+def test_a_val_folder_without_classes_or_shared_classes_is_a_clear_error(image_folder, tmp_path):
+    from deepcluster.data import DataError, FolderSource
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in list(image_folder.glob("stripes/*"))[:2]:
+        (flat / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="no class sub-folders"):
+        KnnMonitor.open(flat, FolderSource(image_folder))
+    other = tmp_path / "other" / "cats"
+    other.mkdir(parents=True)
+    (other / "a.png").write_bytes(next(image_folder.glob("rings/*.png")).read_bytes())
+    with pytest.raises(DataError, match="shares no class"):
+        KnnMonitor.open(tmp_path / "other", FolderSource(image_folder))
+
+
+def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_path):
+    """The final clustering's kNN (the saved weights) is what ``deepcluster eval`` computes."""
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--val", image_folder)
+    assert code == 0, err
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all("knn_top1" in r and "cluster_acc" in r and "nmi_chance" in r for r in records)
+    assert "acc_labels" not in records[0]
+    assert "knn top-1" in out and "acc(k=classes)" in out and "chance" in out
+    final = json.loads((run / "final.json").read_text())
+    code, _, err = cli("eval", run / "checkpoint.pt", "--train", image_folder, "--val", image_folder,
+                       "--protocols", "knn", "--baseline", "none", "--out", tmp_path / "eval", "--workers", "0")
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["results"]["trained"]["knn"]["fc"]["top1"] == pytest.approx(final["knn_top1"], abs=1e-6)
+
+
+def test_every_val_every_epochs_and_the_last(cli, image_folder, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "3", "--val", image_folder,
+                       "--val_every", "2")
+    assert code == 0, err
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert ["knn_top1" in r for r in records] == [True, False, True]
+
+
+def test_a_labelled_folder_without_val_says_how_to_get_the_curve(cli, image_folder, tmp_path):
+    code, out, err = cli("train", "--data", image_folder, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert "add --val FOLDER" in out
+
+
+def test_too_few_images_for_the_pca_width_warns_and_narrows_it(cli, image_folder, tmp_path):
+    """36 images whitened to 35 or more dimensions are a regular simplex: all equidistant."""
+    from deepcluster.train import pca_dim_for
+
+    assert pca_dim_for(256, 1000) == 256 and pca_dim_for(256, 257) == 128 and pca_dim_for(8, 3) == 1
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--pca_dim", "40")
+    assert code == 0, err
+    assert "too few for pca_dim 40" in out and "using 17" in out
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["pca_projection"].shape[1] == 17
+
+
+def test_width_scaled_fc_init_keeps_the_reference_for_4096_wide_layers():
+    from deepcluster.models import create_model
+
+    torch.manual_seed(0)
+    reference = create_model("smallnet", feature_dim=512)
+    torch.manual_seed(0)
+    scaled = create_model("smallnet", feature_dim=512, fc_init="width")
+    linears = [(a, b) for a, b in zip(reference.classifier, scaled.classifier) if isinstance(a, torch.nn.Linear)]
+    for a, b in linears:
+        assert torch.allclose(b.weight, a.weight * math.sqrt(4096 / a.in_features))
+    scaled.reset_classifier(10)
+    assert scaled.top_layer.weight.std().item() == pytest.approx(0.01 * math.sqrt(8), rel=0.1)
+    # Convolutions untouched; a 4096-wide head keeps N(0, 0.01).
+    assert torch.equal(reference.features[0].weight, scaled.features[0].weight)
+    wide = create_model("smallnet", feature_dim=4096, fc_init="width")
+    assert wide.head_std == 0.01
+    with pytest.raises(ValueError, match="fc_init"):
+        create_model("smallnet", fc_init="nope")
