@@ -66,7 +66,9 @@ class Config:
     whiten_power: float = -0.5
     kmeans_iters: int = 20
     kmeans_backend: str = "faiss"  # faiss | torch
-    kmeans_init: str = "random"  # random | kmeans++
+    # random | kmeans++ | previous: start from the means of last epoch's clusters, so cluster
+    # ids carry over between epochs (what lets head_reset: false keep the head)
+    kmeans_init: str = "random"
     clustering_device: str = "auto"  # where k-means/PIC search: auto (= training device) | cpu | cuda[:N]
     reassign_every: int = 1  # epochs between clusterings (the reference's --reassign)
     # -- training
@@ -76,6 +78,12 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     head_lr: float | None = None  # top layer's SGD; None = same as lr (reference)
+    # random: each new head from N(0, 0.01) (reference); centroids: a nearest-cluster-mean
+    # classifier of the epoch's features, so training starts from the pseudo-labels (v2-like).
+    head_init: str = "random"
+    # true: a new head after every clustering (reference: cluster ids are arbitrary). false:
+    # keep it, which only makes sense with kmeans_init: previous (ids carry over).
+    head_reset: bool = True
     sampler: str = "uniform"  # uniform (paper) | shuffle (plain pass, no rebalancing)
     precision: str = "fp32"  # fp32 | bf16 (autocast; faster on CPUs/GPUs with bf16 units)
     channels_last: bool = True  # memory layout only; same numbers, faster convs
@@ -124,9 +132,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("alexnet", "vgg16", "smallnet"),
     "fc_init": ("reference", "width"),
+    "head_init": ("random", "centroids"),
     "clustering": ("kmeans", "pic"),
     "kmeans_backend": ("faiss", "torch"),
-    "kmeans_init": ("random", "kmeans++"),
+    "kmeans_init": ("random", "kmeans++", "previous"),
     "sampler": ("uniform", "shuffle"),
     "precision": ("fp32", "bf16"),
 }
@@ -245,6 +254,9 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"setting 'momentum' must be in [0, 1), got {config.momentum}")
     if config.weight_decay < 0:
         raise ConfigError(f"setting 'weight_decay' must be >= 0, got {config.weight_decay}")
+    if not config.head_reset and config.kmeans_init != "previous":
+        raise ConfigError("setting 'head_reset' false needs kmeans_init: previous (otherwise cluster ids are "
+                          "arbitrary every epoch and the kept head predicts the wrong ones)")
     for key in ("color_jitter", "grayscale_prob"):
         if not 0 <= getattr(config, key) <= 1:
             raise ConfigError(f"setting {key!r} must be in [0, 1], got {getattr(config, key)}")

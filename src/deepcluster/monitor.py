@@ -95,6 +95,21 @@ def label_scores(assignments: np.ndarray, labels: np.ndarray | None, points: np.
     return scores
 
 
+def raw_pixel_nmi(images: np.ndarray, labels: np.ndarray, n_clusters: int, seeds: tuple[int, ...] = (0, 1, 2),
+                  backend: str = "faiss") -> float:
+    """NMI with the classes of k-means on the raw pixels (no network), mean over seeds: the
+    trivial baseline a clustering of learned features has to beat.
+
+    Args:
+        images: ``(N, ...)`` pixels, one row per image after flattening.
+        labels: ``(N,)`` classes.
+        n_clusters: k (use the run's, so both numbers are at the same k).
+    """
+    points = np.ascontiguousarray(images.reshape(len(images), -1), dtype=np.float32)
+    return float(np.mean([nmi(labels, kmeans(points, n_clusters, 20, seed=seed, backend=backend,
+                                             init="kmeans++").assignments) for seed in seeds]))
+
+
 @dataclass
 class KnnMonitor:
     """Online kNN of a labelled validation folder against the run's training images.
@@ -190,4 +205,4 @@ def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: 
             float((top == label_tensor[:, None]).any(dim=1).sum()) * 100.0 / n)
 
 
-__all__ = ["KnnMonitor", "chance_nmi", "class_kmeans_accuracy", "label_scores", "purity"]
+__all__ = ["KnnMonitor", "chance_nmi", "class_kmeans_accuracy", "label_scores", "purity", "raw_pixel_nmi"]

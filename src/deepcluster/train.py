@@ -36,14 +36,14 @@ from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
 from deepcluster.config import Config, ConfigError, from_dict
 from deepcluster.data.pseudo import UNREADABLE
-from deepcluster.data import (CenterView, ColorJitter, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
+from deepcluster.data import (ArraySource, CenterView, ColorJitter, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
                               uniform_cluster_sample, walk_relative)
 from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
-from deepcluster.monitor import KnnMonitor, label_scores
+from deepcluster.monitor import KnnMonitor, label_scores, raw_pixel_nmi
 from deepcluster.progress import Progress, track
 from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME  # noqa: F401 - LOG_NAME: formerly defined here
 from deepcluster.scalars import ScalarLog
@@ -167,12 +167,32 @@ def clustering_device(config: Config, device: torch.device) -> str:
     return str(device)
 
 
+def previous_centroids(points: np.ndarray, previous: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """``(k, d)`` starting centroids for ``kmeans_init: previous``: the mean of this epoch's
+    points under last epoch's clustering, so cluster k stays (mostly) cluster k; a cluster
+    without a usable point starts at a random point."""
+    usable = previous >= 0
+    sums = np.zeros((n_clusters, points.shape[1]), dtype=np.float64)
+    np.add.at(sums, previous[usable], points[usable])
+    counts = np.bincount(previous[usable], minlength=n_clusters)
+    empty = counts == 0
+    sums[empty] = points[np.random.default_rng(seed).choice(len(points), int(empty.sum()), replace=False)]
+    counts[empty] = 1
+    return (sums / counts[:, None]).astype(np.float32)
+
+
 def cluster_points(points: np.ndarray, ok: np.ndarray, pca: PCA, config: Config, seed: int,
-                   device: str = "cpu") -> Clustering:
-    """k-means (or PIC) of the reduced ``(N, pca_dim)`` unit rows whose ``ok`` is true."""
+                   device: str = "cpu", previous: np.ndarray | None = None) -> Clustering:
+    """k-means (or PIC) of the reduced ``(N, pca_dim)`` unit rows whose ``ok`` is true.
+
+    ``previous`` (last epoch's assignments) seeds k-means when ``kmeans_init`` is
+    ``previous``; without it (the first epoch) that init falls back to random points."""
     fault_point("clustering")
     start = time.perf_counter()
     usable = points[ok] if not ok.all() else points
+    init = config.kmeans_init
+    if init == "previous":
+        init = "random" if previous is None else previous_centroids(usable, previous[ok], config.n_clusters, seed)
     if config.clustering == "pic":
         with Progress(None, "PIC"):
             found = pic(usable, knn_backend=config.kmeans_backend, device=device, seed=seed)
@@ -181,7 +201,7 @@ def cluster_points(points: np.ndarray, ok: np.ndarray, pca: PCA, config: Config,
     else:
         with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
             result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed,
-                            backend=config.kmeans_backend, init=config.kmeans_init, device=device,
+                            backend=config.kmeans_backend, init=init, device=device,
                             on_iteration=lambda _: bar.update())
         labels, n_clusters, centroids, objective, n_split = (result.assignments, config.n_clusters, result.centroids,
                                                              result.objective[-1], result.n_split)
@@ -224,6 +244,7 @@ class ReducedFeatures:
         time_pca: seconds in the PCA (fit and projections).
         kept: ``(keep.sum(), feature_dim)`` raw features of the ``keep`` images, in image
             order (None without ``keep``).
+        keep: the ``(N,)`` bool mask the pass was given.
     """
 
     points: np.ndarray
@@ -232,6 +253,11 @@ class ReducedFeatures:
     time_network: float
     time_pca: float
     kept: np.ndarray | None = None
+    keep: np.ndarray | None = None
+
+    def raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw features and decoded flags of the ``(N,)`` bool ``rows`` (a subset of ``keep``)."""
+        return self.kept[rows[self.keep]], self.decoded[rows]
 
 
 @torch.no_grad()
@@ -293,14 +319,14 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     kept = None if keep is None else distributed.gather_rows(kept_local, indices[keep_local], n_images)[keep]
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
         return ReducedFeatures(np.zeros((n_images, 0), dtype=np.float32), mask, None,
-                               time.perf_counter() - start, time_pca, kept)
+                               time.perf_counter() - start, time_pca, kept, keep)
     tick = time.perf_counter()
     with Progress(None, "PCA-whitening"):
         reduced, pca = reducer.finish()
     if distributed.is_distributed():
         reduced = distributed.gather_rows(reduced[indices], indices, n_images)
     time_pca += time.perf_counter() - tick
-    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - start - time_pca, time_pca, kept)
+    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - start - time_pca, time_pca, kept, keep)
 
 
 def color_jitter(config: Config) -> ColorJitter | None:
@@ -469,13 +495,67 @@ def check_resume_config(saved: dict, config: Config) -> None:
         raise ConfigError(f"cannot resume with different settings ({details}); only {', '.join(sorted(RESUMABLE))} may change")
 
 
+def union(*masks: np.ndarray | None) -> np.ndarray | None:
+    """Element-wise OR of the masks that are not None (None when all are)."""
+    given = [m for m in masks if m is not None]
+    return None if not given else np.logical_or.reduce(given)
+
+
+# head_init "centroids": rows whose features set the new head (enough for 20 per cluster),
+# and the temperature of its logits (v2's).
+HEAD_SAMPLE_MIN, HEAD_SAMPLE_PER_CLUSTER, HEAD_TEMPERATURE = 50_000, 20, 0.1
+
+
+def head_sample(n_images: int, n_clusters: int, seed: int) -> np.ndarray:
+    """``(N,)`` bool: the images whose features set a ``centroids`` head (all of a small set)."""
+    size = min(n_images, max(HEAD_SAMPLE_MIN, HEAD_SAMPLE_PER_CLUSTER * n_clusters))
+    mask = np.zeros(n_images, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_images, size, replace=False) if size < n_images else slice(None)] = True
+    return mask
+
+
+@torch.no_grad()
+def init_head_from_clusters(head: nn.Linear, features: np.ndarray, assignments: np.ndarray,
+                            temperature: float = HEAD_TEMPERATURE, head_std: float = 0.01) -> None:
+    """Start a new head as a nearest-cluster-mean classifier (``head_init: centroids``).
+
+    The head reads ``h = relu(f)``. Row k becomes the direction from the mean of ``h`` to
+    the mean of cluster k, scaled so the logits are about cos(h - mean, direction) / T
+    (T = 0.1, v2's temperature), but at most 1 / T times the norm of a random row of std
+    ``head_std`` (the model's); the bias subtracts the mean. So the first step already
+    predicts the pseudo-labels and its gradient teaches the body instead of a random head
+    (the reference starts from N(0, 0.01) and must learn the head first, a few hundred
+    steps of every epoch, which is most of an epoch on a small set). Clusters without a
+    sampled image keep their random row.
+
+    Args:
+        head: ``Linear(feature_dim, k)``, changed in place.
+        features: ``(n, feature_dim)`` raw features (before the ReLU) of sampled images.
+        assignments: ``(n,)`` their clusters in ``[0, k)``.
+    """
+    h = torch.relu(torch.from_numpy(features)).double()
+    labels = torch.from_numpy(assignments).long()
+    mean = h.mean(dim=0)
+    scale = (h - mean).norm(dim=1).mean().clamp_min(1e-12)
+    sums = torch.zeros(head.out_features, h.shape[1], dtype=torch.float64).index_add_(0, labels, h)
+    counts = torch.bincount(labels, minlength=head.out_features)
+    present = counts > 0
+    direction = sums[present] / counts[present, None] - mean
+    # Capped so tiny features (a narrow net under the reference init) do not get a huge head
+    # whose gradient would throw the body off: at most 1 / T times a reference row's norm.
+    norm = min(1.0 / (temperature * float(scale)), math.sqrt(h.shape[1]) * head_std / temperature)
+    weight = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12) * norm
+    head.weight[present] = weight.to(head.weight)
+    head.bias[present] = -(weight @ mean).to(head.bias)
+
+
 def knn_scores(model: Backbone, monitor: KnnMonitor, reduced: ReducedFeatures, config: Config,
                device: torch.device) -> dict[str, float]:
     """Online kNN of the validation images: their feature pass, against the memory rows
     the epoch's feature pass kept (``reduced.kept``)."""
     val_features, val_decoded = compute_features(model, monitor.val, config, device)
-    memory_decoded = None if monitor.memory is None else reduced.decoded[monitor.memory]
-    return monitor.score(val_features, val_decoded, reduced.kept, memory_decoded, device)
+    memory, memory_decoded = (None, None) if monitor.memory is None else reduced.raw(monitor.memory)
+    return monitor.score(val_features, val_decoded, memory, memory_decoded, device)
 
 
 def format_scores(record: dict) -> list[str]:
@@ -611,8 +691,10 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
         record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
         if recluster:
             measure_knn = monitor is not None and (epoch % config.val_every == 0 or epoch == config.epochs - 1)
+            head_rows = (head_sample(len(source), config.n_clusters, derived_seed(config.seed, epoch, 4))
+                         if config.head_init == "centroids" else None)
             reduced = reduce_features(model, source, config, device, derived_seed(config.seed, epoch, 2), epoch,
-                                      keep=monitor.memory if measure_knn else None)
+                                      keep=union(monitor.memory if measure_knn else None, head_rows))
             points, ok, pca = reduced.points, reduced.decoded, reduced.pca
             record["time_features"], time_pca = reduced.time_network, reduced.time_pca
             for index in np.flatnonzero(~ok):
@@ -625,10 +707,15 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
                                 f"{needed} clusters needed; the reasons are in "
                                 f"{str(run_dir / runfolder.SKIPPED_NAME)!r}")
             clustering = cluster_points(points, ok, pca, config, derived_seed(config.seed, epoch, 0),
-                                        clustering_device(config, device))
+                                        clustering_device(config, device), state.previous)
             clustering.time_pca = time_pca
             assignments = clustering.assignments
-            model.reset_classifier(clustering.n_clusters)
+            if config.head_reset or model.top_layer is None or model.top_layer.out_features != clustering.n_clusters:
+                model.reset_classifier(clustering.n_clusters)
+            if head_rows is not None:
+                features, decoded = reduced.raw(head_rows)
+                init_head_from_clusters(model.top_layer, features[decoded], assignments[head_rows][decoded],
+                                        head_std=model.head_std)
             record.update(time_pca=clustering.time_pca, time_kmeans=clustering.time_kmeans,
                           n_split=clustering.n_split)
         else:
@@ -681,9 +768,21 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
             break
     scalars.close()
     if config.final_clustering and state.epoch == config.epochs:
-        add_final_clustering(model, source, config, device, state, labels, redo=bool(records), log=log,
-                             monitor=monitor)
+        summary = add_final_clustering(model, source, config, device, state, labels, redo=bool(records), log=log,
+                                       monitor=monitor)
+        if config.data is None and summary and "nmi_labels" in summary and distributed.is_main_process():
+            log(digits_verdict(source, summary, config))
     return records
+
+
+def digits_verdict(source: ArraySource, summary: dict, config: Config) -> str:
+    """The demo's last line: the trained network's clustering beside k-means on the raw
+    pixels at the same k (the baseline a feature learner has to beat)."""
+    baseline = raw_pixel_nmi(source.images[..., 0], source.labels, summary["n_clusters"], backend=config.kmeans_backend)
+    verdict = "above" if summary["nmi_labels"] > baseline else "NOT above"
+    return (f"digits: NMI with the classes {summary['nmi_labels']:.3f} for the trained network's clustering vs "
+            f"{baseline:.3f} for k-means on the raw 64 pixels (k = {summary['n_clusters']} both): {verdict} "
+            f"the raw-pixel baseline")
 
 
 def add_final_clustering(model: Backbone, source: ImageSource, config: Config, device: torch.device,
