@@ -95,6 +95,15 @@ def test_missing_tensorboard_is_said_once_and_does_not_stop_anything(tmp_path, m
     assert len(notes) == 1 and not off.active
 
 
+def test_missing_tensorboard_with_the_default_notice_goes_to_stderr(tmp_path, monkeypatch, capsys):
+    """The default ``log`` (what ``train`` uses): was ``log(...)`` on None, a TypeError."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    scalars = ScalarLog(tmp_path, enabled=True)
+    scalars.write({"epoch": 1, "train_loss": 1.0})
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "not installed" in captured.err
+
+
 def test_bars_reach_a_forced_terminal_but_never_stdout(tiny_run, image_folder, tmp_path):
     """A command's stdout stays clean lines; bars go to stderr, and only when asked for."""
     import os

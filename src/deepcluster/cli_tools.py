@@ -98,8 +98,8 @@ def add_tool_parsers(subparsers: Any) -> None:
     assign.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
     assign.add_argument("--data", required=True, help="image folder (any layout; class sub-folders add a column)")
     assign.add_argument("--out", dest="out_dir", required=True, help="output folder")
-    assign.add_argument("--format", dest="formats", type=_formats, default=FORMATS,
-                        help="csv, parquet or both (default csv,parquet)")
+    assign.add_argument("--format", dest="formats", type=_formats, default=None,
+                        help="csv, parquet or both (default: both, or csv alone when pyarrow is not installed)")
     _common(assign, None, "images per forward pass (default: the run's feature_batch_size, which reproduces its "
                           "feature pass exactly)")
 
@@ -244,12 +244,18 @@ def cmd_assign(args: argparse.Namespace) -> int:
     from deepcluster.inference import assign_images, load_cluster_model
 
     device = _setup(args)
-    if "parquet" in args.formats:
+    formats = args.formats
+    if formats is None or "parquet" in formats:
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
-            raise ConfigError("Parquet output needs pyarrow: pip install pyarrow (or deepcluster[tools]), "
-                              "or pass --format csv") from None
+            if formats is not None:
+                raise ConfigError("Parquet output needs pyarrow: pip install pyarrow (or deepcluster[tools]), "
+                                  "or pass --format csv") from None
+            print("note: pyarrow is not installed, so the assignments are written as CSV only (pip install pyarrow "
+                  "for Parquet too)")
+            formats = ("csv",)
+    formats = formats or FORMATS
     cluster_model = load_cluster_model(args.checkpoint)
     source = FolderSource(args.data)
     out_dir = _out_dir(args.out_dir)
@@ -259,7 +265,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
     print(f"deepcluster assign: {len(source)} images, {cluster_model.n_clusters} clusters of {which}, "
           f"{cluster_model.config.arch}, device {device}", flush=True)
     assignment = assign_images(cluster_model, source, device, args.batch_size, args.workers)
-    written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), args.formats)
+    written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), formats)
     placed = int(assignment.ok.sum())
     used = int(np.unique(assignment.clusters[assignment.ok]).size)
     print(f"{placed} images placed in {used} clusters (median distance "

@@ -70,7 +70,7 @@ class ScalarLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:  # noqa: BLE001 - ImportError, or a tensorboard/protobuf mismatch
-            log("deepcluster: note: the 'tensorboard' package is not installed, so no TensorBoard scalars are "
+            self.log("deepcluster: note: the 'tensorboard' package is not installed, so no TensorBoard scalars are "
                 "written (log.jsonl has them all); pip install tensorboard, or set tensorboard: false")
             return
         try:
