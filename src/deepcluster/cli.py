@@ -75,8 +75,9 @@ def build_parser() -> Parser:
         description="Train DeepCluster. Any setting can be overridden with --key value; see the README.")
     train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                        help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' "
-                            "(32-96 px images, small VGG, k=100), 'digits' (built-in data). Default: "
-                            "'digits' without --data, else 'paper'")
+                            "(32-96 px images, smallnet, k=100), 'digits' (built-in data). Default: the "
+                            "--config file's recipe:, else 'digits' without a data folder (--data, or data: in the "
+                            "file), else 'paper'")
     train.add_argument("--config", help="YAML file of settings (applied after the recipe)")
     train.add_argument("--data", help="image folder: class sub-folders (labels used only for metrics) or any "
                                       "layout of images; default: the built-in scikit-learn digits")
@@ -98,12 +99,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     for key in ("data", "out_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    recipe = args.recipe
-    if recipe is None and args.config is None:
-        recipe = "paper" if args.data else "digits"
-    config = resolve(recipe, args.config, overrides)
-    if config.data is None and "out_dir" not in overrides:
-        config.out_dir = "runs/digits"
+    config = resolve(args.recipe, args.config, overrides)
     run(config, resume=args.resume, log=lambda line: print(line, flush=True))
     return 0
 

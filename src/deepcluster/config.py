@@ -290,21 +290,36 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return content
 
 
+def default_recipe(data: str | None) -> str:
+    """The recipe used when none is named: ``digits`` for the built-in digits (no data
+    folder), ``paper`` for a folder of images."""
+    return "paper" if data is not None else "digits"
+
+
+DIGITS_OUT_DIR = "runs/digits"  # default run folder of the built-in digits (``out_dir`` otherwise)
+
+
 def resolve(recipe: str | None = None, config_file: str | Path | None = None,
             overrides: dict[str, Any] | None = None) -> Config:
     """Build a validated ``Config`` from a recipe, a YAML file and explicit overrides.
 
-    A YAML file may name its own ``recipe:``; an explicit ``recipe`` argument wins.
+    The recipe is ``recipe``, else the file's own ``recipe:``, else ``default_recipe`` of the
+    data folder the file or the overrides name (``digits`` without one, ``paper`` with one).
+    Without an ``out_dir`` anywhere, a run on the built-in digits goes to ``runs/digits``.
     """
     from_file = load_yaml(config_file) if config_file is not None else {}
     file_recipe = from_file.pop("recipe", None)
     for name in (recipe, file_recipe):  # a bad recipe in the file is an error even when overridden
         if name is not None and (not isinstance(name, str) or name not in RECIPES):
             raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    name = recipe or file_recipe or "paper"
+    given = {**from_file, **(overrides or {})}
+    data = coerce("data", given["data"]) if "data" in given else None
+    name = recipe or file_recipe or default_recipe(data)
     config = apply_overrides(Config(), RECIPES[name])
     config = apply_overrides(config, from_file)
     config = apply_overrides(config, overrides or {})
+    if config.data is None and "out_dir" not in given:
+        config.out_dir = DIGITS_OUT_DIR
     return validate(config)
 
 
@@ -318,5 +333,5 @@ def dump_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "apply_overrides", "coerce", "dump_yaml",
+__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "apply_overrides", "coerce", "default_recipe", "dump_yaml",
            "from_dict", "load_yaml", "resolve", "validate"]
