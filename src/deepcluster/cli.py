@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
-from deepcluster.config import RECIPES, ConfigError, resolve
+from deepcluster.config import RECIPES, ConfigError, resolve, resolve_resume, run_folder
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -82,7 +83,9 @@ def build_parser() -> Parser:
     train.add_argument("--data", help="image folder: class sub-folders (labels used only for metrics) or any "
                                       "layout of images; default: the built-in scikit-learn digits")
     train.add_argument("--out", dest="out_dir", help="run folder (log, assignments, checkpoint)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out with its saved settings (RUN/config.yaml); settings given "
+                            "as well may only change epochs, workers, threads, device and the like")
     from deepcluster.cli_eval import add_eval_parser
 
     add_eval_parser(commands)
@@ -93,13 +96,19 @@ def build_parser() -> Parser:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from deepcluster import runfolder
     from deepcluster.train import run
 
     overrides = parse_overrides(extra)
     for key in ("data", "out_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    config = resolve(args.recipe, args.config, overrides)
+    if args.resume:  # the run's own settings, changed only where the command line says so
+        run_dir = run_folder(args.config, overrides)
+        saved = runfolder.saved_settings(Path(run_dir))
+        config = resolve_resume(saved, run_dir, args.recipe, args.config, overrides)
+    else:
+        config = resolve(args.recipe, args.config, overrides)
     run(config, resume=args.resume, log=lambda line: print(line, flush=True))
     return 0
 

@@ -299,6 +299,28 @@ def default_recipe(data: str | None) -> str:
 DIGITS_OUT_DIR = "runs/digits"  # default run folder of the built-in digits (``out_dir`` otherwise)
 
 
+def _read_given(recipe: str | None, config_file: str | Path | None,
+                overrides: dict[str, Any] | None) -> tuple[str | None, dict[str, Any]]:
+    """The recipe named (``recipe``, else the file's ``recipe:``; checked) and every setting
+    stated by the file and the overrides, the overrides winning."""
+    from_file = load_yaml(config_file) if config_file is not None else {}
+    file_recipe = from_file.pop("recipe", None)
+    for name in (recipe, file_recipe):  # a bad recipe in the file is an error even when overridden
+        if name is not None and (not isinstance(name, str) or name not in RECIPES):
+            raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return recipe or file_recipe, {**from_file, **(overrides or {})}
+
+
+def run_folder(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """The run folder a command line names: its ``out_dir``, else the default for its data
+    (``runs/digits`` for the built-in digits, ``runs/deepcluster`` for a folder)."""
+    _, given = _read_given(None, config_file, overrides)
+    if "out_dir" in given:
+        return str(coerce("out_dir", given["out_dir"]))
+    data = coerce("data", given["data"]) if "data" in given else None
+    return Config.out_dir if data is not None else DIGITS_OUT_DIR
+
+
 def resolve(recipe: str | None = None, config_file: str | Path | None = None,
             overrides: dict[str, Any] | None = None) -> Config:
     """Build a validated ``Config`` from a recipe, a YAML file and explicit overrides.
@@ -307,20 +329,50 @@ def resolve(recipe: str | None = None, config_file: str | Path | None = None,
     data folder the file or the overrides name (``digits`` without one, ``paper`` with one).
     Without an ``out_dir`` anywhere, a run on the built-in digits goes to ``runs/digits``.
     """
-    from_file = load_yaml(config_file) if config_file is not None else {}
-    file_recipe = from_file.pop("recipe", None)
-    for name in (recipe, file_recipe):  # a bad recipe in the file is an error even when overridden
-        if name is not None and (not isinstance(name, str) or name not in RECIPES):
-            raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    given = {**from_file, **(overrides or {})}
+    named, given = _read_given(recipe, config_file, overrides)
     data = coerce("data", given["data"]) if "data" in given else None
-    name = recipe or file_recipe or default_recipe(data)
-    config = apply_overrides(Config(), RECIPES[name])
-    config = apply_overrides(config, from_file)
-    config = apply_overrides(config, overrides or {})
+    config = apply_overrides(Config(), RECIPES[named or default_recipe(data)])
+    config = apply_overrides(config, given)
     if config.data is None and "out_dir" not in given:
         config.out_dir = DIGITS_OUT_DIR
     return validate(config)
+
+
+# Settings a resumed run may change: they do not alter what the run computes (or, for
+# epochs and the final clustering, only how far it goes).
+RESUMABLE = frozenset({"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
+                       "tensorboard", "final_clustering"})
+
+
+def check_unchanged(saved: Config, config: Config) -> None:
+    """Raise ``ConfigError`` naming every setting outside ``RESUMABLE`` that differs."""
+    old, new = saved.to_dict(), config.to_dict()
+    changed = [key for key in new if key not in RESUMABLE and old.get(key) != new[key]]
+    if changed:
+        details = ", ".join(f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in changed)
+        raise ConfigError(f"cannot resume with different settings ({details}); only {', '.join(sorted(RESUMABLE))} "
+                          "may change")
+
+
+def resolve_resume(saved: dict[str, Any], run_dir: str | Path, recipe: str | None = None,
+                   config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The settings of a resumed run: the run's saved ones (``RUN/config.yaml``), with what
+    the command line states explicitly (a recipe, a file, overrides, in that order) applied
+    on top; anything outside ``RESUMABLE`` that this changes is refused.
+
+    Raises:
+        ConfigError: the saved settings are invalid, or an explicit setting changes one that
+            must stay.
+    """
+    try:
+        base = dataclasses.replace(from_dict(saved), out_dir=str(run_dir))
+    except ConfigError as error:
+        raise ConfigError(f"the saved settings of {str(run_dir)!r} are invalid ({error})") from None
+    named, given = _read_given(recipe, config_file, overrides)
+    config = apply_overrides(base, RECIPES[named] if named else {})
+    config = validate(apply_overrides(config, {**given, "out_dir": str(run_dir)}))
+    check_unchanged(base, config)
+    return config
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -333,5 +385,6 @@ def dump_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "apply_overrides", "coerce", "default_recipe", "dump_yaml",
-           "from_dict", "load_yaml", "resolve", "validate"]
+__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RESUMABLE", "apply_overrides", "check_unchanged", "coerce",
+           "default_recipe", "dump_yaml", "from_dict", "load_yaml", "resolve", "resolve_resume", "run_folder",
+           "validate"]

@@ -46,8 +46,9 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
-from deepcluster.checkpoint import atomic_write_bytes, remove_temp_files, save_checkpoint
-from deepcluster.config import Config, ConfigError
+from deepcluster.checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, remove_temp_files,
+                                    save_checkpoint)
+from deepcluster.config import Config, ConfigError, load_yaml
 from deepcluster.data.sources import DataError
 from deepcluster.faults import fault_point
 
@@ -157,6 +158,24 @@ def read_images(run_dir: Path) -> list[str] | None:
 def started_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds the files a run writes before its first checkpoint."""
     return (run_dir / CONFIG_NAME).is_file() or (run_dir / LOG_NAME).is_file()
+
+
+def saved_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings a run saved when it started (``config.yaml``; the checkpoint's when that
+    file is gone), for ``--resume``.
+
+    Raises:
+        CheckpointError: no run ever started in ``run_dir``, or its checkpoint is unreadable.
+        ConfigError: ``config.yaml`` is not a readable mapping of settings.
+    """
+    if (run_dir / CONFIG_NAME).is_file():
+        return load_yaml(run_dir / CONFIG_NAME)
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        saved = load_checkpoint(run_dir / CHECKPOINT_NAME).get("config")
+        if isinstance(saved, dict):
+            return saved
+    raise CheckpointError(f"nothing to resume: {str(run_dir)!r} holds no run ({CONFIG_NAME} and {CHECKPOINT_NAME} "
+                          "are missing); start it without --resume, or give the run folder with --out")
 
 
 def json_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from deepcluster.clustering import (ari, cluster_sizes, clustering_accuracy, kme
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
-from deepcluster.config import Config, ConfigError, from_dict
+from deepcluster.config import RESUMABLE, Config, ConfigError, check_unchanged, from_dict  # noqa: F401 - RESUMABLE: formerly here
 from deepcluster.data.pseudo import UNREADABLE
 from deepcluster.data import (CenterView, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
@@ -403,21 +403,13 @@ def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, confi
     return state, saved
 
 
-RESUMABLE = {"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
-             "tensorboard", "final_clustering"}
-
-
 def check_resume_config(saved: dict, config: Config) -> None:
     """A resumed run must use the settings it started with, except ``RESUMABLE`` ones."""
     try:
-        old = from_dict(saved).to_dict()
+        old = from_dict(saved)
     except ConfigError as error:
         raise CheckpointError(f"the checkpoint's settings are invalid ({error})") from None
-    new = config.to_dict()
-    changed = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
-        raise ConfigError(f"cannot resume with different settings ({details}); only {', '.join(sorted(RESUMABLE))} may change")
+    check_unchanged(old, config)
 
 
 def label_scores(assignments: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
