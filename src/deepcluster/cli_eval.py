@@ -156,6 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from deepcluster.checkpoint import load_checkpoint
+    from deepcluster.cli_tools import out_folder
     from deepcluster.evaluation import report as reporting
     from deepcluster.evaluation.suite import (evaluate_backbone, open_labelled_splits, random_init_backbone,
                                               remove_dir)
@@ -176,8 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     epochs_completed = int(load_checkpoint(args.checkpoint).get("epoch", 0))
     splits = open_labelled_splits(args.train, args.val, settings.train_limit, settings.val_limit, settings.subset_seed)
     device = resolve_device(args.device or config.device)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint).parent / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_folder(args.out_dir or str(Path(args.checkpoint).parent / "eval"))
     prints = fingerprint(config, splits, settings, args.train, args.val)
     report: dict[str, Any] = {
         "report_version": reporting.REPORT_VERSION,

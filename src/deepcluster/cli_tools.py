@@ -148,10 +148,13 @@ def _setup(args: argparse.Namespace):
     return resolve_device(args.device)
 
 
-def _out_dir(path: str) -> Path:
+def out_folder(path: str) -> Path:
+    """The ``--out`` folder of a command, created; a one-line ``ConfigError`` when it is a
+    file or cannot be created."""
+    from deepcluster.runfolder import check_out_folder
+
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--out {path!r} exists and is not a folder")
+    check_out_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -184,7 +187,7 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
         activation_sample=args.activation_sample, ascent_steps=args.ascent_steps, ascent_size=args.ascent_size,
         device=str(device), batch_size=args.batch_size, workers=args.workers, seed=args.seed, data=args.data)
     if args.out_dir:
-        _out_dir(args.out_dir)
+        out_folder(args.out_dir)
     command = "deepcluster " + " ".join(shlex.quote(a) for a in argv)
     with _writing(Path(args.out_dir or args.run_dir)):
         result = build_report(args.run_dir, args.out_dir, settings, command=command)
@@ -258,7 +261,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
     formats = formats or FORMATS
     cluster_model = load_cluster_model(args.checkpoint)
     source = FolderSource(args.data)
-    out_dir = _out_dir(args.out_dir)
+    out_dir = out_folder(args.out_dir)
     which = (f"the final clustering (after epoch {cluster_model.epoch})" if cluster_model.final else
              f"the clustering epoch {cluster_model.epoch} trained on (no final clustering saved: centroids older "
              "than the weights by one epoch of training)")
@@ -301,7 +304,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     else:
         (model, config), pca = load_backbone(args.checkpoint), None
     source = FolderSource(args.data)
-    out_dir = _out_dir(args.out_dir)
+    out_dir = out_folder(args.out_dir)
     print(f"deepcluster features: {len(source)} images, layer {args.layer}{' + PCA' if args.pca else ''}, "
           f"{config.arch}, device {device}", flush=True)
     features_path = out_dir / "features.npy"

@@ -201,6 +201,10 @@ MIN_CROP = {"alexnet": 63, "vgg16": 32, "smallnet": 16}
 # Integers go to C code (torch, faiss, the data loader) that holds them in 32 bits.
 MAX_INT = 2**31 - 1
 MAX_THREADS = 1024
+# Largest image side (crop, resize): every image is resized to it, so a typo such as
+# --crop 4000 would upscale each image to gigabytes of tensors before anything is printed.
+# The paper uses 224/256; 1024 leaves room for high-resolution experiments.
+MAX_IMAGE_SIDE = 1024
 
 
 def validate(config: Config) -> Config:
@@ -217,6 +221,10 @@ def validate(config: Config) -> Config:
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"setting {key!r} must be a positive integer, got {getattr(config, key)}")
+    for key in ("crop", "resize"):
+        if getattr(config, key) > MAX_IMAGE_SIDE:
+            raise ConfigError(f"setting {key!r} must be at most {MAX_IMAGE_SIDE} pixels, got {getattr(config, key)} "
+                              "(every image is resized to it: the paper uses crop 224, resize 256; small images 32)")
     if config.n_clusters < 2:
         raise ConfigError(f"setting 'n_clusters' must be at least 2, got {config.n_clusters}")
     if config.crop < MIN_CROP[config.arch]:

@@ -78,12 +78,23 @@ def write_failure(what: str, path: Path, error: OSError, kept: str = "") -> RunF
     return RunFolderError(f"cannot write {what} {str(path)!r}: {_os_reason(error)}" + (f"; {kept}" if kept else ""))
 
 
+def check_out_folder(path: Path) -> None:
+    """Raise ``ConfigError`` when ``path`` (an ``--out`` folder) is a file or lies inside one."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"lies inside {str(candidate)!r}, which is a file"
+                raise ConfigError(f"--out {str(path)!r} {where}; give a folder")
+            return
+
+
 @contextmanager
 def lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's exclusive lock inside the block (creating the folder).
 
     Raises:
-        ConfigError: another process holds the lock (names its process id).
+        ConfigError: another process holds the lock (names its process id), or the folder
+            is a file.
         RunFolderError: the folder or its lock file cannot be created.
     """
     try:
@@ -91,6 +102,7 @@ def lock(run_dir: Path) -> Iterator[None]:
     except ImportError:  # not a POSIX system: no locking
         yield
         return
+    check_out_folder(run_dir)
     path = run_dir / LOCK_NAME
     created = not run_dir.exists()
     try:
@@ -104,7 +116,7 @@ def lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
             raise ConfigError(f"run folder {str(run_dir)!r} is being written by another deepcluster run "
-                              f"(process {holder}); wait for it to end or choose another --out_dir") from None
+                              f"(process {holder}); wait for it to end or choose another --out") from None
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
         try:

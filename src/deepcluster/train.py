@@ -478,7 +478,7 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
         resume = False
     if not resume and checkpoint_path.is_file():
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
-                          "or choose another --out_dir")
+                          "or choose another --out")
     source = open_source(config, run_dir if resume else None)
     if config.clustering == "kmeans" and config.n_clusters > len(source):
         raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} images; "
@@ -494,7 +494,7 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
         if state.previous is not None and len(state.previous) != len(source):
             raise ConfigError(f"the data folder {config.data!r} now holds {len(source)} usable images but the run "
                               f"was trained on {len(state.previous)}; restore the folder as it was, or start a new "
-                              "run with another --out_dir")
+                              "run with another --out")
     for item in getattr(source, "skipped", []):
         state.skipped[item.path] = item.reason
     removed = []
