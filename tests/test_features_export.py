@@ -111,3 +111,26 @@ def test_export_refuses_foreign_files_and_bad_input(tiny_run, tmp_path, capsys):
         code = main(["export"] + argv)
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_every_command_writes_its_files_with_the_usual_mode(tiny_run, image_folder, tmp_path):
+    """Files are created 0666 less the umask (0644 under the usual 022), as any tool's; was
+    0600 for the exported backbone."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        checkpoint = str(tiny_run / "checkpoint.pt")
+        assert main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path / "backbone.safetensors")]) == 0
+        assert main(["features", "--checkpoint", checkpoint, "--data", str(image_folder),
+                     "--out", str(tmp_path / "f")]) == 0
+        assert main(["assign", "--checkpoint", checkpoint, "--data", str(image_folder),
+                     "--out", str(tmp_path / "a")]) == 0
+        assert main(["report", str(tiny_run), "--out", str(tmp_path / "r"), "--ascent-steps", "0",
+                     "--activation-sample", "36"]) == 0
+    finally:
+        os.umask(umask)
+    modes = {str(path.relative_to(tmp_path)): oct(stat.S_IMODE(path.stat().st_mode))
+             for path in tmp_path.rglob("*") if path.is_file()}
+    assert len(modes) >= 7 and set(modes.values()) == {"0o644"}, modes

@@ -83,12 +83,15 @@ def backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_backbone_safetensors(model: torch.nn.Module, path: str | Path, metadata: BackboneMetadata) -> Path:
-    """Write ``model``'s backbone (no top layer) and ``metadata`` to ``path``."""
-    from safetensors.torch import save_file
+    """Write ``model``'s backbone (no top layer) and ``metadata`` to ``path``, atomically and
+    with the usual file mode (``safetensors.save_file`` creates its files 0600)."""
+    from safetensors.torch import save
+
+    from deepcluster.checkpoint import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(backbone_tensors(model), str(path), metadata=metadata.to_strings())
+    atomic_write_bytes(path, save(backbone_tensors(model), metadata=metadata.to_strings()))
     return path
 
 
