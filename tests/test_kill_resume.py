@@ -161,6 +161,36 @@ def test_sigkill_from_outside_at_an_arbitrary_moment_then_resume(image_folder, r
     assert_same_run(run, reference)
 
 
+INTERRUPTED = "deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)\n"
+
+
+def test_sigterm_stops_as_ctrl_c_does_and_resume_goes_on(image_folder, reference, tmp_path):
+    """Was: a silent stop with status -15. SIGTERM (``kill PID``, a scheduler) now prints
+    Ctrl-C's line, exits 143 and keeps the last checkpoint, even during its write."""
+    run = tmp_path / "run"
+    result = train(image_folder, run, "term:training:7")  # epoch 2, its second batch
+    assert result.returncode == 128 + signal.SIGTERM and result.stderr == INTERRUPTED, result.stderr
+    good = (run / "checkpoint.pt").read_bytes()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    result = train(image_folder, run, "term:checkpoint:1", resume=True)  # halfway through epoch 2's checkpoint
+    assert result.returncode == 128 + signal.SIGTERM and result.stderr == INTERRUPTED, result.stderr
+    assert (run / "checkpoint.pt").read_bytes() == good and temp_files(run) == []
+    result = train(image_folder, run, resume=True)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(run, reference)
+
+
+def test_ctrl_c_prints_the_same_line(cli, image_folder, tmp_path, monkeypatch):
+    from deepcluster import train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "run")
+    assert code == 130 and err == INTERRUPTED
+
+
 def test_resume_of_a_folder_that_never_started_is_a_clear_error(tmp_path, image_folder, capsys):
     from deepcluster.cli import main
 

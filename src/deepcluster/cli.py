@@ -18,14 +18,18 @@ Exit codes (each failure is one line on stderr, ``deepcluster: error: ...``, no 
 - 5 (``EXIT_MEMORY``): out of memory (host or GPU) that Python could catch; the checkpoint
   of the last completed epoch is kept. (When the kernel's OOM killer ends the process
   instead, nothing can be printed; ``--resume`` still continues from the last checkpoint.)
-- 130: interrupted with Ctrl-C.
+- 130: interrupted with Ctrl-C; 143: stopped by ``SIGTERM`` (``kill PID``, a job scheduler);
+  both print the same line and keep the checkpoint of the last completed epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -113,6 +117,28 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """``SIGTERM`` arrived: raised where the program is, so it stops as Ctrl-C stops it
+    (atomic writes remove their temporary file, the last checkpoint stays)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Inside the block, ``SIGTERM`` raises ``Terminated`` (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def out_of_memory(error: BaseException) -> str | None:
     """The short reason if ``error`` is an allocation failure (host or GPU), else ``None``."""
     import torch
@@ -131,6 +157,12 @@ def out_of_memory(error: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns the exit code (see the module docstring)."""
+    with sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from deepcluster.checkpoint import CheckpointError
     from deepcluster.data import DataError
     from deepcluster.health import TrainingDiverged
@@ -180,10 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             advice = "use fewer images, layers (eval: --probe-layers) or a smaller batch, or a machine with more memory"
         print(f"deepcluster: error: out of memory ({reason}); {advice}", file=sys.stderr)
         return EXIT_MEMORY
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
         erase_bars()
-        print("deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)", file=sys.stderr)
-        return 130
+        kept = "; the last completed epoch's checkpoint is kept (use --resume)" if command == "train" else ""
+        print(f"deepcluster: interrupted{kept}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
 
 
 if __name__ == "__main__":
