@@ -39,7 +39,7 @@ def test_features_are_the_clustered_features_with_paths_and_classes(tiny_run, im
     assert features.dtype == np.float32 and features.shape == (36, model.feature_dim)
     assert np.allclose(features, expected, atol=1e-5)
     lines = (out / "paths.tsv").read_text().splitlines()
-    assert lines[0] == "row\tpath\treadable\tclass"
+    assert lines[0] == "row\tpath\treadable\tclass\tproblem"
     assert [line.split("\t")[1] for line in lines[1:]] == source.paths
     assert {line.split("\t")[3] for line in lines[1:]} == {"stripes", "rings", "checkers"}
     meta = json.loads((out / "features.json").read_text())

@@ -118,3 +118,32 @@ def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(ima
     np.testing.assert_allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-5)
     records = run(tiny_config(image_folder, tmp_path / "bounded", pca_sample_size=20, epochs=1), log=lambda _: None)
     assert records[0]["n_nonempty"] >= 2
+
+
+def test_a_nested_file_keeps_the_labels_and_a_loose_one_is_said(image_folder, tmp_path, cli):
+    """Was: one ``<class>/nested/deeper/x.jpg`` dropped NMI/ACC without a word, and eval said
+    the folder had no class sub-folders."""
+    import shutil
+
+    from deepcluster.data import DataError
+    from deepcluster.evaluation.suite import open_labelled_splits
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "rings" / "nested" / "deeper").mkdir(parents=True)
+    shutil.move(data / "rings" / "00.png", data / "rings" / "nested" / "deeper" / "x.png")
+    code, out, err = cli("train", "--data", data, "--out", tmp_path / "nested")
+    assert code == 0, err
+    assert "nmi " in out and "no class labels" not in out
+    record = json.loads((tmp_path / "nested" / "log.jsonl").read_text())
+    assert "nmi_labels" in record
+    assert open_labelled_splits(data, data).class_names == ["checkers", "rings", "stripes"]
+
+    shutil.move(data / "rings" / "01.jpg", data / "loose.jpg")
+    code, out, err = cli("train", "--data", data, "--out", tmp_path / "loose")
+    assert code == 0, err
+    note = [line for line in out.splitlines() if "no class labels" in line]
+    assert len(note) == 1 and "1 image(s) lie directly in the folder" in note[0] and "'loose.jpg'" in note[0]
+    assert "nmi_labels" not in json.loads((tmp_path / "loose" / "log.jsonl").read_text())
+    with pytest.raises(DataError, match="has no class labels: 1 image\\(s\\) lie directly in the folder"):
+        open_labelled_splits(data, data)

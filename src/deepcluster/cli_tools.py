@@ -204,25 +204,50 @@ def _class_column(source) -> list[str] | None:
     return [source.class_names[label] for label in source.labels]
 
 
+def open_every_file(folder: str):
+    """Every image file found under ``folder``, unreadable ones included (each gets its row
+    in a command's output), as a ``FolderSource``; says so when the folder has no classes."""
+    from deepcluster.data import FolderSource
+
+    source = FolderSource(folder, every_file=True)
+    if source.unlabelled:
+        print(f"note: no class column: {source.unlabelled}")
+    return source
+
+
+def _found(source) -> str:
+    from deepcluster.progress import plural
+
+    skipped = f" ({len(source.skipped)} unreadable from their header)" if source.skipped else ""
+    return plural(len(source), "image file") + skipped
+
+
+def problems(source, ok) -> list[str]:
+    """Why each image that did not decode (``ok`` False) cannot be used; ``""`` for the others."""
+    return ["" if good else source.problem(index) for index, good in enumerate(ok)]
+
+
 def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes: list[str] | None,
-                            formats: Sequence[str]) -> list[Path]:
+                            formats: Sequence[str], reasons: list[str] | None = None) -> list[Path]:
     """``assignments.csv`` / ``assignments.parquet``: one row per image, in folder order.
 
     Columns: ``path``, ``cluster`` (-1: unreadable), ``distance`` (empty / null when
-    unreadable) and ``class`` when the folder has class sub-folders.
+    unreadable), ``class`` when the folder has class sub-folders, and ``problem``: why an
+    unreadable image could not be used (empty / null otherwise).
     """
     import numpy as np
 
+    reasons = reasons if reasons is not None else [""] * len(paths)
     written = []
     if "csv" in formats:
         path = out_dir / "assignments.csv"
         with _writing(path), open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "cluster", "distance"] + (["class"] if classes else []))
+            writer.writerow(["path", "cluster", "distance"] + (["class"] if classes else []) + ["problem"])
             for row, name in enumerate(paths):
                 distance = assignment.distances[row]
                 cells = [name, int(assignment.clusters[row]), "" if np.isnan(distance) else f"{distance:.6f}"]
-                writer.writerow(cells + ([classes[row]] if classes else []))
+                writer.writerow(cells + ([classes[row]] if classes else []) + [reasons[row]])
         written.append(path)
     if "parquet" in formats:
         import pyarrow as pa
@@ -234,6 +259,7 @@ def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes
                    "distance": pa.array(assignment.distances, pa.float32(), mask=np.isnan(assignment.distances))}
         if classes:
             columns["class"] = pa.array(classes, pa.string())
+        columns["problem"] = pa.array([reason or None for reason in reasons], pa.string())
         with _writing(path):
             pq.write_table(pa.table(columns), path)
         written.append(path)
@@ -243,8 +269,8 @@ def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes
 def cmd_assign(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from deepcluster.data import FolderSource
     from deepcluster.inference import assign_images, load_cluster_model
+    from deepcluster.progress import plural
 
     device = _setup(args)
     formats = args.formats
@@ -260,20 +286,22 @@ def cmd_assign(args: argparse.Namespace) -> int:
             formats = ("csv",)
     formats = formats or FORMATS
     cluster_model = load_cluster_model(args.checkpoint)
-    source = FolderSource(args.data)
+    source = open_every_file(args.data)
     out_dir = out_folder(args.out_dir)
     which = (f"the final clustering (after epoch {cluster_model.epoch})" if cluster_model.final else
              f"the clustering epoch {cluster_model.epoch} trained on (no final clustering saved: centroids older "
              "than the weights by one epoch of training)")
-    print(f"deepcluster assign: {len(source)} images, {cluster_model.n_clusters} clusters of {which}, "
+    print(f"deepcluster assign: {_found(source)}, {cluster_model.n_clusters} clusters of {which}, "
           f"{cluster_model.config.arch}, device {device}", flush=True)
     assignment = assign_images(cluster_model, source, device, args.batch_size, args.workers)
-    written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), formats)
+    written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), formats,
+                                      problems(source, assignment.ok))
     placed = int(assignment.ok.sum())
     used = int(np.unique(assignment.clusters[assignment.ok]).size)
-    print(f"{placed} images placed in {used} clusters (median distance "
+    print(f"{plural(placed, 'image')} placed in {plural(used, 'cluster')} (median distance "
           f"{float(np.nanmedian(assignment.distances)) if placed else float('nan'):.3f})"
-          + (f", {len(source) - placed} unreadable" if placed < len(source) else ""))
+          + (f", {len(source) - placed} unreadable (cluster -1, the reason in the problem column)"
+             if placed < len(source) else ""))
     trained_on = cluster_model.config.data
     previous = cluster_model.assignments
     if (trained_on is not None and os.path.realpath(trained_on) == os.path.realpath(args.data)
@@ -291,7 +319,6 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from deepcluster.data import FolderSource
     from deepcluster.inference import load_cluster_model, write_features
     from deepcluster.train import load_backbone
 
@@ -303,9 +330,9 @@ def cmd_features(args: argparse.Namespace) -> int:
         model, config, pca = cluster_model.model, cluster_model.config, cluster_model.pca
     else:
         (model, config), pca = load_backbone(args.checkpoint), None
-    source = FolderSource(args.data)
+    source = open_every_file(args.data)
     out_dir = out_folder(args.out_dir)
-    print(f"deepcluster features: {len(source)} images, layer {args.layer}{' + PCA' if args.pca else ''}, "
+    print(f"deepcluster features: {_found(source)}, layer {args.layer}{' + PCA' if args.pca else ''}, "
           f"{config.arch}, device {device}", flush=True)
     features_path = out_dir / "features.npy"
     with _writing(features_path):
@@ -314,9 +341,10 @@ def cmd_features(args: argparse.Namespace) -> int:
     classes = _class_column(source)
     table = out_dir / "paths.tsv"
     with _writing(table), open(table, "w") as handle:
-        handle.write("row\tpath\treadable" + ("\tclass" if classes else "") + "\n")
-        for row, path in enumerate(source.paths):
-            handle.write(f"{row}\t{path}\t{int(result.ok[row])}" + (f"\t{classes[row]}" if classes else "") + "\n")
+        handle.write("row\tpath\treadable" + ("\tclass" if classes else "") + "\tproblem\n")
+        for row, (path, reason) in enumerate(zip(source.paths, problems(source, result.ok))):
+            cells = [str(row), path, str(int(result.ok[row]))] + ([classes[row]] if classes else []) + [reason]
+            handle.write("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in cells) + "\n")
     meta = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data), "layer": result.layer,
             "dim": result.dim, "n_images": len(source), "n_unreadable": int((~result.ok).sum()),
             "pooling": result.pooling, "pca_whitened_l2": result.whitened, "arch": config.arch, "sobel": config.sobel,
@@ -324,7 +352,10 @@ def cmd_features(args: argparse.Namespace) -> int:
             "dtype": "float32", "rows": "paths.tsv order; rows of unreadable images are zero"}
     with _writing(out_dir / "features.json"):
         (out_dir / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {features_path} ({len(source)} x {result.dim} float32), {table}, {out_dir / 'features.json'}")
+    unreadable = int((~result.ok).sum())
+    print(f"wrote {features_path} ({len(source)} x {result.dim} float32"
+          + (f"; {unreadable} unreadable: zero rows, the reason in paths.tsv" if unreadable else "")
+          + f"), {table}, {out_dir / 'features.json'}")
     return 0
 
 

@@ -43,7 +43,7 @@ from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
-from deepcluster.progress import Progress, track
+from deepcluster.progress import Progress, plural, track
 from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME  # noqa: F401 - LOG_NAME: formerly defined here
 from deepcluster.scalars import ScalarLog
 
@@ -508,10 +508,17 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
                 if change:
                     log(change)
     labels = source.labels
-    log(f"deepcluster: {len(source)} images, {config.arch}{' + sobel' if config.sobel else ''}, "
-        f"k={config.n_clusters}, {config.epochs} epochs, device {device}, run folder {run_dir}"
+    log(f"deepcluster: {plural(len(source), 'image')}"
+        + (f" ({len(state.skipped)} unreadable file(s) skipped, listed in skipped.tsv)" if state.skipped else "")
+        + f", {config.arch}{' + sobel' if config.sobel else ''}, k={config.n_clusters}, "
+        f"{plural(config.epochs, 'epoch')}, device {device}, run folder {run_dir}"
         + (f", resuming after epoch {state.epoch}" if resume else "")
         + (f"; removed {len(removed)} temporary file(s) of an interrupted write" if removed else ""))
+    if source.unlabelled:
+        log(f"deepcluster: note: no class labels, so no NMI/ACC/ARI against them: {source.unlabelled}")
+    if resume and state.epoch >= config.epochs:
+        log(f"deepcluster: the run has already trained {plural(state.epoch, 'epoch')}; nothing left to train "
+            "(raise --epochs to train further)")
 
     records = []
     clustering: Clustering | None = None

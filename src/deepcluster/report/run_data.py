@@ -130,6 +130,8 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
     except DataError as error:
         source = None
         notes.append(f"images not shown: {error} (pass --data FOLDER if they moved)")
+    if source is not None and source.unlabelled:
+        notes.append(f"no class labels, so no purity or scores against them: {source.unlabelled}")
     if source is not None and files:
         n_assigned = len(np.load(final_file if final_file.is_file() else files[max(files)], mmap_mode="r",
                                  allow_pickle=False))
