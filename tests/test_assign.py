@@ -57,7 +57,7 @@ def test_with_the_clustering_weights_the_last_epoch_clustering_is_reproduced_exa
                  "--out", str(tmp_path / "out")])
     assert code == 0
     rows = read_csv(tmp_path / "out" / "assignments.csv")
-    expected = np.load(tmp_path / "run" / "assignments" / "epoch_0000.npy")
+    expected = np.load(tmp_path / "run" / "assignments" / "epoch_0001.npy")
     assert [r["path"] for r in rows] == FolderSource(image_folder).paths
     assert np.array_equal(np.array([int(r["cluster"]) for r in rows]), expected)
     distances = np.array([float(r["distance"]) for r in rows])

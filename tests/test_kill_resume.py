@@ -60,7 +60,7 @@ def log_records(run: Path) -> list[dict]:
 def assert_same_run(run: Path, reference: Path) -> None:
     """Bit-for-bit equal assignments, weights and optimiser state; the same log but for timings."""
     names = sorted(p.name for p in (reference / "assignments").glob("*.npy"))
-    assert names == [f"epoch_{e:04d}.npy" for e in range(EPOCHS)] + ["final.npy"]
+    assert names == [f"epoch_{e:04d}.npy" for e in range(1, EPOCHS + 1)] + ["final.npy"]
     assert sorted(p.name for p in (run / "assignments").iterdir()) == names
     for name in names:
         assert (run / "assignments" / name).read_bytes() == (reference / "assignments" / name).read_bytes(), name
@@ -76,7 +76,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     for key, value in theirs["final"].items():  # the clustering of the trained weights
         assert torch.equal(ours["final"][key], value) if torch.is_tensor(value) else ours["final"][key] == value, key
     records, expected = log_records(run), log_records(reference)
-    assert [r["epoch"] for r in records] == list(range(EPOCHS))
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
     for record, want in zip(records, expected):
         assert {k: v for k, v in record.items() if k not in TIMING_KEYS} == \
             {k: v for k, v in want.items() if k not in TIMING_KEYS}
@@ -123,7 +123,7 @@ def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(image_fo
     result = train(image_folder, run, "kill:clustering:1", resume=True)
     assert_killed(result)
     assert "resuming after epoch 1" in result.stdout
-    assert [r["epoch"] for r in log_records(run)] == [0]
+    assert [r["epoch"] for r in log_records(run)] == [1]
 
     # Killed in the middle of epoch 2's training (its third batch).
     assert_killed(train(image_folder, run, "kill:training:3", resume=True))
@@ -155,7 +155,7 @@ def test_sigkill_from_outside_at_an_arbitrary_moment_then_resume(image_folder, r
         process.stdout.close()
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL  # it was still running: a real interruption
-    assert np.load(run / "assignments" / "epoch_0000.npy", allow_pickle=False).shape == (36,)
+    assert np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False).shape == (36,)
     result = train(image_folder, run, resume=True)
     assert result.returncode == 0, result.stderr
     assert_same_run(run, reference)
@@ -214,21 +214,21 @@ def test_resume_cleans_up_what_a_kill_can_leave(records_in_checkpoint, cli, imag
         del state["records"]
         torch.save(state, run / "checkpoint.pt")
     first = (run / "log.jsonl").read_text()
-    (run / "log.jsonl").write_text(first + first + '{"epoch": 1, "train_lo')
+    (run / "log.jsonl").write_text(first + first + '{"epoch": 2, "train_lo')
     (run / ".checkpoint.pt.tmp-99-beef").write_bytes(b"torn")
-    (run / "assignments" / ".epoch_0001.npy.tmp-99-dead").write_bytes(b"torn")
+    (run / "assignments" / ".epoch_0002.npy.tmp-99-dead").write_bytes(b"torn")
     (run / "assignments" / "epoch_0007.npy").write_bytes(b"stale")
 
     code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--resume")
     assert code == 0, err
     assert "removed 2 temporary file(s)" in out
     assert temp_files(run) == []
-    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0000.npy", "epoch_0001.npy", "final.npy"]
+    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0001.npy", "epoch_0002.npy", "final.npy"]
     lines = (run / "log.jsonl").read_text().splitlines()
-    assert lines[0] == first.strip() and [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert lines[0] == first.strip() and [json.loads(line)["epoch"] for line in lines] == [1, 2]
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert saved["epoch"] == 2 and [r["epoch"] for r in saved["records"]] == [0, 1]
-    latest = np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assert saved["epoch"] == 2 and [r["epoch"] for r in saved["records"]] == [1, 2]
+    latest = np.load(run / "assignments" / "epoch_0002.npy", allow_pickle=False)
     assert np.array_equal(latest, saved["assignments"].numpy())
 
 
@@ -257,3 +257,38 @@ def test_a_second_run_on_a_folder_in_use_stops_and_a_killed_run_leaves_no_stale_
     result = train(image_folder, run, resume=True)  # the kernel dropped the dead run's lock
     assert result.returncode == 0, result.stderr
     assert_same_run(run, reference)
+
+
+def test_a_run_folder_that_counted_epochs_from_0_is_renumbered_on_resume(cli, image_folder, tmp_path):
+    """Runs written before epochs counted from 1 (log ``epoch: 0``, ``epoch_0000.npy``) are
+    read by ``report`` from 1 and renumbered by ``--resume``, which then goes on exactly as
+    an uninterrupted run."""
+    from deepcluster.checkpoint import load_checkpoint, save_checkpoint
+    from deepcluster.report.run_data import load_run
+
+    code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "whole", "--epochs", "2")
+    assert code == 0, err
+    run = tmp_path / "old"
+    one_epoch(cli, image_folder, run)
+    first = (run / "assignments" / "epoch_0001.npy").read_bytes()
+    (run / "assignments" / "epoch_0001.npy").rename(run / "assignments" / "epoch_0000.npy")  # as written then
+    (run / "assignments" / "epoch_0001.npy").write_bytes(b"the unfinished second epoch's")
+    state = load_checkpoint(run / "checkpoint.pt")
+    state.pop("format_version")
+    state["records"][0]["epoch"] = 0
+    save_checkpoint(run / "checkpoint.pt", state)
+    (run / "log.jsonl").write_text(json.dumps(state["records"][0]) + "\n")
+    (run / "assignments" / "epoch_0001.npy").unlink()
+    seen = load_run(run)
+    assert [r["epoch"] for r in seen.records] == [1] and list(seen.assignment_files) == [1]
+    (run / "assignments" / "epoch_0001.npy").write_bytes(b"the unfinished second epoch's")
+
+    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--resume")
+    assert code == 0, err
+    names = sorted(p.name for p in (run / "assignments").iterdir())
+    assert names == ["epoch_0001.npy", "epoch_0002.npy", "final.npy"]  # no journal left
+    assert (run / "assignments" / "epoch_0001.npy").read_bytes() == first
+    for name in names:
+        assert (run / "assignments" / name).read_bytes() == (tmp_path / "whole" / "assignments" / name).read_bytes()
+    assert [r["epoch"] for r in log_records(run)] == [1, 2]
+    assert [r["epoch"] for r in torch.load(run / "checkpoint.pt", weights_only=True)["records"]] == [1, 2]

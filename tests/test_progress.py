@@ -78,7 +78,7 @@ def test_a_run_writes_tensorboard_scalars_next_to_its_log(tiny_run):
     events.Reload()
     losses = events.Scalars("train/loss")
     log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
-    assert [e.step for e in losses] == [0, 1]
+    assert [e.step for e in losses] == [1, 2]
     assert all(math.isclose(e.value, r["train_loss"], rel_tol=1e-6) for e, r in zip(losses, log))
     assert "labels/nmi" in events.Tags()["scalars"] and "stability/nmi_previous_epoch" in events.Tags()["scalars"]
 

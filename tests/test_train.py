@@ -25,13 +25,13 @@ def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folde
     assert len(records) == 2 and len(lines) == 4  # header, one line per epoch, the final clustering
     assert lines[-1].startswith("final clustering of the trained network")
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [0, 1]
+    assert [r["epoch"] for r in log] == [1, 2]  # counted from 1, as on screen
     for key in ("clustering_objective", "n_split", "largest_cluster_share", "n_nonempty", "train_loss",
                 "nmi_labels", "acc_labels", "ari_labels", "time_features", "time_clustering",
                 "time_training", "train_images_per_s"):
         assert key in log[1], key
     assert log[0]["nmi_prev"] is None and 0 <= log[1]["nmi_prev"] <= 1
-    assignments = np.load(tmp_path / "full" / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assignments = np.load(tmp_path / "full" / "assignments" / "epoch_0002.npy", allow_pickle=False)
     assert assignments.shape == (36,) and assignments.max() < 6
     saved = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     assert saved["epoch"] == 2 and saved["config"]["n_clusters"] == 6
@@ -42,7 +42,7 @@ def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folde
     run(half, log=lambda _: None)
     resumed = tiny_config(image_folder, tmp_path / "half", epochs=2)
     run(resumed, resume=True, log=lambda _: None)
-    again = np.load(tmp_path / "half" / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    again = np.load(tmp_path / "half" / "assignments" / "epoch_0002.npy", allow_pickle=False)
     assert np.array_equal(assignments, again)
     model_a, _ = load_backbone(tmp_path / "full" / "checkpoint.pt")
     model_b, _ = load_backbone(tmp_path / "half" / "checkpoint.pt")

@@ -62,7 +62,7 @@ def add_tool_parsers(subparsers: Any) -> None:
     report.add_argument("--out", dest="out_dir", help="folder for index.html (default: RUN_DIR/report)")
     report.add_argument("--data", help="image folder, if it moved since training (default: the run's)")
     report.add_argument("--epoch", type=int, default=None,
-                        help="epoch whose clustering is shown, counted from 1 as the terminal does (default: the final "
+                        help="epoch whose clustering is shown, counted from 1 as everywhere (default: the final "
                              "clustering when the run saved one, else the last epoch)")
     report.add_argument("--max-clusters", type=int, default=defaults.max_clusters,
                         help=f"clusters in the grid: the largest and, with labels, the purest (default "
@@ -181,7 +181,7 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     device = _setup(args)
     settings = ReportSettings(
-        epoch=None if args.epoch is None else args.epoch - 1, max_clusters=args.max_clusters,
+        epoch=args.epoch, max_clusters=args.max_clusters,
         images_per_cluster=args.images_per_cluster, thumb_size=args.thumb_size, layer=args.layer,
         filters=args.filters, n_filters=args.n_filters, top_images=args.top_images,
         activation_sample=args.activation_sample, ascent_steps=args.ascent_steps, ascent_size=args.ascent_size,

@@ -4,7 +4,7 @@ Files of a run (``RUN = config.out_dir``)::
 
     RUN/config.yaml                the resolved settings
     RUN/skipped.tsv                files left out: path<TAB>reason
-    RUN/assignments/epoch_NNNN.npy pseudo-labels of epoch NNNN (0-based), int32
+    RUN/assignments/epoch_NNNN.npy pseudo-labels of epoch NNNN (counted from 1), int32
     RUN/checkpoint.pt              the state after the last completed epoch
     RUN/log.jsonl                  one JSON record per completed epoch
     RUN/images.json                the run's images, in the order of the assignments
@@ -227,10 +227,12 @@ def log_text(records: list[dict[str, Any]]) -> str:
 def records_from_log(run_dir: Path, completed: int) -> list[dict[str, Any]]:
     """The log records of the first ``completed`` epochs as ``log.jsonl`` holds them: whole
     JSON lines only, the first line of each epoch (for a checkpoint that stores no records,
-    as written before they were stored)."""
+    as written before they were stored; such logs count epochs from 0)."""
     records, seen = [], set()
-    for record in read_log(run_dir / LOG_NAME):
-        if record["epoch"] < completed and record["epoch"] not in seen:
+    logged = read_log(run_dir / LOG_NAME)
+    first = 0 if any(record["epoch"] == 0 for record in logged) else 1
+    for record in logged:
+        if first <= record["epoch"] < first + completed and record["epoch"] not in seen:
             seen.add(record["epoch"])
             records.append(record)
     return records
@@ -238,7 +240,8 @@ def records_from_log(run_dir: Path, completed: int) -> list[dict[str, Any]]:
 
 def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[str, Any]],
             skipped: dict[str, str]) -> list[Path]:
-    """Make ``run_dir`` describe exactly the first ``completed`` epochs, before training.
+    """Make ``run_dir`` describe exactly the first ``completed`` epochs, before training
+    (a folder that counted epochs from 0 is renumbered first, see ``count_from_one``).
 
     Args:
         run_dir: the run folder (created if needed).
@@ -261,9 +264,10 @@ def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[st
         raise write_failure("the run folder", assignments_dir, error) from None
     try:
         removed = remove_temp_files(run_dir) + remove_temp_files(assignments_dir)
+        count_from_one(run_dir, records[:completed])
         for stale in assignments_dir.iterdir():
             match = _ASSIGNMENTS_FILE.fullmatch(stale.name)
-            if match and int(match.group(1)) >= completed:
+            if match and int(match.group(1)) > completed:
                 stale.unlink()
         if completed < config.epochs:
             # Epochs are left to train: a final clustering of the current weights is outdated.
@@ -279,6 +283,47 @@ def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[st
         except OSError as error:
             raise write_failure("the run file", path, error) from None
     return removed
+
+
+RENUMBER_JOURNAL = ".renumbering"  # in ASSIGNMENTS_DIR, while a folder counting from 0 is renumbered
+
+
+def count_from_one(run_dir: Path, records: list[dict[str, Any]]) -> bool:
+    """Bring a run folder written when epochs counted from 0 (the first epoch's log record
+    ``epoch: 0``, its assignments ``epoch_0000.npy``) to counting from 1, in place: each
+    record's ``epoch`` goes up by one and each assignments file is renamed one up, last
+    first. A journal (``assignments/.renumbering``: the lowest epoch still to move) makes a
+    kill at any moment harmless: the next start goes on where it stopped. The journal stays
+    until a checkpoint holds the renumbered records.
+
+    Args:
+        records: the completed epochs' records, from the checkpoint (changed in place).
+
+    Returns:
+        True when the records counted from 0 (and were renumbered here).
+    """
+    folder = run_dir / ASSIGNMENTS_DIR
+    journal = folder / RENUMBER_JOURNAL
+    if not records or records[0].get("epoch") != 0:
+        journal.unlink(missing_ok=True)  # the checkpoint holds renumbered records: done
+        return False
+    if journal.is_file():
+        start = int(journal.read_text())
+    else:  # nothing moved yet: first drop the file of an unfinished epoch, then start the journal
+        for stale in folder.iterdir():
+            match = _ASSIGNMENTS_FILE.fullmatch(stale.name)
+            if match and int(match.group(1)) >= len(records):
+                stale.unlink()
+        start = len(records)
+        atomic_write_bytes(journal, str(start).encode())
+    for old in range(start - 1, -1, -1):
+        source = folder / f"epoch_{old:04d}.npy"
+        if source.exists():
+            os.replace(source, folder / f"epoch_{old + 1:04d}.npy")
+        atomic_write_bytes(journal, str(old).encode())
+    for record in records:
+        record["epoch"] += 1
+    return True
 
 
 def write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
@@ -303,7 +348,8 @@ def save_assignments(path: Path, assignments: np.ndarray) -> None:
 
 def commit_epoch(run_dir: Path, epoch: int, assignments: np.ndarray, skipped: dict[str, str],
                  checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
-    """Write the outputs of epoch ``epoch`` (0-based), checkpoint last but for the log line.
+    """Write the outputs of epoch ``epoch`` (the 0-based loop index; files and messages count
+    from 1), checkpoint last but for the log line.
 
     A failure leaves the previous checkpoint as it was and raises; the files of this epoch
     written before it are removed or rewritten when the run is resumed (``prepare``).
@@ -312,13 +358,14 @@ def commit_epoch(run_dir: Path, epoch: int, assignments: np.ndarray, skipped: di
         RunFolderError: naming the file that could not be written and why.
     """
     kept = (f"the checkpoint of epoch {epoch} is kept" if epoch > 0 else "no checkpoint had been written yet")
-    path = run_dir / ASSIGNMENTS_DIR / f"epoch_{epoch:04d}.npy"
+    path = run_dir / ASSIGNMENTS_DIR / f"epoch_{epoch + 1:04d}.npy"
     try:
         save_assignments(path, assignments)
         path = run_dir / SKIPPED_NAME
         atomic_write_bytes(path, skipped_text(skipped).encode())
         path = run_dir / CHECKPOINT_NAME
         save_checkpoint(path, checkpoint)
+        (run_dir / ASSIGNMENTS_DIR / RENUMBER_JOURNAL).unlink(missing_ok=True)  # records now count from 1
     except OSError as error:
         what = {CHECKPOINT_NAME: "checkpoint", SKIPPED_NAME: "skipped-file list"}.get(path.name, "assignments")
         raise write_failure(what, path, error, kept) from None

@@ -2,7 +2,7 @@
 
 Optional by design: the ``tensorboard`` package may be absent (it is in the ``tools``
 extra), a folder may not be writable. Either way the run goes on, says so once, and the
-JSONL log stays the record. Steps are the log's ``epoch`` field (0 for the first epoch).
+JSONL log stays the record. Steps are the log's ``epoch`` field (1 for the first epoch).
 """
 
 from __future__ import annotations

@@ -422,7 +422,7 @@ def label_scores(assignments: np.ndarray, labels: np.ndarray | None) -> dict[str
 
 def format_line(record: dict, epochs: int) -> str:
     """The one terminal line of an epoch."""
-    parts = [f"epoch {record['epoch'] + 1:>3}/{epochs}"]
+    parts = [f"epoch {record['epoch']:>3}/{epochs}"]
     if record["clustering_objective"] is not None:
         parts.append(f"clus {record['clustering_objective']:.4f}")
     parts.append(f"loss {record['train_loss']:.4f}")
@@ -440,7 +440,7 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     """Train DeepCluster as ``config`` says; returns the per-epoch records.
 
     Writes into ``config.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per
-    epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``; after the
+    epoch), ``assignments/epoch_NNNN.npy`` (epochs counted from 1, as on screen), ``skipped.tsv`` and ``checkpoint.pt``; after the
     last epoch, the final clustering (``add_final_clustering``); ``tensorboard/`` scalars.
 
     A kill at any moment loses at most the epoch in progress: ``resume=True`` continues from
@@ -525,7 +525,7 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
     # Flushed every epoch, so a run that stops early keeps its scalars without a close().
     scalars = ScalarLog(run_dir, config.tensorboard and distributed.is_main_process())
     for epoch in range(state.epoch, config.epochs):
-        record: dict = {"epoch": epoch}
+        record: dict = {"epoch": epoch + 1}  # counted from 1 wherever a person reads it
         recluster = state.previous is None or epoch % config.reassign_every == 0
         record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
         if recluster:

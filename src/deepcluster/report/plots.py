@@ -1,7 +1,6 @@
 """The report's plots, drawn with matplotlib (Agg, no display) into PNG bytes.
 
-Epochs are numbered from 1 on the x axis, as the terminal prints them (``log.jsonl``
-counts from 0).
+Epochs are numbered from 1 on the x axis, as the terminal and ``log.jsonl`` count them.
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ def _png(figure) -> bytes:
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """1-based epochs and values of ``key``, skipping epochs where it is missing or None."""
-    points = [(r["epoch"] + 1, float(r[key])) for r in records
+    """Epochs and values of ``key``, skipping epochs where it is missing or None."""
+    points = [(r["epoch"], float(r[key])) for r in records
               if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
     if not points:
         return np.zeros(0), np.zeros(0)
@@ -76,7 +75,7 @@ def _epoch_axis(axis, records) -> None:
     """Whole epochs from 1 to the last one on the x axis, the same on every plot."""
     from matplotlib.ticker import MaxNLocator
 
-    last = max((r["epoch"] + 1 for r in records), default=1)
+    last = max((r["epoch"] for r in records), default=1)
     axis.set_xlim(0.5, last + 0.5)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
     axis.set_xlabel("epoch")
@@ -133,7 +132,7 @@ def time_figure(records: list[dict[str, Any]]) -> Figure | None:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(WIDTH, HEIGHT))
-    epochs = np.array([r["epoch"] + 1 for r in records])
+    epochs = np.array([r["epoch"] for r in records])
     bottom = np.zeros(len(records))
     for key, label in stages:
         values = np.array([float(r.get(key) or 0.0) for r in records])
