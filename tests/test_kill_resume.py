@@ -9,6 +9,7 @@ folder must hold exactly what an uninterrupted run with the same seed writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -292,3 +293,42 @@ def test_a_run_folder_that_counted_epochs_from_0_is_renumbered_on_resume(cli, im
         assert (run / "assignments" / name).read_bytes() == (tmp_path / "whole" / "assignments" / name).read_bytes()
     assert [r["epoch"] for r in log_records(run)] == [1, 2]
     assert [r["epoch"] for r in torch.load(run / "checkpoint.pt", weights_only=True)["records"]] == [1, 2]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_renumbering_goes_on_after_an_interruption_at_any_step(tmp_path, monkeypatch):
+    """``runfolder.count_from_one`` stopped before each of its writes (renames and journal
+    updates), then run again from the checkpoint's records: every file ends one up."""
+    from deepcluster import runfolder
+
+    real_replace, real_write = os.replace, runfolder.atomic_write_bytes
+    for stop_at in range(8):  # 3 renames + 4 journal writes, and one run without a stop
+        run = tmp_path / str(stop_at)
+        (run / "assignments").mkdir(parents=True)
+        for epoch in range(3):
+            (run / "assignments" / f"epoch_{epoch:04d}.npy").write_text(f"epoch {epoch + 1}")
+        (run / "assignments" / "epoch_0003.npy").write_text("unfinished")
+        steps = []
+
+        def counted(real):
+            def step(*args, **kwargs):
+                if Path(args[0]).parent == run / "assignments" and not Path(args[0]).name.startswith(".."):
+                    steps.append(args)
+                    if len(steps) == stop_at + 1:
+                        raise Killed  # a kill at this moment
+                return real(*args, **kwargs)
+            return step
+
+        monkeypatch.setattr(runfolder.os, "replace", counted(real_replace))
+        monkeypatch.setattr(runfolder, "atomic_write_bytes", counted(real_write))
+        with pytest.raises(Killed) if stop_at < 7 else contextlib.nullcontext():
+            runfolder.count_from_one(run, [{"epoch": e} for e in range(3)])
+        assert len(steps) == min(stop_at + 1, 7)
+        monkeypatch.undo()
+        records = [{"epoch": e} for e in range(3)]  # the checkpoint still counts from 0
+        assert runfolder.count_from_one(run, records) and [r["epoch"] for r in records] == [1, 2, 3]
+        files = {p.name: p.read_text() for p in (run / "assignments").glob("epoch_*.npy")}
+        assert files == {f"epoch_{e:04d}.npy": f"epoch {e}" for e in (1, 2, 3)}, (stop_at, files)
