@@ -35,3 +35,28 @@ def test_train_on_a_folder_from_the_command_line(image_folder, tmp_path):
     assert "epoch   1/1" in result.stdout and "nmi" in result.stdout
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
+
+
+def test_train_help_lists_every_setting_from_the_config_itself(capsys):
+    import dataclasses
+
+    from deepcluster.config import Config
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for item in dataclasses.fields(Config):
+        advice = item.metadata.get("help", "")
+        assert advice, f"Config.{item.name} has no metadata['help']"
+        name = "--out" if item.name == "out_dir" else f"--{item.name}"
+        assert f"{name} " in text and " ".join(advice.split()) in text, item.name
+    assert "--n_clusters 10000 k of k-means" in text and "--threads none torch CPU threads" in text
+
+
+def test_version(capsys):
+    from deepcluster import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"deepcluster {__version__}\n"

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import signal
 import sys
+import textwrap
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
-from deepcluster.config import RECIPES, ConfigError, resolve, resolve_resume, run_folder
+from deepcluster.config import RECIPES, ConfigError, resolve, resolve_resume, run_folder, settings_help
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -73,19 +75,27 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> Parser:
+    from deepcluster import __version__
+
     parser = Parser(prog="deepcluster", description="DeepCluster: unsupervised visual features by clustering.")
+    parser.add_argument("--version", action="version", version=f"deepcluster {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=Parser)
+    width = max(60, min(shutil.get_terminal_size().columns, 120) - 2)
     train = commands.add_parser(
         "train", help="train DeepCluster on a folder of images or the built-in digits",
-        description="Train DeepCluster. Any setting can be overridden with --key value; see the README.")
+        description=textwrap.fill("Train DeepCluster. Every setting below can be given as --key value (or key: "
+                                  "value in a --config file); the command line wins.", width),
+        epilog=textwrap.fill("settings, with the paper recipe's defaults (--recipe small and digits change some, see "
+                             "the README):", width) + "\n" + settings_help(width - 2),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                        help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' "
                             "(32-96 px images, smallnet, k=100), 'digits' (built-in data). Default: the "
                             "--config file's recipe:, else 'digits' without a data folder (--data, or data: in the "
                             "file), else 'paper'")
     train.add_argument("--config", help="YAML file of settings (applied after the recipe)")
-    train.add_argument("--data", help="image folder: class sub-folders (labels used only for metrics) or any "
-                                      "layout of images; default: the built-in scikit-learn digits")
+    train.add_argument("--data", help="image folder, any layout; its top-level sub-folders are the classes (used "
+                                      "only for scores); default: the built-in scikit-learn digits")
     train.add_argument("--out", dest="out_dir", help="run folder (log, assignments, checkpoint)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out with its saved settings (RUN/config.yaml); settings given "
