@@ -31,7 +31,7 @@ from conftest import one_epoch
     (["--batch_size", "1e12"], "setting 'batch_size' must be at most 2147483647"),
     (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
     (["--arch", "resnet50"], "setting 'arch' is 'resnet50'; choose one of: alexnet, vgg16, smallnet"),
-    (["--n_cluster", "5"], "unknown setting 'n_cluster' (did you mean 'n_clusters'?)"),
+    (["--n_cluster", "5"], "unknown setting --n_cluster (did you mean --n_clusters?)"),
     (["--crop", "8"], "setting 'crop' must be at least 16 for arch 'smallnet', got 8"),
     (["--crop", "4000"], "setting 'crop' must be at most 1024 pixels, got 4000"),
     (["--resize", "100000"], "setting 'resize' must be at most 1024 pixels, got 100000"),

@@ -12,7 +12,9 @@ def test_parse_overrides_accepts_both_forms():
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--n-clusters"], "needs a value"),
-    (["train", "--n_clusterz", "3"], "unknown setting 'n_clusterz'"),
+    (["train", "--n_clusterz", "3"], "unknown setting --n_clusterz (did you mean --n_clusters?)"),
+    (["train", "--dry-run"], "unknown setting --dry-run; deepcluster train --help lists them all"),
+    (["train", "--output", "x"], "unknown setting --output (did you mean --out?)"),
     (["train", "--lr", "0"], "setting 'lr' must be a positive number"),
     (["train", "--data", "/no/such/folder"], "does not exist"),
     (["train", "--recipe", "nope"], "invalid choice"),

@@ -25,6 +25,7 @@ Exit codes (each failure is one line on stderr, ``deepcluster: error: ...``, no 
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import shutil
 import signal
@@ -54,16 +55,38 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+TRAIN_OPTIONS = ("recipe", "config", "data", "out", "resume")  # the options of `train` besides the settings
+
+
+def unknown_option(name: str) -> str:
+    """The message for ``--name``, which is neither a setting nor an option of ``train``,
+    with the closest one when there is one."""
+    from deepcluster.config import FIELDS
+
+    known = [key for key in FIELDS if key != "out_dir"] + list(TRAIN_OPTIONS)
+    close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return f"unknown setting --{name}{hint}; deepcluster train --help lists them all"
+
+
 def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
-    """``["--n-clusters", "100", "--sobel=false"]`` -> ``{"n_clusters": "100", "sobel": "false"}``."""
+    """``["--n-clusters", "100", "--sobel=false"]`` -> ``{"n_clusters": "100", "sobel": "false"}``.
+
+    Raises:
+        UsageError: a stray token, an unknown setting (with the closest name) or a missing value.
+    """
+    from deepcluster.config import FIELDS
+
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or token == "--":
             raise UsageError(f"unexpected argument {token!r}; settings are given as --key value")
-        key, eq, value = token[2:].partition("=")
-        key = key.replace("-", "_")
+        name, eq, value = token[2:].partition("=")
+        key = name.replace("-", "_")
+        if key not in FIELDS:
+            raise UsageError(unknown_option(name))
         if not eq:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
                 raise UsageError(f"setting --{key} needs a value")
