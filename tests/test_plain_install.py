@@ -72,8 +72,8 @@ def test_a_plain_install_trains_assigns_and_reports(plain, image_folder):
     assert len((run / "log.jsonl").read_text().splitlines()) == 2
     assert (run / "assignments" / "final.npy").is_file() and not (run / "tensorboard").exists()
 
-    assign = plain("-m", "deepcluster", "assign", "--checkpoint", str(run / "checkpoint.pt"), "--data",
-                   str(image_folder), "--out", "clusters", "--threads", "1")
+    assign = plain("-m", "deepcluster", "assign", str(run), "--data", str(image_folder), "--out", "clusters",
+                   "--threads", "1")
     assert assign.returncode == 0, assign.stderr
     assert "pyarrow is not installed" in assign.stdout and "Traceback" not in assign.stderr
     table = Path(plain.work) / "clusters" / "assignments.csv"

@@ -1,9 +1,12 @@
 """Commands that look at and use a trained run. They parse and wire; the library works.
 
-    deepcluster report RUN_DIR [--out DIR] [--max-clusters 100] [--layer conv5] [--device auto] ...
-    deepcluster assign --checkpoint CKPT --data FOLDER --out DIR [--format csv,parquet]
-    deepcluster features --checkpoint CKPT --data FOLDER --out DIR [--layer fc|convN] [--pca]
-    deepcluster export --checkpoint CKPT --out FILE.safetensors
+    deepcluster report RUN [--out DIR] [--max-clusters 100] [--layer conv5] [--device auto] ...
+    deepcluster assign RUN --data FOLDER --out DIR [--format csv,parquet]
+    deepcluster features RUN --data FOLDER --out DIR [--layer fc|convN] [--pca]
+    deepcluster export RUN --out FILE.safetensors
+
+``RUN`` is the same in every command, ``eval`` included: a run folder (``train --out``) or a
+checkpoint file in one. (``--checkpoint CKPT``, the older spelling, still works.)
 
 Bad input ends with one line on stderr and exit code 2 (see ``cli.main``).
 """
@@ -39,6 +42,38 @@ def _formats(text: str) -> tuple[str, ...]:
     return items
 
 
+RUN_HELP = "a run folder (deepcluster train --out) or a checkpoint file in one"
+
+
+def add_run_argument(parser: argparse.ArgumentParser) -> None:
+    """The run a command reads: ``RUN`` first on the line, the same in every command
+    (``--checkpoint`` is the older spelling, kept working)."""
+    parser.add_argument("run", nargs="?", metavar="RUN", help=RUN_HELP)
+    parser.add_argument("--checkpoint", dest="checkpoint_option", help=argparse.SUPPRESS)
+
+
+def resolve_run(args: argparse.Namespace) -> None:
+    """Set ``args.run_dir`` and ``args.checkpoint`` from ``RUN`` (a folder or a checkpoint file).
+
+    Raises:
+        ConfigError: no run given, given twice, or a path that does not exist.
+    """
+    given = [value for value in (args.run, args.checkpoint_option) if value is not None]
+    if len(given) != 1:
+        what = "is missing" if not given else "is given twice (RUN and --checkpoint)"
+        raise ConfigError(f"the run {what}: deepcluster {args.command} RUN ..., where RUN is {RUN_HELP}")
+    path = Path(given[0])
+    if path.is_dir():
+        args.run_dir, args.checkpoint = str(path), str(path / "checkpoint.pt")
+        if args.command != "report" and not (path / "checkpoint.pt").is_file():
+            raise ConfigError(f"run folder {str(path)!r} has no checkpoint.pt (a run writes it at the end of its "
+                              "first epoch)")
+    elif path.exists():
+        args.run_dir, args.checkpoint = str(path.parent), str(path)
+    else:
+        raise ConfigError(f"RUN {str(path)!r} does not exist; give {RUN_HELP}")
+
+
 def _common(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto (a GPU when present), cpu, cuda or cuda:N (default auto)")
@@ -58,8 +93,8 @@ def add_tool_parsers(subparsers: Any) -> None:
                     "sample images of the clusters (with majority class and purity when the folder has classes), "
                     "first-layer filters, the images that most excite filters of a layer and gradient-ascent "
                     "visualisations. Images are embedded; the page opens from disk with no network.")
-    report.add_argument("run_dir", help="run folder written by `deepcluster train --out`")
-    report.add_argument("--out", dest="out_dir", help="folder for index.html (default: RUN_DIR/report)")
+    add_run_argument(report)
+    report.add_argument("--out", dest="out_dir", help="folder for index.html (default: RUN/report)")
     report.add_argument("--data", help="image folder, if it moved since training (default: the run's)")
     report.add_argument("--epoch", type=int, default=None,
                         help="epoch whose clustering is shown, counted from 1 as everywhere (default: the final "
@@ -95,7 +130,7 @@ def add_tool_parsers(subparsers: Any) -> None:
                     "run's own pipeline (eval-mode features of the centre view, the saved PCA-whitening, L2 "
                     "normalisation). Writes OUT/assignments.csv and OUT/assignments.parquet: path, cluster, "
                     "distance (Euclidean, in the whitened normalised space) and, with class folders, class.")
-    assign.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    add_run_argument(assign)
     assign.add_argument("--data", required=True, help="image folder (any layout; class sub-folders add a column)")
     assign.add_argument("--out", dest="out_dir", required=True, help="output folder")
     assign.add_argument("--format", dest="formats", type=_formats, default=None,
@@ -107,7 +142,7 @@ def add_tool_parsers(subparsers: Any) -> None:
         "features", help="write the features of a folder of images (.npy plus the list of paths)",
         description="Write OUT/features.npy (float32, one row per image), OUT/paths.tsv (row, path, readable and, "
                     "with class folders, class) and OUT/features.json (what the rows are).")
-    features.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    add_run_argument(features)
     features.add_argument("--data", required=True, help="image folder")
     features.add_argument("--out", dest="out_dir", required=True, help="output folder")
     features.add_argument("--layer", default="fc",
@@ -124,7 +159,7 @@ def add_tool_parsers(subparsers: Any) -> None:
         description="Write the backbone of a checkpoint (no pseudo-label top layer) with its architecture, "
                     "Sobel flag, feature width, image size and normalisation as metadata. Load it back with "
                     "deepcluster.models.load_backbone_safetensors(PATH).")
-    export.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    add_run_argument(export)
     export.add_argument("--out", required=True, help="file to write, e.g. backbone.safetensors")
 
 
@@ -381,6 +416,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def run_tool(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Dispatch one of ``COMMANDS``."""
+    resolve_run(args)
     if args.command == "report":
         return cmd_report(args, argv)
     if args.command == "assign":
