@@ -147,3 +147,21 @@ def test_a_nested_file_keeps_the_labels_and_a_loose_one_is_said(image_folder, tm
     assert "nmi_labels" not in json.loads((tmp_path / "loose" / "log.jsonl").read_text())
     with pytest.raises(DataError, match="has no class labels: 1 image\\(s\\) lie directly in the folder"):
         open_labelled_splits(data, data)
+
+
+def test_the_terminal_says_what_was_skipped_and_when_nothing_is_left(image_folder, tmp_path, cli):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "rings" / "broken.jpg").write_text("not an image")
+    code, out, err = cli("train", "--data", data, "--out", tmp_path / "run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("deepcluster: 36 images (1 unreadable file(s) skipped, listed in skipped.tsv)")
+    assert ", 1 epoch, " in lines[0]
+    assert lines[1].startswith("epoch   1/1  objective ") and "time features " in lines[1]
+    assert " clustering " in lines[1] and " training " in lines[1] and " clus " not in lines[1]
+    code, out, err = cli("train", "--data", data, "--out", tmp_path / "run", "--resume")
+    assert code == 0, err
+    assert "the run has already trained 1 epoch; nothing left to train (raise --epochs" in out

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deepcluster.config import ConfigError
+from deepcluster.messages import plural
 
 COMMANDS = ("report", "assign", "features", "export")
 FORMATS = ("csv", "parquet")
@@ -228,8 +229,8 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
         result = build_report(args.run_dir, args.out_dir, settings, command=command)
     for note in result.notes:
         print(f"note: {note}")
-    print(f"report: {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.clusters_shown} clusters and "
-          f"{result.thumbnails} images shown, {result.seconds:.1f}s)")
+    print(f"report: {result.path} ({result.size_bytes / 1e6:.1f} MB, {plural(result.clusters_shown, 'cluster')} "
+          f"and {plural(result.thumbnails, 'image')} shown, {result.seconds:.1f}s)")
     return 0
 
 
@@ -251,8 +252,6 @@ def open_every_file(folder: str):
 
 
 def _found(source) -> str:
-    from deepcluster.progress import plural
-
     skipped = f" ({len(source.skipped)} unreadable from their header)" if source.skipped else ""
     return plural(len(source), "image file") + skipped
 
@@ -305,7 +304,6 @@ def cmd_assign(args: argparse.Namespace) -> int:
     import numpy as np
 
     from deepcluster.inference import assign_images, load_cluster_model
-    from deepcluster.progress import plural
 
     device = _setup(args)
     formats = args.formats

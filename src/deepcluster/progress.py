@@ -159,9 +159,4 @@ def track(items: Iterable[T], total: int | None, description: str, unit: str = "
             bar.update(size(item) if size is not None else 1)
 
 
-def plural(count: int, word: str) -> str:
-    """``plural(1, "epoch") == "1 epoch"``, ``plural(3, "epoch") == "3 epochs"`` (regular nouns)."""
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
-__all__ = ["ENV_SWITCH", "Progress", "bars_enabled", "erase_bars", "plural", "track"]
+__all__ = ["ENV_SWITCH", "Progress", "bars_enabled", "erase_bars", "track"]

@@ -43,7 +43,8 @@ from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
-from deepcluster.progress import Progress, plural, track
+from deepcluster.messages import plural
+from deepcluster.progress import Progress, track
 from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME  # noqa: F401 - LOG_NAME: formerly defined here
 from deepcluster.scalars import ScalarLog
 
@@ -424,15 +425,15 @@ def format_line(record: dict, epochs: int) -> str:
     """The one terminal line of an epoch."""
     parts = [f"epoch {record['epoch']:>3}/{epochs}"]
     if record["clustering_objective"] is not None:
-        parts.append(f"clus {record['clustering_objective']:.4f}")
+        parts.append(f"objective {record['clustering_objective']:.4f}")
     parts.append(f"loss {record['train_loss']:.4f}")
     if record.get("nmi_prev") is not None:
         parts.append(f"nmi(t-1,t) {record['nmi_prev']:.3f}")
     if "nmi_labels" in record:
         parts.append(f"nmi {record['nmi_labels']:.3f} acc {record['acc_labels']:.3f} ari {record['ari_labels']:.3f}")
     parts.append(f"clusters {record['n_nonempty']} (largest {100 * record['largest_cluster_share']:.1f}%)")
-    parts.append(f"time feat {record['time_features']:.1f}s clus {record['time_clustering']:.1f}s "
-                 f"train {record['time_training']:.1f}s ({record['train_images_per_s']:.0f} img/s)")
+    parts.append(f"time features {record['time_features']:.1f}s clustering {record['time_clustering']:.1f}s "
+                 f"training {record['time_training']:.1f}s ({record['train_images_per_s']:.0f} img/s)")
     return "  ".join(parts)
 
 
@@ -638,7 +639,7 @@ def add_final_clustering(model: Backbone, source: ImageSource, config: Config, d
                           "pca_projection": torch.from_numpy(final.pca.projection),
                           "assignments": torch.from_numpy(final.assignments)}
         runfolder.save_final(config.run_dir, final.assignments, saved, json.dumps(summary) + "\n")
-        parts = [f"final clustering of the trained network: {sizes.n_nonempty} clusters "
+        parts = [f"final clustering of the trained network: {plural(sizes.n_nonempty, 'cluster')} "
                  f"(largest {100 * sizes.largest_share:.1f}%)"]
         if summary["nmi_last_epoch"] is not None:
             parts.append(f"nmi with epoch {state.epoch}'s {summary['nmi_last_epoch']:.3f}")

@@ -17,6 +17,7 @@ from typing import Any
 
 from deepcluster.checkpoint import atomic_write_bytes
 from deepcluster.config import Config, ConfigError
+from deepcluster.messages import plural
 
 REPORT_VERSION = 1
 
@@ -106,7 +107,8 @@ def format_table(report: dict[str, Any]) -> str:
     budget = report.get("training_budget") or {}
     if budget:
         hours = budget.get("hours")
-        lines.append(f"  trained {budget.get('epochs_completed')} epochs (k={budget.get('n_clusters')}, "
+        lines.append(f"  trained {plural(int(budget.get('epochs_completed') or 0), 'epoch')} "
+                     f"(k={budget.get('n_clusters')}, "
                      f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, {budget.get('images_per_epoch')} "
                      f"images/epoch" + (f", {hours:.2f} h" if hours is not None else "") + ")")
     if rows_source is None:
