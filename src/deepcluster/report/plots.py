@@ -50,23 +50,43 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
     return np.asarray(epochs), np.asarray(values)
 
 
-def _line_plot(records, lines: list[tuple[str, str]], ylabel: str, ylim: tuple[float, float] | None = None):
+# A curve whose values differ by less than this share of their size is drawn flat: without
+# it, matplotlib stretches rounding noise (0.846774 +- 1e-8) to the full height of the plot.
+FLAT_SHARE = 0.02
+
+
+def _honest_y_axis(axis, values: np.ndarray) -> None:
+    """Plain tick labels (no ``1e-8+8.46774e-1`` offset) and a y range of at least
+    ``2 * FLAT_SHARE`` of the values' size, so noise does not look like a trend."""
+    axis.ticklabel_format(axis="y", style="plain", useOffset=False)
+    low, high = float(values.min()), float(values.max())
+    least = max(FLAT_SHARE * max(abs(low), abs(high)), 1e-9)
+    if high - low < 2 * least:
+        middle = (low + high) / 2
+        axis.set_ylim(middle - least * 1.5, middle + least * 1.5)
+
+
+def line_axes(records, lines: list[tuple[str, str]], ylabel: str, ylim: tuple[float, float] | None = None):
+    """A matplotlib figure of the ``(key, label)`` curves of ``records``, or ``None`` when
+    none has data."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(WIDTH, HEIGHT))
-    drawn = 0
+    drawn = []
     for key, label in lines:
         x, y = _series(records, key)
         if len(x):
             axis.plot(x, y, marker="o", markersize=3, linewidth=1.5, label=label)
-            drawn += 1
-    if drawn == 0:
+            drawn.append(y)
+    if not drawn:
         plt.close(figure)
         return None
     axis.set_ylabel(ylabel)
     _epoch_axis(axis, records)
     if ylim is not None:
         axis.set_ylim(*ylim)
-    if drawn > 1:
+    else:
+        _honest_y_axis(axis, np.concatenate(drawn))
+    if len(drawn) > 1:
         axis.legend(fontsize=8)
     return figure
 
@@ -116,7 +136,7 @@ def epoch_curves(records: list[dict[str, Any]]) -> list[Figure]:
     ]
     figures = []
     for title, caption, lines, ylabel, ylim in specs:
-        figure = _line_plot(records, lines, ylabel, ylim)
+        figure = line_axes(records, lines, ylabel, ylim)
         if figure is not None:
             figures.append(Figure(title, caption, _png(figure)))
     timing = time_figure(records)
@@ -127,6 +147,16 @@ def epoch_curves(records: list[dict[str, Any]]) -> list[Figure]:
 
 def time_figure(records: list[dict[str, Any]]) -> Figure | None:
     """Stacked bars of the seconds each epoch spent per stage."""
+    figure = time_axes(records)
+    if figure is None:
+        return None
+    return Figure("Time per epoch", "seconds per stage: the feature pass and clustering are DeepCluster's overhead "
+                  "over plain training", _png(figure))
+
+
+def time_axes(records: list[dict[str, Any]]):
+    """The matplotlib figure of ``time_figure`` (``None`` without timings); the legend sits
+    above the bars, never on them."""
     stages = [("time_features", "features"), ("time_clustering", "clustering"), ("time_training", "training")]
     if not records or not any(key in records[0] for key, _ in stages):
         return None
@@ -140,9 +170,9 @@ def time_figure(records: list[dict[str, Any]]) -> Figure | None:
         bottom += values
     _epoch_axis(axis, records)
     axis.set_ylabel("seconds")
-    axis.legend(fontsize=8)
-    return Figure("Time per epoch", "seconds per stage: the feature pass and clustering are DeepCluster's overhead "
-                  "over plain training", _png(figure))
+    axis.legend(fontsize=8, ncol=3, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False,
+                borderaxespad=0.2)
+    return figure
 
 
 def size_distribution(sizes: np.ndarray, n_clusters: int, which: str) -> Figure:
@@ -153,6 +183,19 @@ def size_distribution(sizes: np.ndarray, n_clusters: int, which: str) -> Figure:
         n_clusters: k (empty clusters count in the uniform reference).
         which: the clustering shown ("epoch 3 (...)", "the final clustering (...)").
     """
+    figure = size_axes(sizes, n_clusters)
+    ordered = np.asarray(sizes)
+    return Figure("Cluster sizes",
+                  f"{which}: {len(ordered)} non-empty of {n_clusters} clusters; the dashed line is the size if all "
+                  "were equal",
+                  _png(figure))
+
+
+def size_axes(sizes: np.ndarray, n_clusters: int):
+    """The matplotlib figure of ``size_distribution``: ranked sizes and their histogram,
+    whose axes count whole images and whole clusters."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     figure, (ranked, histogram) = plt.subplots(1, 2, figsize=(2 * WIDTH, HEIGHT))
     ordered = np.sort(np.asarray(sizes))[::-1]
@@ -168,11 +211,10 @@ def size_distribution(sizes: np.ndarray, n_clusters: int, which: str) -> Figure:
     histogram.hist(ordered, bins=min(50, max(5, len(ordered) // 4)), color="tab:orange")
     histogram.set_xlabel("cluster size (images)")
     histogram.set_ylabel("clusters")
+    histogram.xaxis.set_major_locator(MaxNLocator(integer=True))
+    histogram.yaxis.set_major_locator(MaxNLocator(integer=True))
     histogram.grid(alpha=0.3)
-    return Figure("Cluster sizes",
-                  f"{which}: {len(ordered)} non-empty of {n_clusters} clusters; the dashed line is the size if all "
-                  "were equal",
-                  _png(figure))
+    return figure
 
 
-__all__ = ["Figure", "epoch_curves", "size_distribution", "time_figure"]
+__all__ = ["Figure", "epoch_curves", "line_axes", "size_axes", "size_distribution", "time_axes", "time_figure"]
