@@ -96,6 +96,21 @@ def test_export_round_trip_gives_identical_features(tiny_run, tmp_path):
         assert not any(name.startswith("top_layer.") for name in handle.keys())
 
 
+def test_exported_backbone_and_preprocess_images_give_the_features_of_the_run(tiny_run, image_folder, tmp_path):
+    """The README's snippet: new image files through ``preprocess_images`` and the exported
+    backbone give what ``deepcluster features`` writes for them."""
+    from deepcluster.models import preprocess_images
+
+    path = tmp_path / "backbone.safetensors"
+    assert main(["export", str(tiny_run), "--out", str(path)]) == 0
+    assert main(["features", str(tiny_run), "--data", str(image_folder), "--out", str(tmp_path / "f")]) == 0
+    files = FolderSource(image_folder).paths
+    model = load_backbone_safetensors(path)
+    with torch.no_grad():
+        features = model.forward_features(preprocess_images(files, read_backbone_metadata(path))).numpy()
+    assert np.allclose(features, np.load(tmp_path / "f" / "features.npy"), atol=1e-5)
+
+
 def test_export_refuses_foreign_files_and_bad_input(tiny_run, tmp_path, capsys):
     (tmp_path / "notes.safetensors").write_text("not tensors")
     with pytest.raises(ExportError, match="not a readable safetensors file"):
