@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_with_the_clustering_weights_the_last_epoch_clustering_is_reproduced_exa
                  "--out", str(tmp_path / "out")])
     assert code == 0
     rows = read_csv(tmp_path / "out" / "assignments.csv")
-    expected = np.load(tmp_path / "run" / "assignments" / "epoch_0000.npy")
+    expected = np.load(tmp_path / "run" / "assignments" / "epoch_0001.npy")
     assert [r["path"] for r in rows] == FolderSource(image_folder).paths
     assert np.array_equal(np.array([int(r["cluster"]) for r in rows]), expected)
     distances = np.array([float(r["distance"]) for r in rows])
@@ -113,9 +114,51 @@ def test_new_images_without_classes_and_an_unreadable_one(tiny_run, image_folder
     assert main(["assign", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--data", str(folder), "--out",
                  str(tmp_path / "out"), "--format", "csv"]) == 0
     rows = read_csv(tmp_path / "out" / "assignments.csv")
-    assert list(rows[0]) == ["path", "cluster", "distance"]  # no class column without class folders
+    assert list(rows[0]) == ["path", "cluster", "distance", "problem"]  # no class column without class folders
+    assert "truncated" in rows[broken]["problem"]
     assert rows[broken]["cluster"] == "-1" and rows[broken]["distance"] == ""
     assert not (tmp_path / "out" / "assignments.parquet").exists()
+
+
+def test_every_file_found_gets_a_row_with_its_reason(tiny_run, image_folder, tmp_path):
+    """Was: one good, one truncated and one text file gave one CSV row, and features.json
+    said n_unreadable 0 while files were dropped."""
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet", reason="pyarrow (Parquet output) is not installed")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(sorted(image_folder.rglob("*.png"))[0], folder / "a_good.png")
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "b_truncated.jpg", quality=95)
+    payload = (folder / "b_truncated.jpg").read_bytes()
+    (folder / "b_truncated.jpg").write_bytes(payload[: len(payload) // 2])  # header fine, pixels cut
+    (folder / "c_text.jpg").write_text("not an image\n")
+    (folder / "d_empty.png").write_bytes(b"")
+    Image.new("1", (12000, 8000)).save(folder / "e_bomb.png")  # refused from its header, never decoded
+    (folder / "notes.txt").write_text("not an image file name: not an image file")
+    checkpoint = str(tiny_run / "checkpoint.pt")
+    names = ["a_good.png", "b_truncated.jpg", "c_text.jpg", "d_empty.png", "e_bomb.png"]
+    reasons = {"b_truncated.jpg": "truncated", "c_text.jpg": "cannot identify", "d_empty.png": "empty file",
+               "e_bomb.png": "too large"}
+
+    assert main(["assign", "--checkpoint", checkpoint, "--data", str(folder), "--out", str(tmp_path / "a")]) == 0
+    rows = read_csv(tmp_path / "a" / "assignments.csv")
+    assert [r["path"] for r in rows] == [str(folder / name) for name in names]
+    assert list(rows[0]) == ["path", "cluster", "distance", "problem"]
+    assert rows[0]["cluster"] != "-1" and rows[0]["problem"] == ""
+    for row, name in zip(rows[1:], names[1:]):
+        assert row["cluster"] == "-1" and row["distance"] == "" and reasons[name] in row["problem"], row
+    table = pyarrow_parquet.read_table(tmp_path / "a" / "assignments.parquet").to_pydict()
+    assert table["problem"] == [None] + [r["problem"] for r in rows[1:]]
+
+    assert main(["features", "--checkpoint", checkpoint, "--data", str(folder), "--out", str(tmp_path / "f")]) == 0
+    meta = json.loads((tmp_path / "f" / "features.json").read_text())
+    assert meta["n_images"] == 5 and meta["n_unreadable"] == 4
+    lines = [line.split("\t") for line in (tmp_path / "f" / "paths.tsv").read_text().splitlines()]
+    assert lines[0] == ["row", "path", "readable", "problem"]
+    assert [line[2] for line in lines[1:]] == ["1", "0", "0", "0", "0"]
+    assert all(reasons[name] in line[3] for name, line in zip(names[1:], lines[2:]))
+    features = np.load(tmp_path / "f" / "features.npy")
+    assert features.shape[0] == 5 and not features[1:].any() and features[0].any()
 
 
 @pytest.mark.parametrize("case, message", [
@@ -123,7 +166,7 @@ def test_new_images_without_classes_and_an_unreadable_one(tiny_run, image_folder
     ("no_data", "does not exist or is not a folder"),
     ("bad_format", "choose from csv, parquet"),
     ("no_clustering", "holds no clustering"),
-    ("out_is_file", "is not a folder"),
+    ("out_is_file", "is a file"),
     ("bad_device", "choose auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_input_is_one_line_and_exit_2(case, message, tiny_run, image_folder, tmp_path, capsys):

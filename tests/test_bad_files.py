@@ -167,7 +167,7 @@ def test_training_on_a_folder_mixing_good_and_bad_files(cli, tmp_path, unreadabl
     assert [r["n_skipped"] for r in records] == [len(expected)] * 2
     assert [r["n_images"] for r in records] == [12 + 5] * 2  # good + converted
     paths = FolderSource(data).paths  # the order of the assignments
-    assignments = np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assignments = np.load(run / "assignments" / "epoch_0002.npy", allow_pickle=False)
     assert len(assignments) == len(paths) == 12 + 5 + 1
     decoded = assignments >= 0
     assert [Path(p).name for p, ok in zip(paths, decoded) if not ok] == ["truncated.jpg"]
@@ -234,5 +234,5 @@ def test_a_file_that_breaks_after_the_feature_pass_is_left_out_of_training(cli, 
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["n_skipped"] for r in records] == [1, 1]
     assert all(np.isfinite(r["train_loss"]) for r in records)
-    second = np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    second = np.load(run / "assignments" / "epoch_0002.npy", allow_pickle=False)
     assert second[paths.index(str(victim))] == -1  # found broken by the next feature pass

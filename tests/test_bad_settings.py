@@ -31,8 +31,10 @@ from conftest import one_epoch
     (["--batch_size", "1e12"], "setting 'batch_size' must be at most 2147483647"),
     (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
     (["--arch", "resnet50"], "setting 'arch' is 'resnet50'; choose one of: alexnet, vgg16, smallnet"),
-    (["--n_cluster", "5"], "unknown setting 'n_cluster' (did you mean 'n_clusters'?)"),
+    (["--n_cluster", "5"], "unknown setting --n_cluster (did you mean --n_clusters?)"),
     (["--crop", "8"], "setting 'crop' must be at least 16 for arch 'smallnet', got 8"),
+    (["--crop", "4000"], "setting 'crop' must be at most 1024 pixels, got 4000"),
+    (["--resize", "100000"], "setting 'resize' must be at most 1024 pixels, got 100000"),
     (["--device", "cuda:x"], "setting 'device' is 'cuda:x'; choose auto, cpu, cuda or cuda:N"),
     (["--seed", "-1"], "setting 'seed' must be a non-negative integer, got -1"),
     (["--threads", "100000"], "setting 'threads' must be between 1 and 1024 (or none), got 100000"),
@@ -48,6 +50,22 @@ def test_each_invalid_setting_is_one_line_naming_it(args, message, cli, image_fo
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("deepcluster: error: ") and message in err, err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "assign", "features", "eval", "report"])
+def test_out_naming_a_file_is_one_line_and_exit_2(command, cli, tiny_run, image_folder, tmp_path):
+    """Was: "cannot write the run file '.../afile.txt/.lock': File exists", exit 4."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("notes")
+    args = {"train": ["--data", image_folder],
+            "assign": ["--checkpoint", tiny_run / "checkpoint.pt", "--data", image_folder],
+            "features": ["--checkpoint", tiny_run / "checkpoint.pt", "--data", image_folder],
+            "eval": [tiny_run / "checkpoint.pt", "--train", image_folder, "--val", image_folder],
+            "report": [tiny_run]}[command]
+    for out, said in ((afile, "is a file"), (afile / "run", "lies inside")):
+        code, _, err = cli(command, *args, "--out", out)
+        assert code == 2 and err.count("\n") == 1 and f"--out '{out}' {said}" in err, err
+    assert afile.read_text() == "notes"
 
 
 @pytest.mark.parametrize("content, message", [

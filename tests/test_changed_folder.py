@@ -42,8 +42,8 @@ def test_resume_keeps_the_images_the_run_started_with(cli, image_folder, tmp_pat
             "(a run keeps the images it started with, listed in images.json), 1 missing (left out as unreadable)"
             ) in out
     assert json.loads((run / "images.json").read_text()) == stored
-    first = np.load(run / "assignments" / "epoch_0000.npy")
-    second = np.load(run / "assignments" / "epoch_0001.npy")
+    first = np.load(run / "assignments" / "epoch_0001.npy")
+    second = np.load(run / "assignments" / "epoch_0002.npy")
     assert len(first) == len(second) == 36
     assert second[4] == -1 and (np.delete(second, 4) >= 0).all()  # only the missing image left out
     skipped = dict(line.split("\t") for line in (run / "skipped.tsv").read_text().splitlines())
@@ -62,7 +62,7 @@ def test_a_run_without_a_stored_list_refuses_a_changed_folder_and_stores_the_lis
     code, _, err = cli("train", "--data", data, "--out", run, "--epochs", "2", "--resume")
     assert code == 2 and err.count("\n") == 1, err
     assert f"the data folder {str(data)!r} now holds 37 usable images but the run was trained on 36" in err
-    assert not (run / "assignments" / "epoch_0001.npy").exists()
+    assert not (run / "assignments" / "epoch_0002.npy").exists()
     extra.unlink()
     code, _, err = cli("train", "--data", data, "--out", run, "--epochs", "2", "--resume")
     assert code == 0, err

@@ -23,6 +23,26 @@ def test_yaml_file_and_overrides(tmp_path):
     assert (config.arch, config.n_clusters, config.sobel, config.lr, config.epochs) == ("smallnet", 50, False, 0.01, 3)
 
 
+def test_one_rule_picks_the_recipe_when_none_is_named(tmp_path):
+    """--recipe, else the file's recipe:, else digits without a data folder, paper with one;
+    the same whether or not a --config file is given (a file without recipe: was the paper
+    recipe even on the digits: AlexNet at 224 px on 8 x 8 images)."""
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("lr: 0.01\n")
+    for config_file in (None, plain):
+        digits = resolve(None, config_file)
+        assert (digits.arch, digits.crop, digits.n_clusters, digits.out_dir) == ("smallnet", 32, 50, "runs/digits")
+        photos = resolve(None, config_file, {"data": str(tmp_path)})
+        assert (photos.arch, photos.crop, photos.out_dir) == ("alexnet", 224, "runs/deepcluster")
+    with_data = tmp_path / "data.yaml"
+    with_data.write_text(f"data: {tmp_path}\nout_dir: {tmp_path / 'run'}\n")
+    assert resolve(None, with_data).arch == "alexnet" and resolve(None, with_data).out_dir == str(tmp_path / "run")
+    assert resolve("small", plain).arch == "smallnet" and resolve("small", plain).out_dir == "runs/digits"
+    named = tmp_path / "named.yaml"
+    named.write_text("recipe: small\n")
+    assert resolve(None, named, {"data": str(tmp_path)}).n_clusters == 100
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"n_cluster": "5"}, "unknown setting 'n_cluster' \\(did you mean 'n_clusters'\\?\\)"),
     ({"lr": "-1"}, "setting 'lr' must be a positive number"),

@@ -85,3 +85,23 @@ def test_builtin_digits():
     source = load_digits_source()
     assert len(source) == 1797 and source.n_classes == 10
     assert source.load(0).size == (8, 8)
+
+
+def test_classes_are_the_top_level_folders_at_any_depth(tmp_path):
+    """One rule everywhere: deeper files belong to their top-level class folder (was: one
+    nested file turned the labels off); a file at the top, or a single class, gives none,
+    and the source says why."""
+    for name in ("cat/a.png", "cat/nested/deeper/b.png", "dog/c.png", "dog/puppies/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    source = FolderSource(tmp_path)
+    assert source.class_names == ["cat", "dog"] and source.labels.tolist() == [0, 0, 1, 1]
+    assert source.unlabelled is None
+    stored = FolderSource(tmp_path, files=["dog/puppies/d.png", "cat/nested/deeper/b.png"])  # a run's list
+    assert stored.labels.tolist() == [1, 0]
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "loose.png")
+    loose = FolderSource(tmp_path)
+    assert loose.labels is None and "1 image(s) lie directly in the folder" in loose.unlabelled
+    assert "'loose.png'" in loose.unlabelled
+    single = FolderSource(tmp_path / "cat" / "nested")  # only deeper/b.png
+    assert single.labels is None and "single class" in single.unlabelled

@@ -29,7 +29,7 @@ def test_a_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(cli, im
     assert "training loss became nan at epoch 2, batch 2" in err and "the checkpoint of epoch 1 is kept" in err
     assert (run / "checkpoint.pt").read_bytes() == good
     assert (run / "log.jsonl").read_text().count("\n") == 1
-    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0000.npy"]
+    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0001.npy"]
     assert leftovers(run) == []
 
 

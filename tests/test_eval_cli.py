@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory, image_folder):
     save_checkpoint(run / "checkpoint.pt", {"config": config.to_dict(), "arch": config.arch, "epoch": 3,
                                             "model": model.state_dict()})
     records = [{"epoch": e, "time_features": 1.0, "time_clustering": 0.5, "time_training": 10.0, "n_images": 36,
-                "train_loss": 4.0 - e, "nmi_labels": 0.1 * e, "nmi_prev": None} for e in range(3)]
+                "train_loss": 4.0 - e, "nmi_labels": 0.1 * e, "nmi_prev": None} for e in range(1, 4)]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run / "checkpoint.pt"
 

@@ -39,7 +39,7 @@ def test_features_are_the_clustered_features_with_paths_and_classes(tiny_run, im
     assert features.dtype == np.float32 and features.shape == (36, model.feature_dim)
     assert np.allclose(features, expected, atol=1e-5)
     lines = (out / "paths.tsv").read_text().splitlines()
-    assert lines[0] == "row\tpath\treadable\tclass"
+    assert lines[0] == "row\tpath\treadable\tclass\tproblem"
     assert [line.split("\t")[1] for line in lines[1:]] == source.paths
     assert {line.split("\t")[3] for line in lines[1:]} == {"stripes", "rings", "checkers"}
     meta = json.loads((out / "features.json").read_text())
@@ -96,6 +96,21 @@ def test_export_round_trip_gives_identical_features(tiny_run, tmp_path):
         assert not any(name.startswith("top_layer.") for name in handle.keys())
 
 
+def test_exported_backbone_and_preprocess_images_give_the_features_of_the_run(tiny_run, image_folder, tmp_path):
+    """The README's snippet: new image files through ``preprocess_images`` and the exported
+    backbone give what ``deepcluster features`` writes for them."""
+    from deepcluster.models import preprocess_images
+
+    path = tmp_path / "backbone.safetensors"
+    assert main(["export", str(tiny_run), "--out", str(path)]) == 0
+    assert main(["features", str(tiny_run), "--data", str(image_folder), "--out", str(tmp_path / "f")]) == 0
+    files = FolderSource(image_folder).paths
+    model = load_backbone_safetensors(path)
+    with torch.no_grad():
+        features = model.forward_features(preprocess_images(files, read_backbone_metadata(path))).numpy()
+    assert np.allclose(features, np.load(tmp_path / "f" / "features.npy"), atol=1e-5)
+
+
 def test_export_refuses_foreign_files_and_bad_input(tiny_run, tmp_path, capsys):
     (tmp_path / "notes.safetensors").write_text("not tensors")
     with pytest.raises(ExportError, match="not a readable safetensors file"):
@@ -111,3 +126,26 @@ def test_export_refuses_foreign_files_and_bad_input(tiny_run, tmp_path, capsys):
         code = main(["export"] + argv)
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_every_command_writes_its_files_with_the_usual_mode(tiny_run, image_folder, tmp_path):
+    """Files are created 0666 less the umask (0644 under the usual 022), as any tool's; was
+    0600 for the exported backbone."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        checkpoint = str(tiny_run / "checkpoint.pt")
+        assert main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path / "backbone.safetensors")]) == 0
+        assert main(["features", "--checkpoint", checkpoint, "--data", str(image_folder),
+                     "--out", str(tmp_path / "f")]) == 0
+        assert main(["assign", "--checkpoint", checkpoint, "--data", str(image_folder),
+                     "--out", str(tmp_path / "a")]) == 0
+        assert main(["report", str(tiny_run), "--out", str(tmp_path / "r"), "--ascent-steps", "0",
+                     "--activation-sample", "36"]) == 0
+    finally:
+        os.umask(umask)
+    modes = {str(path.relative_to(tmp_path)): oct(stat.S_IMODE(path.stat().st_mode))
+             for path in tmp_path.rglob("*") if path.is_file()}
+    assert len(modes) >= 7 and set(modes.values()) == {"0o644"}, modes

@@ -9,6 +9,7 @@ folder must hold exactly what an uninterrupted run with the same seed writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -60,7 +61,7 @@ def log_records(run: Path) -> list[dict]:
 def assert_same_run(run: Path, reference: Path) -> None:
     """Bit-for-bit equal assignments, weights and optimiser state; the same log but for timings."""
     names = sorted(p.name for p in (reference / "assignments").glob("*.npy"))
-    assert names == [f"epoch_{e:04d}.npy" for e in range(EPOCHS)] + ["final.npy"]
+    assert names == [f"epoch_{e:04d}.npy" for e in range(1, EPOCHS + 1)] + ["final.npy"]
     assert sorted(p.name for p in (run / "assignments").iterdir()) == names
     for name in names:
         assert (run / "assignments" / name).read_bytes() == (reference / "assignments" / name).read_bytes(), name
@@ -76,7 +77,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     for key, value in theirs["final"].items():  # the clustering of the trained weights
         assert torch.equal(ours["final"][key], value) if torch.is_tensor(value) else ours["final"][key] == value, key
     records, expected = log_records(run), log_records(reference)
-    assert [r["epoch"] for r in records] == list(range(EPOCHS))
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
     for record, want in zip(records, expected):
         assert {k: v for k, v in record.items() if k not in TIMING_KEYS} == \
             {k: v for k, v in want.items() if k not in TIMING_KEYS}
@@ -123,7 +124,7 @@ def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(image_fo
     result = train(image_folder, run, "kill:clustering:1", resume=True)
     assert_killed(result)
     assert "resuming after epoch 1" in result.stdout
-    assert [r["epoch"] for r in log_records(run)] == [0]
+    assert [r["epoch"] for r in log_records(run)] == [1]
 
     # Killed in the middle of epoch 2's training (its third batch).
     assert_killed(train(image_folder, run, "kill:training:3", resume=True))
@@ -155,10 +156,43 @@ def test_sigkill_from_outside_at_an_arbitrary_moment_then_resume(image_folder, r
         process.stdout.close()
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL  # it was still running: a real interruption
-    assert np.load(run / "assignments" / "epoch_0000.npy", allow_pickle=False).shape == (36,)
+    assert np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False).shape == (36,)
     result = train(image_folder, run, resume=True)
     assert result.returncode == 0, result.stderr
     assert_same_run(run, reference)
+
+
+INTERRUPTED = "deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)\n"
+
+
+def test_sigterm_stops_as_ctrl_c_does_and_resume_goes_on(image_folder, tmp_path, capsys):
+    """Was: a silent stop with status -15. SIGTERM (``kill PID``, a scheduler), here halfway
+    through writing epoch 2's checkpoint, now prints Ctrl-C's line, exits 143 and keeps the
+    checkpoint of epoch 1, from which ``--resume`` goes on."""
+    from deepcluster.cli import main
+
+    run = tmp_path / "run"
+    result = train(image_folder, run, "term:checkpoint:2")
+    assert result.returncode == 128 + signal.SIGTERM and result.stderr == INTERRUPTED, result.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1 and temp_files(run) == []
+    assert [r["epoch"] for r in log_records(run)] == [1]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--out", str(run), "--resume"]) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["epoch"] for r in log_records(run)] == [1, 2, 3] and temp_files(run) == []
+
+
+def test_ctrl_c_prints_the_same_line(cli, image_folder, tmp_path, monkeypatch):
+    from deepcluster import train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "run")
+    assert code == 130 and err == INTERRUPTED
 
 
 def test_resume_of_a_folder_that_never_started_is_a_clear_error(tmp_path, image_folder, capsys):
@@ -184,21 +218,21 @@ def test_resume_cleans_up_what_a_kill_can_leave(records_in_checkpoint, cli, imag
         del state["records"]
         torch.save(state, run / "checkpoint.pt")
     first = (run / "log.jsonl").read_text()
-    (run / "log.jsonl").write_text(first + first + '{"epoch": 1, "train_lo')
+    (run / "log.jsonl").write_text(first + first + '{"epoch": 2, "train_lo')
     (run / ".checkpoint.pt.tmp-99-beef").write_bytes(b"torn")
-    (run / "assignments" / ".epoch_0001.npy.tmp-99-dead").write_bytes(b"torn")
+    (run / "assignments" / ".epoch_0002.npy.tmp-99-dead").write_bytes(b"torn")
     (run / "assignments" / "epoch_0007.npy").write_bytes(b"stale")
 
     code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--resume")
     assert code == 0, err
     assert "removed 2 temporary file(s)" in out
     assert temp_files(run) == []
-    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0000.npy", "epoch_0001.npy", "final.npy"]
+    assert sorted(p.name for p in (run / "assignments").iterdir()) == ["epoch_0001.npy", "epoch_0002.npy", "final.npy"]
     lines = (run / "log.jsonl").read_text().splitlines()
-    assert lines[0] == first.strip() and [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert lines[0] == first.strip() and [json.loads(line)["epoch"] for line in lines] == [1, 2]
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert saved["epoch"] == 2 and [r["epoch"] for r in saved["records"]] == [0, 1]
-    latest = np.load(run / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assert saved["epoch"] == 2 and [r["epoch"] for r in saved["records"]] == [1, 2]
+    latest = np.load(run / "assignments" / "epoch_0002.npy", allow_pickle=False)
     assert np.array_equal(latest, saved["assignments"].numpy())
 
 
@@ -227,3 +261,77 @@ def test_a_second_run_on_a_folder_in_use_stops_and_a_killed_run_leaves_no_stale_
     result = train(image_folder, run, resume=True)  # the kernel dropped the dead run's lock
     assert result.returncode == 0, result.stderr
     assert_same_run(run, reference)
+
+
+def test_a_run_folder_that_counted_epochs_from_0_is_renumbered_on_resume(cli, image_folder, tmp_path):
+    """Runs written before epochs counted from 1 (log ``epoch: 0``, ``epoch_0000.npy``) are
+    read by ``report`` from 1 and renumbered by ``--resume``, which then goes on exactly as
+    an uninterrupted run."""
+    from deepcluster.checkpoint import load_checkpoint, save_checkpoint
+    from deepcluster.report.run_data import load_run
+
+    code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "whole", "--epochs", "2")
+    assert code == 0, err
+    run = tmp_path / "old"
+    one_epoch(cli, image_folder, run)
+    first = (run / "assignments" / "epoch_0001.npy").read_bytes()
+    (run / "assignments" / "epoch_0001.npy").rename(run / "assignments" / "epoch_0000.npy")  # as written then
+    (run / "assignments" / "epoch_0001.npy").write_bytes(b"the unfinished second epoch's")
+    state = load_checkpoint(run / "checkpoint.pt")
+    state.pop("format_version")
+    state["records"][0]["epoch"] = 0
+    save_checkpoint(run / "checkpoint.pt", state)
+    (run / "log.jsonl").write_text(json.dumps(state["records"][0]) + "\n")
+    (run / "assignments" / "epoch_0001.npy").unlink()
+    seen = load_run(run)
+    assert [r["epoch"] for r in seen.records] == [1] and list(seen.assignment_files) == [1]
+    (run / "assignments" / "epoch_0001.npy").write_bytes(b"the unfinished second epoch's")
+
+    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--resume")
+    assert code == 0, err
+    names = sorted(p.name for p in (run / "assignments").iterdir())
+    assert names == ["epoch_0001.npy", "epoch_0002.npy", "final.npy"]  # no journal left
+    assert (run / "assignments" / "epoch_0001.npy").read_bytes() == first
+    for name in names:
+        assert (run / "assignments" / name).read_bytes() == (tmp_path / "whole" / "assignments" / name).read_bytes()
+    assert [r["epoch"] for r in log_records(run)] == [1, 2]
+    assert [r["epoch"] for r in torch.load(run / "checkpoint.pt", weights_only=True)["records"]] == [1, 2]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_renumbering_goes_on_after_an_interruption_at_any_step(tmp_path, monkeypatch):
+    """``runfolder.count_from_one`` stopped before each of its writes (renames and journal
+    updates), then run again from the checkpoint's records: every file ends one up."""
+    from deepcluster import runfolder
+
+    real_replace, real_write = os.replace, runfolder.atomic_write_bytes
+    for stop_at in range(8):  # 3 renames + 4 journal writes, and one run without a stop
+        run = tmp_path / str(stop_at)
+        (run / "assignments").mkdir(parents=True)
+        for epoch in range(3):
+            (run / "assignments" / f"epoch_{epoch:04d}.npy").write_text(f"epoch {epoch + 1}")
+        (run / "assignments" / "epoch_0003.npy").write_text("unfinished")
+        steps = []
+
+        def counted(real):
+            def step(*args, **kwargs):
+                if Path(args[0]).parent == run / "assignments" and not Path(args[0]).name.startswith(".."):
+                    steps.append(args)
+                    if len(steps) == stop_at + 1:
+                        raise Killed  # a kill at this moment
+                return real(*args, **kwargs)
+            return step
+
+        monkeypatch.setattr(runfolder.os, "replace", counted(real_replace))
+        monkeypatch.setattr(runfolder, "atomic_write_bytes", counted(real_write))
+        with pytest.raises(Killed) if stop_at < 7 else contextlib.nullcontext():
+            runfolder.count_from_one(run, [{"epoch": e} for e in range(3)])
+        assert len(steps) == min(stop_at + 1, 7)
+        monkeypatch.undo()
+        records = [{"epoch": e} for e in range(3)]  # the checkpoint still counts from 0
+        assert runfolder.count_from_one(run, records) and [r["epoch"] for r in records] == [1, 2, 3]
+        files = {p.name: p.read_text() for p in (run / "assignments").glob("epoch_*.npy")}
+        assert files == {f"epoch_{e:04d}.npy": f"epoch {e}" for e in (1, 2, 3)}, (stop_at, files)

@@ -66,9 +66,10 @@ def test_a_val_folder_without_classes_or_shared_classes_is_a_clear_error(image_f
         (flat / path.name).write_bytes(path.read_bytes())
     with pytest.raises(DataError, match="no class sub-folders"):
         KnnMonitor.open(flat, FolderSource(image_folder))
-    other = tmp_path / "other" / "cats"
-    other.mkdir(parents=True)
-    (other / "a.png").write_bytes(next(image_folder.glob("rings/*.png")).read_bytes())
+    for name in ("cats", "dogs"):  # two classes, neither of the training folder's
+        other = tmp_path / "other" / name
+        other.mkdir(parents=True)
+        (other / "a.png").write_bytes(next(image_folder.glob("rings/*.png")).read_bytes())
     with pytest.raises(DataError, match="shares no class"):
         KnnMonitor.open(tmp_path / "other", FolderSource(image_folder))
 

@@ -78,7 +78,7 @@ def test_a_run_writes_tensorboard_scalars_next_to_its_log(tiny_run):
     events.Reload()
     losses = events.Scalars("train/loss")
     log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
-    assert [e.step for e in losses] == [0, 1]
+    assert [e.step for e in losses] == [1, 2]
     assert all(math.isclose(e.value, r["train_loss"], rel_tol=1e-6) for e, r in zip(losses, log))
     assert "labels/nmi" in events.Tags()["scalars"] and "stability/nmi_previous_epoch" in events.Tags()["scalars"]
 
@@ -93,6 +93,15 @@ def test_missing_tensorboard_is_said_once_and_does_not_stop_anything(tmp_path, m
     off = ScalarLog(tmp_path, enabled=False, log=notes.append)
     off.write({"epoch": 0, "train_loss": 1.0})
     assert len(notes) == 1 and not off.active
+
+
+def test_missing_tensorboard_with_the_default_notice_goes_to_stderr(tmp_path, monkeypatch, capsys):
+    """The default ``log`` (what ``train`` uses): was ``log(...)`` on None, a TypeError."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    scalars = ScalarLog(tmp_path, enabled=True)
+    scalars.write({"epoch": 1, "train_loss": 1.0})
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "not installed" in captured.err
 
 
 def test_bars_reach_a_forced_terminal_but_never_stdout(tiny_run, image_folder, tmp_path):

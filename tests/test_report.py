@@ -198,3 +198,37 @@ def test_the_page_script_sorts_and_filters_clusters_in_chromium(tiny_report, tmp
     purities = [float(p) for _, _, p in cards]
     assert len(cards) >= 2 and purities == sorted(purities, reverse=True)  # the script re-ordered the grid
     assert re.search(r"showing \d+ of \d+ clusters", result.stdout)
+
+
+def test_charts_keep_noise_flat_the_legend_off_the_bars_and_whole_counts_whole():
+    """Was: an offset label (1e-8+8.46774e-1) stretching rounding noise to full height, the
+    'Time per epoch' legend over the last bar, cluster counts ticked at 2.5."""
+    import matplotlib
+
+    from deepcluster.report.plots import line_axes, size_axes, time_axes
+
+    records = [{"epoch": e, "clustering_objective": 0.846774 + 1e-8 * (e % 2), "time_features": 1.0,
+                "time_clustering": 0.5, "time_training": 10.0 + e} for e in range(1, 6)]
+    figure = line_axes(records, [("clustering_objective", "objective")], "objective")
+    figure.canvas.draw()
+    axis = figure.axes[0]
+    low, high = axis.get_ylim()
+    assert axis.yaxis.get_offset_text().get_text() == ""
+    assert high - low > 0.02  # the noise is a flat line, not a zig-zag across the plot
+    labels = [tick.get_text() for tick in axis.get_yticklabels() if tick.get_text()]
+    assert labels and all("e" not in label.lower() for label in labels), labels
+
+    figure = time_axes(records)
+    renderer = figure.canvas.get_renderer()
+    figure.tight_layout()
+    figure.canvas.draw()
+    legend = figure.axes[0].get_legend().get_window_extent(renderer)
+    bars = [patch.get_window_extent(renderer) for patch in figure.axes[0].patches]
+    assert bars and not any(legend.overlaps(bar) for bar in bars)
+
+    figure = size_axes(np.array([5, 4, 4, 3, 3, 3, 2]), 8)
+    figure.canvas.draw()
+    histogram = figure.axes[1]
+    for ticks in (histogram.get_yticks(), histogram.get_xticks()):
+        assert np.allclose(ticks, np.round(ticks)), ticks
+    matplotlib.pyplot.close("all")

@@ -25,13 +25,13 @@ def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folde
     assert len(records) == 2 and len(lines) == 5  # header, the --val hint, one line per epoch, the final clustering
     assert lines[-1].startswith("final clustering of the trained network")
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [0, 1]
+    assert [r["epoch"] for r in log] == [1, 2]  # counted from 1, as on screen
     for key in ("clustering_objective", "n_split", "largest_cluster_share", "n_nonempty", "train_loss",
                 "nmi_labels", "cluster_acc", "ari_labels", "time_features", "time_clustering",
                 "time_training", "train_images_per_s"):
         assert key in log[1], key
     assert log[0]["nmi_prev"] is None and 0 <= log[1]["nmi_prev"] <= 1
-    assignments = np.load(tmp_path / "full" / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    assignments = np.load(tmp_path / "full" / "assignments" / "epoch_0002.npy", allow_pickle=False)
     assert assignments.shape == (36,) and assignments.max() < 6
     saved = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     assert saved["epoch"] == 2 and saved["config"]["n_clusters"] == 6
@@ -42,7 +42,7 @@ def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folde
     run(half, log=lambda _: None)
     resumed = tiny_config(image_folder, tmp_path / "half", epochs=2)
     run(resumed, resume=True, log=lambda _: None)
-    again = np.load(tmp_path / "half" / "assignments" / "epoch_0001.npy", allow_pickle=False)
+    again = np.load(tmp_path / "half" / "assignments" / "epoch_0002.npy", allow_pickle=False)
     assert np.array_equal(assignments, again)
     model_a, _ = load_backbone(tmp_path / "full" / "checkpoint.pt")
     model_b, _ = load_backbone(tmp_path / "half" / "checkpoint.pt")
@@ -120,3 +120,51 @@ def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(ima
     np.testing.assert_allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-5)
     records = run(tiny_config(image_folder, tmp_path / "bounded", pca_sample_size=20, epochs=1), log=lambda _: None)
     assert records[0]["n_nonempty"] >= 2
+
+
+def test_a_nested_file_keeps_the_labels_and_a_loose_one_is_said(image_folder, tmp_path, cli):
+    """Was: one ``<class>/nested/deeper/x.jpg`` dropped NMI/ACC without a word, and eval said
+    the folder had no class sub-folders."""
+    import shutil
+
+    from deepcluster.data import DataError
+    from deepcluster.evaluation.suite import open_labelled_splits
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "rings" / "nested" / "deeper").mkdir(parents=True)
+    shutil.move(data / "rings" / "00.png", data / "rings" / "nested" / "deeper" / "x.png")
+    code, out, err = cli("train", "--data", data, "--out", tmp_path / "nested")
+    assert code == 0, err
+    assert "nmi " in out and "no class labels" not in out
+    record = json.loads((tmp_path / "nested" / "log.jsonl").read_text())
+    assert "nmi_labels" in record
+    assert open_labelled_splits(data, data).class_names == ["checkers", "rings", "stripes"]
+
+    shutil.move(data / "rings" / "01.jpg", data / "loose.jpg")
+    code, out, err = cli("train", "--data", data, "--out", tmp_path / "loose")
+    assert code == 0, err
+    note = [line for line in out.splitlines() if "no class labels" in line]
+    assert len(note) == 1 and "1 image(s) lie directly in the folder" in note[0] and "'loose.jpg'" in note[0]
+    assert "nmi_labels" not in json.loads((tmp_path / "loose" / "log.jsonl").read_text())
+    with pytest.raises(DataError, match="has no class labels: 1 image\\(s\\) lie directly in the folder"):
+        open_labelled_splits(data, data)
+
+
+def test_the_terminal_says_what_was_skipped_and_when_nothing_is_left(image_folder, tmp_path, cli):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "rings" / "broken.jpg").write_text("not an image")
+    code, out, err = cli("train", "--data", data, "--out", tmp_path / "run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("deepcluster: 36 images (1 unreadable file(s) skipped, listed in skipped.tsv)")
+    assert ", 1 epoch, " in lines[0]
+    assert lines[1].startswith("deepcluster: the data folder has classes: add --val FOLDER")
+    assert lines[2].startswith("epoch   1/1  objective ") and "time features " in lines[2]
+    assert " clustering " in lines[2] and " training " in lines[2] and " clus " not in lines[2]
+    code, out, err = cli("train", "--data", data, "--out", tmp_path / "run", "--resume")
+    assert code == 0, err
+    assert "the run has already trained 1 epoch; nothing left to train (raise --epochs" in out

@@ -18,17 +18,25 @@ Exit codes (each failure is one line on stderr, ``deepcluster: error: ...``, no 
 - 5 (``EXIT_MEMORY``): out of memory (host or GPU) that Python could catch; the checkpoint
   of the last completed epoch is kept. (When the kernel's OOM killer ends the process
   instead, nothing can be printed; ``--resume`` still continues from the last checkpoint.)
-- 130: interrupted with Ctrl-C.
+- 130: interrupted with Ctrl-C; 143: stopped by ``SIGTERM`` (``kill PID``, a job scheduler);
+  both print the same line and keep the checkpoint of the last completed epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
+import shutil
+import signal
 import sys
+import textwrap
+import threading
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Sequence
 
-from deepcluster.config import RECIPES, ConfigError, resolve
+from deepcluster.config import RECIPES, ConfigError, resolve, resolve_resume, run_folder, settings_help
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -47,16 +55,38 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+TRAIN_OPTIONS = ("recipe", "config", "data", "out", "resume")  # the options of `train` besides the settings
+
+
+def unknown_option(name: str) -> str:
+    """The message for ``--name``, which is neither a setting nor an option of ``train``,
+    with the closest one when there is one."""
+    from deepcluster.config import FIELDS
+
+    known = [key for key in FIELDS if key != "out_dir"] + list(TRAIN_OPTIONS)
+    close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return f"unknown setting --{name}{hint}; deepcluster train --help lists them all"
+
+
 def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
-    """``["--n-clusters", "100", "--sobel=false"]`` -> ``{"n_clusters": "100", "sobel": "false"}``."""
+    """``["--n-clusters", "100", "--sobel=false"]`` -> ``{"n_clusters": "100", "sobel": "false"}``.
+
+    Raises:
+        UsageError: a stray token, an unknown setting (with the closest name) or a missing value.
+    """
+    from deepcluster.config import FIELDS
+
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or token == "--":
             raise UsageError(f"unexpected argument {token!r}; settings are given as --key value")
-        key, eq, value = token[2:].partition("=")
-        key = key.replace("-", "_")
+        name, eq, value = token[2:].partition("=")
+        key = name.replace("-", "_")
+        if key not in FIELDS:
+            raise UsageError(unknown_option(name))
         if not eq:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
                 raise UsageError(f"setting --{key} needs a value")
@@ -68,20 +98,31 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> Parser:
+    from deepcluster import __version__
+
     parser = Parser(prog="deepcluster", description="DeepCluster: unsupervised visual features by clustering.")
+    parser.add_argument("--version", action="version", version=f"deepcluster {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=Parser)
+    width = max(60, min(shutil.get_terminal_size().columns, 120) - 2)
     train = commands.add_parser(
         "train", help="train DeepCluster on a folder of images or the built-in digits",
-        description="Train DeepCluster. Any setting can be overridden with --key value; see the README.")
+        description=textwrap.fill("Train DeepCluster. Every setting below can be given as --key value (or key: "
+                                  "value in a --config file); the command line wins.", width),
+        epilog=textwrap.fill("settings, with the paper recipe's defaults (--recipe small and digits change some, see "
+                             "the README):", width) + "\n" + settings_help(width - 2),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                        help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' "
-                            "(32-96 px images, small VGG, k=100), 'digits' (built-in data). Default: "
-                            "'digits' without --data, else 'paper'")
+                            "(32-96 px images, smallnet, k=100), 'digits' (built-in data). Default: the "
+                            "--config file's recipe:, else 'digits' without a data folder (--data, or data: in the "
+                            "file), else 'paper'")
     train.add_argument("--config", help="YAML file of settings (applied after the recipe)")
-    train.add_argument("--data", help="image folder: class sub-folders (labels used only for metrics) or any "
-                                      "layout of images; default: the built-in scikit-learn digits")
+    train.add_argument("--data", help="image folder, any layout; its top-level sub-folders are the classes (used "
+                                      "only for scores); default: the built-in scikit-learn digits")
     train.add_argument("--out", dest="out_dir", help="run folder (log, assignments, checkpoint)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out with its saved settings (RUN/config.yaml); settings given "
+                            "as well may only change epochs, workers, threads, device and the like")
     from deepcluster.cli_eval import add_eval_parser
 
     add_eval_parser(commands)
@@ -92,20 +133,43 @@ def build_parser() -> Parser:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from deepcluster import runfolder
     from deepcluster.train import run
 
     overrides = parse_overrides(extra)
     for key in ("data", "out_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    recipe = args.recipe
-    if recipe is None and args.config is None:
-        recipe = "paper" if args.data else "digits"
-    config = resolve(recipe, args.config, overrides)
-    if config.data is None and "out_dir" not in overrides:
-        config.out_dir = "runs/digits"
+    if args.resume:  # the run's own settings, changed only where the command line says so
+        run_dir = run_folder(args.config, overrides)
+        saved = runfolder.saved_settings(Path(run_dir))
+        config = resolve_resume(saved, run_dir, args.recipe, args.config, overrides)
+    else:
+        config = resolve(args.recipe, args.config, overrides)
     run(config, resume=args.resume, log=lambda line: print(line, flush=True))
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """``SIGTERM`` arrived: raised where the program is, so it stops as Ctrl-C stops it
+    (atomic writes remove their temporary file, the last checkpoint stays)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Inside the block, ``SIGTERM`` raises ``Terminated`` (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def out_of_memory(error: BaseException) -> str | None:
@@ -126,6 +190,12 @@ def out_of_memory(error: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns the exit code (see the module docstring)."""
+    with sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from deepcluster.checkpoint import CheckpointError
     from deepcluster.data import DataError
     from deepcluster.health import TrainingDiverged
@@ -175,10 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             advice = "use fewer images, layers (eval: --probe-layers) or a smaller batch, or a machine with more memory"
         print(f"deepcluster: error: out of memory ({reason}); {advice}", file=sys.stderr)
         return EXIT_MEMORY
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
         erase_bars()
-        print("deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)", file=sys.stderr)
-        return 130
+        kept = "; the last completed epoch's checkpoint is kept (use --resume)" if command == "train" else ""
+        print(f"deepcluster: interrupted{kept}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """``deepcluster eval``: judge a checkpoint by the paper's protocol and today's quick checks.
 
-    deepcluster eval CHECKPOINT --train FOLDER --val FOLDER [--out DIR] [--random-init]
+    deepcluster eval RUN --train FOLDER --val FOLDER [--out DIR] [--random-init]
                      [--baseline auto|none|REPORT.json] [--protocols linear,knn,clustering,retrieval]
                      [--probe-mode fast|reference] [--probe-epochs 90] ...
 
 It only parses and wires; ``deepcluster.evaluation`` does the work. Results go to the
 terminal as a table and to ``<out>/eval.json`` (``eval_random_init.json`` for the
-baseline); ``<out>`` defaults to ``<checkpoint folder>/eval``.
+baseline); ``<out>`` defaults to ``RUN/eval``. ``RUN`` is a run folder or a checkpoint file.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Evaluate the frozen backbone of a checkpoint on a labelled training/validation pair of "
                     "class folders (e.g. CIFAR-10 train/ and test/), against the same architecture with random "
                     "weights. Prints a table and writes JSON into --out.")
-    parser.add_argument("checkpoint", help="checkpoint.pt of a run; its config gives architecture, image size, "
-                                           "normalisation and the seed of the random-init baseline")
+    from deepcluster.cli_tools import add_run_argument
+
+    add_run_argument(parser)  # its config gives architecture, image size, normalisation, the baseline's seed
     parser.add_argument("--train", required=True, help="training split: FOLDER/<class>/<image>")
     parser.add_argument("--val", required=True, help="validation split: FOLDER/<class>/<image>, same class names")
-    parser.add_argument("--out", dest="out_dir", help="report folder (default: <checkpoint folder>/eval)")
+    parser.add_argument("--out", dest="out_dir", help="report folder (default: RUN/eval, the checkpoint's folder)")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate only the baseline: the checkpoint's architecture with the random weights "
                              "the run started from; writes eval_random_init.json")
@@ -156,6 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from deepcluster.checkpoint import load_checkpoint
+    from deepcluster.cli_tools import out_folder, resolve_run
     from deepcluster.evaluation import report as reporting
     from deepcluster.evaluation.suite import (evaluate_backbone, open_labelled_splits, random_init_backbone,
                                               remove_dir)
@@ -164,6 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    resolve_run(args)
     settings = settings_from_args(args)
     if args.threads is not None:
         if args.threads < 1:
@@ -176,8 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     epochs_completed = int(load_checkpoint(args.checkpoint).get("epoch", 0))
     splits = open_labelled_splits(args.train, args.val, settings.train_limit, settings.val_limit, settings.subset_seed)
     device = resolve_device(args.device or config.device)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint).parent / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_folder(args.out_dir or str(Path(args.checkpoint).parent / "eval"))
     prints = fingerprint(config, splits, settings, args.train, args.val)
     report: dict[str, Any] = {
         "report_version": reporting.REPORT_VERSION,

@@ -1,9 +1,12 @@
 """Commands that look at and use a trained run. They parse and wire; the library works.
 
-    deepcluster report RUN_DIR [--out DIR] [--max-clusters 100] [--layer conv5] [--device auto] ...
-    deepcluster assign --checkpoint CKPT --data FOLDER --out DIR [--format csv,parquet]
-    deepcluster features --checkpoint CKPT --data FOLDER --out DIR [--layer fc|convN] [--pca]
-    deepcluster export --checkpoint CKPT --out FILE.safetensors
+    deepcluster report RUN [--out DIR] [--max-clusters 100] [--layer conv5] [--device auto] ...
+    deepcluster assign RUN --data FOLDER --out DIR [--format csv,parquet]
+    deepcluster features RUN --data FOLDER --out DIR [--layer fc|convN] [--pca]
+    deepcluster export RUN --out FILE.safetensors
+
+``RUN`` is the same in every command, ``eval`` included: a run folder (``train --out``) or a
+checkpoint file in one. (``--checkpoint CKPT``, the older spelling, still works.)
 
 Bad input ends with one line on stderr and exit code 2 (see ``cli.main``).
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deepcluster.config import ConfigError
+from deepcluster.messages import plural
 
 COMMANDS = ("report", "assign", "features", "export")
 FORMATS = ("csv", "parquet")
@@ -37,6 +41,38 @@ def _formats(text: str) -> tuple[str, ...]:
     if unknown or not items:
         raise argparse.ArgumentTypeError(f"choose from {', '.join(FORMATS)} (comma-separated), got {text!r}")
     return items
+
+
+RUN_HELP = "a run folder (deepcluster train --out) or a checkpoint file in one"
+
+
+def add_run_argument(parser: argparse.ArgumentParser) -> None:
+    """The run a command reads: ``RUN`` first on the line, the same in every command
+    (``--checkpoint`` is the older spelling, kept working)."""
+    parser.add_argument("run", nargs="?", metavar="RUN", help=RUN_HELP)
+    parser.add_argument("--checkpoint", dest="checkpoint_option", help=argparse.SUPPRESS)
+
+
+def resolve_run(args: argparse.Namespace) -> None:
+    """Set ``args.run_dir`` and ``args.checkpoint`` from ``RUN`` (a folder or a checkpoint file).
+
+    Raises:
+        ConfigError: no run given, given twice, or a path that does not exist.
+    """
+    given = [value for value in (args.run, args.checkpoint_option) if value is not None]
+    if len(given) != 1:
+        what = "is missing" if not given else "is given twice (RUN and --checkpoint)"
+        raise ConfigError(f"the run {what}: deepcluster {args.command} RUN ..., where RUN is {RUN_HELP}")
+    path = Path(given[0])
+    if path.is_dir():
+        args.run_dir, args.checkpoint = str(path), str(path / "checkpoint.pt")
+        if args.command != "report" and not (path / "checkpoint.pt").is_file():
+            raise ConfigError(f"run folder {str(path)!r} has no checkpoint.pt (a run writes it at the end of its "
+                              "first epoch)")
+    elif path.exists():
+        args.run_dir, args.checkpoint = str(path.parent), str(path)
+    else:
+        raise ConfigError(f"RUN {str(path)!r} does not exist; give {RUN_HELP}")
 
 
 def _common(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str) -> None:
@@ -58,11 +94,11 @@ def add_tool_parsers(subparsers: Any) -> None:
                     "sample images of the clusters (with majority class and purity when the folder has classes), "
                     "first-layer filters, the images that most excite filters of a layer and gradient-ascent "
                     "visualisations. Images are embedded; the page opens from disk with no network.")
-    report.add_argument("run_dir", help="run folder written by `deepcluster train --out`")
-    report.add_argument("--out", dest="out_dir", help="folder for index.html (default: RUN_DIR/report)")
+    add_run_argument(report)
+    report.add_argument("--out", dest="out_dir", help="folder for index.html (default: RUN/report)")
     report.add_argument("--data", help="image folder, if it moved since training (default: the run's)")
     report.add_argument("--epoch", type=int, default=None,
-                        help="epoch whose clustering is shown, counted from 1 as the terminal does (default: the final "
+                        help="epoch whose clustering is shown, counted from 1 as everywhere (default: the final "
                              "clustering when the run saved one, else the last epoch)")
     report.add_argument("--max-clusters", type=int, default=defaults.max_clusters,
                         help=f"clusters in the grid: the largest and, with labels, the purest (default "
@@ -95,11 +131,11 @@ def add_tool_parsers(subparsers: Any) -> None:
                     "run's own pipeline (eval-mode features of the centre view, the saved PCA-whitening, L2 "
                     "normalisation). Writes OUT/assignments.csv and OUT/assignments.parquet: path, cluster, "
                     "distance (Euclidean, in the whitened normalised space) and, with class folders, class.")
-    assign.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    add_run_argument(assign)
     assign.add_argument("--data", required=True, help="image folder (any layout; class sub-folders add a column)")
     assign.add_argument("--out", dest="out_dir", required=True, help="output folder")
-    assign.add_argument("--format", dest="formats", type=_formats, default=FORMATS,
-                        help="csv, parquet or both (default csv,parquet)")
+    assign.add_argument("--format", dest="formats", type=_formats, default=None,
+                        help="csv, parquet or both (default: both, or csv alone when pyarrow is not installed)")
     _common(assign, None, "images per forward pass (default: the run's feature_batch_size, which reproduces its "
                           "feature pass exactly)")
 
@@ -107,7 +143,7 @@ def add_tool_parsers(subparsers: Any) -> None:
         "features", help="write the features of a folder of images (.npy plus the list of paths)",
         description="Write OUT/features.npy (float32, one row per image), OUT/paths.tsv (row, path, readable and, "
                     "with class folders, class) and OUT/features.json (what the rows are).")
-    features.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    add_run_argument(features)
     features.add_argument("--data", required=True, help="image folder")
     features.add_argument("--out", dest="out_dir", required=True, help="output folder")
     features.add_argument("--layer", default="fc",
@@ -124,7 +160,7 @@ def add_tool_parsers(subparsers: Any) -> None:
         description="Write the backbone of a checkpoint (no pseudo-label top layer) with its architecture, "
                     "Sobel flag, feature width, image size and normalisation as metadata. Load it back with "
                     "deepcluster.models.load_backbone_safetensors(PATH).")
-    export.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run")
+    add_run_argument(export)
     export.add_argument("--out", required=True, help="file to write, e.g. backbone.safetensors")
 
 
@@ -148,10 +184,13 @@ def _setup(args: argparse.Namespace):
     return resolve_device(args.device)
 
 
-def _out_dir(path: str) -> Path:
+def out_folder(path: str) -> Path:
+    """The ``--out`` folder of a command, created; a one-line ``ConfigError`` when it is a
+    file or cannot be created."""
+    from deepcluster.runfolder import check_out_folder
+
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--out {path!r} exists and is not a folder")
+    check_out_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -178,20 +217,20 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     device = _setup(args)
     settings = ReportSettings(
-        epoch=None if args.epoch is None else args.epoch - 1, max_clusters=args.max_clusters,
+        epoch=args.epoch, max_clusters=args.max_clusters,
         images_per_cluster=args.images_per_cluster, thumb_size=args.thumb_size, layer=args.layer,
         filters=args.filters, n_filters=args.n_filters, top_images=args.top_images,
         activation_sample=args.activation_sample, ascent_steps=args.ascent_steps, ascent_size=args.ascent_size,
         device=str(device), batch_size=args.batch_size, workers=args.workers, seed=args.seed, data=args.data)
     if args.out_dir:
-        _out_dir(args.out_dir)
+        out_folder(args.out_dir)
     command = "deepcluster " + " ".join(shlex.quote(a) for a in argv)
     with _writing(Path(args.out_dir or args.run_dir)):
         result = build_report(args.run_dir, args.out_dir, settings, command=command)
     for note in result.notes:
         print(f"note: {note}")
-    print(f"report: {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.clusters_shown} clusters and "
-          f"{result.thumbnails} images shown, {result.seconds:.1f}s)")
+    print(f"report: {result.path} ({result.size_bytes / 1e6:.1f} MB, {plural(result.clusters_shown, 'cluster')} "
+          f"and {plural(result.thumbnails, 'image')} shown, {result.seconds:.1f}s)")
     return 0
 
 
@@ -201,25 +240,48 @@ def _class_column(source) -> list[str] | None:
     return [source.class_names[label] for label in source.labels]
 
 
+def open_every_file(folder: str):
+    """Every image file found under ``folder``, unreadable ones included (each gets its row
+    in a command's output), as a ``FolderSource``; says so when the folder has no classes."""
+    from deepcluster.data import FolderSource
+
+    source = FolderSource(folder, every_file=True)
+    if source.unlabelled:
+        print(f"note: no class column: {source.unlabelled}")
+    return source
+
+
+def _found(source) -> str:
+    skipped = f" ({len(source.skipped)} unreadable from their header)" if source.skipped else ""
+    return plural(len(source), "image file") + skipped
+
+
+def problems(source, ok) -> list[str]:
+    """Why each image that did not decode (``ok`` False) cannot be used; ``""`` for the others."""
+    return ["" if good else source.problem(index) for index, good in enumerate(ok)]
+
+
 def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes: list[str] | None,
-                            formats: Sequence[str]) -> list[Path]:
+                            formats: Sequence[str], reasons: list[str] | None = None) -> list[Path]:
     """``assignments.csv`` / ``assignments.parquet``: one row per image, in folder order.
 
     Columns: ``path``, ``cluster`` (-1: unreadable), ``distance`` (empty / null when
-    unreadable) and ``class`` when the folder has class sub-folders.
+    unreadable), ``class`` when the folder has class sub-folders, and ``problem``: why an
+    unreadable image could not be used (empty / null otherwise).
     """
     import numpy as np
 
+    reasons = reasons if reasons is not None else [""] * len(paths)
     written = []
     if "csv" in formats:
         path = out_dir / "assignments.csv"
         with _writing(path), open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "cluster", "distance"] + (["class"] if classes else []))
+            writer.writerow(["path", "cluster", "distance"] + (["class"] if classes else []) + ["problem"])
             for row, name in enumerate(paths):
                 distance = assignment.distances[row]
                 cells = [name, int(assignment.clusters[row]), "" if np.isnan(distance) else f"{distance:.6f}"]
-                writer.writerow(cells + ([classes[row]] if classes else []))
+                writer.writerow(cells + ([classes[row]] if classes else []) + [reasons[row]])
         written.append(path)
     if "parquet" in formats:
         import pyarrow as pa
@@ -231,6 +293,7 @@ def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes
                    "distance": pa.array(assignment.distances, pa.float32(), mask=np.isnan(assignment.distances))}
         if classes:
             columns["class"] = pa.array(classes, pa.string())
+        columns["problem"] = pa.array([reason or None for reason in reasons], pa.string())
         with _writing(path):
             pq.write_table(pa.table(columns), path)
         written.append(path)
@@ -240,31 +303,38 @@ def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes
 def cmd_assign(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from deepcluster.data import FolderSource
     from deepcluster.inference import assign_images, load_cluster_model
 
     device = _setup(args)
-    if "parquet" in args.formats:
+    formats = args.formats
+    if formats is None or "parquet" in formats:
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
-            raise ConfigError("Parquet output needs pyarrow: pip install pyarrow (or deepcluster[tools]), "
-                              "or pass --format csv") from None
+            if formats is not None:
+                raise ConfigError("Parquet output needs pyarrow: pip install pyarrow (or deepcluster[tools]), "
+                                  "or pass --format csv") from None
+            print("note: pyarrow is not installed, so the assignments are written as CSV only (pip install pyarrow "
+                  "for Parquet too)")
+            formats = ("csv",)
+    formats = formats or FORMATS
     cluster_model = load_cluster_model(args.checkpoint)
-    source = FolderSource(args.data)
-    out_dir = _out_dir(args.out_dir)
+    source = open_every_file(args.data)
+    out_dir = out_folder(args.out_dir)
     which = (f"the final clustering (after epoch {cluster_model.epoch})" if cluster_model.final else
              f"the clustering epoch {cluster_model.epoch} trained on (no final clustering saved: centroids older "
              "than the weights by one epoch of training)")
-    print(f"deepcluster assign: {len(source)} images, {cluster_model.n_clusters} clusters of {which}, "
+    print(f"deepcluster assign: {_found(source)}, {cluster_model.n_clusters} clusters of {which}, "
           f"{cluster_model.config.arch}, device {device}", flush=True)
     assignment = assign_images(cluster_model, source, device, args.batch_size, args.workers)
-    written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), args.formats)
+    written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), formats,
+                                      problems(source, assignment.ok))
     placed = int(assignment.ok.sum())
     used = int(np.unique(assignment.clusters[assignment.ok]).size)
-    print(f"{placed} images placed in {used} clusters (median distance "
+    print(f"{plural(placed, 'image')} placed in {plural(used, 'cluster')} (median distance "
           f"{float(np.nanmedian(assignment.distances)) if placed else float('nan'):.3f})"
-          + (f", {len(source) - placed} unreadable" if placed < len(source) else ""))
+          + (f", {len(source) - placed} unreadable (cluster -1, the reason in the problem column)"
+             if placed < len(source) else ""))
     trained_on = cluster_model.config.data
     previous = cluster_model.assignments
     if (trained_on is not None and os.path.realpath(trained_on) == os.path.realpath(args.data)
@@ -282,7 +352,6 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from deepcluster.data import FolderSource
     from deepcluster.inference import load_cluster_model, write_features
     from deepcluster.train import load_backbone
 
@@ -294,9 +363,9 @@ def cmd_features(args: argparse.Namespace) -> int:
         model, config, pca = cluster_model.model, cluster_model.config, cluster_model.pca
     else:
         (model, config), pca = load_backbone(args.checkpoint), None
-    source = FolderSource(args.data)
-    out_dir = _out_dir(args.out_dir)
-    print(f"deepcluster features: {len(source)} images, layer {args.layer}{' + PCA' if args.pca else ''}, "
+    source = open_every_file(args.data)
+    out_dir = out_folder(args.out_dir)
+    print(f"deepcluster features: {_found(source)}, layer {args.layer}{' + PCA' if args.pca else ''}, "
           f"{config.arch}, device {device}", flush=True)
     features_path = out_dir / "features.npy"
     with _writing(features_path):
@@ -305,9 +374,10 @@ def cmd_features(args: argparse.Namespace) -> int:
     classes = _class_column(source)
     table = out_dir / "paths.tsv"
     with _writing(table), open(table, "w") as handle:
-        handle.write("row\tpath\treadable" + ("\tclass" if classes else "") + "\n")
-        for row, path in enumerate(source.paths):
-            handle.write(f"{row}\t{path}\t{int(result.ok[row])}" + (f"\t{classes[row]}" if classes else "") + "\n")
+        handle.write("row\tpath\treadable" + ("\tclass" if classes else "") + "\tproblem\n")
+        for row, (path, reason) in enumerate(zip(source.paths, problems(source, result.ok))):
+            cells = [str(row), path, str(int(result.ok[row]))] + ([classes[row]] if classes else []) + [reason]
+            handle.write("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in cells) + "\n")
     meta = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data), "layer": result.layer,
             "dim": result.dim, "n_images": len(source), "n_unreadable": int((~result.ok).sum()),
             "pooling": result.pooling, "pca_whitened_l2": result.whitened, "arch": config.arch, "sobel": config.sobel,
@@ -315,7 +385,10 @@ def cmd_features(args: argparse.Namespace) -> int:
             "dtype": "float32", "rows": "paths.tsv order; rows of unreadable images are zero"}
     with _writing(out_dir / "features.json"):
         (out_dir / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {features_path} ({len(source)} x {result.dim} float32), {table}, {out_dir / 'features.json'}")
+    unreadable = int((~result.ok).sum())
+    print(f"wrote {features_path} ({len(source)} x {result.dim} float32"
+          + (f"; {unreadable} unreadable: zero rows, the reason in paths.tsv" if unreadable else "")
+          + f"), {table}, {out_dir / 'features.json'}")
     return 0
 
 
@@ -341,6 +414,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def run_tool(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Dispatch one of ``COMMANDS``."""
+    resolve_run(args)
     if args.command == "report":
         return cmd_report(args, argv)
     if args.command == "assign":

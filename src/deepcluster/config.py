@@ -24,79 +24,91 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names it and says what is allowed."""
 
 
+def setting(default: Any, help: str) -> Any:
+    """A ``Config`` field with its one line of advice (``--help`` lists them, ``settings_help``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     """Every setting of a DeepCluster run. Defaults are the reference ImageNet settings.
 
     Deviations from the paper are options with the paper's value as default, except
-    where a recipe says otherwise (see ``RECIPES``).
+    where a recipe says otherwise (see ``RECIPES``). Each field carries its advice in
+    ``metadata["help"]``: the one source of ``deepcluster train --help``.
     """
 
     # -- what to train on, where to write
-    data: str | None = None  # image folder; None = the built-in scikit-learn digits
-    # Labelled folder (FOLDER/<class>/<image>, e.g. a test split) for the online kNN: every
-    # val_every epochs (and the last) its images are classified by the training images' features.
-    val: str | None = None
-    val_every: int = 1
-    out_dir: str = "runs/deepcluster"
+    data: str | None = setting(None, "image folder (classes, for scores only: its top-level sub-folders); "
+                                     "none = the built-in digits")
+    val: str | None = setting(None, "labelled folder (FOLDER/<class>/<image>, e.g. a test split): every val_every "
+                                    "epochs its images are classified by kNN on the training images' features")
+    val_every: int = setting(1, "epochs between online kNN measurements (the last epoch is always measured)")
+    out_dir: str = setting("runs/deepcluster", "run folder: log, assignments, checkpoint (runs/digits for the "
+                                               "built-in digits)")
     # -- network
-    arch: str = "alexnet"  # alexnet | vgg16 | smallnet
-    sobel: bool = True  # fixed grayscale + Sobel input filter
-    feature_dim: int | None = None  # width of the fc layers; None = architecture default
-    # reference: fc weights and heads from N(0, 0.01) (the authors'); width: N(0, 0.01*sqrt(4096/fan_in)),
-    # the same gain for any width (a 512-wide net otherwise starts with near-zero logits).
-    fc_init: str = "reference"
+    arch: str = setting("alexnet", "alexnet | vgg16 (both with BatchNorm, as the reference) | smallnet (8 conv "
+                                   "layers, for 32-96 px images)")
+    sobel: bool = setting(True, "fixed grayscale + Sobel filter in front of the first conv (the paper's)")
+    feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's")
+    fc_init: str = setting("reference", "reference: fc weights and heads from N(0, 0.01), the authors' | width: "
+                                        "N(0, 0.01*sqrt(4096/fan_in)), the reference's 4096-wide gain at any width")
     # -- image views
-    resize: int = 256  # feature pass: shorter side resized to this ...
-    crop: int = 224  # ... then centre-cropped; also the training crop size
-    crop_scale_min: float = 0.08  # random resized crop: smallest share of the area
-    hflip: bool = True
-    # Colour jitter of training views (not in the paper; v2 and SimCLR use it): with
-    # probability 0.8 brightness/contrast/saturation x U[1-s, 1+s] and hue +-s/4, then gray
-    # with probability grayscale_prob. 0 = off (reference).
-    color_jitter: float = 0.0
-    grayscale_prob: float = 0.0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: int = setting(256, "feature pass: shorter side resized to this many pixels (at most 1024)")
+    crop: int = setting(224, "then centre-cropped to this; also the training crop size (at most 1024)")
+    crop_scale_min: float = setting(0.08, "random resized crop: smallest share of the image area; raise it for "
+                                          "small images (0.2 at 32 px)")
+    hflip: bool = setting(True, "random horizontal flips in training (off for digits: a flip changes them)")
+    color_jitter: float = setting(0.0, "colour jitter of training views (not in the paper): with probability 0.8 "
+                                       "brightness, contrast, saturation x U[1-s, 1+s], hue +-s/4; 0 = off")
+    grayscale_prob: float = setting(0.0, "probability that a training view turns gray (not in the paper)")
+    mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "per-channel mean of RGB in [0, 1]")
+    std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "per-channel standard deviation")
     # -- clustering
-    clustering: str = "kmeans"  # kmeans (paper) | pic (power iteration clustering, k found not fixed)
-    n_clusters: int = 10000  # k for kmeans; ignored by pic
-    pca_dim: int = 256
-    pca_sample_size: int | None = None  # images the PCA is fitted on; None = all (reference)
-    whiten_power: float = -0.5
-    kmeans_iters: int = 20
-    kmeans_backend: str = "faiss"  # faiss | torch
-    # random | kmeans++ | previous: start from the means of last epoch's clusters, so cluster
-    # ids carry over between epochs (what lets head_reset: false keep the head)
-    kmeans_init: str = "random"
-    clustering_device: str = "auto"  # where k-means/PIC search: auto (= training device) | cpu | cuda[:N]
-    reassign_every: int = 1  # epochs between clusterings (the reference's --reassign)
+    clustering: str = setting("kmeans", "kmeans (the paper) | pic (power iteration clustering on a 5-NN graph; "
+                                        "finds its own number of clusters)")
+    n_clusters: int = setting(10000, "k of k-means: well above the number of classes (ImageNet: 10x; with k = "
+                                     "10 on CIFAR-10 NMI stays below 0.1)")
+    pca_dim: int = setting(256, "PCA dimensions before clustering")
+    pca_sample_size: int | None = setting(None, "fit the PCA on this many images and project the rest as they "
+                                                "come (bounded memory); none = all, as the reference")
+    whiten_power: float = setting(-0.5, "-0.5 whitens, 0 only reduces")
+    kmeans_iters: int = setting(20, "k-means iterations per clustering")
+    kmeans_backend: str = setting("faiss", "faiss | torch (a PyTorch search: GPU too, sharded over processes)")
+    kmeans_init: str = setting("random", "random (the paper) | kmeans++ | previous: start from the means of last "
+                                         "epoch's clusters, so cluster ids carry over (lets head_reset false keep "
+                                         "the head)")
+    clustering_device: str = setting("auto", "where k-means and PIC search: auto (the training device) | cpu | "
+                                             "cuda[:N]")
+    reassign_every: int = setting(1, "epochs between clusterings (the reference's --reassign)")
     # -- training
-    epochs: int = 500
-    batch_size: int = 256
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    head_lr: float | None = None  # top layer's SGD; None = same as lr (reference)
-    # random: each new head from N(0, 0.01) (reference); centroids: a nearest-cluster-mean
-    # classifier of the epoch's features, so training starts from the pseudo-labels (v2-like).
-    head_init: str = "random"
-    # true: a new head after every clustering (reference: cluster ids are arbitrary). false:
-    # keep it, which only makes sense with kmeans_init: previous (ids carry over).
-    head_reset: bool = True
-    sampler: str = "uniform"  # uniform (paper) | shuffle (plain pass, no rebalancing)
-    precision: str = "fp32"  # fp32 | bf16 (autocast; faster on CPUs/GPUs with bf16 units)
-    channels_last: bool = True  # memory layout only; same numbers, faster convs
+    epochs: int = setting(500, "training epochs")
+    batch_size: int = setting(256, "training batch")
+    lr: float = setting(0.05, "SGD learning rate of the body")
+    momentum: float = setting(0.9, "SGD momentum of the body; it persists across epochs")
+    weight_decay: float = setting(1e-5, "SGD weight decay")
+    head_lr: float | None = setting(None, "learning rate of the top layer, re-created each epoch; none = lr "
+                                          "(the reference)")
+    head_init: str = setting("random", "random: each new head from N(0, 0.01) (the reference) | centroids: a "
+                                       "nearest-cluster-mean classifier of the epoch's features")
+    head_reset: bool = setting(True, "a new head after every clustering (the reference: ids are arbitrary); false "
+                                     "keeps it, only with kmeans_init previous")
+    sampler: str = setting("uniform", "uniform: every non-empty cluster gets the same share of an epoch (the "
+                                      "paper's defence against trivial solutions) | shuffle: a plain pass")
+    precision: str = setting("fp32", "fp32 (the paper) | bf16 autocast: about 2x faster on CPUs/GPUs with bf16 "
+                                     "units")
+    channels_last: bool = setting(True, "memory layout only (same numbers); 2x faster convolutions on CPU")
     # -- machinery
-    seed: int = 31
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    workers: int = 2  # data-loading processes (0 = load in the main process)
-    feature_batch_size: int = 256
-    threads: int | None = None  # torch CPU threads; None = torch's default
-    tensorboard: bool = True  # also write the per-epoch scalars to RUN/tensorboard (when installed)
-    # After the last epoch, cluster the trained network's features once more so the saved
-    # centroids fit the saved weights (what `deepcluster assign` uses). Not in the paper.
-    final_clustering: bool = True
+    seed: int = setting(31, "seed of every random choice (a resumed run equals an uninterrupted one)")
+    device: str = setting("auto", "auto (a GPU when present) | cpu | cuda | cuda:N")
+    workers: int = setting(2, "data-loading processes (0 = load in the main process)")
+    feature_batch_size: int = setting(256, "batch of the feature pass")
+    threads: int | None = setting(None, "torch CPU threads; none = torch's default")
+    tensorboard: bool = setting(True, "also write the per-epoch numbers to RUN/tensorboard (when the tensorboard "
+                                      "package is installed)")
+    final_clustering: bool = setting(True, "after the last epoch, cluster the trained network once more, so the "
+                                           "saved centroids fit the saved weights (what assign uses; not in the "
+                                           "paper)")
 
     @property
     def run_dir(self) -> Path:
@@ -141,6 +153,30 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def settings_help(width: int = 100) -> str:
+    """Every setting with its default (the paper recipe's) and advice, one block per line, for
+    ``deepcluster train --help``; generated from the fields' ``metadata["help"]``."""
+    import textwrap
+
+    def shown(value: Any) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, tuple):
+            return ",".join(f"{v:g}" for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    lines = []
+    for item in dataclasses.fields(Config):
+        name = "--out" if item.name == "out_dir" else f"--{item.name}"
+        head = f"  {name:<21} {shown(item.default):<18} "
+        advice = item.metadata.get("help", "")
+        lines += textwrap.wrap(advice, width, initial_indent=head, subsequent_indent=" " * len(head),
+                               break_on_hyphens=False) or [head]
+    return "\n".join(lines)
 
 
 def _unknown_key_message(key: str) -> str:
@@ -223,6 +259,10 @@ MIN_CROP = {"alexnet": 63, "vgg16": 32, "smallnet": 16}
 # Integers go to C code (torch, faiss, the data loader) that holds them in 32 bits.
 MAX_INT = 2**31 - 1
 MAX_THREADS = 1024
+# Largest image side (crop, resize): every image is resized to it, so a typo such as
+# --crop 4000 would upscale each image to gigabytes of tensors before anything is printed.
+# The paper uses 224/256; 1024 leaves room for high-resolution experiments.
+MAX_IMAGE_SIDE = 1024
 
 
 def validate(config: Config) -> Config:
@@ -239,6 +279,10 @@ def validate(config: Config) -> Config:
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"setting {key!r} must be a positive integer, got {getattr(config, key)}")
+    for key in ("crop", "resize"):
+        if getattr(config, key) > MAX_IMAGE_SIDE:
+            raise ConfigError(f"setting {key!r} must be at most {MAX_IMAGE_SIDE} pixels, got {getattr(config, key)} "
+                              "(every image is resized to it: the paper uses crop 224, resize 256; small images 32)")
     if config.n_clusters < 2:
         raise ConfigError(f"setting 'n_clusters' must be at least 2, got {config.n_clusters}")
     if config.crop < MIN_CROP[config.arch]:
@@ -318,22 +362,89 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return content
 
 
-def resolve(recipe: str | None = None, config_file: str | Path | None = None,
-            overrides: dict[str, Any] | None = None) -> Config:
-    """Build a validated ``Config`` from a recipe, a YAML file and explicit overrides.
+def default_recipe(data: str | None) -> str:
+    """The recipe used when none is named: ``digits`` for the built-in digits (no data
+    folder), ``paper`` for a folder of images."""
+    return "paper" if data is not None else "digits"
 
-    A YAML file may name its own ``recipe:``; an explicit ``recipe`` argument wins.
-    """
+
+DIGITS_OUT_DIR = "runs/digits"  # default run folder of the built-in digits (``out_dir`` otherwise)
+
+
+def _read_given(recipe: str | None, config_file: str | Path | None,
+                overrides: dict[str, Any] | None) -> tuple[str | None, dict[str, Any]]:
+    """The recipe named (``recipe``, else the file's ``recipe:``; checked) and every setting
+    stated by the file and the overrides, the overrides winning."""
     from_file = load_yaml(config_file) if config_file is not None else {}
     file_recipe = from_file.pop("recipe", None)
     for name in (recipe, file_recipe):  # a bad recipe in the file is an error even when overridden
         if name is not None and (not isinstance(name, str) or name not in RECIPES):
             raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    name = recipe or file_recipe or "paper"
-    config = apply_overrides(Config(), RECIPES[name])
-    config = apply_overrides(config, from_file)
-    config = apply_overrides(config, overrides or {})
+    return recipe or file_recipe, {**from_file, **(overrides or {})}
+
+
+def run_folder(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """The run folder a command line names: its ``out_dir``, else the default for its data
+    (``runs/digits`` for the built-in digits, ``runs/deepcluster`` for a folder)."""
+    _, given = _read_given(None, config_file, overrides)
+    if "out_dir" in given:
+        return str(coerce("out_dir", given["out_dir"]))
+    data = coerce("data", given["data"]) if "data" in given else None
+    return Config.out_dir if data is not None else DIGITS_OUT_DIR
+
+
+def resolve(recipe: str | None = None, config_file: str | Path | None = None,
+            overrides: dict[str, Any] | None = None) -> Config:
+    """Build a validated ``Config`` from a recipe, a YAML file and explicit overrides.
+
+    The recipe is ``recipe``, else the file's own ``recipe:``, else ``default_recipe`` of the
+    data folder the file or the overrides name (``digits`` without one, ``paper`` with one).
+    Without an ``out_dir`` anywhere, a run on the built-in digits goes to ``runs/digits``.
+    """
+    named, given = _read_given(recipe, config_file, overrides)
+    data = coerce("data", given["data"]) if "data" in given else None
+    config = apply_overrides(Config(), RECIPES[named or default_recipe(data)])
+    config = apply_overrides(config, given)
+    if config.data is None and "out_dir" not in given:
+        config.out_dir = DIGITS_OUT_DIR
     return validate(config)
+
+
+# Settings a resumed run may change: they do not alter what the run computes (or, for
+# epochs and the final clustering, only how far it goes).
+RESUMABLE = frozenset({"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
+                       "tensorboard", "final_clustering", "val", "val_every"})
+
+
+def check_unchanged(saved: Config, config: Config) -> None:
+    """Raise ``ConfigError`` naming every setting outside ``RESUMABLE`` that differs."""
+    old, new = saved.to_dict(), config.to_dict()
+    changed = [key for key in new if key not in RESUMABLE and old.get(key) != new[key]]
+    if changed:
+        details = ", ".join(f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in changed)
+        raise ConfigError(f"cannot resume with different settings ({details}); only {', '.join(sorted(RESUMABLE))} "
+                          "may change")
+
+
+def resolve_resume(saved: dict[str, Any], run_dir: str | Path, recipe: str | None = None,
+                   config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The settings of a resumed run: the run's saved ones (``RUN/config.yaml``), with what
+    the command line states explicitly (a recipe, a file, overrides, in that order) applied
+    on top; anything outside ``RESUMABLE`` that this changes is refused.
+
+    Raises:
+        ConfigError: the saved settings are invalid, or an explicit setting changes one that
+            must stay.
+    """
+    try:
+        base = dataclasses.replace(from_dict(saved), out_dir=str(run_dir))
+    except ConfigError as error:
+        raise ConfigError(f"the saved settings of {str(run_dir)!r} are invalid ({error})") from None
+    named, given = _read_given(recipe, config_file, overrides)
+    config = apply_overrides(base, RECIPES[named] if named else {})
+    config = validate(apply_overrides(config, {**given, "out_dir": str(run_dir)}))
+    check_unchanged(base, config)
+    return config
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -346,5 +457,6 @@ def dump_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "apply_overrides", "coerce", "dump_yaml",
-           "from_dict", "load_yaml", "resolve", "validate"]
+__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RESUMABLE", "apply_overrides", "check_unchanged", "coerce",
+           "default_recipe", "dump_yaml", "from_dict", "load_yaml", "resolve", "resolve_resume", "run_folder",
+           "settings_help", "validate"]

@@ -22,6 +22,8 @@ Actions:
 
 - ``kill``: ``SIGKILL`` to this process, as the kernel's OOM killer or a pre-empting
   scheduler would send: no handler, no cleanup, nothing flushed;
+- ``term``: ``SIGTERM`` to this process, as ``kill PID``, a job scheduler or a container
+  stop sends: the command line stops as for Ctrl-C;
 - an errno name such as ``ENOSPC``, ``EROFS``, ``EACCES``, ``EIO``: raise the ``OSError``
   the operating system would raise (only meaningful at the two write points);
 - ``nan``: at ``training`` only, the batch's loss becomes NaN;
@@ -55,10 +57,10 @@ def parse(spec: str) -> list[tuple[str, str, int]]:
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         action, point, count = (item.split(":") + ["", ""])[:3]
-        valid_action = action in ("kill", "nan", "oom") or (action.startswith("E") and hasattr(errno, action))
+        valid_action = action in ("kill", "term", "nan", "oom") or (action.startswith("E") and hasattr(errno, action))
         if not valid_action or point not in POINTS or not count.isdigit() or int(count) < 1:
             raise FaultSpecError(
-                f"{ENV_VAR}={spec!r}: each fault is <action>:<point>:<count> with action kill, nan, oom or an "
+                f"{ENV_VAR}={spec!r}: each fault is <action>:<point>:<count> with action kill, term, nan, oom or an "
                 f"errno name (ENOSPC, EROFS, ...), point one of {', '.join(POINTS)}, count >= 1")
         faults.append((action, point, int(count)))
     return faults
@@ -104,6 +106,9 @@ def fault_point(point: str, path: str | os.PathLike | None = None) -> str | None
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "term":
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs its handler before the next line
+            return None
         if action == "nan":
             return "nan"
         if action == "oom":

@@ -277,7 +277,12 @@ def write_features(model: Backbone, config: Config, source: ImageSource, path: s
             del raw
             extracted.layers.clear()
             os.replace(scratch / f"{layer}.npy", path)
-            dim = int(np.load(path, mmap_mode="r", allow_pickle=False).shape[1])
+            written = np.load(path, mmap_mode="r+", allow_pickle=False)
+            dim = int(written.shape[1])
+            if not extracted.ok.all():  # rows of unreadable images hold the features of a black image
+                written[~extracted.ok] = 0.0
+                written.flush()
+            del written
         else:
             out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(raw), pca.n_components))
             step = 65536

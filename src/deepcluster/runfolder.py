@@ -4,7 +4,7 @@ Files of a run (``RUN = config.out_dir``)::
 
     RUN/config.yaml                the resolved settings
     RUN/skipped.tsv                files left out: path<TAB>reason
-    RUN/assignments/epoch_NNNN.npy pseudo-labels of epoch NNNN (0-based), int32
+    RUN/assignments/epoch_NNNN.npy pseudo-labels of epoch NNNN (counted from 1), int32
     RUN/checkpoint.pt              the state after the last completed epoch
     RUN/log.jsonl                  one JSON record per completed epoch
     RUN/images.json                the run's images, in the order of the assignments
@@ -46,8 +46,9 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
-from deepcluster.checkpoint import atomic_write_bytes, remove_temp_files, save_checkpoint
-from deepcluster.config import Config, ConfigError
+from deepcluster.checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, remove_temp_files,
+                                    save_checkpoint)
+from deepcluster.config import Config, ConfigError, load_yaml
 from deepcluster.data.sources import DataError
 from deepcluster.faults import fault_point
 
@@ -77,12 +78,23 @@ def write_failure(what: str, path: Path, error: OSError, kept: str = "") -> RunF
     return RunFolderError(f"cannot write {what} {str(path)!r}: {_os_reason(error)}" + (f"; {kept}" if kept else ""))
 
 
+def check_out_folder(path: Path) -> None:
+    """Raise ``ConfigError`` when ``path`` (an ``--out`` folder) is a file or lies inside one."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"lies inside {str(candidate)!r}, which is a file"
+                raise ConfigError(f"--out {str(path)!r} {where}; give a folder")
+            return
+
+
 @contextmanager
 def lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's exclusive lock inside the block (creating the folder).
 
     Raises:
-        ConfigError: another process holds the lock (names its process id).
+        ConfigError: another process holds the lock (names its process id), or the folder
+            is a file.
         RunFolderError: the folder or its lock file cannot be created.
     """
     try:
@@ -90,6 +102,7 @@ def lock(run_dir: Path) -> Iterator[None]:
     except ImportError:  # not a POSIX system: no locking
         yield
         return
+    check_out_folder(run_dir)
     path = run_dir / LOCK_NAME
     created = not run_dir.exists()
     try:
@@ -103,7 +116,7 @@ def lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
             raise ConfigError(f"run folder {str(run_dir)!r} is being written by another deepcluster run "
-                              f"(process {holder}); wait for it to end or choose another --out_dir") from None
+                              f"(process {holder}); wait for it to end or choose another --out") from None
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
         try:
@@ -159,6 +172,24 @@ def started_run(run_dir: Path) -> bool:
     return (run_dir / CONFIG_NAME).is_file() or (run_dir / LOG_NAME).is_file()
 
 
+def saved_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings a run saved when it started (``config.yaml``; the checkpoint's when that
+    file is gone), for ``--resume``.
+
+    Raises:
+        CheckpointError: no run ever started in ``run_dir``, or its checkpoint is unreadable.
+        ConfigError: ``config.yaml`` is not a readable mapping of settings.
+    """
+    if (run_dir / CONFIG_NAME).is_file():
+        return load_yaml(run_dir / CONFIG_NAME)
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        saved = load_checkpoint(run_dir / CHECKPOINT_NAME).get("config")
+        if isinstance(saved, dict):
+            return saved
+    raise CheckpointError(f"nothing to resume: {str(run_dir)!r} holds no run ({CONFIG_NAME} and {CHECKPOINT_NAME} "
+                          "are missing); start it without --resume, or give the run folder with --out")
+
+
 def json_record(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with plain Python values only (numpy scalars become floats and ints), so
     that it can sit in a checkpoint that ``torch.load(weights_only=True)`` accepts."""
@@ -196,10 +227,12 @@ def log_text(records: list[dict[str, Any]]) -> str:
 def records_from_log(run_dir: Path, completed: int) -> list[dict[str, Any]]:
     """The log records of the first ``completed`` epochs as ``log.jsonl`` holds them: whole
     JSON lines only, the first line of each epoch (for a checkpoint that stores no records,
-    as written before they were stored)."""
+    as written before they were stored; such logs count epochs from 0)."""
     records, seen = [], set()
-    for record in read_log(run_dir / LOG_NAME):
-        if record["epoch"] < completed and record["epoch"] not in seen:
+    logged = read_log(run_dir / LOG_NAME)
+    first = 0 if any(record["epoch"] == 0 for record in logged) else 1
+    for record in logged:
+        if first <= record["epoch"] < first + completed and record["epoch"] not in seen:
             seen.add(record["epoch"])
             records.append(record)
     return records
@@ -207,7 +240,8 @@ def records_from_log(run_dir: Path, completed: int) -> list[dict[str, Any]]:
 
 def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[str, Any]],
             skipped: dict[str, str]) -> list[Path]:
-    """Make ``run_dir`` describe exactly the first ``completed`` epochs, before training.
+    """Make ``run_dir`` describe exactly the first ``completed`` epochs, before training
+    (a folder that counted epochs from 0 is renumbered first, see ``count_from_one``).
 
     Args:
         run_dir: the run folder (created if needed).
@@ -230,9 +264,10 @@ def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[st
         raise write_failure("the run folder", assignments_dir, error) from None
     try:
         removed = remove_temp_files(run_dir) + remove_temp_files(assignments_dir)
+        count_from_one(run_dir, records[:completed])
         for stale in assignments_dir.iterdir():
             match = _ASSIGNMENTS_FILE.fullmatch(stale.name)
-            if match and int(match.group(1)) >= completed:
+            if match and int(match.group(1)) > completed:
                 stale.unlink()
         if completed < config.epochs:
             # Epochs are left to train: a final clustering of the current weights is outdated.
@@ -248,6 +283,47 @@ def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[st
         except OSError as error:
             raise write_failure("the run file", path, error) from None
     return removed
+
+
+RENUMBER_JOURNAL = ".renumbering"  # in ASSIGNMENTS_DIR, while a folder counting from 0 is renumbered
+
+
+def count_from_one(run_dir: Path, records: list[dict[str, Any]]) -> bool:
+    """Bring a run folder written when epochs counted from 0 (the first epoch's log record
+    ``epoch: 0``, its assignments ``epoch_0000.npy``) to counting from 1, in place: each
+    record's ``epoch`` goes up by one and each assignments file is renamed one up, last
+    first. A journal (``assignments/.renumbering``: the lowest epoch still to move) makes a
+    kill at any moment harmless: the next start goes on where it stopped. The journal stays
+    until a checkpoint holds the renumbered records.
+
+    Args:
+        records: the completed epochs' records, from the checkpoint (changed in place).
+
+    Returns:
+        True when the records counted from 0 (and were renumbered here).
+    """
+    folder = run_dir / ASSIGNMENTS_DIR
+    journal = folder / RENUMBER_JOURNAL
+    if not records or records[0].get("epoch") != 0:
+        journal.unlink(missing_ok=True)  # the checkpoint holds renumbered records: done
+        return False
+    if journal.is_file():
+        start = int(journal.read_text())
+    else:  # nothing moved yet: first drop the file of an unfinished epoch, then start the journal
+        for stale in folder.iterdir():
+            match = _ASSIGNMENTS_FILE.fullmatch(stale.name)
+            if match and int(match.group(1)) >= len(records):
+                stale.unlink()
+        start = len(records)
+        atomic_write_bytes(journal, str(start).encode())
+    for old in range(start - 1, -1, -1):
+        source = folder / f"epoch_{old:04d}.npy"
+        if source.exists():
+            os.replace(source, folder / f"epoch_{old + 1:04d}.npy")
+        atomic_write_bytes(journal, str(old).encode())
+    for record in records:
+        record["epoch"] += 1
+    return True
 
 
 def write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
@@ -272,7 +348,8 @@ def save_assignments(path: Path, assignments: np.ndarray) -> None:
 
 def commit_epoch(run_dir: Path, epoch: int, assignments: np.ndarray, skipped: dict[str, str],
                  checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
-    """Write the outputs of epoch ``epoch`` (0-based), checkpoint last but for the log line.
+    """Write the outputs of epoch ``epoch`` (the 0-based loop index; files and messages count
+    from 1), checkpoint last but for the log line.
 
     A failure leaves the previous checkpoint as it was and raises; the files of this epoch
     written before it are removed or rewritten when the run is resumed (``prepare``).
@@ -281,13 +358,14 @@ def commit_epoch(run_dir: Path, epoch: int, assignments: np.ndarray, skipped: di
         RunFolderError: naming the file that could not be written and why.
     """
     kept = (f"the checkpoint of epoch {epoch} is kept" if epoch > 0 else "no checkpoint had been written yet")
-    path = run_dir / ASSIGNMENTS_DIR / f"epoch_{epoch:04d}.npy"
+    path = run_dir / ASSIGNMENTS_DIR / f"epoch_{epoch + 1:04d}.npy"
     try:
         save_assignments(path, assignments)
         path = run_dir / SKIPPED_NAME
         atomic_write_bytes(path, skipped_text(skipped).encode())
         path = run_dir / CHECKPOINT_NAME
         save_checkpoint(path, checkpoint)
+        (run_dir / ASSIGNMENTS_DIR / RENUMBER_JOURNAL).unlink(missing_ok=True)  # records now count from 1
     except OSError as error:
         what = {CHECKPOINT_NAME: "checkpoint", SKIPPED_NAME: "skipped-file list"}.get(path.name, "assignments")
         raise write_failure(what, path, error, kept) from None

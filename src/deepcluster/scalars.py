@@ -2,7 +2,7 @@
 
 Optional by design: the ``tensorboard`` package may be absent (it is in the ``tools``
 extra), a folder may not be writable. Either way the run goes on, says so once, and the
-JSONL log stays the record. Steps are the log's ``epoch`` field (0 for the first epoch).
+JSONL log stays the record. Steps are the log's ``epoch`` field (1 for the first epoch).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ScalarLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:  # noqa: BLE001 - ImportError, or a tensorboard/protobuf mismatch
-            log("deepcluster: note: the 'tensorboard' package is not installed, so no TensorBoard scalars are "
+            self.log("deepcluster: note: the 'tensorboard' package is not installed, so no TensorBoard scalars are "
                 "written (log.jsonl has them all); pip install tensorboard, or set tensorboard: false")
             return
         try:

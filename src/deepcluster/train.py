@@ -34,7 +34,7 @@ from deepcluster.clustering import (cluster_sizes, kmeans,
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
-from deepcluster.config import Config, ConfigError, from_dict
+from deepcluster.config import RESUMABLE, Config, ConfigError, check_unchanged, from_dict  # noqa: F401 - RESUMABLE: formerly here
 from deepcluster.data.pseudo import UNREADABLE
 from deepcluster.data import (ArraySource, CenterView, ColorJitter, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
@@ -44,6 +44,7 @@ from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, create_model
 from deepcluster.monitor import KnnMonitor, label_scores, raw_pixel_nmi
+from deepcluster.messages import plural
 from deepcluster.progress import Progress, track
 from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME  # noqa: F401 - LOG_NAME: formerly defined here
 from deepcluster.scalars import ScalarLog
@@ -478,21 +479,13 @@ def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, confi
     return state, saved
 
 
-RESUMABLE = {"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
-             "tensorboard", "final_clustering", "val", "val_every"}
-
-
 def check_resume_config(saved: dict, config: Config) -> None:
     """A resumed run must use the settings it started with, except ``RESUMABLE`` ones."""
     try:
-        old = from_dict(saved).to_dict()
+        old = from_dict(saved)
     except ConfigError as error:
         raise CheckpointError(f"the checkpoint's settings are invalid ({error})") from None
-    new = config.to_dict()
-    changed = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
-        raise ConfigError(f"cannot resume with different settings ({details}); only {', '.join(sorted(RESUMABLE))} may change")
+    check_unchanged(old, config)
 
 
 def union(*masks: np.ndarray | None) -> np.ndarray | None:
@@ -574,16 +567,16 @@ def format_scores(record: dict) -> list[str]:
 def format_line(record: dict, epochs: int) -> str:
     """The one terminal line of an epoch: the scores are of the features the epoch clustered
     (the weights it started from: epoch 1 shows the random start)."""
-    parts = [f"epoch {record['epoch'] + 1:>3}/{epochs}"]
+    parts = [f"epoch {record['epoch']:>3}/{epochs}"]
     if record["clustering_objective"] is not None:
-        parts.append(f"clus {record['clustering_objective']:.4f}")
+        parts.append(f"objective {record['clustering_objective']:.4f}")
     parts.append(f"loss {record['train_loss']:.4f}")
     parts.extend(format_scores(record))
     if record.get("nmi_prev") is not None:
         parts.append(f"nmi(t-1,t) {record['nmi_prev']:.3f}")
     parts.append(f"clusters {record['n_nonempty']} (largest {100 * record['largest_cluster_share']:.1f}%)")
-    parts.append(f"time feat {record['time_features']:.1f}s clus {record['time_clustering']:.1f}s "
-                 f"train {record['time_training']:.1f}s ({record['train_images_per_s']:.0f} img/s)")
+    parts.append(f"time features {record['time_features']:.1f}s clustering {record['time_clustering']:.1f}s "
+                 f"training {record['time_training']:.1f}s ({record['train_images_per_s']:.0f} img/s)")
     return "  ".join(parts)
 
 
@@ -592,7 +585,7 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     """Train DeepCluster as ``config`` says; returns the per-epoch records.
 
     Writes into ``config.out_dir``: ``config.yaml``, ``log.jsonl`` (one JSON object per
-    epoch), ``assignments/epoch_NNNN.npy``, ``skipped.tsv`` and ``checkpoint.pt``; after the
+    epoch), ``assignments/epoch_NNNN.npy`` (epochs counted from 1, as on screen), ``skipped.tsv`` and ``checkpoint.pt``; after the
     last epoch, the final clustering (``add_final_clustering``); ``tensorboard/`` scalars.
 
     ``stop``, when given, is asked after each committed epoch with its record; True ends
@@ -634,8 +627,9 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
         resume = False
     if not resume and checkpoint_path.is_file():
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it "
-                          "or choose another --out_dir")
+                          "or choose another --out")
     source = open_source(config, run_dir if resume else None)
+    monitor = None if config.val is None else KnnMonitor.open(config.val, source)
     if config.clustering == "kmeans" and config.n_clusters > len(source):
         raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} images; "
                           f"choose at most {len(source)}")
@@ -650,7 +644,7 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
         if state.previous is not None and len(state.previous) != len(source):
             raise ConfigError(f"the data folder {config.data!r} now holds {len(source)} usable images but the run "
                               f"was trained on {len(state.previous)}; restore the folder as it was, or start a new "
-                              "run with another --out_dir")
+                              "run with another --out")
     for item in getattr(source, "skipped", []):
         state.skipped[item.path] = item.reason
     removed = []
@@ -664,29 +658,33 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
                 if change:
                     log(change)
     labels = source.labels
-    monitor = None
-    if config.val is not None:
-        monitor = KnnMonitor.open(config.val, source)
-        if monitor.note:
-            log(f"deepcluster: {monitor.note}")
-    elif labels is not None:
+    log(f"deepcluster: {plural(len(source), 'image')}"
+        + (f" ({len(state.skipped)} unreadable file(s) skipped, listed in skipped.tsv)" if state.skipped else "")
+        + f", {config.arch}{' + sobel' if config.sobel else ''}, k={config.n_clusters}, "
+        f"{plural(config.epochs, 'epoch')}, device {device}, run folder {run_dir}"
+        + (f", resuming after epoch {state.epoch}" if resume else "")
+        + (f"; removed {len(removed)} temporary file(s) of an interrupted write" if removed else ""))
+    if source.unlabelled:
+        log(f"deepcluster: note: no class labels, so no NMI/ACC/ARI against them: {source.unlabelled}")
+    if monitor is not None and monitor.note:
+        log(f"deepcluster: {monitor.note}")
+    elif monitor is None and labels is not None:
         log("deepcluster: the data folder has classes: add --val FOLDER (labelled images, e.g. a test split) "
             "to see the online kNN accuracy every epoch")
     if config.pca_dim > pca_dim_for(config.pca_dim, len(source)):
-        log(f"deepcluster: warning: {len(source)} images are too few for pca_dim {config.pca_dim} (whitened to "
-            f"N - 1 dimensions or more, the points are all equally far apart and k-means is arbitrary); "
-            f"using {pca_dim_for(config.pca_dim, len(source))}")
-    log(f"deepcluster: {len(source)} images, {config.arch}{' + sobel' if config.sobel else ''}, "
-        f"k={config.n_clusters}, {config.epochs} epochs, device {device}, run folder {run_dir}"
-        + (f", resuming after epoch {state.epoch}" if resume else "")
-        + (f"; removed {len(removed)} temporary file(s) of an interrupted write" if removed else ""))
+        log(f"deepcluster: warning: {plural(len(source), 'image')} are too few for pca_dim {config.pca_dim} "
+            f"(whitened to N - 1 dimensions or more, the points are all equally far apart and k-means is "
+            f"arbitrary); using {pca_dim_for(config.pca_dim, len(source))}")
+    if resume and state.epoch >= config.epochs:
+        log(f"deepcluster: the run has already trained {plural(state.epoch, 'epoch')}; nothing left to train "
+            "(raise --epochs to train further)")
 
     records = []
     clustering: Clustering | None = None
     # Flushed every epoch, so a run that stops early keeps its scalars without a close().
     scalars = ScalarLog(run_dir, config.tensorboard and distributed.is_main_process())
     for epoch in range(state.epoch, config.epochs):
-        record: dict = {"epoch": epoch}
+        record: dict = {"epoch": epoch + 1}  # counted from 1 wherever a person reads it
         recluster = state.previous is None or epoch % config.reassign_every == 0
         record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
         if recluster:
@@ -832,7 +830,7 @@ def add_final_clustering(model: Backbone, source: ImageSource, config: Config, d
                           "pca_projection": torch.from_numpy(final.pca.projection),
                           "assignments": torch.from_numpy(final.assignments)}
         runfolder.save_final(config.run_dir, final.assignments, saved, json.dumps(summary) + "\n")
-        parts = [f"final clustering of the trained network: {sizes.n_nonempty} clusters "
+        parts = [f"final clustering of the trained network: {plural(sizes.n_nonempty, 'cluster')} "
                  f"(largest {100 * sizes.largest_share:.1f}%)"]
         if summary["nmi_last_epoch"] is not None:
             parts.append(f"nmi with epoch {state.epoch}'s {summary['nmi_last_epoch']:.3f}")

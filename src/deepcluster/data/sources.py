@@ -56,6 +56,7 @@ class ImageSource:
 
     labels: np.ndarray | None = None
     class_names: list[str] | None = None
+    unlabelled: str | None = None  # why a folder has no labels (see ``folder_labels``)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -91,12 +92,22 @@ class ArraySource(ImageSource):
 
 @dataclass
 class FolderScan:
-    """Result of scanning a folder: usable files, their labels, and what was skipped."""
+    """Result of scanning a folder: usable files, their labels, and what was skipped.
+
+    Attributes:
+        paths: the usable files, in folder order.
+        labels, class_names: the classes (``FolderLabels``), or ``None``.
+        skipped: files whose header could not be read, with the reason.
+        found: every image file found, usable or not, in folder order.
+        unlabelled: why there are no labels (``None`` when there are).
+    """
 
     paths: list[str]
     labels: np.ndarray | None
     class_names: list[str] | None
     skipped: list[SkippedFile] = field(default_factory=list)
+    found: list[str] = field(default_factory=list)
+    unlabelled: str | None = None
 
 
 def _walk_images(root: Path) -> list[Path]:
@@ -152,11 +163,12 @@ def check_header(path: Path) -> str | None:
 
 
 def scan_folder(root: str | os.PathLike) -> FolderScan:
-    """Find images under ``root``.
+    """Find images under ``root``, recursively.
 
-    If every image lies in a direct sub-folder of ``root``, those sub-folders are the
-    classes (labels for evaluation only); otherwise the folder is unlabelled and searched
-    recursively. Files whose header cannot be read are skipped and listed.
+    The classes (labels for evaluation only) follow ``folder_labels``: when every image
+    lies somewhere inside a sub-folder of ``root`` and there are at least two, each image
+    belongs to its top-level sub-folder. Files whose header cannot be read are skipped and
+    listed.
 
     Raises:
         DataError: the folder does not exist, or holds no readable image.
@@ -177,13 +189,33 @@ def scan_folder(root: str | os.PathLike) -> FolderScan:
     if not good:
         raise DataError(f"none of the {len(files)} image files under {str(root)!r} could be read (first: {skipped[0].path}: {skipped[0].reason})")
     labels, class_names = folder_labels([path.relative_to(root) for path in good])
-    return FolderScan([str(p) for p in good], labels, class_names, skipped)
+    return FolderScan([str(p) for p in good], labels, class_names, skipped, [str(p) for p in files],
+                      unlabelled_reason([path.relative_to(root) for path in good]))
+
+
+def unlabelled_reason(relative: list[PurePath]) -> str | None:
+    """Why files at these paths (relative to the data folder) have no classes, as a clause
+    for a message; ``None`` when they have (see ``folder_labels``)."""
+    loose = [rel for rel in relative if len(rel.parts) < 2]
+    if loose:
+        return (f"{len(loose)} image(s) lie directly in the folder, not in a class sub-folder (e.g. "
+                f"{str(loose[0])!r}); classes need FOLDER/<class>/...")
+    tops = {rel.parts[0] for rel in relative}
+    if len(tops) < 2:
+        return f"all images lie in one sub-folder ({next(iter(tops), '')!r}), so there is a single class"
+    return None
 
 
 def folder_labels(relative: list[PurePath]) -> tuple[np.ndarray | None, list[str] | None]:
-    """``(labels, class names)`` when every file lies in a direct sub-folder (its class),
-    else ``(None, None)``."""
-    if not all(len(rel.parts) == 2 for rel in relative):
+    """``(labels, class names)`` of files at these paths, relative to the data folder.
+
+    The rule, the same everywhere (``train``, ``eval``, ``report``, ``assign``, ``features``):
+    an image belongs to the top-level sub-folder it lies in, at any depth
+    (``cat/indoor/x.jpg`` is a ``cat``, as in ImageNet-style trees); the folder has classes
+    when every image lies in a sub-folder and there are at least two of them. Otherwise
+    ``(None, None)``, and ``unlabelled_reason`` says why.
+    """
+    if unlabelled_reason(relative) is not None:
         return None, None
     class_names = sorted({rel.parts[0] for rel in relative})
     index = {name: i for i, name in enumerate(class_names)}
@@ -218,22 +250,39 @@ class FolderSource(ImageSource):
             ``RUN/images.json``); ``None`` scans the folder and checks every header. Given
             files are not opened here: one that is missing or broken fails when it is
             decoded, and is skipped then.
+        every_file: keep the files whose header failed (a scan only): every image file found
+            is then an image of the source, in folder order, and those fail to load with
+            their reason (``problem``) without being opened again; for commands that write
+            one row per file.
     """
 
-    def __init__(self, root: str | os.PathLike, files: list[str] | None = None):
+    def __init__(self, root: str | os.PathLike, files: list[str] | None = None, every_file: bool = False):
         self.root = str(root)
         if files is None:
             scan = scan_folder(root)
         else:
             if not Path(root).is_dir():
                 raise DataError(f"data folder {self.root!r} does not exist or is not a folder")
-            labels, class_names = folder_labels([PurePath(name) for name in files])
-            scan = FolderScan([str(Path(root) / name) for name in files], labels, class_names)
+            relative = [PurePath(name) for name in files]
+            labels, class_names = folder_labels(relative)
+            scan = FolderScan([str(Path(root) / name) for name in files], labels, class_names,
+                              unlabelled=unlabelled_reason(relative))
+        self.skipped = scan.skipped
+        self._known_problems = {}
+        if every_file and scan.skipped:
+            self._known_problems = {item.path: item.reason for item in scan.skipped}
+            found = [PurePath(path).relative_to(root) for path in scan.found]
+            labels, class_names = folder_labels(found)
+            scan = FolderScan(scan.found, labels, class_names, scan.skipped, scan.found, unlabelled_reason(found))
         self.paths = scan.paths
         self.labels = scan.labels
         self.class_names = scan.class_names
-        self.skipped = scan.skipped
+        self.unlabelled = scan.unlabelled
         self._relative = None if files is None else list(files)
+
+    def problem(self, index: int) -> str:
+        """Why image ``index`` cannot be used: its header's reason, else ``decode_problem``."""
+        return self._known_problems.get(self.paths[index]) or decode_problem(self, index)
 
     def relative_files(self) -> list[str]:
         """The images' paths relative to the root, in order (what ``files`` takes)."""
@@ -245,6 +294,9 @@ class FolderSource(ImageSource):
         return len(self.paths)
 
     def load(self, index: int) -> Image.Image:
+        known = self._known_problems.get(self.paths[index]) if self._known_problems else None
+        if known is not None:  # refused from its header (a decompression bomb is never decoded)
+            raise DataError(known)
         with Image.open(self.paths[index]) as image:
             image.load()
             return to_rgb(image)

@@ -17,6 +17,7 @@ from typing import Any
 
 from deepcluster.checkpoint import atomic_write_bytes
 from deepcluster.config import Config, ConfigError
+from deepcluster.messages import plural
 
 REPORT_VERSION = 1
 
@@ -106,7 +107,8 @@ def format_table(report: dict[str, Any]) -> str:
     budget = report.get("training_budget") or {}
     if budget:
         hours = budget.get("hours")
-        lines.append(f"  trained {budget.get('epochs_completed')} epochs (k={budget.get('n_clusters')}, "
+        lines.append(f"  trained {plural(int(budget.get('epochs_completed') or 0), 'epoch')} "
+                     f"(k={budget.get('n_clusters')}, "
                      f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, {budget.get('images_per_epoch')} "
                      f"images/epoch" + (f", {hours:.2f} h" if hours is not None else "") + ")")
     if rows_source is None:
@@ -133,19 +135,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def read_log(path: Path) -> list[dict]:
-    """Records of a run's ``log.jsonl`` (empty when the file is missing; bad lines skipped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def training_budget(checkpoint_path: str | Path, epochs_completed: int, config: Config) -> dict[str, Any]:
     """What produced the checkpoint: settings from its config, time from its ``log.jsonl``."""
     budget: dict[str, Any] = {
@@ -153,8 +142,9 @@ def training_budget(checkpoint_path: str | Path, epochs_completed: int, config: 
         "batch_size": config.batch_size, "lr": config.lr, "arch": config.arch, "sobel": config.sobel,
         "image_size": config.crop, "data": config.data, "precision": config.precision, "seed": config.seed,
     }
-    records = read_log(Path(checkpoint_path).parent / "log.jsonl")
-    records = [r for r in records if isinstance(r, dict) and r.get("epoch", 0) < epochs_completed]
+    from deepcluster.runfolder import records_from_log
+
+    records = records_from_log(Path(checkpoint_path).parent, int(epochs_completed))
     if records:
         stages = ("time_features", "time_clustering", "time_training")
         seconds = sum(float(r.get(stage) or 0.0) for r in records for stage in stages)
@@ -189,4 +179,4 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = ["MetricRow", "REPORT_VERSION", "flat_metrics", "format_table", "gains", "load_report", "metric_rows",
-           "read_log", "training_budget", "write_report"]
+           "training_budget", "write_report"]

@@ -179,8 +179,8 @@ def open_labelled_splits(train_dir: str | Path, val_dir: str | Path, train_limit
     for split, folder in (("training", train_dir), ("validation", val_dir)):
         source = FolderSource(folder)
         if source.labels is None or source.class_names is None:
-            raise DataError(f"{split} folder {str(folder)!r} has no class sub-folders (expected "
-                            f"{str(folder)}/<class>/<image>); evaluation needs labels")
+            raise DataError(f"{split} folder {str(folder)!r} has no class labels: {source.unlabelled}; evaluation "
+                            "needs them")
         sources[split] = source
     train, val = sources["training"], sources["validation"]
     class_names = list(train.class_names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deepcluster.models.alexnet import AlexNet
 from deepcluster.models.base import Backbone
-from deepcluster.models.export import (BackboneMetadata, ExportError, load_backbone_safetensors,
+from deepcluster.models.export import (BackboneMetadata, ExportError, load_backbone_safetensors, preprocess_images,
                                        read_backbone_metadata, save_backbone_safetensors)
 from deepcluster.models.small import SmallNet
 from deepcluster.models.sobel import SobelFilter
@@ -42,4 +42,5 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
 
 
 __all__ = ["AlexNet", "Backbone", "BackboneMetadata", "ExportError", "MODELS", "SmallNet", "SobelFilter", "VGG16",
-           "create_model", "load_backbone_safetensors", "read_backbone_metadata", "save_backbone_safetensors"]
+           "create_model", "load_backbone_safetensors", "preprocess_images", "read_backbone_metadata",
+           "save_backbone_safetensors"]

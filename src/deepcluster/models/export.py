@@ -6,8 +6,10 @@ epoch) and, as safetensors string metadata, all that is needed to rebuild and fe
 architecture, Sobel, feature width, input size and normalisation. Loading needs neither
 the checkpoint nor its configuration:
 
-    from deepcluster.models import load_backbone_safetensors
+    from deepcluster.models import load_backbone_safetensors, preprocess_images, read_backbone_metadata
     model = load_backbone_safetensors("backbone.safetensors")    # eval mode, on the CPU
+    info = read_backbone_metadata("backbone.safetensors")
+    images = preprocess_images(["a.jpg", "b.png"], info)          # as the run fed its network
     features = model.forward_features(images)                     # (B, feature_dim)
 
 safetensors stores raw tensors only, so loading a file cannot run code.
@@ -83,12 +85,15 @@ def backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_backbone_safetensors(model: torch.nn.Module, path: str | Path, metadata: BackboneMetadata) -> Path:
-    """Write ``model``'s backbone (no top layer) and ``metadata`` to ``path``."""
-    from safetensors.torch import save_file
+    """Write ``model``'s backbone (no top layer) and ``metadata`` to ``path``, atomically and
+    with the usual file mode (``safetensors.save_file`` creates its files 0600)."""
+    from safetensors.torch import save
+
+    from deepcluster.checkpoint import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(backbone_tensors(model), str(path), metadata=metadata.to_strings())
+    atomic_write_bytes(path, save(backbone_tensors(model), metadata=metadata.to_strings()))
     return path
 
 
@@ -112,12 +117,42 @@ def read_backbone_metadata(path: str | Path) -> BackboneMetadata:
     return BackboneMetadata.from_strings(values, repr(str(path)))
 
 
+def preprocess_images(images, info: BackboneMetadata) -> torch.Tensor:
+    """Images as the run fed its backbone for the features it clustered: converted to RGB
+    (EXIF rotation, alpha, 16-bit, CMYK handled as in training), shorter side resized to
+    ``info.resize``, centre-cropped to ``info.image_size``, scaled to [0, 1] and normalised
+    with ``info.mean`` / ``info.std``.
+
+    Args:
+        images: image file paths and/or Pillow images.
+        info: the backbone's metadata (:func:`read_backbone_metadata`).
+
+    Returns:
+        ``(B, 3, image_size, image_size)`` float32 batch for ``forward_features``.
+    """
+    from PIL import Image
+
+    from deepcluster.data import CenterView, Normalize, to_rgb
+
+    view = CenterView(info.resize, info.image_size)
+
+    def opened(image) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
+        with Image.open(image) as file:
+            file.load()
+            return to_rgb(file)
+
+    batch = torch.stack([view(opened(image)) for image in images])
+    return Normalize(info.mean, info.std)(batch)
+
+
 def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cpu"):
     """A ready backbone from a file written by ``deepcluster export``: built from the file's
     metadata, weights loaded strictly, in eval mode, on ``device``.
 
     Its input: RGB images resized (shorter side ``resize``), centre-cropped to ``image_size``,
-    scaled to [0, 1] and normalised with ``mean`` / ``std`` (see :func:`read_backbone_metadata`);
+    scaled to [0, 1] and normalised with ``mean`` / ``std``, which :func:`preprocess_images` does;
     ``forward_features`` gives the features DeepCluster clustered, ``forward_body`` the conv map.
 
     Raises:
@@ -140,5 +175,5 @@ def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cp
     return model.to(device).eval()
 
 
-__all__ = ["BackboneMetadata", "ExportError", "backbone_tensors", "load_backbone_safetensors",
+__all__ = ["BackboneMetadata", "ExportError", "backbone_tensors", "load_backbone_safetensors", "preprocess_images",
            "read_backbone_metadata", "save_backbone_safetensors"]

@@ -33,7 +33,7 @@ class ReportSettings:
     """Limits and choices of the report (the command line's options).
 
     Attributes:
-        epoch: 0-based epoch whose clustering is shown; ``None`` = the final clustering of the
+        epoch: epoch whose clustering is shown (counted from 1); ``None`` = the final clustering of the
             trained network when the run saved one, else the last epoch's.
         max_clusters: clusters shown in the grid (largest, and with labels also purest).
         images_per_cluster: random sample of each shown cluster.
@@ -81,8 +81,8 @@ class ReportSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.ascent_size is not None and self.ascent_size < 8:
             raise ConfigError(f"--ascent-size must be at least 8 pixels, got {self.ascent_size}")
-        if self.epoch is not None and self.epoch < 0:
-            raise ConfigError(f"--epoch must be 1 or more, got {self.epoch + 1}")
+        if self.epoch is not None and self.epoch < 1:
+            raise ConfigError(f"--epoch must be 1 or more, got {self.epoch}")
         if self.filters is not None and any(f < 0 for f in self.filters):
             raise ConfigError("--filters must be filter numbers of 0 or more")
         return self
@@ -323,10 +323,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
         epoch = max(run.assignment_files) if settings.epoch is None else settings.epoch
         if epoch not in run.assignment_files:
             saved = sorted(run.assignment_files)
-            raise ConfigError(f"--epoch {epoch + 1} has no saved assignments; this run has epochs "
-                              f"{saved[0] + 1} to {saved[-1] + 1}")
+            raise ConfigError(f"--epoch {epoch} has no saved assignments; this run has epochs "
+                              f"{saved[0]} to {saved[-1]}")
         assignments = run.assignments(epoch)
-        which = f"epoch {epoch + 1} (the clustering that epoch trained on)"
+        which = f"epoch {epoch} (the clustering that epoch trained on)"
     else:
         assignments, which = None, ""
     if assignments is not None:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from deepcluster.data.transforms import center_crop, resize_shorter
+from deepcluster.messages import plural
 
 
 def data_uri(payload: bytes, mime: str) -> str:
@@ -179,7 +180,7 @@ def figure_html(uri: str, title: str, caption: str, wide: bool = False, pixel: b
 
 def card_html(card: ClusterCard) -> str:
     purity = -1.0 if card.purity is None else card.purity
-    head = f"<b>cluster {card.cluster}</b><span>{card.size:,} images</span>"
+    head = f"<b>cluster {card.cluster}</b><span>{plural(card.size, 'image')}</span>"
     label = ""
     if card.majority is not None and card.purity is not None:
         label = (f'<div class="head"><span>majority <b>{esc(card.majority)}</b></span><span>purity '

@@ -1,7 +1,6 @@
 """The report's plots, drawn with matplotlib (Agg, no display) into PNG bytes.
 
-Epochs are numbered from 1 on the x axis, as the terminal prints them (``log.jsonl``
-counts from 0).
+Epochs are numbered from 1 on the x axis, as the terminal and ``log.jsonl`` count them.
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ def _png(figure) -> bytes:
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """1-based epochs and values of ``key``, skipping epochs where it is missing or None."""
-    points = [(r["epoch"] + 1, float(r[key])) for r in records
+    """Epochs and values of ``key``, skipping epochs where it is missing or None."""
+    points = [(r["epoch"], float(r[key])) for r in records
               if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
     if not points:
         return np.zeros(0), np.zeros(0)
@@ -51,23 +50,43 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
     return np.asarray(epochs), np.asarray(values)
 
 
-def _line_plot(records, lines: list[tuple[str, str]], ylabel: str, ylim: tuple[float, float] | None = None):
+# A curve whose values differ by less than this share of their size is drawn flat: without
+# it, matplotlib stretches rounding noise (0.846774 +- 1e-8) to the full height of the plot.
+FLAT_SHARE = 0.02
+
+
+def _honest_y_axis(axis, values: np.ndarray) -> None:
+    """Plain tick labels (no ``1e-8+8.46774e-1`` offset) and a y range of at least
+    ``2 * FLAT_SHARE`` of the values' size, so noise does not look like a trend."""
+    axis.ticklabel_format(axis="y", style="plain", useOffset=False)
+    low, high = float(values.min()), float(values.max())
+    least = max(FLAT_SHARE * max(abs(low), abs(high)), 1e-9)
+    if high - low < 2 * least:
+        middle = (low + high) / 2
+        axis.set_ylim(middle - least * 1.5, middle + least * 1.5)
+
+
+def line_axes(records, lines: list[tuple[str, str]], ylabel: str, ylim: tuple[float, float] | None = None):
+    """A matplotlib figure of the ``(key, label)`` curves of ``records``, or ``None`` when
+    none has data."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(WIDTH, HEIGHT))
-    drawn = 0
+    drawn = []
     for key, label in lines:
         x, y = _series(records, key)
         if len(x):
             axis.plot(x, y, marker="o", markersize=3, linewidth=1.5, label=label)
-            drawn += 1
-    if drawn == 0:
+            drawn.append(y)
+    if not drawn:
         plt.close(figure)
         return None
     axis.set_ylabel(ylabel)
     _epoch_axis(axis, records)
     if ylim is not None:
         axis.set_ylim(*ylim)
-    if drawn > 1:
+    else:
+        _honest_y_axis(axis, np.concatenate(drawn))
+    if len(drawn) > 1:
         axis.legend(fontsize=8)
     return figure
 
@@ -76,7 +95,7 @@ def _epoch_axis(axis, records) -> None:
     """Whole epochs from 1 to the last one on the x axis, the same on every plot."""
     from matplotlib.ticker import MaxNLocator
 
-    last = max((r["epoch"] + 1 for r in records), default=1)
+    last = max((r["epoch"] for r in records), default=1)
     axis.set_xlim(0.5, last + 0.5)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
     axis.set_xlabel("epoch")
@@ -122,7 +141,7 @@ def epoch_curves(records: list[dict[str, Any]]) -> list[Figure]:
     ]
     figures = []
     for title, caption, lines, ylabel, ylim in specs:
-        figure = _line_plot(records, lines, ylabel, ylim)
+        figure = line_axes(records, lines, ylabel, ylim)
         if figure is not None:
             figures.append(Figure(title, caption, _png(figure)))
     timing = time_figure(records)
@@ -133,12 +152,22 @@ def epoch_curves(records: list[dict[str, Any]]) -> list[Figure]:
 
 def time_figure(records: list[dict[str, Any]]) -> Figure | None:
     """Stacked bars of the seconds each epoch spent per stage."""
+    figure = time_axes(records)
+    if figure is None:
+        return None
+    return Figure("Time per epoch", "seconds per stage: the feature pass and clustering are DeepCluster's overhead "
+                  "over plain training", _png(figure))
+
+
+def time_axes(records: list[dict[str, Any]]):
+    """The matplotlib figure of ``time_figure`` (``None`` without timings); the legend sits
+    above the bars, never on them."""
     stages = [("time_features", "features"), ("time_clustering", "clustering"), ("time_training", "training")]
     if not records or not any(key in records[0] for key, _ in stages):
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(WIDTH, HEIGHT))
-    epochs = np.array([r["epoch"] + 1 for r in records])
+    epochs = np.array([r["epoch"] for r in records])
     bottom = np.zeros(len(records))
     for key, label in stages:
         values = np.array([float(r.get(key) or 0.0) for r in records])
@@ -146,9 +175,9 @@ def time_figure(records: list[dict[str, Any]]) -> Figure | None:
         bottom += values
     _epoch_axis(axis, records)
     axis.set_ylabel("seconds")
-    axis.legend(fontsize=8)
-    return Figure("Time per epoch", "seconds per stage: the feature pass and clustering are DeepCluster's overhead "
-                  "over plain training", _png(figure))
+    axis.legend(fontsize=8, ncol=3, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False,
+                borderaxespad=0.2)
+    return figure
 
 
 def size_distribution(sizes: np.ndarray, n_clusters: int, which: str) -> Figure:
@@ -159,6 +188,19 @@ def size_distribution(sizes: np.ndarray, n_clusters: int, which: str) -> Figure:
         n_clusters: k (empty clusters count in the uniform reference).
         which: the clustering shown ("epoch 3 (...)", "the final clustering (...)").
     """
+    figure = size_axes(sizes, n_clusters)
+    ordered = np.asarray(sizes)
+    return Figure("Cluster sizes",
+                  f"{which}: {len(ordered)} non-empty of {n_clusters} clusters; the dashed line is the size if all "
+                  "were equal",
+                  _png(figure))
+
+
+def size_axes(sizes: np.ndarray, n_clusters: int):
+    """The matplotlib figure of ``size_distribution``: ranked sizes and their histogram,
+    whose axes count whole images and whole clusters."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     figure, (ranked, histogram) = plt.subplots(1, 2, figsize=(2 * WIDTH, HEIGHT))
     ordered = np.sort(np.asarray(sizes))[::-1]
@@ -174,11 +216,10 @@ def size_distribution(sizes: np.ndarray, n_clusters: int, which: str) -> Figure:
     histogram.hist(ordered, bins=min(50, max(5, len(ordered) // 4)), color="tab:orange")
     histogram.set_xlabel("cluster size (images)")
     histogram.set_ylabel("clusters")
+    histogram.xaxis.set_major_locator(MaxNLocator(integer=True))
+    histogram.yaxis.set_major_locator(MaxNLocator(integer=True))
     histogram.grid(alpha=0.3)
-    return Figure("Cluster sizes",
-                  f"{which}: {len(ordered)} non-empty of {n_clusters} clusters; the dashed line is the size if all "
-                  "were equal",
-                  _png(figure))
+    return figure
 
 
-__all__ = ["Figure", "epoch_curves", "size_distribution", "time_figure"]
+__all__ = ["Figure", "epoch_curves", "line_axes", "size_axes", "size_distribution", "time_axes", "time_figure"]

@@ -25,7 +25,7 @@ class RunData:
         run_dir: the folder.
         config: the run's resolved configuration.
         records: parsed ``log.jsonl`` lines, in order.
-        assignment_files: 0-based epoch -> path of its ``assignments/epoch_NNNN.npy``.
+        assignment_files: epoch (counted from 1) -> path of its ``assignments/epoch_NNNN.npy``.
         source: the run's images, or ``None`` when they cannot be opened now.
         notes: why parts of the page are missing (data moved, sizes differ, ...).
         final_file: ``assignments/final.npy``, the final clustering of the trained network, if any.
@@ -54,7 +54,7 @@ class RunData:
         return self.run_dir / "checkpoint.pt"
 
     def assignments(self, epoch: int) -> np.ndarray:
-        """``(N,)`` int64 pseudo-labels of 0-based ``epoch``."""
+        """``(N,)`` int64 pseudo-labels of ``epoch`` (counted from 1)."""
         return np.load(self.assignment_files[epoch], allow_pickle=False).astype(np.int64)
 
 
@@ -116,6 +116,9 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
             match = ASSIGNMENT_FILE.match(path.name)
             if match:
                 files[int(match.group(1))] = path
+    if records and records[0]["epoch"] == 0:  # written when epochs counted from 0: shown from 1
+        records = [{**record, "epoch": record["epoch"] + 1} for record in records]
+        files = {epoch + 1: path for epoch, path in files.items()}
     notes: list[str] = []
     final_file = folder / "final.npy"
     final = None
@@ -130,6 +133,8 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
     except DataError as error:
         source = None
         notes.append(f"images not shown: {error} (pass --data FOLDER if they moved)")
+    if source is not None and source.unlabelled:
+        notes.append(f"no class labels, so no purity or scores against them: {source.unlabelled}")
     if source is not None and files:
         n_assigned = len(np.load(final_file if final_file.is_file() else files[max(files)], mmap_mode="r",
                                  allow_pickle=False))
