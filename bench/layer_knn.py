@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--train", required=True)
     parser.add_argument("--val", required=True)
+    parser.add_argument("--running-only", action="store_true", help="skip the batch-statistics rows")
     args = parser.parse_args()
     saved = load_checkpoint(args.checkpoint)
     config = from_dict(saved["config"])
@@ -61,7 +62,7 @@ def main() -> None:
         model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init)
         if weights is not None:
             load_weights(model, weights, args.checkpoint)
-        for batch_statistics in (False, True):
+        for batch_statistics in (False,) if args.running_only else (False, True):
             train_taps = taps(model, train, config, batch_statistics)
             val_taps = taps(model, val, config, batch_statistics)
             key = f"{name}, BatchNorm {'batch' if batch_statistics else 'running'} statistics"

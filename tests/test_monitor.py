@@ -205,3 +205,24 @@ def test_a_run_that_keeps_its_head_resumes_bit_identically(cli, image_folder, tm
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
     assert torch.equal(full["assignments"], cut["assignments"])
+
+
+def test_clustering_the_body_features(cli, image_folder, tmp_path):
+    """``clustered: body``: the feature pass, the final clustering, assign and the online kNN
+    all use the pooled convolutional output; the fc layers stay in the training path."""
+    from deepcluster.models import create_model
+
+    model = create_model("smallnet", feature_dim=32, clustered="body").eval()
+    images = torch.rand(2, 3, 32, 32)
+    body = torch.flatten(model.pool(model.forward_body(images)), 1)
+    assert model.clustered_dim == 1024 and torch.equal(model.forward_clustered(images), body)
+    model.reset_classifier(4)
+    assert model(images).shape == (2, 4)  # the head still reads relu(fc)
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--clustered", "body", "--epochs", "2",
+                         "--val", image_folder)
+    assert code == 0, err
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["final"]["pca_mean"].shape == (1024,)
+    code, _, err = cli("assign", run, "--data", image_folder, "--out", tmp_path / "assigned.csv", "--format", "csv")
+    assert code == 0, err

@@ -51,6 +51,9 @@ class Config:
                                    "layers, for 32-96 px images)")
     sobel: bool = setting(True, "fixed grayscale + Sobel filter in front of the first conv (the paper's)")
     feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's")
+    clustered: str = setting("fc", "what is clustered and what the online kNN measures: fc, the last fully "
+                                   "connected layer before its ReLU (the paper) | body, the convolutional output "
+                                   "pooled to the classifier's grid (the fc layers then act only as a head)")
     fc_init: str = setting("reference", "reference: fc weights and heads from N(0, 0.01), the authors' | width: "
                                         "N(0, 0.01*sqrt(4096/fan_in)), the reference's 4096-wide gain at any width")
     # -- image views
@@ -144,6 +147,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("alexnet", "vgg16", "smallnet"),
     "fc_init": ("reference", "width"),
+    "clustered": ("fc", "body"),
     "head_init": ("random", "centroids"),
     "clustering": ("kmeans", "pic"),
     "kmeans_backend": ("faiss", "torch"),
@@ -298,6 +302,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"setting 'momentum' must be in [0, 1), got {config.momentum}")
     if config.weight_decay < 0:
         raise ConfigError(f"setting 'weight_decay' must be >= 0, got {config.weight_decay}")
+    if config.head_init == "centroids" and config.clustered != "fc":
+        raise ConfigError("setting 'head_init' centroids needs clustered: fc (the head reads the fc features)")
     if not config.head_reset and config.kmeans_init != "previous":
         raise ConfigError("setting 'head_reset' false needs kmeans_init: previous (otherwise cluster ids are "
                           "arbitrary every epoch and the kept head predicts the wrong ones)")

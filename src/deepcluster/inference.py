@@ -101,10 +101,10 @@ def load_cluster_model(path: str | Path, device: torch.device | str = "cpu") -> 
                               "it must come from a run that finished at least one epoch")
     pca = pca_from_checkpoint(saved["pca_mean"].numpy(), saved["pca_projection"].numpy(), config.whiten_power)
     centroids = saved["centroids"].numpy().astype(np.float32)
-    if centroids.ndim != 2 or centroids.shape[1] != pca.n_components or pca.mean.shape[0] != model.feature_dim:
+    if centroids.ndim != 2 or centroids.shape[1] != pca.n_components or pca.mean.shape[0] != model.clustered_dim:
         raise CheckpointError(f"checkpoint {str(path)!r} has inconsistent clustering shapes: centroids "
                               f"{tuple(centroids.shape)}, PCA {tuple(pca.projection.shape)}, features "
-                              f"{model.feature_dim}")
+                              f"{model.clustered_dim}")
     previous = saved.get("assignments")
     return ClusterModel(model.to(device), config, pca, centroids, int(saved.get("epoch", 0)),
                         None if previous is None else previous.numpy().astype(np.int64), final is not None)

@@ -118,12 +118,12 @@ def compute_features(model: Backbone, source: ImageSource, config: Config,
     indices = distributed.shard(np.arange(len(source)))
     dataset = torch.utils.data.Subset(FeatureDataset(source, CenterView(config.resize, config.crop)), indices)
     loader = DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False, **loader_kwargs(config, device))
-    local = np.zeros((len(indices), model.feature_dim), dtype=np.float32)
+    local = np.zeros((len(indices), model.clustered_dim), dtype=np.float32)
     local_ok = np.zeros(len(indices), dtype=bool)
     position = 0
     for images, _, ok in track(loader, len(indices), "features", unit="img", size=lambda batch: len(batch[0])):
         with autocast(config, device):
-            out = model.forward_features(normalize(images, device, config.channels_last))
+            out = model.forward_clustered(normalize(images, device, config.channels_last))
         local[position:position + len(images)] = out.float().cpu().numpy()
         local_ok[position:position + len(images)] = ok.numpy()
         position += len(images)
@@ -293,14 +293,14 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     loader = DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False, **loader_kwargs(config, device))
     local_ok = np.zeros(len(indices), dtype=bool)
     keep_local = None if keep is None else keep[indices]
-    kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.feature_dim), dtype=np.float32)
+    kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.clustered_dim), dtype=np.float32)
     kept_position = 0
     position, time_pca = 0, 0.0
     start = time.perf_counter()
     for images, _, ok in track(loader, len(indices), "features", unit="img", size=lambda batch: len(batch[0])):
         fault_point("features")
         with autocast(config, device):
-            out = model.forward_features(normalize(images, device, config.channels_last))
+            out = model.forward_clustered(normalize(images, device, config.channels_last))
         out = out.float().cpu().numpy()
         ok = ok.numpy()
         check_features(out, epoch)
@@ -411,7 +411,8 @@ class RunState:
 def build(config: Config, device: torch.device) -> tuple[Backbone, torch.optim.Optimizer]:
     """A fresh backbone on ``device`` and its body optimiser (SGD with momentum)."""
     torch.manual_seed(config.seed)
-    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init)
+    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
+                         clustered=config.clustered)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -844,7 +845,8 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
     """The trained backbone of a checkpoint (top layer included) and its configuration."""
     saved = load_checkpoint(path)
     config = from_dict(saved["config"])
-    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init)
+    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
+                         clustered=config.clustered)
     load_weights(model, saved["model"], path)
     return model.eval(), config
 

@@ -206,7 +206,8 @@ def random_init_backbone(config: Config, seed: int | None = None) -> Backbone:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed if seed is None else seed)
-        model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init)
+        model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
+                             clustered=config.clustered)
     return model.eval()
 
 

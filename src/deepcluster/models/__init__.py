@@ -14,7 +14,8 @@ MODELS: dict[str, type[Backbone]] = {"alexnet": AlexNet, "vgg16": VGG16, "smalln
 FC_INITS = ("reference", "width")
 
 
-def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, fc_init: str = "reference") -> Backbone:
+def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, fc_init: str = "reference",
+                 clustered: str = "fc") -> Backbone:
     """Build a backbone by name (``alexnet``, ``vgg16`` or ``smallnet``).
 
     Args:
@@ -26,6 +27,8 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
             N(0, 0.01) as the authors do; ``width`` scales each to
             N(0, 0.01 * sqrt(4096 / fan_in)), the gain the reference gives its 4096-wide
             layers, so narrow layers are not started near zero (see ``Backbone.scale_fc_init``).
+        clustered: ``fc`` (the paper) or ``body``: what the feature pass returns
+            (``Backbone.forward_clustered``).
 
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
@@ -38,6 +41,9 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
     model = MODELS[arch](sobel=sobel, **kwargs)
     if fc_init == "width":
         model.scale_fc_init()
+    if clustered not in ("fc", "body"):
+        raise ValueError(f"unknown clustered features {clustered!r}; choose fc or body")
+    model.clustered = clustered
     return model
 
 

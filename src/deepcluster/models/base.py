@@ -45,6 +45,7 @@ class Backbone(nn.Module):
         self.sobel = SobelFilter() if sobel else None
         self.top_layer: nn.Linear | None = None
         self.head_std = REFERENCE_STD  # the top layer's init; see scale_fc_init
+        self.clustered = "fc"  # what the feature pass returns: see forward_clustered
 
     @property
     def in_channels(self) -> int:
@@ -61,6 +62,21 @@ class Backbone(nn.Module):
         """The features DeepCluster clusters, ``(B, 3, H, W) -> (B, feature_dim)``."""
         body = self.pool(self.forward_body(images))
         return self.classifier(torch.flatten(body, 1))
+
+    def forward_clustered(self, images: torch.Tensor) -> torch.Tensor:
+        """What DeepCluster clusters, ``(B, 3, H, W) -> (B, clustered_dim)``: the fc features
+        (the paper), or with ``clustered = "body"`` the convolutional output, pooled to the
+        classifier's grid and flattened (the fc layers then serve only as a head)."""
+        if self.clustered == "body":
+            return torch.flatten(self.pool(self.forward_body(images)), 1)
+        return self.forward_features(images)
+
+    @property
+    def clustered_dim(self) -> int:
+        """Width of ``forward_clustered``'s output."""
+        if self.clustered == "body":
+            return next(m for m in self.classifier.modules() if isinstance(m, nn.Linear)).in_features
+        return self.feature_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits over pseudo-labels, ``(B, 3, H, W) -> (B, n_clusters)``."""
