@@ -192,13 +192,12 @@ class KnnMonitor:
 def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float,
                    device: torch.device | str) -> tuple[float, float]:
     """kNN accuracy (%) of every row against all the others."""
-    from deepcluster.evaluation.knn import nearest_neighbors
+    from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes
 
     sims, index = nearest_neighbors(features, features, min(k + 1, len(features)), device=device)
     sims, index = sims[:, 1:], index[:, 1:]  # drop the image itself (its own best match)
+    votes = neighbor_votes(sims, index, labels, n_classes, temperature)
     label_tensor = torch.as_tensor(labels, dtype=torch.int64, device=sims.device)
-    votes = torch.zeros(len(sims), n_classes, device=sims.device)
-    votes.scatter_add_(1, label_tensor[index], torch.exp((sims - 1.0) / temperature))
     top = votes.topk(min(5, n_classes), dim=1).indices
     n = max(len(labels), 1)
     return (float((top[:, 0] == label_tensor).sum()) * 100.0 / n,

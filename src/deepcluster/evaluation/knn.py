@@ -117,10 +117,16 @@ def knn_scores(train_features: np.ndarray | torch.Tensor, train_labels: np.ndarr
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64, device=device)
     sims, index = nearest_neighbors(train_features, query_features, k, max_block, device)
+    return neighbor_votes(sims, index, train_labels, n_classes, temperature)
+
+
+def neighbor_votes(sims: torch.Tensor, index: torch.Tensor, train_labels: np.ndarray | torch.Tensor,
+                   n_classes: int, temperature: float) -> torch.Tensor:
+    """``(M, n_classes)`` vote totals from ``(M, k)`` neighbour similarities and indices."""
+    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64, device=sims.device)
     weights = torch.exp((sims - 1.0) / temperature)  # shifted by the largest possible cosine: no overflow
-    votes = torch.zeros(len(sims), n_classes, device=device)
+    votes = torch.zeros(len(sims), n_classes, device=sims.device)
     votes.scatter_add_(1, labels[index], weights)
     return votes
 
@@ -151,4 +157,5 @@ def knn_classify(train_features: np.ndarray | torch.Tensor, train_labels: np.nda
     return KnnResult(top1, top5, min(k, len(train_labels)), temperature, len(train_labels), len(truth))
 
 
-__all__ = ["DEFAULT_BLOCK", "KnnResult", "block_sizes", "knn_classify", "knn_scores", "nearest_neighbors"]
+__all__ = ["DEFAULT_BLOCK", "KnnResult", "block_sizes", "knn_classify", "knn_scores", "nearest_neighbors",
+           "neighbor_votes"]
