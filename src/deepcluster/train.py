@@ -34,7 +34,7 @@ from deepcluster.clustering import (cluster_sizes, kmeans,
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
-from deepcluster.config import RESUMABLE, Config, ConfigError, check_unchanged, from_dict  # noqa: F401 - RESUMABLE: formerly here
+from deepcluster.config import Config, ConfigError, check_unchanged, from_dict
 from deepcluster.data.pseudo import UNREADABLE
 from deepcluster.data import (ArraySource, CenterView, ColorJitter, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
