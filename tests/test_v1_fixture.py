@@ -1,0 +1,160 @@
+"""Proof that DeepCluster v1 does not change: a tiny seeded run against a recorded reference.
+
+A three-epoch ``small``-recipe run on 30 synthetic PNG images (written here, lossless, so
+every machine decodes the same pixels) must give the assignments and final weights stored
+in ``fixtures/v1_reference.json``, which was recorded with the code as it was before the
+package was reshaped (issue 14).
+
+Floats depend on the CPU: oneDNN and the BLAS pick kernels by instruction set. So the
+reference stores a fingerprint of the machine that recorded it, and the test runs in one
+of two modes (named in its test id and printed):
+
+- ``exact`` (same torch, numpy, faiss and CPU capability as the recording): every
+  epoch's assignments equal and the weights bit for bit (sha256 of their bytes);
+- ``tolerant`` (another machine): assignments equal or nearly (at least 90% of the
+  images in the same cluster, every epoch), weights within a tight float tolerance.
+
+Regenerate (only when a change of v1's numbers is intended, and say so in the commit)::
+
+    python tests/test_v1_fixture.py --record
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REFERENCE = Path(__file__).parent / "fixtures" / "v1_reference.json"
+N_IMAGES, SIZE, EPOCHS = 30, 20, 3
+FIRST_VALUES = 2  # leading values of each tensor stored verbatim
+
+SETTINGS = ["--recipe", "small", "--epochs", str(EPOCHS), "--n_clusters", "5", "--batch_size", "8",
+            "--feature_batch_size", "16", "--workers", "0", "--threads", "1", "--pca_dim", "8",
+            "--kmeans_iters", "5", "--feature_dim", "32", "--device", "cpu", "--tensorboard", "false",
+            "--seed", "7"]
+
+
+def fingerprint() -> dict[str, str]:
+    """What decides the floats of a CPU run: the libraries and the CPU's kernel dispatch."""
+    import faiss
+
+    return {"torch": torch.__version__, "numpy": np.__version__, "faiss": faiss.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def write_images(root: Path) -> None:
+    """``N_IMAGES`` RGB PNGs of three families (stripes, rings, checkers) in class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2024)
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    for index in range(N_IMAGES):
+        kind = index % 3
+        phase = rng.uniform(0, 2 * np.pi)
+        if kind == 0:
+            base = np.sin(x * 0.8 + phase)
+        elif kind == 1:
+            base = np.sin(np.hypot(x - SIZE / 2, y - SIZE / 2) * 0.9 + phase)
+        else:
+            base = np.sign(np.sin(x * 0.6 + phase) * np.sin(y * 0.6 + phase))
+        colour = rng.uniform(0.3, 1.0, size=3)
+        pixels = ((base[..., None] * 0.5 + 0.5) * colour * 255).clip(0, 255).astype(np.uint8)
+        folder = root / ("stripes", "rings", "checkers")[kind]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{index:02d}.png")
+
+
+def final_weights(run: Path) -> list[tuple[str, torch.Tensor]]:
+    """The trained network's tensors (body and head) in a fixed order, by the names the
+    reference was recorded with."""
+    from deepcluster.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(run / "checkpoint.pt")
+    return sorted(saved["model"].items())
+
+
+def observe(tmp: Path) -> dict:
+    """Run the reference's training in ``tmp``; what it produced, as plain values."""
+    from deepcluster.cli import main
+
+    data, run = tmp / "data", tmp / "run"
+    write_images(data)
+    threads = torch.get_num_threads()
+    try:
+        code = main(["train", *SETTINGS, "--data", str(data), "--out", str(run)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    assignments = {f"epoch_{e:04d}": np.load(run / "assignments" / f"epoch_{e:04d}.npy").tolist()
+                   for e in range(1, EPOCHS + 1)}
+    assignments["final"] = np.load(run / "assignments" / "final.npy").tolist()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    digest = hashlib.sha256()
+    tensors = {}
+    for name, tensor in final_weights(run):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(values.numpy().tobytes())
+        # numpy, not torch: a torch sum's order depends on the thread count other tests leave.
+        as_double = values.numpy().astype(np.float64).ravel()
+        tensors[name] = {"shape": list(values.shape), "dtype": str(values.dtype),
+                         "sum": float(as_double.sum()), "sum_squares": float((as_double ** 2).sum()),
+                         "first": as_double[:FIRST_VALUES].tolist()}
+    return {"fingerprint": fingerprint(), "assignments": assignments,
+            "train_loss": [record["train_loss"] for record in log],
+            "sha256": digest.hexdigest(), "tensors": tensors}
+
+
+def mode() -> str:
+    """``exact`` on a machine like the recording one, else ``tolerant`` (see the module doc)."""
+    if not REFERENCE.is_file():
+        return "missing"
+    return "exact" if json.loads(REFERENCE.read_text())["fingerprint"] == fingerprint() else "tolerant"
+
+
+@pytest.mark.parametrize("comparison", [mode()])
+def test_a_tiny_v1_run_matches_the_reference_recorded_before_the_reshape(comparison, tmp_path):
+    assert comparison != "missing", f"no reference: record it with python {__file__} --record"
+    reference = json.loads(REFERENCE.read_text())
+    got = observe(tmp_path)
+    print(f"v1 fixture: {comparison} comparison (reference {reference['fingerprint']}, here {got['fingerprint']})")
+    assert sorted(got["tensors"]) == sorted(reference["tensors"]), "the network's tensors changed names"
+    if comparison == "exact":
+        assert got["assignments"] == reference["assignments"]
+        assert got["train_loss"] == reference["train_loss"]
+        assert got["sha256"] == reference["sha256"], "weights differ from the reference bit for bit"
+        assert got["tensors"] == reference["tensors"]
+        return
+    for name, expected in reference["assignments"].items():
+        same = np.mean(np.asarray(got["assignments"][name]) == np.asarray(expected))
+        assert same >= 0.9, f"{name}: only {same:.0%} of the images keep the reference's cluster"
+    np.testing.assert_allclose(got["train_loss"], reference["train_loss"], rtol=1e-3)
+    for name, expected in reference["tensors"].items():
+        tensor = got["tensors"][name]
+        assert tensor["shape"] == expected["shape"] and tensor["dtype"] == expected["dtype"], name
+        scale = max(np.sqrt(expected["sum_squares"]), 1e-6)
+        np.testing.assert_allclose(tensor["sum_squares"], expected["sum_squares"], rtol=1e-3, err_msg=name)
+        np.testing.assert_allclose(tensor["sum"], expected["sum"], atol=1e-3 * scale, err_msg=name)
+        np.testing.assert_allclose(tensor["first"], expected["first"], rtol=1e-3, atol=1e-3 * scale, err_msg=name)
+
+
+def record() -> None:
+    """Write the reference from this code and machine."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        observed = observe(Path(tmp))
+    REFERENCE.parent.mkdir(exist_ok=True)
+    REFERENCE.write_text(json.dumps(observed, indent=None, separators=(",", ":")) + "\n")
+    print(f"wrote {REFERENCE} ({REFERENCE.stat().st_size} bytes, {observed['fingerprint']})")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        sys.exit(f"usage: python {sys.argv[0]} --record   (or run it with pytest)")
+    record()
