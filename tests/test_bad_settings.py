@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from deepcluster import train as train_module
 from deepcluster.cli import main
-from deepcluster.config import FIELDS, MIN_CROP, RECIPES, validate
-from deepcluster.models import create_model
+from deepcluster.config import FIELDS, RECIPES, validate
+from deepcluster.models import ARCHITECTURES, create_model
 from conftest import one_epoch
 
 
@@ -108,10 +108,10 @@ def test_a_malformed_fault_plan_is_a_setting_error(cli, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "DEEPCLUSTER_FAULT='explode:everywhere:soon'" in err
 
 
-@pytest.mark.parametrize("arch", sorted(MIN_CROP))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_min_crop_is_the_smallest_input_each_architecture_takes(arch):
     model = create_model(arch, feature_dim=8).eval()
-    smallest = MIN_CROP[arch]
+    smallest = ARCHITECTURES[arch].min_crop
     with torch.no_grad():
         assert model.forward_features(torch.zeros(1, 3, smallest, smallest)).shape == (1, 8)
         with pytest.raises(RuntimeError):

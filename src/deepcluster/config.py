@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS
+
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and says what is allowed."""
@@ -47,8 +49,7 @@ class Config:
     out_dir: str = setting("runs/deepcluster", "run folder: log, assignments, checkpoint (runs/digits for the "
                                                "built-in digits)")
     # -- network
-    arch: str = setting("alexnet", "alexnet | vgg16 (both with BatchNorm, as the reference) | smallnet (8 conv "
-                                   "layers, for 32-96 px images)")
+    arch: str = setting("alexnet", " | ".join(f"{name} ({spec.about})" for name, spec in ARCHITECTURES.items()))
     sobel: bool = setting(True, "fixed grayscale + Sobel filter in front of the first conv (the paper's)")
     feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's")
     clustered: str = setting("fc", "what is clustered and what the online kNN measures: fc, the last fully "
@@ -145,9 +146,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "arch": ("alexnet", "vgg16", "smallnet"),
-    "fc_init": ("reference", "width"),
-    "clustered": ("fc", "body"),
+    "arch": tuple(ARCHITECTURES),
+    "fc_init": FC_INITS,
+    "clustered": CLUSTERED,
     "head_init": ("random", "centroids"),
     "clustering": ("kmeans", "pic"),
     "kmeans_backend": ("faiss", "torch"),
@@ -257,9 +258,6 @@ def coerce(key: str, value: Any) -> Any:
     raise ConfigError(f"setting {key!r} has an unsupported type")
 
 
-# Smallest crop each architecture can take: its pooling stages shrink smaller inputs to
-# nothing (measured by a forward pass; tests/test_reliability.py checks the table).
-MIN_CROP = {"alexnet": 63, "vgg16": 32, "smallnet": 16}
 # Integers go to C code (torch, faiss, the data loader) that holds them in 32 bits.
 MAX_INT = 2**31 - 1
 MAX_THREADS = 1024
@@ -289,8 +287,9 @@ def validate(config: Config) -> Config:
                               "(every image is resized to it: the paper uses crop 224, resize 256; small images 32)")
     if config.n_clusters < 2:
         raise ConfigError(f"setting 'n_clusters' must be at least 2, got {config.n_clusters}")
-    if config.crop < MIN_CROP[config.arch]:
-        raise ConfigError(f"setting 'crop' must be at least {MIN_CROP[config.arch]} for arch {config.arch!r}, "
+    min_crop = ARCHITECTURES[config.arch].min_crop  # its pooling stages shrink smaller inputs to nothing
+    if config.crop < min_crop:
+        raise ConfigError(f"setting 'crop' must be at least {min_crop} for arch {config.arch!r}, "
                           f"got {config.crop}")
     if config.seed < 0:
         raise ConfigError(f"setting 'seed' must be a non-negative integer, got {config.seed}")

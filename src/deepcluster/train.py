@@ -42,7 +42,7 @@ from deepcluster.data import (ArraySource, CenterView, ColorJitter, DataError, F
 from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
-from deepcluster.models import Backbone, create_model
+from deepcluster.models import Backbone, model_from_config
 from deepcluster.monitor import KnnMonitor, label_scores, raw_pixel_nmi
 from deepcluster.messages import plural
 from deepcluster.progress import Progress, track
@@ -411,8 +411,7 @@ class RunState:
 def build(config: Config, device: torch.device) -> tuple[Backbone, torch.optim.Optimizer]:
     """A fresh backbone on ``device`` and its body optimiser (SGD with momentum)."""
     torch.manual_seed(config.seed)
-    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
-                         clustered=config.clustered)
+    model = model_from_config(config)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -845,8 +844,7 @@ def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
     """The trained backbone of a checkpoint (top layer included) and its configuration."""
     saved = load_checkpoint(path)
     config = from_dict(saved["config"])
-    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
-                         clustered=config.clustered)
+    model = model_from_config(config)
     load_weights(model, saved["model"], path)
     return model.eval(), config
 

@@ -30,7 +30,7 @@ from deepcluster.evaluation.knn import knn_classify
 from deepcluster.evaluation.linear_probe import (ProbeSettings, RandomCropFlipView, train_linear_probe,
                                                  train_probes_augmented)
 from deepcluster.evaluation.retrieval import retrieval_scores
-from deepcluster.models import Backbone, create_model
+from deepcluster.models import Backbone, model_from_config
 
 PROTOCOLS = ("linear", "knn", "clustering", "retrieval")
 PROBE_MODES = ("fast", "reference")
@@ -206,8 +206,7 @@ def random_init_backbone(config: Config, seed: int | None = None) -> Backbone:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed if seed is None else seed)
-        model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
-                             clustered=config.clustered)
+        model = model_from_config(config)
     return model.eval()
 
 

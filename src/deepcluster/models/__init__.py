@@ -1,22 +1,62 @@
-"""Backbones with one interface, created by name."""
+"""Backbones with one interface, created by name: the one registry of architectures.
+
+``ARCHITECTURES`` is the only list of architecture names: the configuration's choices and
+crop limits, ``create_model`` and the export all read it. This module imports no torch
+(the classes load on first use), so the configuration and ``--help`` stay light.
+"""
 
 from __future__ import annotations
 
-from deepcluster.models.alexnet import AlexNet
-from deepcluster.models.base import Backbone
-from deepcluster.models.export import (BackboneMetadata, ExportError, load_backbone_safetensors, preprocess_images,
-                                       read_backbone_metadata, save_backbone_safetensors)
-from deepcluster.models.small import SmallNet
-from deepcluster.models.sobel import SobelFilter
-from deepcluster.models.vgg import VGG16
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-MODELS: dict[str, type[Backbone]] = {"alexnet": AlexNet, "vgg16": VGG16, "smallnet": SmallNet}
+if TYPE_CHECKING:
+    from deepcluster.config import Config
+    from deepcluster.models.base import Backbone
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered backbone.
+
+    Attributes:
+        module, class_name: where its ``Backbone`` subclass lives.
+        min_crop: smallest square input (px) its pooling stages do not shrink to nothing
+            (measured by a forward pass; tests/test_bad_settings.py checks it).
+        about: one line for ``--help``.
+    """
+
+    module: str
+    class_name: str
+    min_crop: int
+    about: str
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "alexnet": Architecture("deepcluster.models.alexnet", "AlexNet", 63, "with BatchNorm, as the reference"),
+    "vgg16": Architecture("deepcluster.models.vgg", "VGG16", 32, "with BatchNorm, as the reference"),
+    "smallnet": Architecture("deepcluster.models.small", "SmallNet", 16, "8 conv layers, for 32-96 px images"),
+}
 FC_INITS = ("reference", "width")
+CLUSTERED = ("fc", "body")
+
+
+def backbone_class(arch: str) -> type[Backbone]:
+    """The ``Backbone`` subclass registered as ``arch``.
+
+    Raises:
+        ValueError: for an unknown name; the message lists the known ones.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}")
+    spec = ARCHITECTURES[arch]
+    return getattr(importlib.import_module(spec.module), spec.class_name)
 
 
 def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, fc_init: str = "reference",
                  clustered: str = "fc") -> Backbone:
-    """Build a backbone by name (``alexnet``, ``vgg16`` or ``smallnet``).
+    """Build a backbone by its ``ARCHITECTURES`` name.
 
     Args:
         arch: registry name.
@@ -33,20 +73,39 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
     """
-    if arch not in MODELS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(sorted(MODELS))}")
+    cls = backbone_class(arch)
     if fc_init not in FC_INITS:
         raise ValueError(f"unknown fc_init {fc_init!r}; choose one of: {', '.join(FC_INITS)}")
     kwargs = {} if feature_dim is None else {"feature_dim": feature_dim}
-    model = MODELS[arch](sobel=sobel, **kwargs)
+    model = cls(sobel=sobel, **kwargs)
     if fc_init == "width":
         model.scale_fc_init()
-    if clustered not in ("fc", "body"):
-        raise ValueError(f"unknown clustered features {clustered!r}; choose fc or body")
+    if clustered not in CLUSTERED:
+        raise ValueError(f"unknown clustered features {clustered!r}; choose one of: {', '.join(CLUSTERED)}")
     model.clustered = clustered
     return model
 
 
-__all__ = ["AlexNet", "Backbone", "BackboneMetadata", "ExportError", "MODELS", "SmallNet", "SobelFilter", "VGG16",
-           "create_model", "load_backbone_safetensors", "preprocess_images", "read_backbone_metadata",
-           "save_backbone_safetensors"]
+def model_from_config(config: Config) -> Backbone:
+    """The backbone a run's settings describe (fresh weights, drawn from torch's generator)."""
+    return create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
+                        clustered=config.clustered)
+
+
+# Loaded on first use (PEP 562), so that importing the registry does not import torch.
+_LAZY = {
+    "Backbone": "deepcluster.models.base", "SobelFilter": "deepcluster.models.sobel",
+    "BackboneMetadata": "deepcluster.models.export", "ExportError": "deepcluster.models.export",
+    "load_backbone_safetensors": "deepcluster.models.export", "preprocess_images": "deepcluster.models.export",
+    "read_backbone_metadata": "deepcluster.models.export", "save_backbone_safetensors": "deepcluster.models.export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "backbone_class", "create_model",
+           "model_from_config", *_LAZY]

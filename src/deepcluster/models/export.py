@@ -36,7 +36,7 @@ class BackboneMetadata:
     """How to rebuild an exported backbone and prepare its input.
 
     Attributes:
-        arch: registry name (``alexnet``, ``vgg16``, ``smallnet``).
+        arch: registry name (``deepcluster.models.ARCHITECTURES``).
         sobel: the fixed grayscale + Sobel filter is part of the model (give it RGB).
         feature_dim: width of ``forward_features``' output.
         image_size: side of the square centre crop the backbone was trained on (px).
