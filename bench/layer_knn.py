@@ -22,7 +22,7 @@ from deepcluster.config import from_dict
 from deepcluster.data import CenterView, FeatureDataset, FolderSource, Normalize
 from deepcluster.evaluation.knn import knn_classify
 from deepcluster.models import create_model
-from deepcluster.train import load_weights
+from deepcluster.checkpoint import load_weights
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from PIL import Image
 from deepcluster import train
 from deepcluster.checkpoint import load_checkpoint, save_checkpoint
 from deepcluster.cli import main
+from deepcluster.checkpoint import load_backbone
 from deepcluster.clustering import l2_normalize, predict
 from deepcluster.config import resolve
 from deepcluster.data import FolderSource
@@ -85,7 +86,7 @@ def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run,
     assert table["class"] == [r["class"] for r in rows] and set(table["class"]) == {"stripes", "rings", "checkers"}
 
     # The same steps by hand, from the library: features of the final weights, saved PCA, L2, nearest centroid.
-    model, config = train.load_backbone(checkpoint)
+    model, config = load_backbone(checkpoint)
     saved = load_checkpoint(checkpoint)["final"]
     features, ok = train.compute_features(model.to(memory_format=torch.channels_last), FolderSource(image_folder),
                                           config, torch.device("cpu"))

@@ -29,7 +29,6 @@ def checkpoint(tmp_path_factory, image_folder):
     config = resolve("small", overrides={"data": str(image_folder), "out_dir": str(run), "epochs": 3})
     torch.manual_seed(123)
     model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
-    model.reset_classifier(5)
     save_checkpoint(run / "checkpoint.pt", {"config": config.to_dict(), "arch": config.arch, "epoch": 3,
                                             "model": model.state_dict()})
     records = [{"epoch": e, "time_features": 1.0, "time_clustering": 0.5, "time_training": 10.0, "n_images": 36,

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from deepcluster.models import SobelFilter, create_model
+from deepcluster.models.heads import ClassifierHead
 
 
 def test_sobel_gives_known_gradients_of_a_vertical_edge():
@@ -38,8 +39,9 @@ def test_backbones_share_one_interface(arch, size, dim):
     features = model.forward_features(images)
     assert features.shape == (2, dim)
     assert model.conv_layers()[0][0] == "conv1"
-    model.reset_classifier(7)
-    assert model(images).shape == (2, 7)
+    head = ClassifierHead.for_backbone(model)
+    head.reset(7)
+    assert head(model.forward_features(images)).shape == (2, 7)
     assert model.features[0].in_channels == 2  # Sobel in front
 
 
@@ -56,15 +58,16 @@ def test_alexnet_matches_the_reference_layout():
     assert isinstance(model.classifier[-1], torch.nn.Linear)
 
 
-def test_reset_classifier_creates_a_fresh_head_with_reference_init():
+def test_reset_creates_a_fresh_head_with_reference_init():
     torch.manual_seed(0)
     model = create_model("smallnet")
-    first = model.reset_classifier(1000)
-    second = model.reset_classifier(1000)
-    assert first is not second
+    head = ClassifierHead.for_backbone(model)
+    first = head.reset(1000)
+    second = head.reset(1000)
+    assert first is not second and head.linear is second and head.n_outputs == 1000
     assert torch.all(second.bias == 0)
     assert abs(second.weight.std().item() - 0.01) < 0.001
-    assert not any(p is second.weight for p in model.body_parameters())
+    assert not any(p is second.weight for p in model.parameters())
 
 
 def test_unknown_architecture_is_a_clear_error():

@@ -129,8 +129,11 @@ def test_width_scaled_fc_init_keeps_the_reference_for_4096_wide_layers():
     linears = [(a, b) for a, b in zip(reference.classifier, scaled.classifier) if isinstance(a, torch.nn.Linear)]
     for a, b in linears:
         assert torch.allclose(b.weight, a.weight * math.sqrt(4096 / a.in_features))
-    scaled.reset_classifier(10)
-    assert scaled.top_layer.weight.std().item() == pytest.approx(0.01 * math.sqrt(8), rel=0.1)
+    from deepcluster.models.heads import ClassifierHead
+
+    head = ClassifierHead.for_backbone(scaled)
+    head.reset(10)
+    assert head.linear.weight.std().item() == pytest.approx(0.01 * math.sqrt(8), rel=0.1)
     # Convolutions untouched; a 4096-wide head keeps N(0, 0.01).
     assert torch.equal(reference.features[0].weight, scaled.features[0].weight)
     wide = create_model("smallnet", feature_dim=4096, fc_init="width")
@@ -204,6 +207,7 @@ def test_a_run_that_keeps_its_head_resumes_bit_identically(cli, image_folder, tm
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+    assert all(torch.equal(full["head"][k], cut["head"][k]) for k in full["head"])
     assert torch.equal(full["assignments"], cut["assignments"])
 
 
@@ -216,8 +220,11 @@ def test_clustering_the_body_features(cli, image_folder, tmp_path):
     images = torch.rand(2, 3, 32, 32)
     body = torch.flatten(model.pool(model.forward_body(images)), 1)
     assert model.clustered_dim == 1024 and torch.equal(model.forward_clustered(images), body)
-    model.reset_classifier(4)
-    assert model(images).shape == (2, 4)  # the head still reads relu(fc)
+    from deepcluster.models.heads import ClassifierHead, WithHead
+
+    head = ClassifierHead.for_backbone(model)
+    head.reset(4)
+    assert head.in_features == 32 and WithHead(model, head)(images).shape == (2, 4)  # the head still reads relu(fc)
     run = tmp_path / "run"
     code, out, err = cli("train", "--data", image_folder, "--out", run, "--clustered", "body", "--epochs", "2",
                          "--val", image_folder)

@@ -13,7 +13,7 @@ import torch
 
 import deepcluster
 from deepcluster.checkpoint import CheckpointError, load_checkpoint
-from deepcluster.train import load_backbone
+from deepcluster.checkpoint import load_backbone
 
 
 class RunsCode:

@@ -8,7 +8,8 @@ import torch
 
 from deepcluster.checkpoint import load_checkpoint
 from deepcluster.config import ConfigError, resolve
-from deepcluster.train import load_backbone, run
+from deepcluster.checkpoint import load_backbone
+from deepcluster.train import run
 
 
 def tiny_config(folder, out_dir, **overrides):
@@ -52,17 +53,17 @@ def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folde
 
 
 def test_head_is_recreated_every_epoch(image_folder, tmp_path, monkeypatch):
-    from deepcluster.models.base import Backbone
+    from deepcluster.models.heads import ClassifierHead
 
     heads = []
-    original = Backbone.reset_classifier
+    original = ClassifierHead.reset
 
-    def spy(self, n_outputs):
-        layer = original(self, n_outputs)
+    def spy(self, n_outputs, device=None):
+        layer = original(self, n_outputs, device)
         heads.append(layer)
         return layer
 
-    monkeypatch.setattr(Backbone, "reset_classifier", spy)
+    monkeypatch.setattr(ClassifierHead, "reset", spy)
     run(tiny_config(image_folder, tmp_path / "run", epochs=3), log=lambda _: None)
     assert len(heads) == 3 and len({id(h) for h in heads}) == 3
     assert all(h.out_features == 6 for h in heads)
@@ -91,7 +92,7 @@ def test_pic_clustering_runs_in_the_loop_with_the_number_of_clusters_it_finds(im
     saved = load_checkpoint(tmp_path / "pic" / "checkpoint.pt")
     n_found = records[0]["n_nonempty"]
     assert records[0]["clustering_objective"] is None and 1 <= n_found < 36
-    assert saved["model"]["top_layer.weight"].shape[0] == saved["centroids"].shape[0]
+    assert saved["head"]["linear.weight"].shape[0] == saved["centroids"].shape[0]
 
 
 def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(image_folder, tmp_path):
@@ -100,7 +101,7 @@ def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(ima
 
     config = tiny_config(image_folder, tmp_path / "run", threads=1)
     device = torch.device("cpu")
-    model, _ = build(config, device)
+    model, _, _ = build(config, device)
     source = FolderSource(config.data)
     features, ok = compute_features(model, source, config, device)
     reference = cluster_features(features, ok, config, seed=3)

@@ -72,11 +72,12 @@ def write_images(root: Path) -> None:
 
 def final_weights(run: Path) -> list[tuple[str, torch.Tensor]]:
     """The trained network's tensors (body and head) in a fixed order, by the names the
-    reference was recorded with."""
+    reference was recorded with (the head was then the backbone's ``top_layer``)."""
     from deepcluster.checkpoint import load_checkpoint
 
     saved = load_checkpoint(run / "checkpoint.pt")
-    return sorted(saved["model"].items())
+    head = {name.replace("linear.", "top_layer.", 1): tensor for name, tensor in saved["head"].items()}
+    return sorted({**saved["model"], **head}.items())
 
 
 def observe(tmp: Path) -> dict:

@@ -11,11 +11,16 @@ import io
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from deepcluster.faults import fault_point
+
+if TYPE_CHECKING:
+    from deepcluster.config import Config
+    from deepcluster.models import Backbone
+    from deepcluster.models.heads import ClassifierHead
 
 FORMAT_VERSION = 1
 
@@ -141,6 +146,7 @@ RESUME_LAYOUT: dict[str, tuple[str, Any]] = {
         isinstance(v, torch.Tensor) and v.dim() == 1 and not v.dtype.is_floating_point)),
     "skipped": ("a mapping of file to reason", lambda v: isinstance(v, dict) and all(
         isinstance(k, str) and isinstance(r, str) for k, r in v.items())),
+    "head": ("a mapping of the head's parameter names to tensors", _is_tensor_dict),
 }
 
 
@@ -180,3 +186,47 @@ def weights_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.T
         if saved[name].dtype != tensor.dtype:
             return f"parameter {name!r} is {saved[name].dtype} in the checkpoint, the model expects {tensor.dtype}"
     return None
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load saved weights into ``model``, every name, shape and dtype checked.
+
+    Raises:
+        CheckpointError: a missing, extra or differently shaped tensor.
+    """
+    mismatch = weights_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {mismatch}")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {str(error).splitlines()[0]}") from None
+
+
+def load_head(head: ClassifierHead, weights: dict[str, torch.Tensor], path: str | Path,
+              device: torch.device | str | None = None) -> None:
+    """Load a saved pseudo-label head, re-created at its saved width on ``device`` (none saved
+    before the first clustering: the head stays without a layer).
+
+    Raises:
+        CheckpointError: weights that do not fit the head.
+    """
+    if weights:
+        saved = weights.get("linear.weight")
+        if saved is None or saved.dim() != 2:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: the head has no 2-d "
+                                  "'linear.weight'")
+        head.reset(saved.shape[0], device)
+    load_weights(head, weights, path)
+
+
+def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
+    """The trained backbone of a checkpoint, in eval mode, and the run's configuration."""
+    from deepcluster.config import from_dict
+    from deepcluster.models import model_from_config
+
+    saved = load_checkpoint(path)
+    config = from_dict(saved["config"])
+    model = model_from_config(config)
+    load_weights(model, saved["model"], path)
+    return model.eval(), config

@@ -161,7 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deepcluster.evaluation import report as reporting
     from deepcluster.evaluation.suite import (evaluate_backbone, open_labelled_splits, random_init_backbone,
                                               remove_dir)
-    from deepcluster.train import load_backbone, resolve_device
+    from deepcluster.checkpoint import load_backbone
+    from deepcluster.train import resolve_device
 
     def log(line: str) -> None:
         print(line, flush=True)

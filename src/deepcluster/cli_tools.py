@@ -353,7 +353,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from deepcluster.inference import load_cluster_model, write_features
-    from deepcluster.train import load_backbone
+    from deepcluster.checkpoint import load_backbone
 
     device = _setup(args)
     if args.pool_dim < 1:
@@ -395,7 +395,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from deepcluster.checkpoint import load_checkpoint
     from deepcluster.models.export import BackboneMetadata, save_backbone_safetensors
-    from deepcluster.train import load_backbone
+    from deepcluster.checkpoint import load_backbone
 
     model, config = load_backbone(args.checkpoint)
     epoch = int(load_checkpoint(args.checkpoint).get("epoch", 0))
@@ -406,7 +406,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                 tuple(config.mean), tuple(config.std), epoch, os.path.abspath(args.checkpoint))
     with _writing(out):
         save_backbone_safetensors(model, out, metadata)
-    n_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("top_layer."))
+    n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({config.arch}, {n_params:,} parameters, epoch {epoch}); load it with "
           f"deepcluster.models.load_backbone_safetensors({str(out)!r})")
     return 0

@@ -35,7 +35,8 @@ from deepcluster.clustering.pca import PCA
 from deepcluster.config import Config
 from deepcluster.data import ImageSource
 from deepcluster.models import Backbone
-from deepcluster.train import compute_features, load_backbone
+from deepcluster.checkpoint import load_backbone
+from deepcluster.train import compute_features
 
 # Images per feature pass of ``assign_images``: bounds memory on large folders (ImageNet's
 # 4096-d features are 21 GB at once). Rounded up to whole feature batches, so the batches are
@@ -48,7 +49,7 @@ class ClusterModel:
     """What placing new images needs, read from one checkpoint.
 
     Attributes:
-        model: the backbone in eval mode (top layer included, unused here).
+        model: the backbone in eval mode.
         config: the run's configuration (views, normalisation, precision, search backend).
         pca: the projection fitted at the last clustering (``mean`` ``(D,)``, ``projection``
             ``(D, d)``).

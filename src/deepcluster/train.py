@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from deepcluster import distributed
 from deepcluster import runfolder
-from deepcluster.checkpoint import CheckpointError, check_resumable, load_checkpoint, weights_mismatch
+from deepcluster.checkpoint import CheckpointError, check_resumable, load_checkpoint, load_head, load_weights
 from deepcluster.clustering import (cluster_sizes, kmeans,
                                     l2_normalize, nmi)
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca
@@ -43,6 +43,7 @@ from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, model_from_config
+from deepcluster.models.heads import ClassifierHead, WithHead
 from deepcluster.monitor import KnnMonitor, label_scores, raw_pixel_nmi
 from deepcluster.messages import plural
 from deepcluster.progress import Progress, track
@@ -337,7 +338,7 @@ def color_jitter(config: Config) -> ColorJitter | None:
     return ColorJitter(config.color_jitter, config.color_jitter / 4, 0.8, config.grayscale_prob)
 
 
-def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, source: ImageSource,
+def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch.optim.Optimizer, source: ImageSource,
                     assignments: np.ndarray, config: Config, epoch: int,
                     device: torch.device, unreadable: set[int] | None = None) -> tuple[float, int]:
     """One pass of pseudo-label classification; returns (mean loss, images trained on).
@@ -362,14 +363,14 @@ def train_one_epoch(model: Backbone, body_optimizer: torch.optim.Optimizer, sour
     dataset = PseudoLabelDataset(source, indices, assignments, transform, config.seed, epoch)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False,
                         **loader_kwargs(config, device))
-    head_optimizer = torch.optim.SGD(model.top_layer.parameters(), lr=config.head_lr or config.lr,
+    head_optimizer = torch.optim.SGD(head.parameters(), lr=config.head_lr or config.lr,
                                      weight_decay=config.weight_decay)
     normalize = Normalize(config.mean, config.std)
     criterion = nn.CrossEntropyLoss(ignore_index=UNREADABLE)
-    network = model
+    network = WithHead(model, head)
     if distributed.is_distributed():
-        network = nn.parallel.DistributedDataParallel(model)
-    model.train()
+        network = nn.parallel.DistributedDataParallel(network)
+    network.train()
     total_loss, seen = 0.0, 0
     bar = Progress(len(indices), f"epoch {epoch + 1} training", unit="img")
     for step, (images, targets, image_indices) in enumerate(loader):
@@ -408,26 +409,28 @@ class RunState:
     records: list[dict] = field(default_factory=list)  # log record of every completed epoch
 
 
-def build(config: Config, device: torch.device) -> tuple[Backbone, torch.optim.Optimizer]:
-    """A fresh backbone on ``device`` and its body optimiser (SGD with momentum)."""
+def build(config: Config, device: torch.device) -> tuple[Backbone, ClassifierHead, torch.optim.Optimizer]:
+    """A fresh backbone on ``device``, its pseudo-label head (without a layer until the first
+    clustering) and the body optimiser (SGD with momentum)."""
     torch.manual_seed(config.seed)
     model = model_from_config(config)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.body_parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    return model, optimizer
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return model, ClassifierHead.for_backbone(model), optimizer
 
 
-def checkpoint_state(model: Backbone, optimizer: torch.optim.Optimizer, config: Config, state: RunState,
-                     clustering: Clustering | None) -> dict:
+def checkpoint_state(model: Backbone, head: ClassifierHead, optimizer: torch.optim.Optimizer, config: Config,
+                     state: RunState, clustering: Clustering | None) -> dict:
     """Everything a resume or a later ``assign`` needs, as tensors and plain containers."""
     out = {
         "config": config.to_dict(),
         "arch": config.arch,
         "epoch": state.epoch,
-        "model": {k: v for k, v in model.state_dict().items()},
+        "model": dict(model.state_dict()),
+        "head": dict(head.state_dict()),
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "assignments": torch.from_numpy(state.previous) if state.previous is not None else None,
@@ -441,31 +444,16 @@ def checkpoint_state(model: Backbone, optimizer: torch.optim.Optimizer, config: 
     return out
 
 
-def load_weights(model: Backbone, weights: dict, path: str | Path) -> None:
-    """Load a checkpoint's weights into ``model``, re-creating its head at the saved width.
-
-    Raises:
-        CheckpointError: a missing, extra or differently shaped tensor.
-    """
-    if "top_layer.weight" in weights and weights["top_layer.weight"].dim() == 2:
-        model.reset_classifier(weights["top_layer.weight"].shape[0])
-    mismatch = weights_mismatch(model.state_dict(), weights)
-    if mismatch:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {mismatch}")
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {str(error).splitlines()[0]}") from None
-
-
-def restore(path: Path, model: Backbone, optimizer: torch.optim.Optimizer, config: Config) -> tuple[RunState, dict]:
-    """Load a checkpoint into ``model`` and ``optimizer``; returns the run state."""
+def restore(path: Path, model: Backbone, head: ClassifierHead, optimizer: torch.optim.Optimizer,
+            config: Config) -> tuple[RunState, dict]:
+    """Load a checkpoint into ``model``, ``head`` and ``optimizer``; returns the run state."""
     saved = load_checkpoint(path)
     check_resumable(saved, path)
     if saved.get("arch") != config.arch:
         raise CheckpointError(f"checkpoint {str(path)!r} is for architecture {saved.get('arch')!r}, "
                               f"but the run asks for {config.arch!r}")
     load_weights(model, saved["model"], path)
+    load_head(head, saved["head"], path, next(model.parameters()).device)
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
@@ -633,12 +621,12 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
     if config.clustering == "kmeans" and config.n_clusters > len(source):
         raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} images; "
                           f"choose at most {len(source)}")
-    model, optimizer = build(config, device)
+    model, head, optimizer = build(config, device)
     state = RunState()
     if resume:
         saved = load_checkpoint(checkpoint_path)
         check_resume_config(saved["config"], config)
-        state, _ = restore(checkpoint_path, model, optimizer, config)
+        state, _ = restore(checkpoint_path, model, head, optimizer, config)
         if "records" not in saved:  # written before checkpoints stored the log records
             state.records = runfolder.records_from_log(run_dir, state.epoch)
         if state.previous is not None and len(state.previous) != len(source):
@@ -708,12 +696,12 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
                                         clustering_device(config, device), state.previous)
             clustering.time_pca = time_pca
             assignments = clustering.assignments
-            if config.head_reset or model.top_layer is None or model.top_layer.out_features != clustering.n_clusters:
-                model.reset_classifier(clustering.n_clusters)
+            if config.head_reset or head.n_outputs != clustering.n_clusters:
+                head.reset(clustering.n_clusters, device)
             if head_rows is not None:
                 features, decoded = reduced.raw(head_rows)
-                init_head_from_clusters(model.top_layer, features[decoded], assignments[head_rows][decoded],
-                                        head_std=model.head_std)
+                init_head_from_clusters(head.linear, features[decoded], assignments[head_rows][decoded],
+                                        head_std=head.std)
             record.update(time_pca=clustering.time_pca, time_kmeans=clustering.time_kmeans,
                           n_split=clustering.n_split)
         else:
@@ -738,7 +726,7 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
 
         start = time.perf_counter()
         unreadable: set[int] = set()
-        loss, seen = train_one_epoch(model, optimizer, source, assignments, config, epoch, device, unreadable)
+        loss, seen = train_one_epoch(model, head, optimizer, source, assignments, config, epoch, device, unreadable)
         for index in sorted(unreadable):
             name = source.name(index)
             if name not in state.skipped:
@@ -756,7 +744,7 @@ def _run(config: Config, resume: bool, log: Callable[[str], None], device: torch
         state.records.append(record)
         if distributed.is_main_process():
             runfolder.commit_epoch(run_dir, epoch, assignments, state.skipped,
-                                   checkpoint_state(model, optimizer, config, state, clustering), record)
+                                   checkpoint_state(model, head, optimizer, config, state, clustering), record)
             scalars.write(record)
             log(format_line(record, config.epochs))
             for warning in record["warnings"]:
@@ -840,15 +828,6 @@ def add_final_clustering(model: Backbone, source: ImageSource, config: Config, d
     return summary
 
 
-def load_backbone(path: str | Path) -> tuple[Backbone, Config]:
-    """The trained backbone of a checkpoint (top layer included) and its configuration."""
-    saved = load_checkpoint(path)
-    config = from_dict(saved["config"])
-    model = model_from_config(config)
-    load_weights(model, saved["model"], path)
-    return model.eval(), config
-
-
 __all__ = ["Clustering", "add_final_clustering", "cluster_features", "cluster_points", "compute_features",
-           "load_backbone", "open_source", "reduce_features", "run", "train_one_epoch", "CheckpointError",
+           "open_source", "reduce_features", "run", "train_one_epoch", "CheckpointError",
            "TrainingDiverged"]

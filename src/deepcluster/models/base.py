@@ -1,18 +1,15 @@
 """The one interface every DeepCluster backbone offers.
 
-A backbone is ``sobel -> features (convs) -> classifier (fully connected) -> top_layer``:
-
-- ``forward_features(x)`` returns what DeepCluster clusters: the output of the last fully
-  connected layer *before* its ReLU (the authors strip that ReLU for the feature pass);
-- ``forward(x)`` applies that ReLU and the top layer, giving logits over pseudo-labels;
-- ``reset_classifier(n)`` throws the top layer away and creates a fresh one with ``n``
-  outputs, because cluster ids are arbitrary and change at every clustering.
+A backbone is ``sobel -> features (convs) -> classifier (fully connected)``:
+``forward_features(x)`` returns the output of the last fully connected layer *before* its
+ReLU (the authors strip that ReLU for the feature pass). The pseudo-label head that reads
+it during training (``relu``, then a ``Linear`` re-created at every clustering) is not part
+of the backbone: see ``deepcluster.models.heads``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -34,7 +31,8 @@ class Backbone(nn.Module):
         pool: resizes the body's output to the grid the classifier expects.
         classifier: fully connected layers ending with a ``Linear`` (no final ReLU),
             ``(B, C*h*w) -> (B, feature_dim)``.
-        top_layer: ``Linear(feature_dim, n)`` or ``None`` before the first clustering.
+        head_std: the standard deviation a head on these features draws its weights from
+            (see ``scale_fc_init``).
     """
 
     feature_dim: int
@@ -43,8 +41,7 @@ class Backbone(nn.Module):
     def __init__(self, sobel: bool) -> None:
         super().__init__()
         self.sobel = SobelFilter() if sobel else None
-        self.top_layer: nn.Linear | None = None
-        self.head_std = REFERENCE_STD  # the top layer's init; see scale_fc_init
+        self.head_std = REFERENCE_STD  # a head's init; see scale_fc_init
         self.clustered = "fc"  # what the feature pass returns: see forward_clustered
 
     @property
@@ -79,23 +76,9 @@ class Backbone(nn.Module):
         return self.feature_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits over pseudo-labels, ``(B, 3, H, W) -> (B, n_clusters)``."""
-        if self.top_layer is None:
-            raise RuntimeError("call reset_classifier(n) before forward(): there is no top layer yet")
-        return self.top_layer(torch.relu(self.forward_features(images)))
-
-    def reset_classifier(self, n_outputs: int) -> nn.Linear:
-        """Replace the top layer by a fresh ``Linear(feature_dim, n_outputs)``.
-
-        Weights are drawn from N(0, 0.01) and the bias is zero, as in the reference.
-        The new layer is placed on the same device as the rest of the network.
-        """
-        device = next(self.classifier.parameters()).device
-        layer = nn.Linear(self.feature_dim, n_outputs).to(device)
-        nn.init.normal_(layer.weight, mean=0.0, std=self.head_std)
-        nn.init.zeros_(layer.bias)
-        self.top_layer = layer
-        return layer
+        """The features DeepCluster clusters (``forward_features``); heads live apart
+        (``deepcluster.models.heads``)."""
+        return self.forward_features(images)
 
     def scale_fc_init(self) -> None:
         """Rescale the fully connected layers from N(0, 0.01) to N(0, 0.01 * sqrt(4096 / fan_in)).
@@ -112,12 +95,6 @@ class Backbone(nn.Module):
                 with torch.no_grad():
                     layer.weight.mul_(math.sqrt(REFERENCE_WIDTH / layer.in_features))
         self.head_std = REFERENCE_STD * math.sqrt(REFERENCE_WIDTH / self.feature_dim)
-
-    def body_parameters(self) -> Iterator[nn.Parameter]:
-        """Trainable parameters of everything but the top layer (the body optimiser's)."""
-        for name, param in self.named_parameters():
-            if not name.startswith("top_layer.") and param.requires_grad:
-                yield param
 
     def conv_layers(self) -> list[tuple[str, int]]:
         """``(name, index)`` of each conv block's ReLU in ``features``: conv1, conv2, ...

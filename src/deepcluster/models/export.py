@@ -79,13 +79,12 @@ class BackboneMetadata:
 
 
 def backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the top layer, as contiguous CPU tensors that share no memory."""
-    return {name: tensor.detach().to("cpu").contiguous().clone()
-            for name, tensor in model.state_dict().items() if not name.startswith("top_layer.")}
+    """The state dict as contiguous CPU tensors that share no memory."""
+    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
 
 
 def save_backbone_safetensors(model: torch.nn.Module, path: str | Path, metadata: BackboneMetadata) -> Path:
-    """Write ``model``'s backbone (no top layer) and ``metadata`` to ``path``, atomically and
+    """Write the backbone ``model`` and ``metadata`` to ``path``, atomically and
     with the usual file mode (``safetensors.save_file`` creates its files 0600)."""
     from safetensors.torch import save
 

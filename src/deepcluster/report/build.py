@@ -220,7 +220,7 @@ def _filters_sections(run: RunData, settings: ReportSettings,
                       notes: list[str]) -> tuple[list[tuple[str, str, str]], int]:
     """The first-layer filters and the chosen layer's filters (top images, gradient ascent)."""
     from deepcluster.report import visuals
-    from deepcluster.train import load_backbone
+    from deepcluster.checkpoint import load_backbone
 
     if not run.checkpoint.is_file():
         notes.append("filters not shown: the run folder has no checkpoint.pt")
