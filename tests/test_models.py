@@ -38,7 +38,7 @@ def test_backbones_share_one_interface(arch, size, dim):
     images = torch.randn(2, 3, size, size)
     features = model.forward_features(images)
     assert features.shape == (2, dim)
-    assert model.conv_layers()[0][0] == "conv1"
+    assert model.taps()[0] == "conv1"
     head = ClassifierHead.for_backbone(model)
     head.reset(7)
     assert head(model.forward_features(images)).shape == (2, 7)
@@ -73,3 +73,17 @@ def test_reset_creates_a_fresh_head_with_reference_init():
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'resnet9'; choose one of"):
         create_model("resnet9")
+
+
+def test_forward_taps_reads_any_layers_in_one_pass_and_their_pre_activation_maps():
+    torch.manual_seed(0)
+    model = create_model("smallnet", feature_dim=16).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        taps = model.forward_taps(images, ["conv2", "conv5", "fc"])
+        alone = model.forward_taps(images, ["conv5"])["conv5"]
+        before = model.forward_taps(images, ["conv2", "conv5"], pre_activation=True)
+    assert torch.equal(taps["conv5"], alone) and torch.equal(taps["fc"], model.forward_features(images))
+    assert torch.equal(torch.relu(before["conv2"]), taps["conv2"]) and (before["conv5"] < 0).any()
+    assert list(model.tap_shapes(32)) == model.taps() and model.tap_shapes(32)["conv1"] == (32, 32, 32)
+    assert model.first_conv().in_channels == 2

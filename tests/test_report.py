@@ -15,7 +15,7 @@ from deepcluster.cli import main
 from deepcluster.models import create_model
 from deepcluster.report import ReportSettings, build_report
 from deepcluster.report.clusters import choose_clusters, sample_members, summarize_clusters
-from deepcluster.report.visuals import (AscentSettings, ascend, effective_first_filters, filter_grid, first_conv,
+from deepcluster.report.visuals import (AscentSettings, ascend, effective_first_filters, filter_grid,
                                         forward_to, gradient_ascent, pick_filters)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_cluster_choice_is_bounded_at_imagenet_scale_and_keeps_the_purest():
 def test_sobel_first_filters_are_what_the_first_layer_applies_to_the_grey_image():
     torch.manual_seed(0)
     model = create_model("alexnet", sobel=True).eval()
-    conv = first_conv(model)
+    conv = model.first_conv()
     grey = torch.randn(1, 1, 67, 67).expand(1, 3, 67, 67)
     through_network = torch.nn.functional.conv2d(model.sobel(grey), conv.weight, stride=conv.stride,
                                                  padding=conv.padding)

@@ -230,7 +230,7 @@ def feature_layers(model: Backbone) -> list[str]:
     """Layers ``write_features`` can write: ``fc`` then ``conv1``, ``conv2``, ..."""
     from deepcluster.evaluation.features import FC_LAYER
 
-    return [FC_LAYER] + [name for name, _ in model.conv_layers()]
+    return [FC_LAYER, *model.taps()]
 
 
 def write_features(model: Backbone, config: Config, source: ImageSource, path: str | Path, layer: str = "fc",

@@ -39,9 +39,9 @@ from torch.utils.data import DataLoader
 
 from deepcluster.data import CenterView, FeatureDataset, ImageSource, Normalize
 from deepcluster.models import Backbone
+from deepcluster.models.base import FC_LAYER
 from deepcluster.progress import track
 
-FC_LAYER = "fc"
 TARGET_DIM = 9000
 
 
@@ -123,44 +123,20 @@ def choose_pooling(channels: int, height: int, width: int, target_dim: int = TAR
     return PoolSpec(channels, height, width, best[1], best[2])
 
 
-@torch.no_grad()
-def conv_activation_shapes(model: Backbone, image_size: int) -> dict[str, tuple[int, int, int]]:
-    """``(channels, height, width)`` of every conv layer's post-ReLU map at ``image_size``.
-
-    Runs one black image through the body in eval mode, then restores the previous mode.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    images = torch.zeros(1, 3, image_size, image_size, device=device)
-    taps = {index: name for name, index in model.conv_layers()}
-    shapes: dict[str, tuple[int, int, int]] = {}
-    x = model.sobel(images) if model.sobel is not None else images
-    for index, module in enumerate(model.features):
-        x = module(x)
-        if index in taps:
-            shapes[taps[index]] = tuple(x.shape[1:])  # type: ignore[assignment]
-    model.train(was_training)
-    return shapes
-
-
 def probe_pooling(model: Backbone, image_size: int, target_dim: int = TARGET_DIM) -> dict[str, PoolSpec]:
-    """The pooling of every conv layer of ``model`` for ``image_size`` px inputs, in layer order."""
-    return {name: choose_pooling(*shape, target_dim=target_dim)
-            for name, shape in conv_activation_shapes(model, image_size).items()}
+    """The pooling of every tap of ``model`` for ``image_size`` px inputs, in tap order."""
+    return {name: choose_pooling(*shape, target_dim=target_dim) for name, shape in model.tap_shapes(image_size).items()}
 
 
 def forward_layers(model: Backbone, images: torch.Tensor, pools: dict[str, PoolSpec],
                    include_fc: bool = False) -> dict[str, torch.Tensor]:
-    """Pooled post-ReLU activations of the chosen conv layers (and the fc features).
-
-    The body runs module by module and stops after the last layer asked for, so probing
-    conv1 costs one convolution.
+    """Pooled post-ReLU activations of the chosen taps (and the fc features), in one pass
+    that stops after the last layer asked for (probing conv1 costs one convolution).
 
     Args:
         model: backbone, used as it is (call ``model.eval()`` for frozen BatchNorm).
         images: ``(B, 3, H, W)`` normalised images.
-        pools: conv layer name (``"conv1"``, ...) -> its pooling.
+        pools: tap name (``"conv1"``, ...) -> its pooling.
         include_fc: also return ``forward_features`` as ``"fc"``, ``(B, feature_dim)``.
 
     Returns:
@@ -169,24 +145,8 @@ def forward_layers(model: Backbone, images: torch.Tensor, pools: dict[str, PoolS
     Raises:
         KeyError: a layer name the backbone does not have.
     """
-    taps = dict(model.conv_layers())
-    unknown = [name for name in pools if name not in taps]
-    if unknown:
-        raise KeyError(f"unknown layer(s) {', '.join(unknown)}; {model.arch} has {', '.join(taps)}")
-    wanted = {taps[name]: name for name in pools}
-    last = len(model.features) - 1 if include_fc else max(wanted, default=-1)
-    outputs: dict[str, torch.Tensor] = {}
-    x = model.sobel(images) if model.sobel is not None else images
-    for index, module in enumerate(model.features):
-        if index > last:
-            break
-        x = module(x)
-        if index in wanted:
-            name = wanted[index]
-            outputs[name] = pools[name].apply(x)
-    if include_fc:
-        outputs[FC_LAYER] = model.classifier(torch.flatten(model.pool(x), 1))
-    return outputs
+    maps = model.forward_taps(images, [*pools, *([FC_LAYER] if include_fc else [])])
+    return {name: pools[name].apply(value) if name in pools else value for name, value in maps.items()}
 
 
 @dataclass
@@ -274,5 +234,5 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
     return ExtractedFeatures(layers, ok, time.perf_counter() - start)
 
 
-__all__ = ["ExtractedFeatures", "FC_LAYER", "PoolSpec", "TARGET_DIM", "choose_pooling", "conv_activation_shapes",
+__all__ = ["ExtractedFeatures", "FC_LAYER", "PoolSpec", "TARGET_DIM", "choose_pooling",
            "extract_features", "forward_layers", "layer_dims", "probe_pooling"]

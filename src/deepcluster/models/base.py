@@ -17,6 +17,8 @@ from torch import nn
 from deepcluster.models.sobel import SobelFilter
 
 
+# The name under which ``forward_taps`` returns ``forward_features``: the clustered fc layer.
+FC_LAYER = "fc"
 # The reference's N(0, 0.01) for fully connected weights, and the width it was made for.
 REFERENCE_STD = 0.01
 REFERENCE_WIDTH = 4096
@@ -96,17 +98,72 @@ class Backbone(nn.Module):
                     layer.weight.mul_(math.sqrt(REFERENCE_WIDTH / layer.in_features))
         self.head_std = REFERENCE_STD * math.sqrt(REFERENCE_WIDTH / self.feature_dim)
 
-    def conv_layers(self) -> list[tuple[str, int]]:
-        """``(name, index)`` of each conv block's ReLU in ``features``: conv1, conv2, ...
+    # -- taps: the layers a probe, a report or a feature file can read, by name. Callers never
+    # walk the modules: a backbone without a flat ``features`` overrides these three.
 
-        Evaluation taps the post-ReLU activation of each convolution at these indices.
-        """
-        taps, count = [], 0
+    def _tap_indices(self) -> dict[str, int]:
+        """``conv1``, ``conv2``, ... -> index in ``features`` of that conv block's ReLU."""
+        indices, count = {}, 0
         for index, module in enumerate(self.features):
             if isinstance(module, nn.ReLU):
                 count += 1
-                taps.append((f"conv{count}", index))
-        return taps
+                indices[f"conv{count}"] = index
+        return indices
+
+    def taps(self) -> list[str]:
+        """Names of the probe-able layers, input to output: ``conv1``, ``conv2``, ... (the
+        post-ReLU map of each convolution). ``forward_taps`` also takes ``FC_LAYER``."""
+        return list(self._tap_indices())
+
+    def forward_taps(self, images: torch.Tensor, names: list[str] | tuple[str, ...],
+                     pre_activation: bool = False) -> dict[str, torch.Tensor]:
+        """The maps of the named taps, in one pass that stops after the last one asked for.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised images (Sobel, when present, is applied here).
+            names: taps from ``taps()``, and/or ``FC_LAYER`` for ``forward_features``.
+            pre_activation: a conv tap's map just before its ReLU instead of after it (what
+                gradient ascent maximises, so silent filters still get a gradient).
+
+        Returns:
+            Name -> ``(B, C, h, w)`` map (``(B, feature_dim)`` for ``FC_LAYER``).
+
+        Raises:
+            KeyError: a name the backbone does not have.
+        """
+        indices = self._tap_indices()
+        unknown = [name for name in names if name not in indices and name != FC_LAYER]
+        if unknown:
+            raise KeyError(f"unknown layer(s) {', '.join(unknown)}; {self.arch} has {', '.join(indices)}")
+        shift = 1 if pre_activation else 0
+        wanted = {indices[name] - shift: name for name in names if name != FC_LAYER}
+        last = len(self.features) - 1 if FC_LAYER in names else max(wanted, default=-1)
+        outputs: dict[str, torch.Tensor] = {}
+        x = self.sobel(images) if self.sobel is not None else images
+        for index, module in enumerate(self.features):
+            if index > last:
+                break
+            x = module(x)
+            if index in wanted:  # a pre-activation map is kept apart from the in-place ReLU that follows
+                outputs[wanted[index]] = x.clone() if pre_activation and index < last else x
+        if FC_LAYER in names:
+            outputs[FC_LAYER] = self.classifier(torch.flatten(self.pool(x), 1))
+        return outputs
+
+    @torch.no_grad()
+    def tap_shapes(self, image_size: int) -> dict[str, tuple[int, int, int]]:
+        """``(channels, height, width)`` of every tap's map for ``image_size`` px inputs, in
+        tap order (one black image through the body in eval mode; the mode is restored)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        maps = self.forward_taps(torch.zeros(1, 3, image_size, image_size, device=device), self.taps())
+        self.train(was_training)
+        return {name: tuple(maps[name].shape[1:]) for name in self.taps()}  # type: ignore[misc]
+
+    def first_conv(self) -> nn.Conv2d:
+        """The first convolution (the one that sees the pixels, or the Sobel gradients)."""
+        return next(module for module in self.modules() if isinstance(module, nn.Conv2d))
 
 
 def init_weights(module: nn.Module) -> None:

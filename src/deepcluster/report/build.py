@@ -230,7 +230,7 @@ def _filters_sections(run: RunData, settings: ReportSettings,
     model = model.to(device).eval()
     sections = []
     grid = visuals.filter_grid(visuals.effective_first_filters(model))
-    conv = visuals.first_conv(model)
+    conv = model.first_conv()
     if model.sobel is not None:
         how = (f"{conv.out_channels} filters of {conv.kernel_size[0]}x{conv.kernel_size[1]} on the two Sobel "
                f"gradients, shown as the {conv.kernel_size[0] + 2}x{conv.kernel_size[1] + 2} filter they apply to "
@@ -241,7 +241,7 @@ def _filters_sections(run: RunData, settings: ReportSettings,
         page.png_uri(grid), "conv1", how + "; grey is 0, each filter scaled to its own range, largest norm first. "
         "Trained filters look like oriented edge and blob detectors; random ones like noise.", wide=True, pixel=True)))
 
-    taps = [name for name, _ in model.conv_layers()]
+    taps = model.taps()
     layer = settings.layer or taps[-1]
     if layer not in taps:
         raise ConfigError(f"--layer {layer!r} is not a conv layer of {model.arch}; choose one of: {', '.join(taps)}")

@@ -12,21 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.signal import convolve2d
-from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from deepcluster.data import CenterView, FeatureDataset, ImageSource, Normalize
-from deepcluster.models import Backbone
+from deepcluster.models import ARCHITECTURES, Backbone
 from deepcluster.progress import Progress, track
-
-
-def first_conv(model: Backbone) -> nn.Conv2d:
-    """The first convolution of the body."""
-    for module in model.features:
-        if isinstance(module, nn.Conv2d):
-            return module
-    raise ValueError(f"{model.arch} has no convolution in its body")
 
 
 def effective_first_filters(model: Backbone) -> np.ndarray:
@@ -38,7 +29,7 @@ def effective_first_filters(model: Backbone) -> np.ndarray:
     convolved with its Sobel kernel, ``(n, kh + 2, kw + 2, 1)``. This is what the paper's
     figure of Sobel conv1 filters shows.
     """
-    weights = first_conv(model).weight.detach().float().cpu().numpy()  # (n, c, kh, kw)
+    weights = model.first_conv().weight.detach().float().cpu().numpy()  # (n, c, kh, kw)
     if model.sobel is None:
         return weights.transpose(0, 2, 3, 1)
     kernels = model.sobel.sobel_weight.detach().float().cpu().numpy()[:, 0]  # (2, 3, 3)
@@ -75,29 +66,21 @@ def filter_grid(filters: np.ndarray, cell: int = 40, columns: int = 16, gap: int
     return (canvas.clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def _tap(model: Backbone, layer: str) -> int:
-    taps = dict(model.conv_layers())
-    if layer not in taps:
-        raise ValueError(f"unknown layer {layer!r}; {model.arch} has {', '.join(taps)}")
-    return taps[layer]
+def _check_tap(model: Backbone, layer: str) -> None:
+    if layer not in model.taps():
+        raise ValueError(f"unknown layer {layer!r}; {model.arch} has {', '.join(model.taps())}")
 
 
 def layer_channels(model: Backbone, layer: str) -> int:
-    """Number of filters of conv layer ``layer``."""
-    index = _tap(model, layer)
-    convs = [m for m in list(model.features)[:index] if isinstance(m, nn.Conv2d)]
-    return convs[-1].out_channels
+    """Number of filters of tap ``layer``."""
+    _check_tap(model, layer)
+    return model.tap_shapes(ARCHITECTURES[model.arch].min_crop)[layer][0]
 
 
 def forward_to(model: Backbone, images: torch.Tensor, layer: str, before_relu: bool = False) -> torch.Tensor:
-    """The ``(B, C, h, w)`` map of conv layer ``layer`` (after its ReLU, or just before it)."""
-    stop = _tap(model, layer) - (1 if before_relu else 0)
-    x = model.sobel(images) if model.sobel is not None else images
-    for index, module in enumerate(model.features):
-        if index > stop:
-            break
-        x = module(x)
-    return x
+    """The ``(B, C, h, w)`` map of tap ``layer`` (after its ReLU, or just before it)."""
+    _check_tap(model, layer)
+    return model.forward_taps(images, [layer], pre_activation=before_relu)[layer]
 
 
 @dataclass
@@ -130,7 +113,7 @@ def filter_responses(model: Backbone, source: ImageSource, indices: np.ndarray, 
     """Spatial-max response of every filter of ``layer`` to the images ``indices`` (eval mode)."""
     start = time.perf_counter()
     model.eval()
-    _tap(model, layer)
+    _check_tap(model, layer)
     dataset = Subset(FeatureDataset(source, view), [int(i) for i in indices])
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     rows, kept = [], []
@@ -270,4 +253,4 @@ def _stretch(picture: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["AscentSettings", "FilterResponses", "ascend", "effective_first_filters", "filter_grid", "filter_responses",
-           "first_conv", "forward_to", "gradient_ascent", "layer_channels", "pick_filters"]
+           "forward_to", "gradient_ascent", "layer_channels", "pick_filters"]
