@@ -17,6 +17,7 @@ from deepcluster.checkpoint import load_backbone
 from deepcluster.clustering import l2_normalize, predict
 from deepcluster.config import resolve
 from deepcluster.data import FolderSource
+from deepcluster.features import compute_features
 from deepcluster.inference import assign_images, load_cluster_model
 
 
@@ -88,7 +89,7 @@ def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run,
     # The same steps by hand, from the library: features of the final weights, saved PCA, L2, nearest centroid.
     model, config = load_backbone(checkpoint)
     saved = load_checkpoint(checkpoint)["final"]
-    features, ok = train.compute_features(model.to(memory_format=torch.channels_last), FolderSource(image_folder),
+    features, ok = compute_features(model.to(memory_format=torch.channels_last), FolderSource(image_folder),
                                           config, torch.device("cpu"))
     mean, projection = saved["pca_mean"].numpy(), saved["pca_projection"].numpy()
     points = (features - mean.astype(np.float32)) @ projection.astype(np.float32)

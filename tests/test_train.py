@@ -97,7 +97,8 @@ def test_pic_clustering_runs_in_the_loop_with_the_number_of_clusters_it_finds(im
 
 def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(image_folder, tmp_path):
     from deepcluster.data import FolderSource
-    from deepcluster.train import build, cluster_features, compute_features, reduce_features
+    from deepcluster.features import compute_features
+    from deepcluster.train import build, cluster_features, reduce_features
 
     config = tiny_config(image_folder, tmp_path / "run", threads=1)
     device = torch.device("cpu")

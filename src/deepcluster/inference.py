@@ -3,7 +3,7 @@
 Assigning an image follows the clustering pipeline of ``train`` step by step, with the
 clustering saved in the checkpoint:
 
-1. features: the backbone in eval mode on the centre view (``train.compute_features``, the
+1. features: the backbone in eval mode on the centre view (``deepcluster.features``, the
    same batches, precision and memory layout as the run);
 2. the saved PCA: ``(x - pca_mean) @ pca_projection`` (projection includes the whitening);
 3. L2 normalisation of each row;
@@ -36,7 +36,7 @@ from deepcluster.config import Config
 from deepcluster.data import ImageSource
 from deepcluster.models import Backbone
 from deepcluster.checkpoint import load_backbone
-from deepcluster.train import compute_features
+from deepcluster.features import compute_features
 
 # Images per feature pass of ``assign_images``: bounds memory on large folders (ImageNet's
 # 4096-d features are 21 GB at once). Rounded up to whole feature batches, so the batches are

@@ -36,22 +36,20 @@ from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
 from deepcluster.config import Config, ConfigError, check_unchanged, from_dict
 from deepcluster.data.pseudo import UNREADABLE
-from deepcluster.data import (ArraySource, CenterView, ColorJitter, DataError, FeatureDataset, FolderSource, ImageSource, Normalize,
+from deepcluster.data import (ArraySource, ColorJitter, DataError, FolderSource, ImageSource, Normalize,
                               PseudoLabelDataset, RandomResizedCropFlip, decode_problem, load_digits_source,
                               uniform_cluster_sample, walk_relative)
 from deepcluster.faults import check_environment as check_fault_environment
 from deepcluster.faults import fault_point
+from deepcluster.features import PassSettings, autocast, compute_features, feature_pass, loader_kwargs
 from deepcluster.health import TrainingDiverged, check_features, check_loss, cluster_warnings
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.heads import ClassifierHead, WithHead
 from deepcluster.monitor import KnnMonitor, label_scores, raw_pixel_nmi
 from deepcluster.messages import plural
-from deepcluster.progress import Progress, track
-from deepcluster.runfolder import CHECKPOINT_NAME, LOG_NAME  # noqa: F401 - LOG_NAME: formerly defined here
+from deepcluster.progress import Progress
+from deepcluster.runfolder import CHECKPOINT_NAME
 from deepcluster.scalars import ScalarLog
-
-FINAL_NAME = runfolder.FINAL_SUMMARY  # numbers of the final clustering (assignments/final.npy, checkpoint["final"])
-
 
 def open_source(config: Config, run_dir: Path | None = None) -> ImageSource:
     """The images of the run: the built-in digits when ``config.data`` is None; with
@@ -91,46 +89,6 @@ def resolve_device(name: str) -> torch.device:
 def derived_seed(seed: int, epoch: int, stream: int) -> int:
     """A 32-bit seed that is a pure function of (run seed, epoch, stream)."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
-
-
-def autocast(config: Config, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-
-
-def loader_kwargs(config: Config, device: torch.device) -> dict:
-    kwargs = {"num_workers": config.workers, "pin_memory": device.type == "cuda"}
-    if config.workers > 0:
-        kwargs["persistent_workers"] = False
-        kwargs["prefetch_factor"] = 4
-    return kwargs
-
-
-@torch.no_grad()
-def compute_features(model: Backbone, source: ImageSource, config: Config,
-                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Clustered features of every image, in eval mode on the centre view.
-
-    Returns:
-        ``(N, feature_dim)`` float32 features (zero rows for unreadable images) and an
-        ``(N,)`` bool mask of the images that decoded.
-    """
-    model.eval()
-    normalize = Normalize(config.mean, config.std)
-    indices = distributed.shard(np.arange(len(source)))
-    dataset = torch.utils.data.Subset(FeatureDataset(source, CenterView(config.resize, config.crop)), indices)
-    loader = DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False, **loader_kwargs(config, device))
-    local = np.zeros((len(indices), model.clustered_dim), dtype=np.float32)
-    local_ok = np.zeros(len(indices), dtype=bool)
-    position = 0
-    for images, _, ok in track(loader, len(indices), "features", unit="img", size=lambda batch: len(batch[0])):
-        with autocast(config, device):
-            out = model.forward_clustered(normalize(images, device, config.channels_last))
-        local[position:position + len(images)] = out.float().cpu().numpy()
-        local_ok[position:position + len(images)] = ok.numpy()
-        position += len(images)
-    features = distributed.gather_rows(local, indices, len(source))
-    ok = distributed.gather_rows(local_ok.astype(np.uint8), indices, len(source)).astype(bool)
-    return features, ok
 
 
 @dataclass
@@ -281,7 +239,6 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
     """
     model.eval()
-    normalize = Normalize(config.mean, config.std)
     n_images = len(source)
     bounded = config.pca_sample_size is not None and config.pca_sample_size < n_images
     order = np.random.default_rng(seed).permutation(n_images) if bounded else np.arange(n_images)
@@ -290,32 +247,33 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     reducer = StreamingPCA(n_images, pca_dim_for(config.pca_dim, n_images), config.whiten_power,
                            sample_size=max(share, 2),
                            gather_sample=distributed.all_gather_rows if distributed.is_distributed() else None)
-    dataset = torch.utils.data.Subset(FeatureDataset(source, CenterView(config.resize, config.crop)), indices)
-    loader = DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False, **loader_kwargs(config, device))
     local_ok = np.zeros(len(indices), dtype=bool)
     keep_local = None if keep is None else keep[indices]
     kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.clustered_dim), dtype=np.float32)
     kept_position = 0
     position, time_pca = 0, 0.0
     start = time.perf_counter()
-    for images, _, ok in track(loader, len(indices), "features", unit="img", size=lambda batch: len(batch[0])):
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
         fault_point("features")
-        with autocast(config, device):
-            out = model.forward_clustered(normalize(images, device, config.channels_last))
+        return model.forward_clustered(batch)
+
+    def add(rows: np.ndarray, out: torch.Tensor, ok: np.ndarray) -> None:
+        nonlocal position, kept_position, time_pca
         out = out.float().cpu().numpy()
-        ok = ok.numpy()
         check_features(out, epoch)
-        rows = indices[position:position + len(images)]
-        local_ok[position:position + len(images)] = ok
+        local_ok[position:position + len(rows)] = ok
         if keep_local is not None:
-            wanted = keep_local[position:position + len(images)]
+            wanted = keep_local[position:position + len(rows)]
             kept_local[kept_position:kept_position + int(wanted.sum())] = out[wanted]
             kept_position += int(wanted.sum())
-        position += len(images)
+        position += len(rows)
         tick = time.perf_counter()
         if ok.any():
             reducer.add(out[ok], rows[ok])
         time_pca += time.perf_counter() - tick
+
+    feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
     mask = distributed.gather_rows(local_ok.astype(np.uint8), indices, n_images).astype(bool)
     # Back into image order: the rows of keep's true entries, ascending.
     kept = None if keep is None else distributed.gather_rows(kept_local, indices[keep_local], n_images)[keep]
@@ -362,7 +320,7 @@ def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch
                                       color=color_jitter(config))
     dataset = PseudoLabelDataset(source, indices, assignments, transform, config.seed, epoch)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False,
-                        **loader_kwargs(config, device))
+                        **loader_kwargs(config.workers, device))
     head_optimizer = torch.optim.SGD(head.parameters(), lr=config.head_lr or config.lr,
                                      weight_decay=config.weight_decay)
     normalize = Normalize(config.mean, config.std)
@@ -380,7 +338,7 @@ def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch
             unreadable.update(int(index) for index in image_indices[failed])
         inputs = normalize(images, device, config.channels_last)
         targets = targets.to(device)
-        with autocast(config, device):
+        with autocast(device, config.precision == "bf16"):
             logits = network(inputs)
         loss = criterion(logits.float(), targets) if n_readable else logits.float().sum() * 0.0
         if fault_point("training") == "nan":

@@ -35,12 +35,11 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
-from deepcluster.data import CenterView, FeatureDataset, ImageSource, Normalize
+from deepcluster.data import CenterView, ImageSource, Normalize
+from deepcluster.features import PassSettings, feature_pass
 from deepcluster.models import Backbone
 from deepcluster.models.base import FC_LAYER
-from deepcluster.progress import track
 
 TARGET_DIM = 9000
 
@@ -179,7 +178,8 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
                      workers: int = 0, device: torch.device | str = "cpu", channels_last: bool = False,
                      storage_dir: str | Path | None = None, prefix: str = "",
                      log: Callable[[str], None] | None = None) -> ExtractedFeatures:
-    """One eval-mode pass over ``source`` on its centre view, keeping every asked layer.
+    """One eval-mode feature pass (``deepcluster.features``) over ``source``, keeping every
+    asked layer.
 
     Args:
         model: backbone; put in eval mode here (frozen BatchNorm statistics).
@@ -213,21 +213,22 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
             path.parent.mkdir(parents=True, exist_ok=True)
             layers[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_images, dim))
     ok = np.zeros(n_images, dtype=bool)
-    loader = DataLoader(FeatureDataset(source, view), batch_size=batch_size, shuffle=False, num_workers=workers)
     done, next_report = 0, 0.0
-    for images, indices, decoded in track(loader, n_images, f"features {prefix.rstrip('_')}".rstrip(), unit="img",
-                                          size=lambda batch: len(batch[0])):
-        batch = normalize(images, device, channels_last)
-        outputs = forward_layers(model, batch, pools, include_fc)
-        rows = indices.numpy()
+
+    def keep(rows: np.ndarray, outputs: dict[str, torch.Tensor], decoded: np.ndarray) -> None:
+        nonlocal done, next_report
         for name, values in outputs.items():
             layers[name][rows] = values.float().cpu().numpy()
-        ok[rows] = decoded.numpy()
+        ok[rows] = decoded
         done += len(rows)
         elapsed = time.perf_counter() - start
         if log is not None and elapsed >= next_report:
             log(f"  features {prefix.rstrip('_') or 'images'}: {done}/{n_images} ({elapsed:.0f}s)")
             next_report = elapsed + 30.0
+
+    settings = PassSettings(view, normalize, batch_size, workers, device, channels_last)
+    feature_pass(lambda batch: forward_layers(model, batch, pools, include_fc), source, settings, keep,
+                 label=f"features {prefix.rstrip('_')}".rstrip())
     for name, array in layers.items():
         if isinstance(array, np.memmap):
             array.flush()

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from scipy.signal import convolve2d
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset
 
-from deepcluster.data import CenterView, FeatureDataset, ImageSource, Normalize
+from deepcluster.data import CenterView, ImageSource, Normalize
+from deepcluster.features import PassSettings, feature_pass
 from deepcluster.models import ARCHITECTURES, Backbone
-from deepcluster.progress import Progress, track
+from deepcluster.progress import Progress
 
 
 def effective_first_filters(model: Backbone) -> np.ndarray:
@@ -114,15 +114,16 @@ def filter_responses(model: Backbone, source: ImageSource, indices: np.ndarray, 
     start = time.perf_counter()
     model.eval()
     _check_tap(model, layer)
-    dataset = Subset(FeatureDataset(source, view), [int(i) for i in indices])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    rows, kept = [], []
-    for images, index, ok in track(loader, len(dataset), f"responses {layer}", unit="img",
-                                   size=lambda batch: len(batch[0])):
-        out = forward_to(model, normalize(images, device), layer)
-        rows.append(out.amax(dim=(2, 3)).float().cpu().numpy()[ok.numpy()])
-        kept.append(index.numpy()[ok.numpy()])
-    scores = np.concatenate(rows) if rows else np.zeros((0, layer_channels(model, layer)), dtype=np.float32)
+    maxima, kept = [], []
+
+    def keep(batch_indices: np.ndarray, maps: torch.Tensor, decoded: np.ndarray) -> None:
+        maxima.append(maps.amax(dim=(2, 3)).float().cpu().numpy()[decoded])
+        kept.append(batch_indices[decoded])
+
+    settings = PassSettings(view, normalize, batch_size, workers, torch.device(device))
+    feature_pass(lambda batch: forward_to(model, batch, layer), source, settings, keep, indices,
+                 label=f"responses {layer}")
+    scores = np.concatenate(maxima) if maxima else np.zeros((0, layer_channels(model, layer)), dtype=np.float32)
     image_indices = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
     return FilterResponses(layer, image_indices.astype(np.int64), scores, time.perf_counter() - start)
 

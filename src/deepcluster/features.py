@@ -1,0 +1,127 @@
+"""THE feature pass: a frozen network over every image's centre view, batch by batch.
+
+Training (the clustered features of each epoch and of the final clustering), the online
+kNN, evaluation (per-layer features), the report (filter responses) and inference (assign,
+features) all read images through :func:`feature_pass`, so they see the same views, the
+same normalisation, precision and memory layout, and the same batches: a feature computed
+by ``assign`` equals the one the run clustered, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from deepcluster import distributed
+from deepcluster.config import Config
+from deepcluster.data import CenterView, FeatureDataset, ImageSource, Normalize
+from deepcluster.models import Backbone
+from deepcluster.progress import track
+
+
+def loader_kwargs(workers: int, device: torch.device) -> dict[str, Any]:
+    """``DataLoader`` settings shared by every pass over images (loading only, no numbers)."""
+    kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        kwargs["persistent_workers"] = False
+        kwargs["prefetch_factor"] = 4
+    return kwargs
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bfloat16 autocast on ``device`` when ``bf16``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """How a pass reads and feeds images.
+
+    Attributes:
+        view: the deterministic centre view (resize, then crop).
+        normalize: uint8 batch -> normalised float batch.
+        batch_size, workers: data loading (the batch size also fixes the batches the
+            network sees, so keep a run's own to reproduce its features exactly).
+        device: where the network runs.
+        channels_last: memory layout of the input batch (same maths).
+        bf16: run the network under bfloat16 autocast.
+    """
+
+    view: CenterView
+    normalize: Normalize
+    batch_size: int
+    workers: int = 0
+    device: torch.device = torch.device("cpu")
+    channels_last: bool = False
+    bf16: bool = False
+
+    @classmethod
+    def of_run(cls, config: Config, device: torch.device) -> PassSettings:
+        """The pass a run with ``config`` makes on ``device`` (its feature batch, workers,
+        precision and layout)."""
+        return cls(CenterView(config.resize, config.crop), Normalize(config.mean, config.std),
+                   config.feature_batch_size, config.workers, torch.device(device), config.channels_last,
+                   config.precision == "bf16")
+
+
+@torch.no_grad()
+def feature_pass(forward: Callable[[torch.Tensor], Any], source: ImageSource, settings: PassSettings,
+                 on_batch: Callable[[np.ndarray, Any, np.ndarray], None], indices: np.ndarray | None = None,
+                 label: str = "features") -> None:
+    """Run ``forward`` on the centre view of images of ``source``, in order, batch by batch.
+
+    Args:
+        forward: normalised ``(B, 3, H, W)`` batch -> what the caller keeps (a tensor, a dict
+            of tensors); called without gradients, under autocast when ``settings.bf16``.
+            Put the network in eval mode first.
+        source: the images.
+        settings: views, batches, device, precision.
+        on_batch: receives ``(rows, outputs, decoded)`` for each batch: the ``(B,)`` source
+            indices, ``forward``'s result, and the ``(B,)`` bool of images that decoded (the
+            others were fed as black images: ignore their outputs).
+        indices: the images to visit, in this order (default: all, in source order).
+        label: the progress bar's name.
+    """
+    dataset = FeatureDataset(source, settings.view)
+    if indices is not None:
+        dataset = Subset(dataset, [int(index) for index in indices])
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False,
+                        **loader_kwargs(settings.workers, settings.device))
+    for images, rows, decoded in track(loader, len(dataset), label, unit="img", size=lambda batch: len(batch[0])):
+        with autocast(settings.device, settings.bf16):
+            outputs = forward(settings.normalize(images, settings.device, settings.channels_last))
+        on_batch(rows.numpy(), outputs, decoded.numpy())
+
+
+def compute_features(model: Backbone, source: ImageSource, config: Config,
+                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered features (``forward_clustered``) of every image, as the run's feature pass
+    computes them (each process passes its shard; every process gets all rows).
+
+    Returns:
+        ``(N, clustered_dim)`` float32 features (zero rows for unreadable images) and an
+        ``(N,)`` bool mask of the images that decoded.
+    """
+    model.eval()
+    indices = distributed.shard(np.arange(len(source)))
+    local = np.zeros((len(indices), model.clustered_dim), dtype=np.float32)
+    local_decoded = np.zeros(len(indices), dtype=bool)
+    position = 0
+
+    def keep(rows: np.ndarray, out: torch.Tensor, decoded: np.ndarray) -> None:
+        nonlocal position
+        local[position:position + len(rows)] = out.float().cpu().numpy()
+        local_decoded[position:position + len(rows)] = decoded
+        position += len(rows)
+
+    feature_pass(model.forward_clustered, source, PassSettings.of_run(config, device), keep, indices)
+    features = distributed.gather_rows(local, indices, len(source))
+    decoded = distributed.gather_rows(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
+    return features, decoded
+
+
+__all__ = ["PassSettings", "autocast", "compute_features", "feature_pass", "loader_kwargs"]
