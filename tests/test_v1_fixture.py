@@ -76,7 +76,7 @@ def final_weights(run: Path) -> list[tuple[str, torch.Tensor]]:
     from deepcluster.checkpoint import load_checkpoint
 
     saved = load_checkpoint(run / "checkpoint.pt")
-    head = {name.replace("linear.", "top_layer.", 1): tensor for name, tensor in saved["head"].items()}
+    head = {name.replace("linear.", "top_layer.", 1): tensor for name, tensor in saved.get("head", {}).items()}
     return sorted({**saved["model"], **head}.items())
 
 
