@@ -204,7 +204,7 @@ def test_a_folder_with_nothing_usable_is_an_error_before_training(cli, tmp_path,
 
 
 def test_a_file_that_breaks_after_the_feature_pass_is_left_out_of_training(cli, tmp_path, monkeypatch):
-    from deepcluster import train as train_module
+    from deepcluster.methods import v1 as v1_module
 
     data = tmp_path / "data"
     data.mkdir()
@@ -213,7 +213,7 @@ def test_a_file_that_breaks_after_the_feature_pass_is_left_out_of_training(cli, 
         Image.fromarray(make_pattern(i % 3, rng)).save(data / f"good_{i:02d}.png")
     victim = data / "good_05.png"
     paths = FolderSource(data).paths  # the order of the assignments
-    original = train_module.reduce_features
+    original = v1_module.reduce_features
     passes = []
 
     def reduce_then_break(*args, **kwargs):
@@ -223,7 +223,7 @@ def test_a_file_that_breaks_after_the_feature_pass_is_left_out_of_training(cli, 
             victim.write_bytes(b"this is no longer a PNG")
         return result
 
-    monkeypatch.setattr(train_module, "reduce_features", reduce_then_break)
+    monkeypatch.setattr(v1_module, "reduce_features", reduce_then_break)
     run = tmp_path / "run"
     # Every image is drawn at least once: more samples than images, with uniform sampling.
     code, out, err = cli("train", "--data", data, "--out", run, "--epochs", "2", "--n_clusters", "3")

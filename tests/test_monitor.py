@@ -108,7 +108,7 @@ def test_a_labelled_folder_without_val_says_how_to_get_the_curve(cli, image_fold
 
 def test_too_few_images_for_the_pca_width_warns_and_narrows_it(cli, image_folder, tmp_path):
     """36 images whitened to 35 or more dimensions are a regular simplex: all equidistant."""
-    from deepcluster.train import pca_dim_for
+    from deepcluster.methods.v1 import pca_dim_for
 
     assert pca_dim_for(256, 1000) == 256 and pca_dim_for(256, 257) == 128 and pca_dim_for(8, 3) == 1
     run = tmp_path / "run"
@@ -143,7 +143,7 @@ def test_width_scaled_fc_init_keeps_the_reference_for_4096_wide_layers():
 
 
 def test_a_centroids_head_predicts_the_pseudo_labels_from_its_first_step():
-    from deepcluster.train import head_sample, init_head_from_clusters
+    from deepcluster.methods.v1 import head_sample, init_head_from_clusters
 
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (5, 32))
@@ -170,7 +170,7 @@ def test_a_run_with_a_centroids_head(cli, image_folder, tmp_path):
 
 def test_previous_init_keeps_cluster_ids_across_epochs():
     from deepcluster.config import resolve
-    from deepcluster.train import cluster_points, previous_centroids
+    from deepcluster.methods.v1 import cluster_points, previous_centroids
 
     rng = np.random.default_rng(0)
     centres = np.eye(6, 8, dtype=np.float32)

@@ -98,18 +98,20 @@ def test_pic_clustering_runs_in_the_loop_with_the_number_of_clusters_it_finds(im
 def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(image_folder, tmp_path):
     from deepcluster.data import FolderSource
     from deepcluster.features import compute_features
-    from deepcluster.train import build, cluster_features, reduce_features
+    from deepcluster.clustering import fit_pca
+    from deepcluster.methods.v1 import reduce_features
+    from deepcluster.train import build
 
     config = tiny_config(image_folder, tmp_path / "run", threads=1)
     device = torch.device("cpu")
     model, _, _ = build(config, device)
     source = FolderSource(config.data)
     features, ok = compute_features(model, source, config, device)
-    reference = cluster_features(features, ok, config, seed=3)
+    reference = fit_pca(features[ok], config.pca_dim, config.whiten_power)  # in memory, all rows
     reduced = reduce_features(model, source, config, device, seed=5)
     points, ok_streamed, pca = reduced.points, reduced.decoded, reduced.pca
     assert np.array_equal(ok, ok_streamed)
-    expected = reference.pca.transform(features)
+    expected = reference.transform(features)
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     # Same PCA fitted on all rows: the same reduced points (eigenvector signs included).
     np.testing.assert_allclose(points, expected, atol=1e-4)

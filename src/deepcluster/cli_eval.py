@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deepcluster.evaluation.suite import (evaluate_backbone, open_labelled_splits, random_init_backbone,
                                               remove_dir)
     from deepcluster.checkpoint import load_backbone
-    from deepcluster.train import resolve_device
+    from deepcluster.devices import resolve_device
 
     def log(line: str) -> None:
         print(line, flush=True)

@@ -168,7 +168,7 @@ def _setup(args: argparse.Namespace):
     """Threads and device of a command; bad values are a one-line error."""
     import torch
 
-    from deepcluster.train import resolve_device
+    from deepcluster.devices import resolve_device
 
     if args.threads is not None:
         if args.threads < 1:

@@ -11,9 +11,9 @@ so on; counting starts anew in every process (a resumed run counts from 1 again)
 
 Points (``POINTS``):
 
-- ``features``: before each batch of the feature pass;
+- ``features``: before each batch of the clustering's feature pass;
 - ``clustering``: after PCA, before k-means / PIC;
-- ``training``: before each optimiser step of the training pass;
+- ``training``: before each optimiser step of the training pass (after its loss);
 - ``assignments``, ``checkpoint``: halfway through writing the temporary file of an epoch's
   assignments / of the checkpoint, before it is renamed into place;
 - ``log``: after the checkpoint, before the epoch's line is appended to ``log.jsonl``.
@@ -31,13 +31,19 @@ Actions:
   system refuses an allocation.
 
 Example: ``DEEPCLUSTER_FAULT=kill:checkpoint:2`` tears the second checkpoint write.
+
+The training loop never calls a fault point itself: ``instrument`` wraps the planner and the
+loss it calls; the run folder's writes carry their own points.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import math
 import os
 import signal
+from typing import Any, Callable, TypeVar
 
 from deepcluster.config import ConfigError
 
@@ -119,4 +125,32 @@ def fault_point(point: str, path: str | os.PathLike | None = None) -> str | None
     return None
 
 
-__all__ = ["ENV_VAR", "POINTS", "FaultSpecError", "check_environment", "fault_point", "parse", "reset"]
+Planner = TypeVar("Planner")
+
+
+def instrument(planner: Planner, loss: Callable[..., Any]) -> tuple[Planner, Callable[..., Any]]:
+    """Wrap what the training loop calls with the fault points, so the loop mentions none:
+    ``features`` before each batch of the planner's feature pass (``planner.reduce``),
+    ``clustering`` before its clustering (``planner.cluster``), ``training`` after each
+    batch's ``loss`` (a ``nan`` fault poisons it). The write points live in the run folder.
+
+    Raises:
+        FaultSpecError: ``DEEPCLUSTER_FAULT`` is malformed (checked now, before the run starts).
+    """
+    check_environment()
+    planner.reduce = functools.partial(planner.reduce, before_batch=lambda: fault_point("features"))
+    cluster = planner.cluster
+
+    def cluster_at_fault_point(*args: Any, **kwargs: Any) -> Any:
+        fault_point("clustering")
+        return cluster(*args, **kwargs)
+
+    def loss_at_fault_point(*args: Any, **kwargs: Any) -> Any:
+        value = loss(*args, **kwargs)
+        return value * math.nan if fault_point("training") == "nan" else value
+
+    planner.cluster = cluster_at_fault_point
+    return planner, loss_at_fault_point
+
+
+__all__ = ["ENV_VAR", "POINTS", "FaultSpecError", "check_environment", "fault_point", "instrument", "parse", "reset"]

@@ -10,7 +10,7 @@ clustering saved in the checkpoint:
 4. the nearest saved centroid (the run's k-means search backend), and its distance.
 
 Which clustering: a finished run saves a *final clustering* of its trained network
-(``train.add_final_clustering``); its centroids and PCA fit the saved weights, and ``assign``
+(``methods.v1.V1Planner.final_clustering``); its centroids and PCA fit the saved weights, and ``assign``
 on the training images reproduces ``assignments/final.npy`` exactly. Without it (a run
 stopped early, or ``final_clustering: false``) the last epoch's clustering is used, with a
 caveat: it was computed from the weights at the *start* of that epoch, and the checkpoint

@@ -8,4 +8,44 @@ def plural(count: int, word: str) -> str:
     return f"{count:,} {word}" if count == 1 else f"{count:,} {word}s"
 
 
-__all__ = ["plural"]
+def format_scores(record: dict) -> list[str]:
+    """The label scores of a record, named so they cannot be misread (see ``monitor``)."""
+    parts = []
+    if "knn_top1" in record:
+        parts.append(f"knn top-1 {record['knn_top1']:.1f}%")
+    if "cluster_acc" in record:
+        parts.append(f"acc(k=classes) {100 * record['cluster_acc']:.1f}%")
+    if "nmi_labels" in record:
+        parts.append(f"nmi {record['nmi_labels']:.3f} (chance {record['nmi_chance']:.3f}) "
+                     f"ari {record['ari_labels']:.3f} purity {100 * record['purity']:.1f}%")
+    return parts
+
+
+def format_line(record: dict, epochs: int) -> str:
+    """The one terminal line of an epoch: the scores are of the features the epoch clustered
+    (the weights it started from: epoch 1 shows the random start)."""
+    parts = [f"epoch {record['epoch']:>3}/{epochs}"]
+    if record["clustering_objective"] is not None:
+        parts.append(f"objective {record['clustering_objective']:.4f}")
+    parts.append(f"loss {record['train_loss']:.4f}")
+    parts.extend(format_scores(record))
+    if record.get("nmi_prev") is not None:
+        parts.append(f"nmi(t-1,t) {record['nmi_prev']:.3f}")
+    parts.append(f"clusters {record['n_nonempty']} (largest {100 * record['largest_cluster_share']:.1f}%)")
+    parts.append(f"time features {record['time_features']:.1f}s clustering {record['time_clustering']:.1f}s "
+                 f"training {record['time_training']:.1f}s ({record['train_images_per_s']:.0f} img/s)")
+    return "  ".join(parts)
+
+
+def final_line(summary: dict, last_epoch: int) -> str:
+    """The terminal line of the final clustering (``final.json``'s numbers)."""
+    parts = [f"final clustering of the trained network: {plural(summary['n_nonempty'], 'cluster')} "
+             f"(largest {100 * summary['largest_cluster_share']:.1f}%)"]
+    if summary["nmi_last_epoch"] is not None:
+        parts.append(f"nmi with epoch {last_epoch}'s {summary['nmi_last_epoch']:.3f}")
+    parts.extend(format_scores(summary))
+    parts.append(f"time {summary['time_features'] + summary['time_clustering']:.1f}s")
+    return "  ".join(parts)
+
+
+__all__ = ["final_line", "format_line", "format_scores", "plural"]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from deepcluster.clustering import ari, clustering_accuracy, kmeans, nmi
-from deepcluster.data import DataError, FolderSource, ImageSource
+from deepcluster.data import ArraySource, DataError, FolderSource, ImageSource
 from deepcluster.evaluation.knn import knn_classify
 
 # k-means for the k = number of classes accuracy: a few Lloyd iterations from k-means++
@@ -204,4 +204,14 @@ def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: 
             float((top == label_tensor[:, None]).any(dim=1).sum()) * 100.0 / n)
 
 
-__all__ = ["KnnMonitor", "chance_nmi", "class_kmeans_accuracy", "label_scores", "purity", "raw_pixel_nmi"]
+def digits_verdict(source: ArraySource, summary: dict, backend: str = "faiss") -> str:
+    """The demo's last line: the trained network's clustering beside k-means on the raw
+    pixels at the same k (the baseline a feature learner has to beat)."""
+    baseline = raw_pixel_nmi(source.images[..., 0], source.labels, summary["n_clusters"], backend=backend)
+    verdict = "above" if summary["nmi_labels"] > baseline else "NOT above"
+    return (f"digits: NMI with the classes {summary['nmi_labels']:.3f} for the trained network's clustering vs "
+            f"{baseline:.3f} for k-means on the raw 64 pixels (k = {summary['n_clusters']} both): {verdict} "
+            f"the raw-pixel baseline")
+
+
+__all__ = ["KnnMonitor", "digits_verdict", "chance_nmi", "class_kmeans_accuracy", "label_scores", "purity", "raw_pixel_nmi"]

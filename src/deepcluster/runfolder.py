@@ -34,23 +34,34 @@ duplicate and no torn line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
+import torch
 import yaml
 
-from deepcluster.checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, remove_temp_files,
-                                    save_checkpoint)
-from deepcluster.config import Config, ConfigError, load_yaml
+from deepcluster import distributed
+from deepcluster.checkpoint import (CheckpointError, atomic_write_bytes, check_resumable, load_checkpoint, load_head,
+                                    load_weights, remove_temp_files, save_checkpoint)
+from deepcluster.config import Config, ConfigError, check_unchanged, from_dict, load_yaml
+from deepcluster.data import FolderSource, ImageSource, load_digits_source, walk_relative
 from deepcluster.data.sources import DataError
 from deepcluster.faults import fault_point
+from deepcluster.scalars import ScalarLog
+
+if TYPE_CHECKING:
+    from deepcluster.methods.v1 import Partition
+    from deepcluster.models import Backbone
+    from deepcluster.models.heads import ClassifierHead
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -403,6 +414,214 @@ def save_final(run_dir: Path, assignments: np.ndarray, checkpoint: dict[str, Any
         raise write_failure("final clustering", path, error, "the trained checkpoint is kept; --resume retries it") from None
 
 
+@dataclass
+class RunState:
+    """What a resumed run needs besides the weights."""
+
+    epoch: int = 0  # epochs completed
+    previous: np.ndarray | None = None  # last epoch's assignments
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+    records: list[dict] = field(default_factory=list)  # log record of every completed epoch
+
+
+def open_source(config: Config, run_dir: Path | None = None) -> ImageSource:
+    """The images of the run: the built-in digits when ``config.data`` is None; with
+    ``run_dir``, the list the run stored when it started (``RUN/images.json``), when it has
+    one, else a fresh scan of the folder."""
+    if config.data is None:
+        return load_digits_source()
+    return FolderSource(config.data, None if run_dir is None else read_images(run_dir))
+
+
+def folder_changes(source: ImageSource, skipped: dict[str, str]) -> str | None:
+    """What changed in a run's data folder since the run stored its image list (a cheap
+    listing, no header read), as a warning; ``None`` when nothing did."""
+    if not isinstance(source, FolderSource):
+        return None
+    stored = set(source.relative_files())
+    present = set(walk_relative(source.root))
+    added = [name for name in present - stored if str(Path(source.root) / name) not in skipped]
+    missing = stored - present
+    if not added and not missing:
+        return None
+    return (f"deepcluster: warning: the data folder {source.root!r} changed since the run started: "
+            f"{len(added)} new image file(s) not used (a run keeps the images it started with, listed in "
+            f"images.json), {len(missing)} missing (left out as unreadable)")
+
+
+def checkpoint_state(model: Backbone, head: ClassifierHead, optimizer: torch.optim.Optimizer, config: Config,
+                     state: RunState, partition: Partition | None) -> dict:
+    """Everything a resume or a later ``assign`` needs, as tensors and plain containers."""
+    out = {
+        "config": config.to_dict(),
+        "arch": config.arch,
+        "epoch": state.epoch,
+        "model": dict(model.state_dict()),
+        "head": dict(head.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "assignments": torch.from_numpy(state.previous) if state.previous is not None else None,
+        "skipped": dict(state.skipped),
+        "records": list(state.records),  # plain values (json_record): log.jsonl is rebuilt from them
+    }
+    if partition is not None:
+        out["centroids"] = torch.from_numpy(partition.centroids)
+        out["pca_mean"] = torch.from_numpy(partition.pca.mean)
+        out["pca_projection"] = torch.from_numpy(partition.pca.projection)
+    return out
+
+
+def check_resume_config(saved: dict, config: Config) -> None:
+    """A resumed run must use the settings it started with, except ``RESUMABLE`` ones."""
+    try:
+        old = from_dict(saved)
+    except ConfigError as error:
+        raise CheckpointError(f"the checkpoint's settings are invalid ({error})") from None
+    check_unchanged(old, config)
+
+
+class RunFolder:
+    """A run's folder as the training loop sees it: everything the loop reads from or writes
+    to disk goes through here, so the loop itself does no file I/O.
+
+    With several processes only the main one writes (the others could delete its
+    temporary files); the others read.
+
+    Args:
+        config: the run's settings (``run_dir`` is the folder).
+        log: where one-line notices go.
+    """
+
+    def __init__(self, config: Config, log: Callable[[str], None] = print) -> None:
+        self.config, self.path, self.log = config, config.run_dir, log
+        self.writer = distributed.is_main_process()
+        self.checkpoint_path = self.path / CHECKPOINT_NAME
+        self.scalars: ScalarLog | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[RunFolder]:
+        """The folder's lock for the whole run (taken by the writer only; see ``lock``)."""
+        with lock(self.path) if self.writer else contextlib.nullcontext():
+            yield self
+
+    def check_resume(self, resume: bool) -> bool:
+        """Whether the run resumes: a folder killed during its first epoch starts over.
+
+        Raises:
+            CheckpointError: nothing to resume.
+            ConfigError: a fresh run into a folder that holds a checkpoint.
+        """
+        if resume and not self.checkpoint_path.is_file():
+            if not started_run(self.path):
+                raise CheckpointError(f"nothing to resume: {str(self.checkpoint_path)!r} does not exist")
+            # Killed during its first epoch: there is nothing to lose, start over.
+            self.log(f"deepcluster: {str(self.path)!r} has no checkpoint yet (the run stopped during its first epoch); "
+                     "starting from the beginning")
+            resume = False
+        if not resume and self.checkpoint_path.is_file():
+            raise ConfigError(f"run folder {str(self.path)!r} already holds a checkpoint; pass --resume to continue it "
+                              "or choose another --out")
+        return resume
+
+    def open_source(self, resume: bool) -> ImageSource:
+        """The run's images (a resumed run: the list it stored when it started)."""
+        return open_source(self.config, self.path if resume else None)
+
+    def restore(self, model: Backbone, head: ClassifierHead, optimizer: torch.optim.Optimizer,
+                source: ImageSource) -> RunState:
+        """Load the checkpoint into ``model``, ``head`` and ``optimizer``, and the torch
+        generator; returns the run state.
+
+        Raises:
+            CheckpointError: a checkpoint that is damaged, of other settings or another model.
+            ConfigError: the data folder no longer holds the images the run was trained on.
+        """
+        path, config = self.checkpoint_path, self.config
+        saved = load_checkpoint(path)
+        check_resume_config(saved["config"], config)
+        check_resumable(saved, path)
+        if saved.get("arch") != config.arch:
+            raise CheckpointError(f"checkpoint {str(path)!r} is for architecture {saved.get('arch')!r}, "
+                                  f"but the run asks for {config.arch!r}")
+        load_weights(model, saved["model"], path)
+        load_head(head, saved["head"], path, next(model.parameters()).device)
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: "
+                                  f"{str(error).splitlines()[0]}") from None
+        torch.set_rng_state(saved["torch_rng"])
+        previous = saved.get("assignments")
+        records = saved.get("records")
+        state = RunState(int(saved["epoch"]), None if previous is None else previous.numpy().astype(np.int64),
+                         dict(saved.get("skipped", {})),
+                         records if isinstance(records, list) and all(isinstance(r, dict) for r in records) else [])
+        if "records" not in saved:  # written before checkpoints stored the log records
+            state.records = records_from_log(self.path, state.epoch)
+        if state.previous is not None and len(state.previous) != len(source):
+            raise ConfigError(f"the data folder {config.data!r} now holds {len(source)} usable images but the run "
+                              f"was trained on {len(state.previous)}; restore the folder as it was, or start a new "
+                              "run with another --out")
+        return state
+
+    def prepare(self, source: ImageSource, state: RunState, resume: bool) -> list[Path]:
+        """Make the folder describe exactly the checkpoint's epochs (``prepare``), store the
+        image list (a fresh run) or warn about a changed data folder (a resumed one), and
+        returns the temporary files of an interrupted write that were removed."""
+        if not self.writer:
+            return []
+        removed = prepare(self.path, self.config, state.epoch, state.records, state.skipped)
+        if isinstance(source, FolderSource):
+            if not resume or not (self.path / IMAGES_NAME).is_file():  # or a run from before the list
+                write_images(self.path, source.root, source.relative_files())
+            else:
+                change = folder_changes(source, state.skipped)
+                if change:
+                    self.log(change)
+        return removed
+
+    def open_scalars(self) -> None:
+        """Start the TensorBoard scalars (``tensorboard`` setting; flushed every epoch, so a
+        run that stops early keeps them without a ``close``)."""
+        self.scalars = ScalarLog(self.path, self.config.tensorboard and self.writer)
+
+    def write_skipped(self, skipped: dict[str, str]) -> None:
+        """Replace ``skipped.tsv`` (see ``write_skipped``)."""
+        if self.writer:
+            write_skipped(self.path, skipped)
+
+    def commit_epoch(self, epoch: int, state: RunState, checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
+        """Write epoch ``epoch``'s (0-based) assignments, skipped list, checkpoint, log line
+        and scalars (see ``commit_epoch``)."""
+        if self.writer:
+            commit_epoch(self.path, epoch, state.previous, state.skipped, checkpoint, record)
+            self.scalars.write(record)
+
+    def close(self) -> None:
+        """Flush and close the scalars (they are flushed every epoch anyway)."""
+        if self.scalars is not None:
+            self.scalars.close()
+
+    def final_is_current(self, epoch: int) -> bool:
+        """Whether the checkpoint already holds the final clustering of ``epoch`` epochs."""
+        final = load_checkpoint(self.checkpoint_path).get("final")
+        return (final is not None and int(final["epoch"]) == epoch
+                and (self.path / ASSIGNMENTS_DIR / FINAL_ASSIGNMENTS).is_file())
+
+    def save_final(self, epoch: int, partition: Partition, summary: dict[str, Any]) -> None:
+        """Add the final clustering to the checkpoint, ``assignments/final.npy`` and
+        ``final.json`` (see ``save_final``)."""
+        if not self.writer:
+            return
+        saved = load_checkpoint(self.checkpoint_path)
+        saved.pop("format_version", None)
+        saved["final"] = {"epoch": epoch, "centroids": torch.from_numpy(partition.centroids),
+                          "pca_mean": torch.from_numpy(partition.pca.mean),
+                          "pca_projection": torch.from_numpy(partition.pca.projection),
+                          "assignments": torch.from_numpy(partition.assignments)}
+        save_final(self.path, partition.assignments, saved, json.dumps(summary) + "\n")
+
+
 __all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "LOG_NAME", "RunFolderError", "SKIPPED_NAME", "commit_epoch",
-           "json_record", "prepare", "save_final", "read_log", "records_from_log", "save_assignments", "skipped_text", "started_run",
+           "json_record", "prepare", "RunFolder", "RunState", "checkpoint_state", "open_source", "save_final", "read_log", "records_from_log", "save_assignments", "skipped_text", "started_run",
            "write_skipped"]

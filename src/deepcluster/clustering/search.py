@@ -28,6 +28,8 @@ import functools
 
 import numpy as np
 import torch
+
+from deepcluster import devices
 import torch.nn.functional as F
 
 BACKENDS = ("faiss", "torch")
@@ -56,18 +58,8 @@ def check_backend(backend: str) -> str:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` is the first CUDA GPU when one is present, else the CPU.
-
-    Raises:
-        ValueError: a CUDA device is asked for but none is available.
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"clustering device {str(device)!r} asked for, but no CUDA GPU is available; "
-                         "use device 'cpu' or 'auto'")
-    return device
+    """Where a search runs (``auto``: the first GPU when present); see ``deepcluster.devices``."""
+    return devices.resolve_device(device, "clustering device")
 
 
 def faiss_has_gpu() -> bool:

@@ -1,0 +1,445 @@
+"""DeepCluster v1's planner: feature pass -> PCA-whitening -> L2 -> k-means -> a new head.
+
+Each epoch (DEEPCLUSTER.md section 2):
+
+1. **Features.** The body, in eval mode, maps the centre view of every image to the
+   output of its last fully connected layer before the ReLU (``reduce_features``, streamed
+   through THE feature pass of ``deepcluster.features``).
+2. **Clustering.** PCA-whitening to ``pca_dim``, L2 normalisation, k-means with a fresh
+   seed (``cluster_points``); the assignments are the pseudo-labels (centroids kept only
+   for prediction).
+3. **A new head.** Cluster ids are arbitrary and change every epoch, so last epoch's head
+   means nothing: the classifier head is re-created with k outputs.
+
+The same chain (``cluster_images``) makes the final clustering of the trained network.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepcluster import distributed
+from deepcluster.clustering import cluster_sizes, kmeans, nmi
+from deepcluster.clustering.pca import PCA, StreamingPCA
+from deepcluster.clustering.pic import pic
+from deepcluster.clustering.search import faiss_has_gpu
+from deepcluster.config import Config
+from deepcluster.data import DataError, ImageSource, decode_problem
+from deepcluster.features import PassSettings, compute_features, feature_pass
+from deepcluster.health import check_features, cluster_warnings
+from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM_HEAD_SAMPLE, STREAM_SCORES,
+                                 derived_seed)
+from deepcluster.models import Backbone
+from deepcluster.models.heads import ClassifierHead
+from deepcluster.monitor import KnnMonitor, label_scores
+from deepcluster.progress import Progress
+from deepcluster.runfolder import SKIPPED_NAME
+
+
+@dataclass
+class Partition:
+    """One clustering of the images: a pseudo-label for every image (-1 where unusable).
+
+    Attributes:
+        assignments: ``(N,)`` int64 pseudo-label of every image.
+        n_clusters: number of pseudo-labels (k for k-means; found by PIC).
+        centroids: ``(n_clusters, pca_dim)`` cluster centres in the PCA space (for PIC,
+            cluster means), to place new images.
+        objective: mean squared distance to the centroid (k-means only).
+        n_split: empty clusters re-seeded during k-means.
+        pca: the projection fitted this epoch.
+        time_pca: seconds spent fitting the PCA and projecting.
+        time_kmeans: seconds spent in k-means (or PIC).
+    """
+
+    assignments: np.ndarray
+    n_clusters: int
+    centroids: np.ndarray
+    objective: float | None
+    n_split: int
+    pca: PCA
+    time_pca: float
+    time_kmeans: float
+
+
+def clustering_device(config: Config, device: torch.device) -> str:
+    """Where k-means and PIC searches run: ``clustering_device``, or with ``auto`` the
+    training device (the CPU for the faiss backend when faiss is a CPU-only build)."""
+    if config.clustering_device != "auto":
+        return config.clustering_device
+    if device.type == "cuda" and config.kmeans_backend == "faiss" and not faiss_has_gpu():
+        return "cpu"
+    return str(device)
+
+
+def previous_centroids(points: np.ndarray, previous: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """``(k, d)`` starting centroids for ``kmeans_init: previous``: the mean of this epoch's
+    points under last epoch's clustering, so cluster k stays (mostly) cluster k; a cluster
+    without a usable point starts at a random point."""
+    usable = previous >= 0
+    sums = np.zeros((n_clusters, points.shape[1]), dtype=np.float64)
+    np.add.at(sums, previous[usable], points[usable])
+    counts = np.bincount(previous[usable], minlength=n_clusters)
+    empty = counts == 0
+    sums[empty] = points[np.random.default_rng(seed).choice(len(points), int(empty.sum()), replace=False)]
+    counts[empty] = 1
+    return (sums / counts[:, None]).astype(np.float32)
+
+
+def cluster_points(points: np.ndarray, ok: np.ndarray, pca: PCA, config: Config, seed: int,
+                   device: str = "cpu", previous: np.ndarray | None = None) -> Partition:
+    """k-means (or PIC) of the reduced ``(N, pca_dim)`` unit rows whose ``ok`` is true.
+
+    ``previous`` (last epoch's assignments) seeds k-means when ``kmeans_init`` is
+    ``previous``; without it (the first epoch) that init falls back to random points.
+    ``pca`` is only stored with the result (the projection that made ``points``)."""
+    start = time.perf_counter()
+    usable = points[ok] if not ok.all() else points
+    init = config.kmeans_init
+    if init == "previous":
+        init = "random" if previous is None else previous_centroids(usable, previous[ok], config.n_clusters, seed)
+    if config.clustering == "pic":
+        with Progress(None, "PIC"):
+            found = pic(usable, knn_backend=config.kmeans_backend, device=device, seed=seed)
+        labels, n_clusters, centroids, objective, n_split = (found.assignments, found.n_clusters, found.centroids,
+                                                             None, 0)
+    else:
+        with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
+            result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed,
+                            backend=config.kmeans_backend, init=init, device=device,
+                            on_iteration=lambda _: bar.update())
+        labels, n_clusters, centroids, objective, n_split = (result.assignments, config.n_clusters, result.centroids,
+                                                             result.objective[-1], result.n_split)
+    time_kmeans = time.perf_counter() - start
+    assignments = np.full(len(points), -1, dtype=np.int64)
+    assignments[ok] = labels
+    return Partition(assignments, n_clusters, centroids, objective, n_split, pca, 0.0, time_kmeans)
+
+
+def pca_dim_for(pca_dim: int, n_images: int) -> int:
+    """The PCA width used for ``n_images`` images: ``pca_dim``, or half the images when
+    there are too few. Whitened to ``N - 1`` or more dimensions, ``N`` points are all equally
+    far apart (a regular simplex), so k-means can only split them at random."""
+    return pca_dim if n_images > pca_dim + 1 else max(1, (n_images - 1) // 2)
+
+
+@dataclass
+class ReducedFeatures:
+    """One feature pass, reduced for clustering.
+
+    Attributes:
+        points: ``(N, pca_dim)`` float32 unit rows (zero for unusable images; no columns
+            when fewer than two images decoded).
+        decoded: ``(N,)`` bool, the images that decoded.
+        pca: the fitted PCA (``None`` when fewer than two images decoded).
+        time_network: seconds in the network.
+        time_pca: seconds in the PCA (fit and projections).
+        kept: ``(keep.sum(), feature_dim)`` raw features of the ``keep`` images, in image
+            order (None without ``keep``).
+        keep: the ``(N,)`` bool mask the pass was given.
+    """
+
+    points: np.ndarray
+    decoded: np.ndarray
+    pca: PCA | None
+    time_network: float
+    time_pca: float
+    kept: np.ndarray | None = None
+    keep: np.ndarray | None = None
+
+    def raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw features and decoded flags of the ``(N,)`` bool ``rows`` (a subset of ``keep``)."""
+        return self.kept[rows[self.keep]], self.decoded[rows]
+
+
+@torch.no_grad()
+def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
+                    seed: int, epoch: int = 0, keep: np.ndarray | None = None,
+                    before_batch: Callable[[], object] | None = None) -> ReducedFeatures:
+    """The feature pass streamed into PCA-whitening and L2 normalisation.
+
+    Only ``(N, pca_dim)`` is kept for k-means. With ``pca_sample_size`` unset the PCA is
+    fitted on every image's features, as the reference does (holding ``N x D`` until the
+    fit); with it set, the images are visited in a seeded random order, the PCA is fitted on
+    the first ``pca_sample_size`` of them and every later batch is projected on arrival,
+    so memory stays bounded (ImageNet: 1.6 GB of sample instead of 21 GB).
+
+    Args:
+        keep: ``(N,)`` bool, images whose raw features are also returned (``kept``), e.g.
+            the online kNN's memory; None keeps none.
+        before_batch: called before the network sees each batch (``faults.instrument``
+            injects its ``features`` point here).
+
+    Raises:
+        TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
+    """
+    model.eval()
+    n_images = len(source)
+    bounded = config.pca_sample_size is not None and config.pca_sample_size < n_images
+    order = np.random.default_rng(seed).permutation(n_images) if bounded else np.arange(n_images)
+    indices = distributed.shard(order)
+    share = -(-config.pca_sample_size // distributed.world_size()) if bounded else len(indices)
+    reducer = StreamingPCA(n_images, pca_dim_for(config.pca_dim, n_images), config.whiten_power,
+                           sample_size=max(share, 2),
+                           gather_sample=distributed.all_gather_rows if distributed.is_distributed() else None)
+    local_ok = np.zeros(len(indices), dtype=bool)
+    keep_local = None if keep is None else keep[indices]
+    kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.clustered_dim), dtype=np.float32)
+    kept_position = 0
+    position, time_pca = 0, 0.0
+    start = time.perf_counter()
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        if before_batch is not None:
+            before_batch()
+        return model.forward_clustered(batch)
+
+    def add(rows: np.ndarray, out: torch.Tensor, ok: np.ndarray) -> None:
+        nonlocal position, kept_position, time_pca
+        out = out.float().cpu().numpy()
+        check_features(out, epoch)
+        local_ok[position:position + len(rows)] = ok
+        if keep_local is not None:
+            wanted = keep_local[position:position + len(rows)]
+            kept_local[kept_position:kept_position + int(wanted.sum())] = out[wanted]
+            kept_position += int(wanted.sum())
+        position += len(rows)
+        tick = time.perf_counter()
+        if ok.any():
+            reducer.add(out[ok], rows[ok])
+        time_pca += time.perf_counter() - tick
+
+    feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
+    mask = distributed.gather_rows(local_ok.astype(np.uint8), indices, n_images).astype(bool)
+    # Back into image order: the rows of keep's true entries, ascending.
+    kept = None if keep is None else distributed.gather_rows(kept_local, indices[keep_local], n_images)[keep]
+    if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
+        return ReducedFeatures(np.zeros((n_images, 0), dtype=np.float32), mask, None,
+                               time.perf_counter() - start, time_pca, kept, keep)
+    tick = time.perf_counter()
+    with Progress(None, "PCA-whitening"):
+        reduced, pca = reducer.finish()
+    if distributed.is_distributed():
+        reduced = distributed.gather_rows(reduced[indices], indices, n_images)
+    time_pca += time.perf_counter() - tick
+    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - start - time_pca, time_pca, kept, keep)
+
+
+def union(*masks: np.ndarray | None) -> np.ndarray | None:
+    """Element-wise OR of the masks that are not None (None when all are)."""
+    given = [m for m in masks if m is not None]
+    return None if not given else np.logical_or.reduce(given)
+
+
+# head_init "centroids": rows whose features set the new head (enough for 20 per cluster),
+# and the temperature of its logits (v2's).
+HEAD_SAMPLE_MIN, HEAD_SAMPLE_PER_CLUSTER, HEAD_TEMPERATURE = 50_000, 20, 0.1
+
+
+def head_sample(n_images: int, n_clusters: int, seed: int) -> np.ndarray:
+    """``(N,)`` bool: the images whose features set a ``centroids`` head (all of a small set)."""
+    size = min(n_images, max(HEAD_SAMPLE_MIN, HEAD_SAMPLE_PER_CLUSTER * n_clusters))
+    mask = np.zeros(n_images, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_images, size, replace=False) if size < n_images else slice(None)] = True
+    return mask
+
+
+@torch.no_grad()
+def init_head_from_clusters(head: nn.Linear, features: np.ndarray, assignments: np.ndarray,
+                            temperature: float = HEAD_TEMPERATURE, head_std: float = 0.01) -> None:
+    """Start a new head as a nearest-cluster-mean classifier (``head_init: centroids``).
+
+    The head reads ``h = relu(f)``. Row k becomes the direction from the mean of ``h`` to
+    the mean of cluster k, scaled so the logits are about cos(h - mean, direction) / T
+    (T = 0.1, v2's temperature), but at most 1 / T times the norm of a random row of std
+    ``head_std`` (the model's); the bias subtracts the mean. So the first step already
+    predicts the pseudo-labels and its gradient teaches the body instead of a random head
+    (the reference starts from N(0, 0.01) and must learn the head first, a few hundred
+    steps of every epoch, which is most of an epoch on a small set). Clusters without a
+    sampled image keep their random row.
+
+    Args:
+        head: ``Linear(feature_dim, k)``, changed in place.
+        features: ``(n, feature_dim)`` raw features (before the ReLU) of sampled images.
+        assignments: ``(n,)`` their clusters in ``[0, k)``.
+    """
+    h = torch.relu(torch.from_numpy(features)).double()
+    labels = torch.from_numpy(assignments).long()
+    mean = h.mean(dim=0)
+    scale = (h - mean).norm(dim=1).mean().clamp_min(1e-12)
+    sums = torch.zeros(head.out_features, h.shape[1], dtype=torch.float64).index_add_(0, labels, h)
+    counts = torch.bincount(labels, minlength=head.out_features)
+    present = counts > 0
+    direction = sums[present] / counts[present, None] - mean
+    # Capped so tiny features (a narrow net under the reference init) do not get a huge head
+    # whose gradient would throw the body off: at most 1 / T times a reference row's norm.
+    norm = min(1.0 / (temperature * float(scale)), math.sqrt(h.shape[1]) * head_std / temperature)
+    weight = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12) * norm
+    head.weight[present] = weight.to(head.weight)
+    head.bias[present] = -(weight @ mean).to(head.bias)
+
+
+def knn_scores(model: Backbone, monitor: KnnMonitor, reduced: ReducedFeatures, config: Config,
+               device: torch.device) -> dict[str, float]:
+    """Online kNN of the validation images: their feature pass, against the memory rows
+    the epoch's feature pass kept (``reduced.kept``)."""
+    val_features, val_decoded = compute_features(model, monitor.val, config, device)
+    memory, memory_decoded = (None, None) if monitor.memory is None else reduced.raw(monitor.memory)
+    return monitor.score(val_features, val_decoded, memory, memory_decoded, device)
+
+
+class TooFewDecoded(DataError):
+    """Fewer images decoded than the clustering needs (the run writes ``skipped.tsv`` first)."""
+
+
+@dataclass
+class Plan:
+    """What an epoch trains on.
+
+    Attributes:
+        assignments: ``(N,)`` int64 pseudo-label of every image (-1: not used).
+        record: the epoch's numbers so far (clustering, its scores, seconds per stage), in
+            the order ``log.jsonl`` shows them.
+    """
+
+    assignments: np.ndarray
+    record: dict[str, Any]
+
+
+class V1Planner:
+    """Plans the epochs of a v1 run.
+
+    Args:
+        config: the run's settings.
+        device: where the network runs.
+        source: the training images.
+        monitor: the online kNN, or None.
+
+    Attributes:
+        reduce, cluster: the feature pass into PCA-L2 and the clustering step it calls
+            (``faults.instrument`` wraps them).
+        partition: the clustering in effect (the last one made; kept with the checkpoint).
+    """
+
+    def __init__(self, config: Config, device: torch.device, source: ImageSource,
+                 monitor: KnnMonitor | None = None) -> None:
+        self.config, self.device, self.source, self.monitor = config, device, source, monitor
+        self.reduce: Callable[..., ReducedFeatures] = reduce_features
+        self.cluster: Callable[..., Partition] = cluster_points
+        self.partition: Partition | None = None
+
+    def cluster_images(self, model: Backbone, epoch: int, previous: np.ndarray | None = None,
+                       keep: np.ndarray | None = None, skipped: dict[str, str] | None = None,
+                       ) -> tuple[ReducedFeatures, Partition]:
+        """Features -> PCA-whitening -> L2 -> k-means (or PIC) of every image, seeded by ``epoch``.
+
+        Args:
+            previous: last epoch's assignments (``kmeans_init: previous``).
+            keep: images whose raw features the pass also returns.
+            skipped: path -> reason; images that did not decode are added.
+
+        Raises:
+            TooFewDecoded: fewer images decoded than clusters are needed.
+        """
+        config, source = self.config, self.source
+        reduced = self.reduce(model, source, config, self.device, derived_seed(config.seed, epoch, STREAM_FEATURE_ORDER),
+                              epoch, keep=keep)
+        if skipped is not None:
+            for index in np.flatnonzero(~reduced.decoded):
+                skipped[source.name(int(index))] = decode_problem(source, int(index))
+        needed = config.n_clusters if config.clustering == "kmeans" else 2
+        if reduced.decoded.sum() < needed:
+            raise TooFewDecoded(f"only {int(reduced.decoded.sum())} of {len(source)} images could be decoded, fewer "
+                                f"than the {needed} clusters needed; the reasons are in "
+                                f"{str(config.run_dir / SKIPPED_NAME)!r}")
+        partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
+                                 derived_seed(config.seed, epoch, STREAM_CLUSTERING),
+                                 clustering_device(config, self.device), previous)
+        partition.time_pca = reduced.time_pca
+        return reduced, partition
+
+    def plan(self, model: Backbone, head: ClassifierHead, epoch: int, previous: np.ndarray | None,
+             skipped: dict[str, str]) -> Plan:
+        """Epoch ``epoch``'s (0-based) plan: a fresh clustering (every ``reassign_every``
+        epochs, and always when there is no ``previous``), a head reset to its clusters,
+        and the numbers of both.
+
+        Args:
+            previous: the last epoch's assignments, or None.
+            skipped: path -> reason of the files left out; this epoch's undecodable ones are added.
+
+        Raises:
+            TooFewDecoded: fewer images decoded than clusters are needed.
+        """
+        config, monitor = self.config, self.monitor
+        record: dict[str, Any] = {"epoch": epoch + 1}  # counted from 1 wherever a person reads it
+        recluster = previous is None or epoch % config.reassign_every == 0
+        record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
+        reduced, measure_knn = None, False
+        if recluster:
+            measure_knn = monitor is not None and (epoch % config.val_every == 0 or epoch == config.epochs - 1)
+            head_rows = (head_sample(len(self.source), config.n_clusters,
+                                     derived_seed(config.seed, epoch, STREAM_HEAD_SAMPLE))
+                         if config.head_init == "centroids" else None)
+            reduced, self.partition = self.cluster_images(
+                model, epoch, previous, keep=union(monitor.memory if measure_knn else None, head_rows),
+                skipped=skipped)
+            assignments = self.partition.assignments
+            if config.head_reset or head.n_outputs != self.partition.n_clusters:
+                head.reset(self.partition.n_clusters, self.device)
+            if head_rows is not None:
+                features, decoded = reduced.raw(head_rows)
+                init_head_from_clusters(head.linear, features[decoded], assignments[head_rows][decoded],
+                                        head_std=head.std)
+            record.update(time_features=reduced.time_network, time_pca=self.partition.time_pca,
+                          time_kmeans=self.partition.time_kmeans, n_split=self.partition.n_split)
+        else:
+            assignments = previous
+        record["time_clustering"] = record["time_pca"] + record["time_kmeans"]
+        sizes = cluster_sizes(assignments, int(assignments.max()) + 1)
+        record.update(
+            clustering_objective=None if self.partition is None else self.partition.objective,
+            n_nonempty=sizes.n_nonempty,
+            largest_cluster_share=sizes.largest_share,
+            # Stability: only meaningful when a new clustering replaced the previous one.
+            nmi_prev=nmi(previous, assignments) if recluster and previous is not None else None,
+            warnings=cluster_warnings(assignments),
+        )
+        tick = time.perf_counter()
+        record.update(label_scores(assignments, self.source.labels, None if reduced is None else reduced.points,
+                                   derived_seed(config.seed, epoch, STREAM_SCORES), config.kmeans_backend))
+        if recluster and measure_knn:
+            record.update(knn_scores(model, monitor, reduced, config, self.device))
+        record["time_monitor"] = time.perf_counter() - tick
+        return Plan(assignments, record)
+
+    def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None) -> tuple[Partition, dict]:
+        """The trained network's clustering after ``epochs`` epochs (the same chain, seeded
+        as an epoch ``epochs`` would be) and its numbers for ``final.json``.
+
+        Args:
+            last: the last epoch's assignments (for ``nmi_last_epoch``), or None.
+        """
+        config, monitor = self.config, self.monitor
+        reduced, final = self.cluster_images(model, epochs, keep=None if monitor is None else monitor.memory)
+        sizes = cluster_sizes(final.assignments, final.n_clusters)
+        summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
+                   "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
+                   "nmi_last_epoch": None if last is None else nmi(last, final.assignments),
+                   **label_scores(final.assignments, self.source.labels, reduced.points,
+                                  derived_seed(config.seed, epochs, STREAM_SCORES), config.kmeans_backend),
+                   **({} if monitor is None else knn_scores(model, monitor, reduced, config, self.device)),
+                   "time_features": reduced.time_network, "time_clustering": final.time_pca + final.time_kmeans}
+        return final, summary
+
+
+__all__ = ["Partition", "Plan", "ReducedFeatures", "TooFewDecoded", "V1Planner", "cluster_points", "clustering_device",
+           "head_sample", "init_head_from_clusters", "knn_scores", "pca_dim_for", "previous_centroids",
+           "reduce_features"]
