@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from deepcluster.clustering import (ari, cluster_sizes, clustering_accuracy, fit_pca, kmeans, l2_normalize, nmi,
-                                    preprocess_features)
+from deepcluster.clustering import ari, cluster_sizes, clustering_accuracy, fit_pca, kmeans, l2_normalize, nmi
 from deepcluster.clustering.kmeans import split_empty_clusters
 
 
@@ -99,7 +98,7 @@ def test_pca_without_whitening_keeps_variance_and_l2_normalizes():
     pca = fit_pca(features, 3, whiten_power=0.0)
     variances = pca.transform(features).var(axis=0)
     assert np.allclose(variances, [100, 81, 64], rtol=0.2)
-    points, _ = preprocess_features(features, 3)
+    points = fit_pca(features, 3).project(features)
     assert np.allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-5)
     assert np.allclose(np.linalg.norm(l2_normalize(np.zeros((2, 3))), axis=1), 0.0)
 

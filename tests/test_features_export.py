@@ -9,7 +9,7 @@ import torch
 from deepcluster.cli import main
 from deepcluster.data import CenterView, FolderSource, Normalize
 from deepcluster.evaluation.features import probe_pooling
-from deepcluster.inference import load_cluster_model, project
+from deepcluster.inference import load_cluster_model
 from deepcluster.models import ExportError, load_backbone_safetensors, read_backbone_metadata
 from deepcluster.checkpoint import load_backbone
 
@@ -61,7 +61,7 @@ def test_conv_layer_and_pca_options(tiny_run, image_folder, tmp_path):
         fc = model.forward_features(centre_batch(config, FolderSource(image_folder))).numpy()
     assert whitened.shape == (36, cluster_model.pca.n_components)
     assert np.allclose(np.linalg.norm(whitened, axis=1), 1, atol=1e-5)
-    assert np.allclose(whitened, project(fc, cluster_model.pca), atol=1e-4)
+    assert np.allclose(whitened, cluster_model.pca.project(fc), atol=1e-4)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from deepcluster.checkpoint import CheckpointError, load_checkpoint
-from deepcluster.clustering import l2_normalize, nearest_centroid
+from deepcluster.clustering import nearest_centroid
 from deepcluster.clustering.pca import PCA
 from deepcluster.config import Config
 from deepcluster.data import ImageSource
@@ -127,11 +127,6 @@ class Assignment:
     ok: np.ndarray
 
 
-def project(features: np.ndarray, pca: PCA) -> np.ndarray:
-    """``(N, D)`` features -> ``(N, d)`` float32 unit rows: the space k-means clusters in."""
-    return l2_normalize(pca.transform(features))
-
-
 def assign_features(features: np.ndarray, ok: np.ndarray, pca: PCA, centroids: np.ndarray,
                     backend: str = "faiss", device: str = "cpu") -> Assignment:
     """Nearest centroid of each usable row of ``(N, D)`` raw features (steps 2-4 above).
@@ -147,7 +142,7 @@ def assign_features(features: np.ndarray, ok: np.ndarray, pca: PCA, centroids: n
     clusters = np.full(len(features), -1, dtype=np.int64)
     distances = np.full(len(features), np.nan, dtype=np.float32)
     if ok.any():
-        points = project(features[ok], pca)
+        points = pca.project(features[ok])
         labels, squared = nearest_centroid(points, centroids, backend=backend, device=device)
         clusters[ok] = labels
         distances[ok] = np.sqrt(np.maximum(squared, 0.0))
@@ -288,7 +283,7 @@ def write_features(model: Backbone, config: Config, source: ImageSource, path: s
             out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(raw), pca.n_components))
             step = 65536
             for start in range(0, len(raw), step):
-                out[start:start + step] = project(np.asarray(raw[start:start + step]), pca)
+                out[start:start + step] = pca.project(np.asarray(raw[start:start + step]))
             out[~extracted.ok] = 0.0
             out.flush()
             dim = pca.n_components
@@ -304,4 +299,4 @@ def write_features(model: Backbone, config: Config, source: ImageSource, path: s
 
 
 __all__ = ["Assignment", "CHUNK_IMAGES", "ClusterModel", "FeatureFile", "assign_features", "assign_images",
-           "feature_layers", "load_cluster_model", "pca_from_checkpoint", "project", "write_features"]
+           "feature_layers", "load_cluster_model", "pca_from_checkpoint", "write_features"]

@@ -53,6 +53,11 @@ class PCA:
             out[start:start + chunk_size] = (chunk - mean) @ projection
         return out
 
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """``(N, D)`` features -> ``(N, d)`` float32 unit rows: PCA(-whitening), then L2
+        normalisation, the space DeepCluster's k-means clusters in."""
+        return l2_normalize(self.transform(features))
+
 
 def chunk_rows(dim: int, budget_bytes: int = 1 << 26) -> int:
     """Rows of ``dim`` float32 values in ``budget_bytes`` (at least 1,024): the size of the
@@ -118,16 +123,6 @@ def l2_normalize(features: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     features /= np.maximum(norms, eps)
     return features
-
-
-def preprocess_features(features: np.ndarray, n_components: int = 256, whiten_power: float = -0.5) -> tuple[np.ndarray, PCA]:
-    """PCA-whiten then L2-normalise, as DeepCluster does before k-means.
-
-    Returns:
-        ``(N, d)`` float32 unit rows, and the fitted PCA (to map new images the same way).
-    """
-    pca = fit_pca(features, n_components, whiten_power)
-    return l2_normalize(pca.transform(features)), pca
 
 
 class StreamingPCA:
@@ -253,8 +248,7 @@ class StreamingPCA:
             self._output[rows] = projected
 
     def _reduce(self, features: np.ndarray) -> np.ndarray:
-        projected = self.pca.transform(features)
-        return l2_normalize(projected) if self.normalize else projected
+        return self.pca.project(features) if self.normalize else self.pca.transform(features)
 
     def _project(self, features: np.ndarray, rows: np.ndarray) -> None:
         self._output[rows] = self._reduce(features)

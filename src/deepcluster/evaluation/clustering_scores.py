@@ -82,8 +82,8 @@ def prepare_points(train_features: np.ndarray, val_features: np.ndarray | None, 
     """
     if pca_dim > 0:
         pca = fit_pca(train_features, pca_dim, whiten_power)
-        train_points = l2_normalize(pca.transform(train_features))
-        val_points = None if val_features is None else l2_normalize(pca.transform(val_features))
+        train_points = pca.project(train_features)
+        val_points = None if val_features is None else pca.project(val_features)
         return train_points, val_points, pca.n_components
     train_points = l2_normalize(np.array(train_features, dtype=np.float32))
     val_points = None if val_features is None else l2_normalize(np.array(val_features, dtype=np.float32))
