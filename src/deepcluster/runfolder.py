@@ -216,15 +216,27 @@ def skipped_text(skipped: dict[str, str]) -> str:
     return "".join(f"{clean(path)}\t{clean(reason)}\n" for path, reason in sorted(skipped.items()))
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of ``log.jsonl``, skipping any line that is not a whole JSON object."""
+def read_log(path: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """The epoch records of ``log.jsonl`` (none when the file is missing).
+
+    A torn last line (a run killed while appending it) is dropped. Any other line that is
+    not a JSON record with an integer ``epoch`` is skipped, or with ``strict`` an error.
+
+    Raises:
+        DataError: with ``strict``, a damaged line other than the last.
+    """
     records = []
     if not path.is_file():
         return records
-    for line in path.read_text(errors="replace").splitlines():
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except ValueError:
+            if strict and number < len(lines):
+                raise DataError(f"{str(path)!r} line {number} is not JSON") from None
             continue
         if isinstance(record, dict) and isinstance(record.get("epoch"), int):
             records.append(record)
@@ -237,8 +249,8 @@ def log_text(records: list[dict[str, Any]]) -> str:
 
 def records_from_log(run_dir: Path, completed: int) -> list[dict[str, Any]]:
     """The log records of the first ``completed`` epochs as ``log.jsonl`` holds them: whole
-    JSON lines only, the first line of each epoch (for a checkpoint that stores no records,
-    as written before they were stored; such logs count epochs from 0)."""
+    JSON lines only, the first line of each epoch (logs written when epochs counted from 0
+    included)."""
     records, seen = [], set()
     logged = read_log(run_dir / LOG_NAME)
     first = 0 if any(record["epoch"] == 0 for record in logged) else 1
@@ -424,13 +436,15 @@ class RunState:
     records: list[dict] = field(default_factory=list)  # log record of every completed epoch
 
 
-def open_source(config: Config, run_dir: Path | None = None) -> ImageSource:
-    """The images of the run: the built-in digits when ``config.data`` is None; with
-    ``run_dir``, the list the run stored when it started (``RUN/images.json``), when it has
-    one, else a fresh scan of the folder."""
-    if config.data is None:
+def open_source(config: Config, run_dir: Path | None = None, data: str | None = None) -> ImageSource:
+    """The images of the run: ``data`` (default the run's ``config.data``), the built-in
+    digits when there is none; with ``run_dir``, in the order of the list the run stored when
+    it started (``RUN/images.json``) when it has one (which also spares a scan of every
+    header), else a fresh scan of the folder."""
+    folder = data if data is not None else config.data
+    if folder is None:
         return load_digits_source()
-    return FolderSource(config.data, None if run_dir is None else read_images(run_dir))
+    return FolderSource(folder, None if run_dir is None else read_images(Path(run_dir)))
 
 
 def folder_changes(source: ImageSource, skipped: dict[str, str]) -> str | None:
@@ -556,8 +570,6 @@ class RunFolder:
         state = RunState(int(saved["epoch"]), None if previous is None else previous.numpy().astype(np.int64),
                          dict(saved.get("skipped", {})),
                          records if isinstance(records, list) and all(isinstance(r, dict) for r in records) else [])
-        if "records" not in saved:  # written before checkpoints stored the log records
-            state.records = records_from_log(self.path, state.epoch)
         if state.previous is not None and len(state.previous) != len(source):
             raise ConfigError(f"the data folder {config.data!r} now holds {len(source)} usable images but the run "
                               f"was trained on {len(state.previous)}; restore the folder as it was, or start a new "

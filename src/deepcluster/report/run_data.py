@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from deepcluster.config import Config, ConfigError, from_dict, load_yaml
-from deepcluster.data import DataError, FolderSource, ImageSource, load_digits_source
-from deepcluster.runfolder import read_images
+from deepcluster.data import DataError, ImageSource
+from deepcluster.runfolder import open_source, read_log
 
 ASSIGNMENT_FILE = re.compile(r"^epoch_(\d{4,})\.npy$")
 
@@ -58,34 +58,6 @@ class RunData:
         return np.load(self.assignment_files[epoch], allow_pickle=False).astype(np.int64)
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of ``log.jsonl``; a torn last line (a run killed mid-write) is dropped."""
-    records = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise DataError(f"{str(path)!r} line {number} is not JSON") from None
-        if isinstance(record, dict) and "epoch" in record:
-            records.append(record)
-    return records
-
-
-def open_images(config: Config, data: str | None, run_dir: str | Path | None = None) -> ImageSource:
-    """The run's images: ``data`` when given, else the run's own folder (digits when none);
-    in the order of the run's stored list (``RUN/images.json``) when ``run_dir`` has one,
-    which also spares a scan of every header."""
-    folder = data if data is not None else config.data
-    if folder is None:
-        return load_digits_source()
-    return FolderSource(folder, None if run_dir is None else read_images(Path(run_dir)))
-
-
 def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
     """Read ``run_dir``; missing images or a changed folder only add a note.
 
@@ -108,7 +80,7 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
         config = from_dict(load_yaml(config_path))
     except ConfigError as error:
         raise ConfigError(f"{str(config_path)!r}: {error}") from None
-    records = read_log(log_path)
+    records = read_log(log_path, strict=True)
     files: dict[int, Path] = {}
     folder = run_dir / "assignments"
     if folder.is_dir():
@@ -129,7 +101,7 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
             final = None
     source: ImageSource | None
     try:
-        source = open_images(config, data, run_dir)
+        source = open_source(config, run_dir, data)
     except DataError as error:
         source = None
         notes.append(f"images not shown: {error} (pass --data FOLDER if they moved)")
@@ -145,4 +117,4 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
     return RunData(run_dir, config, records, files, source, notes, final_file if final_file.is_file() else None, final)
 
 
-__all__ = ["RunData", "load_run", "open_images", "read_log"]
+__all__ = ["RunData", "load_run"]
