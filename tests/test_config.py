@@ -73,3 +73,24 @@ def test_roundtrip_through_dict():
     config = resolve("small", overrides={"head_lr": "0.1"})
     assert from_dict(config.to_dict()) == config
     assert coerce("head_lr", "none") is None
+
+
+def test_list_settings_come_from_yaml_lists_or_comma_separated_command_line_values(tmp_path):
+    """Settings annotated ``tuple[...]`` (the colour statistics today; v2's prototypes and
+    multi-crop sizes next) take a YAML list or ``--key a,b,c``, and are stored as lists."""
+    from deepcluster.config import SettingType
+
+    counts = SettingType.of(tuple[int, ...])  # e.g. prototypes: [3000, 3000, 3000]
+    assert counts.parse("3000,3000,3000") == (3000, 3000, 3000) == counts.parse([3000, 3000, 3000])
+    assert counts.parse("224") == (224,) and counts.describe() == "one or more comma-separated integers"
+    for bad in ("3000,1.5", "", "a,b", [True]):
+        with pytest.raises((ValueError, TypeError)):
+            counts.parse(bad)
+    assert SettingType.of(tuple[int, ...] | None).parse("none") is None
+    path = tmp_path / "lists.yaml"
+    path.write_text("mean: [0.5, 0.4, 0.3]\n")
+    config = resolve("small", path, overrides={"std": "0.2,0.2,0.25"})
+    assert config.mean == (0.5, 0.4, 0.3) and config.std == (0.2, 0.2, 0.25)
+    assert config.to_dict()["mean"] == [0.5, 0.4, 0.3] and from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="'std' must be three comma-separated finite numbers"):
+        resolve("small", overrides={"std": "0.2,0.2"})

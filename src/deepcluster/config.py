@@ -119,9 +119,9 @@ class Config:
         return Path(self.out_dir)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["mean"], out["std"] = list(self.mean), list(self.std)
-        return out
+        """Plain values (list settings as lists), for YAML and checkpoints."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
 
 
 # Recipes: named sets of overrides on top of the defaults.
@@ -190,32 +190,60 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown setting {key!r}{hint}"
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """``int | None`` -> ``(int, True)``; ``tuple[...]`` -> ``(tuple, False)``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(args[0])[0], True
-    if origin is tuple:
-        return tuple, False
-    return annotation, False
+@dataclass(frozen=True)
+class SettingType:
+    """What values a setting takes, read from its annotation.
 
-
-TYPES = {name: _base_type(hint) for name, hint in typing.get_type_hints(Config).items()}
-
-
-def coerce(key: str, value: Any) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the type of ``key``.
-
-    Raises:
-        ConfigError: unknown key or a value of the wrong type.
+    Attributes:
+        kind: ``bool``, ``int``, ``float``, ``str`` or ``tuple`` (a list setting).
+        optional: ``None`` is allowed (``none``/``null`` on the command line).
+        items: for a list setting, the type of each item (``int`` or ``float``).
+        length: for a list setting, the number of items it must have (None: one or more).
     """
-    if key not in FIELDS:
-        raise ConfigError(_unknown_key_message(key))
-    kind, optional = TYPES[key]
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
-        return None
-    try:
+
+    kind: type
+    optional: bool = False
+    items: type | None = None
+    length: int | None = None
+
+    @classmethod
+    def of(cls, annotation: Any) -> SettingType:
+        """``int | None`` -> ``(int, optional)``; ``tuple[int, ...]`` -> a list of ints of any
+        length; ``tuple[float, float, float]`` -> a list of three floats."""
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            return dataclasses.replace(cls.of(args[0]), optional=True)
+        if origin is tuple:
+            args = typing.get_args(annotation)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return cls(tuple, items=args[0])
+            return cls(tuple, items=args[0], length=len(args))
+        return cls(annotation)
+
+    def describe(self) -> str:
+        """What a value must be, for error messages."""
+        if self.kind is tuple:
+            count = {None: "one or more", 3: "three"}.get(self.length, str(self.length))
+            noun = "integers" if self.items is int else "finite numbers"
+            return f"{count} comma-separated {noun}"
+        return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[self.kind]
+
+    def parse(self, value: Any) -> Any:
+        """``value`` (from YAML or a command-line string) as this type.
+
+        Raises:
+            ValueError, TypeError, OverflowError: it is not one.
+        """
+        if self.optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+            return None
+        kind = self.kind
+        if kind is tuple:
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            parsed = tuple(SettingType(self.items).parse(item) for item in items)
+            if not parsed or (self.length is not None and len(parsed) != self.length):
+                raise ValueError
+            return parsed
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -241,21 +269,28 @@ def coerce(key: str, value: Any) -> Any:
             if not math.isfinite(number):  # nan or inf would poison every later computation
                 raise ValueError
             return number
-        if kind is tuple:
-            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-            numbers = tuple(float(v) for v in items)
-            if len(numbers) != 3 or not all(map(math.isfinite, numbers)):
-                raise ValueError
-            return numbers
         if kind is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
+        raise TypeError(f"unsupported setting type {kind!r}")
+
+
+TYPES = {name: SettingType.of(hint) for name, hint in typing.get_type_hints(Config).items()}
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the type of ``key``.
+
+    Raises:
+        ConfigError: unknown key or a value of the wrong type.
+    """
+    if key not in FIELDS:
+        raise ConfigError(_unknown_key_message(key))
+    try:
+        return TYPES[key].parse(value)
     except (TypeError, ValueError, OverflowError):
-        expected = {bool: "true or false", int: "an integer", float: "a finite number",
-                    tuple: "three comma-separated finite numbers", str: "a string"}[kind]
-        raise ConfigError(f"setting {key!r} must be {expected}, got {value!r}") from None
-    raise ConfigError(f"setting {key!r} has an unsupported type")
+        raise ConfigError(f"setting {key!r} must be {TYPES[key].describe()}, got {value!r}") from None
 
 
 # Integers go to C code (torch, faiss, the data loader) that holds them in 32 bits.
@@ -272,9 +307,10 @@ def validate(config: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"setting {key!r} is {getattr(config, key)!r}; choose one of: {', '.join(allowed)}")
-    for key, (kind, _) in TYPES.items():
+    for key, kind in TYPES.items():
         value = getattr(config, key)
-        if kind is int and value is not None and value > MAX_INT:
+        values = value if kind.kind is tuple else (value,)
+        if int in (kind.kind, kind.items) and value is not None and max(values) > MAX_INT:
             raise ConfigError(f"setting {key!r} must be at most {MAX_INT}, got {value}")
     positive = ("resize", "crop", "n_clusters", "pca_dim", "kmeans_iters", "epochs", "batch_size",
                 "reassign_every", "feature_batch_size", "val_every")
