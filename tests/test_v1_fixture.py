@@ -49,7 +49,10 @@ def fingerprint() -> dict[str, str]:
 
 
 def write_images(root: Path) -> None:
-    """``N_IMAGES`` RGB PNGs of three families (stripes, rings, checkers) in class folders."""
+    """``N_IMAGES`` RGB PNGs of three families (stripes, rings, checkers) in class folders.
+
+    Like ``conftest.make_pattern``, on purpose not shared with it: the reference's inputs
+    must stay exactly as recorded whatever other tests' images become."""
     from PIL import Image
 
     rng = np.random.default_rng(2024)
