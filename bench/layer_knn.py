@@ -17,12 +17,11 @@ import json
 import torch
 from torch.utils.data import DataLoader
 
-from deepcluster.checkpoint import load_checkpoint
+from deepcluster.checkpoint import load_checkpoint, load_weights
 from deepcluster.config import from_dict
 from deepcluster.data import CenterView, FeatureDataset, FolderSource, Normalize
 from deepcluster.evaluation.knn import knn_classify
 from deepcluster.models import create_model
-from deepcluster.checkpoint import load_weights
 
 
 @torch.no_grad()

@@ -493,11 +493,6 @@ def from_dict(values: dict[str, Any]) -> Config:
     return validate(apply_overrides(Config(), values))
 
 
-def dump_yaml(config: Config, path: str | Path) -> None:
-    """Write the resolved configuration as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
 __all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RESUMABLE", "apply_overrides", "check_unchanged", "coerce",
-           "default_recipe", "dump_yaml", "from_dict", "load_yaml", "resolve", "resolve_resume", "run_folder",
+           "default_recipe", "from_dict", "load_yaml", "resolve", "resolve_resume", "run_folder",
            "settings_help", "validate"]

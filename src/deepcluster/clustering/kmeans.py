@@ -93,8 +93,7 @@ def as_float32_tensor(points: np.ndarray | torch.Tensor, name: str = "points") -
 
 
 def nearest_centroid(points: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor,
-                     backend: str = "faiss", device: str = "cpu",
-                     chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+                     backend: str = "faiss", device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Index of, and squared distance to, the nearest centroid of every point.
 
     Args:
@@ -102,7 +101,6 @@ def nearest_centroid(points: np.ndarray | torch.Tensor, centroids: np.ndarray | 
         centroids: ``(k, d)``.
         backend: ``faiss`` or ``torch``.
         device: where the search runs (``cpu``, ``cuda[:n]``, ``auto``).
-        chunk_size: unused, kept for compatibility (blocks are sized to the cache).
 
     Returns:
         ``(N,)`` int64 labels and ``(N,)`` float32 squared distances.
@@ -208,7 +206,7 @@ def _gather_rows(points: torch.Tensor, global_rows: np.ndarray, shard: Shard) ->
 
 
 def init_centroids(points: np.ndarray | torch.Tensor, n_clusters: int, method: str, rng: np.random.Generator,
-                   backend: str = "faiss", device: str = "cpu", shard: Shard | None = None) -> np.ndarray:
+                   device: str = "cpu", shard: Shard | None = None) -> np.ndarray:
     """Initial ``(k, d)`` float32 centroids.
 
     ``random``: ``k`` points at distinct indices, drawn uniformly. ``kmeans++``: the first centroid
@@ -220,8 +218,7 @@ def init_centroids(points: np.ndarray | torch.Tensor, n_clusters: int, method: s
         n_clusters: k.
         method: ``random`` or ``kmeans++``.
         rng: the run's generator; the same draws on every process.
-        backend: unused (kept for compatibility); the distances use torch on ``device``.
-        device: where k-means++ computes distances.
+        device: where k-means++ computes distances (with torch, whatever the search backend).
         shard: this process's rows of the global set; default all of them.
 
     Raises:
