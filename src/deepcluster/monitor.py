@@ -214,4 +214,5 @@ def digits_verdict(source: ArraySource, summary: dict, backend: str = "faiss") -
             f"the raw-pixel baseline")
 
 
-__all__ = ["KnnMonitor", "digits_verdict", "chance_nmi", "class_kmeans_accuracy", "label_scores", "purity", "raw_pixel_nmi"]
+__all__ = ["KnnMonitor", "chance_nmi", "class_kmeans_accuracy", "digits_verdict", "label_scores", "purity",
+           "raw_pixel_nmi"]

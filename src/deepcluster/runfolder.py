@@ -634,6 +634,6 @@ class RunFolder:
         save_final(self.path, partition.assignments, saved, json.dumps(summary) + "\n")
 
 
-__all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "LOG_NAME", "RunFolderError", "SKIPPED_NAME", "commit_epoch",
-           "json_record", "prepare", "RunFolder", "RunState", "checkpoint_state", "open_source", "save_final", "read_log", "records_from_log", "save_assignments", "skipped_text", "started_run",
-           "write_skipped"]
+__all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "LOG_NAME", "RunFolder", "RunFolderError", "RunState", "SKIPPED_NAME",
+           "checkpoint_state", "commit_epoch", "json_record", "open_source", "prepare", "read_log", "records_from_log",
+           "save_assignments", "save_final", "skipped_text", "started_run", "write_skipped"]

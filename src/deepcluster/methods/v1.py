@@ -93,18 +93,19 @@ def previous_centroids(points: np.ndarray, previous: np.ndarray, n_clusters: int
     return (sums / counts[:, None]).astype(np.float32)
 
 
-def cluster_points(points: np.ndarray, ok: np.ndarray, pca: PCA, config: Config, seed: int,
+def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int,
                    device: str = "cpu", previous: np.ndarray | None = None) -> Partition:
-    """k-means (or PIC) of the reduced ``(N, pca_dim)`` unit rows whose ``ok`` is true.
+    """k-means (or PIC) of the reduced ``(N, pca_dim)`` unit rows whose ``decoded`` is true.
 
     ``previous`` (last epoch's assignments) seeds k-means when ``kmeans_init`` is
     ``previous``; without it (the first epoch) that init falls back to random points.
     ``pca`` is only stored with the result (the projection that made ``points``)."""
     start = time.perf_counter()
-    usable = points[ok] if not ok.all() else points
+    usable = points[decoded] if not decoded.all() else points
     init = config.kmeans_init
     if init == "previous":
-        init = "random" if previous is None else previous_centroids(usable, previous[ok], config.n_clusters, seed)
+        init = ("random" if previous is None
+                else previous_centroids(usable, previous[decoded], config.n_clusters, seed))
     if config.clustering == "pic":
         with Progress(None, "PIC"):
             found = pic(usable, knn_backend=config.kmeans_backend, device=device, seed=seed)
@@ -119,7 +120,7 @@ def cluster_points(points: np.ndarray, ok: np.ndarray, pca: PCA, config: Config,
                                                              result.objective[-1], result.n_split)
     time_kmeans = time.perf_counter() - start
     assignments = np.full(len(points), -1, dtype=np.int64)
-    assignments[ok] = labels
+    assignments[decoded] = labels
     return Partition(assignments, n_clusters, centroids, objective, n_split, pca, 0.0, time_kmeans)
 
 
@@ -189,7 +190,7 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     reducer = StreamingPCA(n_images, pca_dim_for(config.pca_dim, n_images), config.whiten_power,
                            sample_size=max(share, 2),
                            gather_sample=distributed.all_gather_rows if distributed.is_distributed() else None)
-    local_ok = np.zeros(len(indices), dtype=bool)
+    local_decoded = np.zeros(len(indices), dtype=bool)
     keep_local = None if keep is None else keep[indices]
     kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.clustered_dim), dtype=np.float32)
     kept_position = 0
@@ -201,23 +202,23 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
             before_batch()
         return model.forward_clustered(batch)
 
-    def add(rows: np.ndarray, out: torch.Tensor, ok: np.ndarray) -> None:
+    def add(rows: np.ndarray, out: torch.Tensor, decoded: np.ndarray) -> None:
         nonlocal position, kept_position, time_pca
         out = out.float().cpu().numpy()
         check_features(out, epoch)
-        local_ok[position:position + len(rows)] = ok
+        local_decoded[position:position + len(rows)] = decoded
         if keep_local is not None:
             wanted = keep_local[position:position + len(rows)]
             kept_local[kept_position:kept_position + int(wanted.sum())] = out[wanted]
             kept_position += int(wanted.sum())
         position += len(rows)
         tick = time.perf_counter()
-        if ok.any():
-            reducer.add(out[ok], rows[ok])
+        if decoded.any():
+            reducer.add(out[decoded], rows[decoded])
         time_pca += time.perf_counter() - tick
 
     feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
-    mask = distributed.gather_rows(local_ok.astype(np.uint8), indices, n_images).astype(bool)
+    mask = distributed.gather_rows(local_decoded.astype(np.uint8), indices, n_images).astype(bool)
     # Back into image order: the rows of keep's true entries, ascending.
     kept = None if keep is None else distributed.gather_rows(kept_local, indices[keep_local], n_images)[keep]
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
@@ -349,8 +350,8 @@ class V1Planner:
             TooFewDecoded: fewer images decoded than clusters are needed.
         """
         config, source = self.config, self.source
-        reduced = self.reduce(model, source, config, self.device, derived_seed(config.seed, epoch, STREAM_FEATURE_ORDER),
-                              epoch, keep=keep)
+        order_seed = derived_seed(config.seed, epoch, STREAM_FEATURE_ORDER)
+        reduced = self.reduce(model, source, config, self.device, order_seed, epoch, keep=keep)
         if skipped is not None:
             for index in np.flatnonzero(~reduced.decoded):
                 skipped[source.name(int(index))] = decode_problem(source, int(index))
