@@ -233,3 +233,13 @@ def test_clustering_the_body_features(cli, image_folder, tmp_path):
     assert saved["final"]["pca_mean"].shape == (1024,)
     code, _, err = cli("assign", run, "--data", image_folder, "--out", tmp_path / "assigned.csv", "--format", "csv")
     assert code == 0, err
+
+
+def test_the_demo_ends_with_the_raw_pixel_baseline_beside_the_network():
+    from deepcluster.data import load_digits_source
+    from deepcluster.monitor import digits_verdict
+
+    source = load_digits_source()
+    line = digits_verdict(source, {"nmi_labels": 0.99, "n_clusters": 10}, "faiss")
+    assert line.startswith("digits: NMI with the classes 0.990") and line.endswith(": above the raw-pixel baseline")
+    assert "NOT above" in digits_verdict(source, {"nmi_labels": 0.0, "n_clusters": 10}, "faiss")
