@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,54 +25,7 @@ import torch
 
 from deepcluster.config import resolve
 from deepcluster.train import run
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
-def tree_pss_gib(root: int) -> float:
-    """Summed proportional set size of ``root`` and its descendants, GiB."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    total_kib, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total_kib += int(line.split()[1])
-        except OSError:
-            continue
-    return total_kib / 2**20
-
-
-class PeakSampler(threading.Thread):
-    """Samples the process tree's total PSS until stopped; ``peak`` is the largest seen."""
-
-    def __init__(self, interval: float = 0.2):
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._stop_event = interval, 0.0, threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, tree_pss_gib(os.getpid()))
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> float:
-        self._stop_event.set()
-        self.join()
-        return self.peak
+from machine import PeakSampler, cpu_model
 
 
 def main() -> None:

@@ -1,0 +1,248 @@
+"""Side by side with the authors' code: the same images, settings and threads on this
+machine, one after the other; seconds per stage and their ratios.
+
+    python bench/vs_reference.py --reference /path/to/facebookresearch/deepcluster \
+        --data /tmp/data/imagenette/train --k 100 --epochs 2 --threads 2 --workers 2
+
+The authors' code (github.com/facebookresearch/deepcluster; never copied into this
+repository, never downloaded by it) is copied into a temporary folder and patched to run
+on current Python, PyTorch and faiss on a CPU. Every patch is listed in ``PATCHES`` with
+its reason and must apply exactly (the script stops if the checkout differs); none touches
+the algorithm or its settings. The few torchvision pieces it imports come from
+``bench/reference_standin/`` (torchvision has no CPU build that imports here).
+
+Both programs run in fresh processes with the same ``--threads`` (torch, OpenMP, BLAS) and
+``--workers``, optionally pinned to the same cores (``--cpus``). Stage times of the
+reference are taken by wrapping its own functions (``compute_features``,
+``preprocess_features``, ``run_kmeans``, ``train``) with timers; ours come from its
+per-epoch log. Writes ``bench/results/vs_reference_NAME.json`` and prints a table with the
+CPU model and flags. Ratios below 1 mean ours is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from machine import cpu_flags, cpu_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STANDIN = Path(__file__).resolve().parent / "reference_standin"
+STAGES = ("features", "pca", "kmeans", "training")
+
+# (file, text in the authors' code, replacement, why). Each must occur exactly `count` times.
+PATCHES = [
+    ("main.py", "target.cuda(async=True)", "target",
+     "CPU device; `async` is a keyword since Python 3.7", 1),
+    ("main.py", ".cuda()", "",
+     "CPU device: the model, loss, head and batches stay on the CPU", 6),
+    ("main.py", "aux = model(input_var).data.cpu().numpy()",
+     "with torch.no_grad(): aux = model(input_var).data.cpu().numpy()",
+     "`volatile=True` (no autograd in the feature pass) has no effect since PyTorch 0.4; no_grad() is its successor",
+     1),
+    ("main.py", "loss.data[0]", "loss.item()", "0-dim tensors are read with .item() since PyTorch 0.4", 1),
+    ("clustering.py",
+     "    res = faiss.StandardGpuResources()\n    flat_config = faiss.GpuIndexFlatConfig()\n"
+     "    flat_config.useFloat16 = False\n    flat_config.device = 0\n"
+     "    index = faiss.GpuIndexFlatL2(res, d, flat_config)\n",
+     "    index = faiss.IndexFlatL2(d)\n",
+     "faiss on the CPU: the same exact L2 index, not on a GPU", 1),
+    ("clustering.py", "faiss.PCAMatrix (ndim, pca, eigen_power=-0.5)", "faiss.PCAMatrix(ndim, pca, -0.5)",
+     "faiss's Python constructors take the eigen power by position only", 1),
+    ("clustering.py", "losses = faiss.vector_to_array(clus.obj)",
+     "losses = np.array([clus.iteration_stats.at(i).obj for i in range(clus.iteration_stats.size())])",
+     "faiss >= 1.6 keeps the per-iteration objective in iteration_stats", 1),
+]
+REFERENCE_FILES = ("main.py", "clustering.py", "util.py", "models/__init__.py", "models/alexnet.py",
+                   "models/vgg16.py")
+
+REFERENCE_DRIVER = """
+import json, resource, sys, time
+import torch
+torch.set_num_threads({threads})
+sys.path[:0] = [{standin!r}, {code!r}]
+sys.argv = ["main.py"] + {argv!r}
+import clustering
+import main as reference
+
+epochs = []
+def timed(module, name, stage):
+    inner = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        if stage == "features":
+            epochs.append({{"start": time.perf_counter()}})
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        epochs[-1][stage] = epochs[-1].get(stage, 0.0) + time.perf_counter() - start
+        return out
+    setattr(module, name, wrapper)
+timed(reference, "compute_features", "features")
+timed(clustering, "preprocess_features", "pca")
+timed(clustering, "run_kmeans", "kmeans")
+timed(reference, "train", "training")
+reference.args = reference.parse_args()
+reference.main(reference.args)
+end = time.perf_counter()
+for epoch, following in zip(epochs, epochs[1:] + [{{"start": end}}]):
+    epoch["epoch"] = following["start"] - epoch.pop("start")
+json.dump({{"epochs": epochs, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}},
+          open({out!r}, "w"))
+"""
+
+OURS_DRIVER = """
+import json, resource, time
+import torch
+torch.set_num_threads({threads})
+from deepcluster.config import resolve
+from deepcluster.train import run
+config = resolve("paper", overrides={overrides!r})
+marks = [time.perf_counter()]
+records = run(config, log=lambda line: None, stop=lambda record: marks.append(time.perf_counter()) and False)
+epochs = [{{"features": r["time_features"], "pca": r["time_pca"], "kmeans": r["time_kmeans"],
+            "training": r["time_training"], "monitor": r.get("time_monitor", 0.0), "epoch": b - a}}
+          for r, a, b in zip(records, marks, marks[1:])]
+json.dump({{"epochs": epochs, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}},
+          open({out!r}, "w"))
+"""
+
+
+def patch_reference(source: Path, target: Path) -> list[dict]:
+    """Copy the authors' files into ``target`` and apply PATCHES; returns what was applied."""
+    for name in REFERENCE_FILES:
+        if not (source / name).is_file():
+            raise SystemExit(f"vs_reference: {source / name} not found; --reference must be a checkout of "
+                             "facebookresearch/deepcluster")
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, target / name)
+    applied = []
+    for file, old, new, why, count in PATCHES:
+        text = (target / file).read_text()
+        if text.count(old) != count:
+            raise SystemExit(f"vs_reference: patch for {file} expects {count} x {old!r}, found {text.count(old)}; "
+                             "is this the authors' last commit (2d1927e)?")
+        (target / file).write_text(text.replace(old, new))
+        applied.append({"file": file, "old": old, "new": new, "why": why})
+    return applied
+
+
+def subset_folder(data: Path, n_images: int, target: Path) -> Path:
+    """Symlinks to ``n_images`` images of ``data``, taken class by class in turn (sorted)."""
+    classes = sorted(p for p in data.iterdir() if p.is_dir())
+    files = {c: sorted(f for f in c.rglob("*") if f.is_file()) for c in classes}
+    chosen, position = [], 0
+    while len(chosen) < n_images and any(position < len(f) for f in files.values()):
+        for c in classes:
+            if position < len(files[c]) and len(chosen) < n_images:
+                chosen.append((c, files[c][position]))
+        position += 1
+    for c, file in chosen:
+        (target / c.name).mkdir(parents=True, exist_ok=True)
+        (target / c.name / file.name).symlink_to(file.resolve())
+    return target
+
+
+def run_side(name: str, script: str, threads: int, cpus: str | None, log: Path) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    command = ([] if cpus is None else ["taskset", "-c", cpus]) + [sys.executable, "-c", script]
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"vs_reference: the {name} run failed (exit {done.returncode}); its output is in {log}")
+    return time.perf_counter() - start
+
+
+def mean_stages(epochs: list[dict], skip_first: bool) -> dict[str, float]:
+    chosen = epochs[1:] if skip_first and len(epochs) > 1 else epochs
+    keys = STAGES + ("epoch",)
+    return {key: sum(e.get(key, 0.0) for e in chosen) / len(chosen) for key in keys}
+
+
+def table(result: dict) -> str:
+    ours, ref = result["ours"]["mean"], result["reference"]["mean"]
+    lines = [f"{result['cpu']} ({result['cpu_flags']}), {result['threads']} thread(s), {result['workers']} "
+             f"loader worker(s){', cpus ' + result['cpus'] if result['cpus'] else ''}; {result['n_images']} images, "
+             f"{result['arch']}{' + Sobel' if result['sobel'] else ''}, k = {result['k']}, "
+             f"{result['epochs']} epoch(s), {result['averaged']}",
+             "", "| stage | authors' code (s) | deepcluster (s) | ratio |", "|---|---:|---:|---:|"]
+    for key in STAGES + ("epoch",):
+        lines.append(f"| {key if key != 'epoch' else 'whole epoch'} | {ref[key]:.2f} | {ours[key]:.2f} | "
+                     f"{ours[key] / max(ref[key], 1e-9):.2f} |")
+    lines.append(f"| peak RSS of the main process (GiB) | {result['reference']['peak_rss_gib']:.2f} | "
+                 f"{result['ours']['peak_rss_gib']:.2f} | |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", required=True, help="checkout of facebookresearch/deepcluster")
+    parser.add_argument("--data", required=True, help="image folder with class sub-folders")
+    parser.add_argument("--images", type=int, default=None, help="use this many images of --data (default all)")
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--arch", default="alexnet", choices=["alexnet", "vgg16"])
+    parser.add_argument("--no-sobel", dest="sobel", action="store_false")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cpus", default=None, help="pin both runs to these cores (taskset -c), e.g. 0")
+    parser.add_argument("--first", default="reference", choices=["reference", "ours"])
+    parser.add_argument("--name", default="imagenette")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="vs_reference_") as scratch:
+        scratch = Path(scratch)
+        data = Path(args.data).resolve()
+        if args.images:
+            data = subset_folder(data, args.images, scratch / "data")
+        n_images = sum(1 for f in data.rglob("*") if f.is_file())
+        code = scratch / "reference"
+        patches = patch_reference(Path(args.reference), code)
+        reference_argv = [str(data), "--arch", args.arch, "--k", str(args.k), "--epochs", str(args.epochs),
+                          "--batch", str(args.batch), "--workers", str(args.workers), "--exp",
+                          str(scratch / "reference_exp"), "--seed", "31"] + (["--sobel"] if args.sobel else [])
+        scripts = {
+            "reference": REFERENCE_DRIVER.format(threads=args.threads, standin=str(STANDIN), code=str(code),
+                                                 argv=reference_argv, out=str(scratch / "reference.json")),
+            "ours": OURS_DRIVER.format(threads=args.threads, out=str(scratch / "ours.json"), overrides={
+                "data": str(data), "out_dir": str(scratch / "ours_run"), "arch": args.arch, "sobel": args.sobel,
+                "n_clusters": args.k, "epochs": args.epochs, "batch_size": args.batch, "workers": args.workers,
+                "feature_batch_size": args.batch, "threads": args.threads, "final_clustering": False,
+                "tensorboard": False}),
+        }
+        order = ["reference", "ours"] if args.first == "reference" else ["ours", "reference"]
+        result = {"name": args.name, "command": " ".join(["python", "bench/vs_reference.py"] + sys.argv[1:]),
+                  "cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": args.threads, "workers": args.workers,
+                  "cpus": args.cpus, "n_images": n_images, "arch": args.arch, "sobel": args.sobel, "k": args.k,
+                  "epochs": args.epochs, "batch": args.batch, "order": order, "patches": patches,
+                  "averaged": "epochs 2 on averaged (the first warms up)" if args.epochs > 1 else "one epoch"}
+        RESULTS.mkdir(exist_ok=True)
+        for side in order:
+            print(f"vs_reference: running {side} ...", flush=True)
+            wall = run_side(side, textwrap.dedent(scripts[side]), args.threads, args.cpus,
+                            RESULTS / f"vs_reference_{args.name}_{side}.log")
+            side_result = json.loads((scratch / f"{side}.json").read_text())
+            side_result["wall_s"] = wall
+            side_result["mean"] = mean_stages(side_result["epochs"], skip_first=True)
+            result[side] = side_result
+        result["ratios"] = {key: result["ours"]["mean"][key] / max(result["reference"]["mean"][key], 1e-9)
+                            for key in STAGES + ("epoch",)}
+    result["table"] = table(result)
+    path = RESULTS / f"vs_reference_{args.name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(result["table"])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
