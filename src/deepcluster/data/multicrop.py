@@ -1,0 +1,65 @@
+"""DeepCluster-v2's views: several random resized crops of one image, at two sizes.
+
+The reference (SwAV's code, ImageNet): 2 crops of 224 px covering 14-100% of the image and
+6 of 96 px covering 5-14%, each flipped with probability 1/2, colour-jittered (with
+probability 0.8: brightness, contrast, saturation 0.8, hue 0.2), made gray with probability
+0.2 and blurred with probability 1/2 (Gaussian, radius 0.1-2 px). For 32 px images
+(solo-learn's CIFAR recipe): 2 crops of 32 px over 8-100%, no blur.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from deepcluster.data.transforms import ColorJitter, RandomResizedCropFlip, to_uint8_tensor
+
+
+@dataclass(frozen=True)
+class CropGroup:
+    """``count`` crops of ``size`` px, each covering a share of the image area in ``scale``."""
+
+    size: int
+    count: int
+    scale: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class MultiCrop:
+    """All crops of one image, large ones first: ``(image, rng) -> [uint8 (3, size, size), ...]``.
+
+    Args:
+        groups: the crop sizes, counts and scales.
+        color: colour jitter and grayscale of every crop (``None`` = off).
+        blur: probability of a Gaussian blur of a crop, radius uniform in ``blur_radius``.
+        flip: random horizontal flips.
+    """
+
+    groups: tuple[CropGroup, ...]
+    color: ColorJitter | None = ColorJitter(strength=0.8, hue=0.2, p=0.8, grayscale=0.2)
+    blur: float = 0.5
+    blur_radius: tuple[float, float] = (0.1, 2.0)
+    flip: bool = True
+
+    @property
+    def n_crops(self) -> int:
+        return sum(group.count for group in self.groups)
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> list[torch.Tensor]:
+        crops = []
+        for group in self.groups:
+            crop = RandomResizedCropFlip(group.size, scale=group.scale, flip=self.flip)
+            for _ in range(group.count):
+                box = crop.box(image.width, image.height, rng)
+                view = image.resize((group.size, group.size), Image.BILINEAR, box=box)
+                if self.flip and rng.random() < 0.5:
+                    view = view.transpose(Image.FLIP_LEFT_RIGHT)
+                if self.color is not None:
+                    view = self.color(view, rng)
+                if self.blur > 0 and rng.random() < self.blur:
+                    view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_radius)))
+                crops.append(to_uint8_tensor(view))
+        return crops
