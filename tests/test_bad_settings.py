@@ -30,7 +30,7 @@ from conftest import one_epoch
     (["--batch_size", "2.5"], "setting 'batch_size' must be an integer, got '2.5'"),
     (["--batch_size", "1e12"], "setting 'batch_size' must be at most 2147483647"),
     (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
-    (["--arch", "resnet50"], "setting 'arch' is 'resnet50'; choose one of: alexnet, vgg16, smallnet"),
+    (["--arch", "resnet34"], "setting 'arch' is 'resnet34'; choose one of: alexnet, vgg16, smallnet, resnet18, resnet50"),
     (["--n_cluster", "5"], "unknown setting --n_cluster (did you mean --n_clusters?)"),
     (["--crop", "8"], "setting 'crop' must be at least 16 for arch 'smallnet', got 8"),
     (["--crop", "4000"], "setting 'crop' must be at most 1024 pixels, got 4000"),
@@ -110,10 +110,12 @@ def test_a_malformed_fault_plan_is_a_setting_error(cli, tmp_path):
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_min_crop_is_the_smallest_input_each_architecture_takes(arch):
-    model = create_model(arch, feature_dim=8).eval()
+    fixed_width = bool(ARCHITECTURES[arch].stems)  # a ResNet's pooled features keep their width
+    model = create_model(arch, feature_dim=None if fixed_width else 8).eval()
     smallest = ARCHITECTURES[arch].min_crop
     with torch.no_grad():
-        assert model.forward_features(torch.zeros(1, 3, smallest, smallest)).shape == (1, 8)
+        width = model.feature_dim if fixed_width else 8
+        assert model.forward_features(torch.zeros(1, 3, smallest, smallest)).shape == (1, width)
         with pytest.raises(RuntimeError):
             model.forward_features(torch.zeros(1, 3, smallest - 1, smallest - 1))
 

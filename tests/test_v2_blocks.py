@@ -148,3 +148,36 @@ def test_multicrop_gives_the_crops_large_first_and_repeats_with_the_seed():
     again = views(image, np.random.default_rng(7))
     assert all(torch.equal(a, b) for a, b in zip(crops, again))
     assert all(c.dtype == torch.uint8 for c in crops)
+
+
+def test_everything_v1_does_works_on_a_resnet(cli, image_folder, tmp_path):
+    """ResNet-18 with the CIFAR stem through every command: train (online kNN), eval (linear
+    probes per stage, kNN, clustering, retrieval), assign, features, export and report."""
+    import json
+
+    from deepcluster.models import load_backbone_safetensors
+
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--arch", "resnet18",
+                         "--stem", "cifar", "--sobel", "false", "--feature_dim", "none", "--resize", "16", "--crop", "16",
+                         "--val", image_folder)
+    assert code == 0, err
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all("knn_top1" in r for r in records)
+    code, _, err = cli("eval", run, "--train", image_folder, "--val", image_folder, "--out", tmp_path / "eval",
+                       "--workers", "0", "--baseline", "none", "--probe-epochs", "1")
+    assert code == 0, err
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]["trained"]
+    assert set(results["linear"]["layers"]) >= {"stem", "layer1", "layer4"}
+    code, _, err = cli("assign", run, "--data", image_folder, "--out", tmp_path / "a.csv", "--format", "csv")
+    assert code == 0, err
+    code, _, err = cli("features", run, "--data", image_folder, "--out", tmp_path / "f")
+    assert code == 0, err
+    code, _, err = cli("export", run, "--out", tmp_path / "b.safetensors")
+    assert code == 0, err
+    model = load_backbone_safetensors(tmp_path / "b.safetensors")
+    assert model.arch == "resnet18" and model.stem_kind == "cifar"
+    code, _, err = cli("report", run, "--out", tmp_path / "report", "--max-clusters", "2", "--images-per-cluster", "2")
+    assert code == 0, err
+    code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "bad", "--stem", "cifar")
+    assert code == 2 and "ResNets only" in err

@@ -403,7 +403,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder; give a file name such as backbone.safetensors")
     metadata = BackboneMetadata(model.arch, model.sobel is not None, model.feature_dim, config.crop, config.resize,
-                                tuple(config.mean), tuple(config.std), epoch, os.path.abspath(args.checkpoint))
+                                tuple(config.mean), tuple(config.std), epoch, os.path.abspath(args.checkpoint),
+                                config.stem)
     with _writing(out):
         save_backbone_safetensors(model, out, metadata)
     n_params = sum(p.numel() for p in model.parameters())

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS
+from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS, STEMS
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,8 @@ class Config:
     # -- network
     arch: str = setting("alexnet", " | ".join(f"{name} ({spec.about})" for name, spec in ARCHITECTURES.items()))
     sobel: bool = setting(True, "fixed grayscale + Sobel filter in front of the first conv (the paper's)")
+    stem: str = setting("imagenet", "a ResNet's first layers: imagenet (7x7 stride-2 conv, max-pool) | cifar (3x3 "
+                                    "stride-1 conv, no max-pool: for 32-96 px images)")
     feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's")
     clustered: str = setting("fc", "what is clustered and what the online kNN measures: fc, the last fully "
                                    "connected layer before its ReLU (the paper) | body, the convolutional output "
@@ -149,6 +151,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "arch": tuple(ARCHITECTURES),
     "fc_init": FC_INITS,
     "clustered": CLUSTERED,
+    "stem": STEMS,
     "head_init": ("random", "centroids"),
     "clustering": ("kmeans", "pic"),
     "kmeans_backend": ("faiss", "torch"),
@@ -327,6 +330,12 @@ def validate(config: Config) -> Config:
     if config.crop < min_crop:
         raise ConfigError(f"setting 'crop' must be at least {min_crop} for arch {config.arch!r}, "
                           f"got {config.crop}")
+    if config.stem != "imagenet" and not ARCHITECTURES[config.arch].stems:
+        raise ConfigError(f"setting 'stem' applies to the ResNets only; arch {config.arch!r} has one fixed design "
+                          "(leave stem at imagenet)")
+    if ARCHITECTURES[config.arch].stems and config.feature_dim is not None:
+        raise ConfigError(f"setting 'feature_dim' does not apply to {config.arch} (its pooled features have a fixed "
+                          "width); leave it unset")
     if config.seed < 0:
         raise ConfigError(f"setting 'seed' must be a non-negative integer, got {config.seed}")
     for key in ("lr", "head_lr"):

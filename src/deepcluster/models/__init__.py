@@ -25,19 +25,26 @@ class Architecture:
         min_crop: smallest square input (px) its pooling stages do not shrink to nothing
             (measured by a forward pass; tests/test_bad_settings.py checks it).
         about: one line for ``--help``.
+        stems: the first layers it offers (``stem`` setting); empty = one fixed design.
     """
 
     module: str
     class_name: str
     min_crop: int
     about: str
+    stems: tuple[str, ...] = ()
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "alexnet": Architecture("deepcluster.models.alexnet", "AlexNet", 63, "with BatchNorm, as the reference"),
     "vgg16": Architecture("deepcluster.models.vgg", "VGG16", 32, "with BatchNorm, as the reference"),
     "smallnet": Architecture("deepcluster.models.small", "SmallNet", 16, "8 conv layers, for 32-96 px images"),
+    "resnet18": Architecture("deepcluster.models.resnet", "ResNet18", 1, "stem imagenet or cifar",
+                             ("imagenet", "cifar")),
+    "resnet50": Architecture("deepcluster.models.resnet", "ResNet50", 1, "stem imagenet or cifar",
+                             ("imagenet", "cifar")),
 }
+STEMS = ("imagenet", "cifar")
 FC_INITS = ("reference", "width")
 CLUSTERED = ("fc", "body")
 
@@ -55,7 +62,7 @@ def backbone_class(arch: str) -> type[Backbone]:
 
 
 def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, fc_init: str = "reference",
-                 clustered: str = "fc") -> Backbone:
+                 clustered: str = "fc", stem: str = "imagenet") -> Backbone:
     """Build a backbone by its ``ARCHITECTURES`` name.
 
     Args:
@@ -69,6 +76,8 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
             layers, so narrow layers are not started near zero (see ``Backbone.scale_fc_init``).
         clustered: ``fc`` (the paper) or ``body``: what the feature pass returns
             (``Backbone.forward_clustered``).
+        stem: a ResNet's first layers: ``imagenet`` (7x7/2 conv and max-pool) or ``cifar``
+            (3x3/1 conv, no max-pool, for 32-96 px images); other architectures have one.
 
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
@@ -76,7 +85,13 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
     cls = backbone_class(arch)
     if fc_init not in FC_INITS:
         raise ValueError(f"unknown fc_init {fc_init!r}; choose one of: {', '.join(FC_INITS)}")
-    kwargs = {} if feature_dim is None else {"feature_dim": feature_dim}
+    kwargs: dict[str, Any] = {} if feature_dim is None else {"feature_dim": feature_dim}
+    if ARCHITECTURES[arch].stems:
+        if stem not in ARCHITECTURES[arch].stems:
+            raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(ARCHITECTURES[arch].stems)}")
+        kwargs["stem"] = stem
+    elif stem != "imagenet":
+        raise ValueError(f"stem {stem!r} applies to the ResNets only; {arch} has one fixed design")
     model = cls(sobel=sobel, **kwargs)
     if fc_init == "width":
         model.scale_fc_init()
@@ -89,7 +104,7 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
 def model_from_config(config: Config) -> Backbone:
     """The backbone a run's settings describe (fresh weights, drawn from torch's generator)."""
     return create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
-                        clustered=config.clustered)
+                        clustered=config.clustered, stem=config.stem)
 
 
 # Loaded on first use (PEP 562), so that importing the registry does not import torch.
@@ -107,5 +122,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "backbone_class", "create_model",
+__all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "STEMS", "backbone_class", "create_model",
            "model_from_config", *_LAZY]

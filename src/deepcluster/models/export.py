@@ -44,6 +44,7 @@ class BackboneMetadata:
         mean, std: per-channel normalisation of RGB values in [0, 1].
         epoch: training epochs behind these weights.
         source: the checkpoint it came from (for the record).
+        stem: a ResNet's first layers (``imagenet`` or ``cifar``).
     """
 
     arch: str
@@ -55,12 +56,14 @@ class BackboneMetadata:
     std: tuple[float, float, float]
     epoch: int = 0
     source: str = ""
+    stem: str = "imagenet"
 
     def to_strings(self) -> dict[str, str]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": self.arch,
                 "sobel": json.dumps(self.sobel), "feature_dim": str(self.feature_dim),
                 "image_size": str(self.image_size), "resize": str(self.resize), "mean": json.dumps(list(self.mean)),
-                "std": json.dumps(list(self.std)), "epoch": str(self.epoch), "source": self.source}
+                "std": json.dumps(list(self.std)), "epoch": str(self.epoch), "source": self.source,
+                "stem": self.stem}
 
     @staticmethod
     def from_strings(values: dict[str, str], where: str = "file") -> "BackboneMetadata":
@@ -73,7 +76,8 @@ class BackboneMetadata:
                 image_size=int(values["image_size"]), resize=int(values["resize"]),
                 mean=tuple(float(v) for v in json.loads(values["mean"])),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in json.loads(values["std"])),  # type: ignore[arg-type]
-                epoch=int(values.get("epoch", "0")), source=values.get("source", ""))
+                epoch=int(values.get("epoch", "0")), source=values.get("source", ""),
+                stem=values.get("stem", "imagenet"))
         except (KeyError, ValueError, TypeError) as error:
             raise ExportError(f"{where} has damaged backbone metadata ({type(error).__name__}: {error})") from None
 
@@ -163,7 +167,7 @@ def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cp
 
     info = read_backbone_metadata(path)
     try:
-        model = create_model(info.arch, sobel=info.sobel, feature_dim=info.feature_dim)
+        model = create_model(info.arch, sobel=info.sobel, feature_dim=info.feature_dim, stem=info.stem)
     except ValueError as error:
         raise ExportError(f"{str(path)!r}: {error}") from None
     try:
