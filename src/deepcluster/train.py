@@ -24,10 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed, faults
+from deepcluster import distributed, faults, losses
 from deepcluster.config import Config, ConfigError
 from deepcluster.data import (ColorJitter, ImageSource, Normalize, PseudoLabelDataset, RandomResizedCropFlip,
                               uniform_cluster_sample)
@@ -87,10 +86,9 @@ def pseudo_label_loader(source: ImageSource, assignments: np.ndarray, config: Co
 def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``(B, k)`` logits against ``(B,)`` pseudo-labels, ignoring images
     that could not be read (``UNREADABLE``); a batch without a readable image gives a zero
-    loss that still reaches every parameter (so every process takes the same steps)."""
-    if bool((targets != UNREADABLE).any()):
-        return F.cross_entropy(logits, targets, ignore_index=UNREADABLE)
-    return logits.sum() * 0.0
+    loss that still reaches every parameter (so every process takes the same steps). The
+    shared loss of :mod:`deepcluster.losses` with one head, one crop, temperature 1."""
+    return losses.pseudo_label_loss([logits], targets[None])
 
 
 def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch.optim.Optimizer,

@@ -51,14 +51,9 @@ class MultiCrop:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> list[torch.Tensor]:
         crops = []
         for group in self.groups:
-            crop = RandomResizedCropFlip(group.size, scale=group.scale, flip=self.flip)
+            crop = RandomResizedCropFlip(group.size, scale=group.scale, flip=self.flip, color=self.color)
             for _ in range(group.count):
-                box = crop.box(image.width, image.height, rng)
-                view = image.resize((group.size, group.size), Image.BILINEAR, box=box)
-                if self.flip and rng.random() < 0.5:
-                    view = view.transpose(Image.FLIP_LEFT_RIGHT)
-                if self.color is not None:
-                    view = self.color(view, rng)
+                view = crop.view(image, rng)
                 if self.blur > 0 and rng.random() < self.blur:
                     view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_radius)))
                 crops.append(to_uint8_tensor(view))

@@ -92,14 +92,18 @@ class RandomResizedCropFlip:
         left, top = (width - crop_w) // 2, (height - crop_h) // 2
         return left, top, left + crop_w, top + crop_h
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+    def view(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """The transformed Pillow image."""
         box = self.box(image.width, image.height, rng)
         image = image.resize((self.size, self.size), Image.BILINEAR, box=box)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.color is not None:
             image = self.color(image, rng)
-        return to_uint8_tensor(image)
+        return image
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        return to_uint8_tensor(self.view(image, rng))
 
 
 @dataclass(frozen=True)
