@@ -423,13 +423,16 @@ class V1Planner:
 
     def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None) -> tuple[Partition, dict]:
         """The trained network's clustering after ``epochs`` epochs (the same chain, seeded
-        as an epoch ``epochs`` would be) and its numbers for ``final.json``.
+        as an epoch ``epochs`` would be; with ``kmeans_init: previous`` started, as the epochs
+        are, from the last epoch's clusters) and its numbers for ``final.json``.
 
         Args:
             last: the last epoch's assignments (for ``nmi_last_epoch``), or None.
         """
         config, monitor = self.config, self.monitor
-        reduced, final = self.cluster_images(model, epochs, keep=None if monitor is None else monitor.memory)
+        previous = last if config.kmeans_init == "previous" else None
+        reduced, final = self.cluster_images(model, epochs, previous,
+                                             keep=None if monitor is None else monitor.memory)
         sizes = cluster_sizes(final.assignments, final.n_clusters)
         summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
                    "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
