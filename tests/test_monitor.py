@@ -74,10 +74,13 @@ def test_a_val_folder_without_classes_or_shared_classes_is_a_clear_error(image_f
         KnnMonitor.open(tmp_path / "other", FolderSource(image_folder))
 
 
-def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_path):
-    """The final clustering's kNN (the saved weights) is what ``deepcluster eval`` computes."""
+@pytest.mark.parametrize("clustered", ["fc", "body"])
+def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_path, clustered):
+    """The final clustering's kNN (the saved weights) is what ``deepcluster eval`` computes,
+    on the features the run clusters (its ``fc`` entry: the fc layer, or the pooled body)."""
     run = tmp_path / "run"
-    code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--val", image_folder)
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--val", image_folder,
+                         "--clustered", clustered)
     assert code == 0, err
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert all("knn_top1" in r and "cluster_acc" in r and "nmi_chance" in r for r in records)

@@ -168,7 +168,7 @@ def layer_dims(model: Backbone, pools: dict[str, PoolSpec], include_fc: bool) ->
     """Output width of each layer ``forward_layers`` returns."""
     dims = {name: spec.dim for name, spec in pools.items()}
     if include_fc:
-        dims[FC_LAYER] = model.feature_dim
+        dims[FC_LAYER] = model.clustered_dim
     return dims
 
 

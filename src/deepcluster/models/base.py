@@ -121,12 +121,13 @@ class Backbone(nn.Module):
 
         Args:
             images: ``(B, 3, H, W)`` normalised images (Sobel, when present, is applied here).
-            names: taps from ``taps()``, and/or ``FC_LAYER`` for ``forward_features``.
+            names: taps from ``taps()``, and/or ``FC_LAYER`` for the clustered features
+                (``forward_clustered``: the fc layer, or the pooled body with ``clustered = "body"``).
             pre_activation: a conv tap's map just before its ReLU instead of after it (what
                 gradient ascent maximises, so silent filters still get a gradient).
 
         Returns:
-            Name -> ``(B, C, h, w)`` map (``(B, feature_dim)`` for ``FC_LAYER``).
+            Name -> ``(B, C, h, w)`` map (``(B, clustered_dim)`` for ``FC_LAYER``).
 
         Raises:
             KeyError: a name the backbone does not have.
@@ -146,8 +147,9 @@ class Backbone(nn.Module):
             x = module(x)
             if index in wanted:  # a pre-activation map is kept apart from the in-place ReLU that follows
                 outputs[wanted[index]] = x.clone() if pre_activation and index < last else x
-        if FC_LAYER in names:
-            outputs[FC_LAYER] = self.classifier(torch.flatten(self.pool(x), 1))
+        if FC_LAYER in names:  # the clustered features: fc (the paper), or the pooled body
+            pooled = torch.flatten(self.pool(x), 1)
+            outputs[FC_LAYER] = pooled if self.clustered == "body" else self.classifier(pooled)
         return outputs
 
     @torch.no_grad()
