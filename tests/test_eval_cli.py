@@ -8,7 +8,7 @@ from deepcluster.checkpoint import save_checkpoint
 from deepcluster.cli import main
 from deepcluster.config import resolve
 from deepcluster.evaluation.suite import random_init_backbone
-from deepcluster.models import create_model
+from deepcluster.models import model_from_config
 
 FAST = ["--probe-epochs", "2", "--probe-batch-size", "12", "--cluster-seeds", "1", "--cluster-pca", "0",
         "--workers", "0", "--batch-size", "16", "--retrieval-k", "1,5", "--threads", "1"]
@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory, image_folder):
     run = tmp_path_factory.mktemp("run")
     config = resolve("small", overrides={"data": str(image_folder), "out_dir": str(run), "epochs": 3})
     torch.manual_seed(123)
-    model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
+    model = model_from_config(config)
     save_checkpoint(run / "checkpoint.pt", {"config": config.to_dict(), "arch": config.arch, "epoch": 3,
                                             "model": model.state_dict()})
     records = [{"epoch": e, "time_features": 1.0, "time_clustering": 0.5, "time_training": 10.0, "n_images": 36,
@@ -107,7 +107,7 @@ def test_random_init_alone_and_reference_probe_mode(checkpoint, image_folder, tm
 def test_random_init_is_the_network_the_run_started_from():
     config = resolve("small")
     torch.manual_seed(config.seed)
-    start = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim)
+    start = model_from_config(config)
     state = torch.get_rng_state()
     twin = random_init_backbone(config)
     assert torch.equal(state, torch.get_rng_state())  # global random state untouched

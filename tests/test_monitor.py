@@ -195,7 +195,7 @@ def test_keeping_the_head_needs_previous_ids():
     from deepcluster.config import ConfigError, resolve
 
     with pytest.raises(ConfigError, match="kmeans_init: previous"):
-        resolve("small", overrides={"head_reset": False})
+        resolve("small", overrides={"head_reset": False, "kmeans_init": "random"})
     assert resolve("small", overrides={"head_reset": False, "kmeans_init": "previous"}).head_reset is False
 
 

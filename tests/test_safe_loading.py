@@ -15,6 +15,8 @@ import deepcluster
 from deepcluster.checkpoint import CheckpointError, load_checkpoint
 from deepcluster.checkpoint import load_backbone
 
+from conftest import REFERENCE_LOOP
+
 
 class RunsCode:
     """Unpickling this runs ``exec``: the classic malicious-pickle payload."""
@@ -36,7 +38,7 @@ def good_run(image_folder, tmp_path_factory):
     threads = torch.get_num_threads()
     config = resolve("small", overrides={"data": str(image_folder), "out_dir": str(out), "epochs": 1, "n_clusters": 6,
                                          "batch_size": 8, "workers": 0, "pca_dim": 8, "kmeans_iters": 5,
-                                         "feature_dim": 32, "threads": 1})
+                                         "feature_dim": 32, "threads": 1, **REFERENCE_LOOP})
     run(config, log=lambda _: None)
     torch.set_num_threads(threads)
     return out

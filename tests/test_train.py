@@ -11,10 +11,13 @@ from deepcluster.config import ConfigError, resolve
 from deepcluster.checkpoint import load_backbone
 from deepcluster.train import run
 
+from conftest import REFERENCE_LOOP
+
 
 def tiny_config(folder, out_dir, **overrides):
     settings = {"data": str(folder), "out_dir": str(out_dir), "n_clusters": 6, "epochs": 2, "batch_size": 8,
                 "feature_batch_size": 16, "workers": 0, "pca_dim": 8, "kmeans_iters": 5, "feature_dim": 32}
+    settings.update(REFERENCE_LOOP)
     settings.update(overrides)
     return resolve("small", overrides=settings)
 
