@@ -625,6 +625,6 @@ def from_dict(values: dict[str, Any]) -> Config:
     return validate(apply_overrides(Config(), values))
 
 
-__all__ = ["V1_ONLY", "V2_ONLY", "validate_v2", "CHOICES", "Config", "ConfigError", "RECIPES", "RESUMABLE", "apply_overrides", "check_unchanged", "coerce",
-           "default_recipe", "from_dict", "load_yaml", "resolve", "resolve_resume", "run_folder",
-           "settings_help", "validate"]
+__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RESUMABLE", "V1_ONLY", "V2_ONLY", "apply_overrides",
+           "check_unchanged", "coerce", "default_recipe", "from_dict", "load_yaml", "resolve", "resolve_resume",
+           "run_folder", "settings_help", "validate", "validate_v2"]
