@@ -113,7 +113,10 @@ def build_parser() -> Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                        help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' "
-                            "(32-96 px images, smallnet, k=100), 'digits' (built-in data). Default: the "
+                            "(32-96 px images, smallnet, k=100), 'digits' (built-in data), 'v2-imagenet' "
+                            "(DeepCluster-v2, ResNet-50, 2x224 + 6x96 crops, batch 4096, LARS lr 4.8, 800 epochs), "
+                            "'v2-cifar' (DeepCluster-v2, ResNet-18 CIFAR stem, 2x32 crops, batch 256, LARS lr 0.6). "
+                            "Default: the "
                             "--config file's recipe:, else 'digits' without a data folder (--data, or data: in the "
                             "file), else 'paper'")
     train.add_argument("--config", help="YAML file of settings (applied after the recipe)")

@@ -360,6 +360,9 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise ConfigError(f"--pool-dim must be a positive integer, got {args.pool_dim}")
     if args.pca:
         cluster_model = load_cluster_model(args.checkpoint)
+        if cluster_model.pca is None:
+            raise ConfigError("--pca applies to v1 runs (their PCA-whitened features); a v2 run clusters the "
+                              "embeddings of its projection head, not a PCA of these layers: leave --pca out")
         model, config, pca = cluster_model.model, cluster_model.config, cluster_model.pca
     else:
         (model, config), pca = load_backbone(args.checkpoint), None

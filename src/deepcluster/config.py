@@ -48,6 +48,10 @@ class Config:
     val_every: int = setting(1, "epochs between online kNN measurements (the last epoch is always measured)")
     out_dir: str = setting("runs/deepcluster", "run folder: log, assignments, checkpoint (runs/digits for the "
                                                "built-in digits)")
+    # -- method
+    method: str = setting("v1", "v1: DeepCluster (Caron et al. 2018): feature pass, PCA, k-means, a new classifier "
+                                "every epoch | v2: DeepCluster-v2 (SwAV paper): spherical k-means of a memory bank "
+                                "of embeddings, prototype heads, multi-crop (the v2-* recipes)")
     # -- network
     arch: str = setting("alexnet", " | ".join(f"{name} ({spec.about})" for name, spec in ARCHITECTURES.items()))
     sobel: bool = setting(True, "fixed grayscale + Sobel filter in front of the first conv (the paper's)")
@@ -79,7 +83,8 @@ class Config:
     pca_sample_size: int | None = setting(None, "fit the PCA on this many images and project the rest as they "
                                                 "come (bounded memory); none = all, as the reference")
     whiten_power: float = setting(-0.5, "-0.5 whitens, 0 only reduces")
-    kmeans_iters: int = setting(20, "k-means iterations per clustering")
+    kmeans_iters: int = setting(20, "k-means iterations per clustering (v2: of each head's spherical k-means; "
+                                    "the reference 10)")
     kmeans_backend: str = setting("faiss", "faiss | torch (a PyTorch search: GPU too, sharded over processes)")
     kmeans_init: str = setting("random", "random (the paper) | kmeans++ | previous: start from the means of last "
                                          "epoch's clusters, so cluster ids carry over (lets head_reset false keep "
@@ -101,9 +106,38 @@ class Config:
                                      "keeps it, only with kmeans_init previous")
     sampler: str = setting("uniform", "uniform: every non-empty cluster gets the same share of an epoch (the "
                                       "paper's defence against trivial solutions) | shuffle: a plain pass")
+    optimizer: str = setting("sgd", "sgd (v1: the only one) | lars: SGD with layer-wise adaptive rates (v2's "
+                                    "reference; large batches)")
+    lars_trust: float = setting(0.001, "LARS trust coefficient (SwAV: 0.001; solo-learn's CIFAR recipe: 0.02)")
+    lars_clip: bool = setting(False, "LARS: cap each layer's adaptive rate at lr (solo-learn: true; SwAV: false)")
+    lars_exclude_1d: bool = setting(False, "LARS: biases and BatchNorm weights keep plain SGD, without weight decay "
+                                           "(solo-learn: true; SwAV: false)")
+    warmup_epochs: int = setting(0, "v2: epochs of linear warm-up from warmup_start_lr to lr, then half a cosine "
+                                    "down to final_lr, set at every step (SwAV: 10; solo-learn CIFAR: 11)")
+    warmup_start_lr: float = setting(0.0, "v2: learning rate of the first step (SwAV ImageNet: 0.3)")
+    final_lr: float | None = setting(None, "v2: learning rate the cosine ends at (SwAV: 0.0048, solo-learn CIFAR: "
+                                           "0.0006); none = lr all along (no schedule)")
     precision: str = setting("fp32", "fp32 (the paper) | bf16 autocast: about 2x faster on CPUs/GPUs with bf16 "
                                      "units")
     channels_last: bool = setting(True, "memory layout only (same numbers); 2x faster convolutions on CPU")
+    # -- DeepCluster-v2 (method v2)
+    prototypes: tuple[int, ...] = setting((3000, 3000, 3000), "v2: prototypes of each head, comma-separated (the "
+                                                              "reference: 3000,3000,3000); each at most the images")
+    temperature: float = setting(0.1, "v2: the prototype scores (cosines) are divided by it before the "
+                                      "cross-entropy (the reference: 0.1)")
+    projection_hidden: int = setting(2048, "v2: hidden width of the projection MLP (Linear, BatchNorm, ReLU, "
+                                           "Linear); 0 = one linear layer")
+    projection_dim: int = setting(128, "v2: width of the L2-normalised embedding that is clustered")
+    crop_sizes: tuple[int, ...] = setting((224, 96), "v2: side (px) of each crop group, large first; the first "
+                                                     "group's first two crops fill the memory bank")
+    crop_counts: tuple[int, ...] = setting((2, 6), "v2: crops per group (the reference 2,6; the first at least 2)")
+    crop_min_scales: tuple[float, ...] = setting((0.14, 0.05), "v2: smallest share of the image area of each "
+                                                               "group's crops")
+    crop_max_scales: tuple[float, ...] = setting((1.0, 0.14), "v2: largest share of the image area of each "
+                                                              "group's crops")
+    blur_prob: float = setting(0.5, "v2: probability of a Gaussian blur (radius 0.1-2 px) of each crop")
+    empty_clusters: str = setting("keep", "v2: an empty cluster keeps its previous centroid (the reference) | split: "
+                                          "re-seeded next to a large one, as v1; the count is logged either way")
     # -- machinery
     seed: int = setting(31, "seed of every random choice (a resumed run equals an uninterrupted one)")
     device: str = setting("auto", "auto (a GPU when present) | cpu | cuda | cuda:N")
@@ -155,6 +189,36 @@ RECIPES: dict[str, dict[str, Any]] = {
         "arch": "smallnet", "resize": 32, "crop": 32, "n_clusters": 50, "crop_scale_min": 0.9,
         "hflip": False, "pca_dim": 128, "epochs": 15, "batch_size": 32, "workers": 0, **SMALL_IMAGES_LEARN,
     },
+    # DeepCluster-v2, the reference ImageNet run (SwAV's scripts/deepclusterv2_800ep_pretrain.sh):
+    # ResNet-50, 2 x 224 + 6 x 96 crops, 3 x 3000 prototypes, LARS (trust 0.001, no clip),
+    # lr 4.8 at a global batch of 4096 (64 GPUs x 64) with 10 warm-up epochs from 0.3, then
+    # a cosine to 0.0048, weight decay 1e-6, 800 epochs. The reference trains in mixed
+    # precision with synchronised BatchNorm; here precision stays fp32 unless asked (bf16).
+    "v2-imagenet": {
+        "method": "v2", "arch": "resnet50", "stem": "imagenet", "sobel": False, "resize": 256, "crop": 224,
+        "crop_sizes": (224, 96), "crop_counts": (2, 6), "crop_min_scales": (0.14, 0.05),
+        "crop_max_scales": (1.0, 0.14), "color_jitter": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.5,
+        "prototypes": (3000, 3000, 3000), "temperature": 0.1, "projection_hidden": 2048, "projection_dim": 128,
+        "kmeans_iters": 10, "empty_clusters": "keep", "sampler": "shuffle", "optimizer": "lars",
+        "lars_trust": 0.001, "lars_clip": False, "lars_exclude_1d": False, "lr": 4.8, "final_lr": 0.0048,
+        "warmup_epochs": 10, "warmup_start_lr": 0.3, "weight_decay": 1e-6, "momentum": 0.9, "batch_size": 4096,
+        "epochs": 800,
+    },
+    # DeepCluster-v2 on CIFAR (solo-learn's scripts/pretrain/cifar/deepclusterv2.yaml and its
+    # symmetric augmentations): ResNet-18 with the CIFAR stem, 2 x 32 px crops over 8-100% of
+    # the image, LARS (eta 0.02, clipped, biases and norms excluded), lr 0.6 at batch 256, 11
+    # warm-up epochs from 0, cosine to 0.0006, weight decay 1e-6, 1000 epochs, CIFAR's mean/std.
+    "v2-cifar": {
+        "method": "v2", "arch": "resnet18", "stem": "cifar", "sobel": False, "resize": 32, "crop": 32,
+        "mean": (0.4914, 0.4822, 0.4465), "std": (0.247, 0.243, 0.261),
+        "crop_sizes": (32,), "crop_counts": (2,), "crop_min_scales": (0.08,), "crop_max_scales": (1.0,),
+        "color_jitter": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.5,
+        "prototypes": (3000, 3000, 3000), "temperature": 0.1, "projection_hidden": 2048, "projection_dim": 128,
+        "kmeans_iters": 10, "empty_clusters": "keep", "sampler": "shuffle", "optimizer": "lars",
+        "lars_trust": 0.02, "lars_clip": True, "lars_exclude_1d": True, "lr": 0.6, "final_lr": 0.0006,
+        "warmup_epochs": 11, "warmup_start_lr": 0.0, "weight_decay": 1e-6, "momentum": 0.9, "batch_size": 256,
+        "epochs": 1000,
+    },
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -168,6 +232,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kmeans_init": ("random", "kmeans++", "previous"),
     "sampler": ("uniform", "shuffle"),
     "precision": ("fp32", "bf16"),
+    "method": ("v1", "v2"),
+    "optimizer": ("sgd", "lars"),
+    "empty_clusters": ("keep", "split"),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -382,11 +449,67 @@ def validate(config: Config) -> Config:
     if config.pca_sample_size is not None and config.pca_sample_size < config.pca_dim:
         raise ConfigError(f"setting 'pca_sample_size' must be at least pca_dim ({config.pca_dim}) or null for "
                           f"all images, got {config.pca_sample_size}")
+    validate_v2(config)
     if not config.out_dir or "\0" in config.out_dir:
         raise ConfigError(f"setting 'out_dir' must be a folder path, got {config.out_dir!r}")
     if config.data is not None and "\0" in config.data:
         raise ConfigError(f"setting 'data' must be a folder path, got {config.data!r}")
     return config
+
+
+# Settings that only a v2 run reads, and those only a v1 run reads that would change its
+# training; given to the other method they are refused rather than silently ignored.
+V2_ONLY = {"optimizer": "sgd", "warmup_epochs": 0, "final_lr": None}
+V1_ONLY = {"clustering": "kmeans", "head_init": "random", "head_lr": None, "reassign_every": 1}
+
+
+def validate_v2(config: Config) -> None:
+    """The checks of the v2 settings (and of the settings that belong to one method only)."""
+    if config.method == "v1":
+        for key, default in V2_ONLY.items():
+            if getattr(config, key) != default:
+                raise ConfigError(f"setting {key!r} applies to method v2 only (v1 trains with plain SGD at a constant "
+                                  f"lr); leave it at {default if default is not None else 'none'} or set method: v2")
+    else:
+        for key, default in V1_ONLY.items():
+            if getattr(config, key) != default:
+                raise ConfigError(f"setting {key!r} applies to method v1 only; leave it at "
+                                  f"{default if default is not None else 'none'} with method: v2")
+    if min(config.prototypes) < 2:
+        raise ConfigError(f"setting 'prototypes' must be integers of at least 2 (one per head), got "
+                          f"{','.join(map(str, config.prototypes))}")
+    if config.projection_dim < 1 or config.projection_hidden < 0:
+        raise ConfigError(f"settings 'projection_dim' (>= 1) and 'projection_hidden' (>= 0, 0 = none) got "
+                          f"{config.projection_dim} and {config.projection_hidden}")
+    if not config.temperature > 0:
+        raise ConfigError(f"setting 'temperature' must be a positive number, got {config.temperature}")
+    groups = {key: len(getattr(config, key)) for key in ("crop_sizes", "crop_counts", "crop_min_scales",
+                                                         "crop_max_scales")}
+    if len(set(groups.values())) != 1:
+        raise ConfigError("settings crop_sizes, crop_counts, crop_min_scales and crop_max_scales need one value per "
+                          f"crop group each, got {', '.join(f'{k} {n}' for k, n in groups.items())}")
+    min_crop = ARCHITECTURES[config.arch].min_crop
+    for size in config.crop_sizes:
+        if not min_crop <= size <= MAX_IMAGE_SIDE:
+            raise ConfigError(f"setting 'crop_sizes' must be between {min_crop} (arch {config.arch}) and "
+                              f"{MAX_IMAGE_SIDE} pixels, got {size}")
+    if min(config.crop_counts) < 1 or config.crop_counts[0] < 2:
+        raise ConfigError(f"setting 'crop_counts' must be positive, the first (large) group at least 2: its first two "
+                          f"crops fill the memory bank; got {','.join(map(str, config.crop_counts))}")
+    for low, high in zip(config.crop_min_scales, config.crop_max_scales):
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"settings 'crop_min_scales' and 'crop_max_scales' must satisfy 0 < min <= max <= 1 in "
+                              f"each group, got {low} and {high}")
+    if not 0 <= config.blur_prob <= 1:
+        raise ConfigError(f"setting 'blur_prob' must be in [0, 1], got {config.blur_prob}")
+    if config.warmup_epochs < 0:
+        raise ConfigError(f"setting 'warmup_epochs' must be >= 0, got {config.warmup_epochs}")
+    for key in ("warmup_start_lr", "final_lr"):
+        value = getattr(config, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"setting {key!r} must be >= 0, got {value}")
+    if not config.lars_trust > 0:
+        raise ConfigError(f"setting 'lars_trust' must be a positive number, got {config.lars_trust}")
 
 
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
@@ -512,6 +635,6 @@ def from_dict(values: dict[str, Any]) -> Config:
     return validate(apply_overrides(Config(), values))
 
 
-__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RESUMABLE", "apply_overrides", "check_unchanged", "coerce",
-           "default_recipe", "from_dict", "load_yaml", "resolve", "resolve_resume", "run_folder",
-           "settings_help", "validate"]
+__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RESUMABLE", "V1_ONLY", "V2_ONLY", "apply_overrides",
+           "check_unchanged", "coerce", "default_recipe", "from_dict", "load_yaml", "resolve", "resolve_resume",
+           "run_folder", "settings_help", "validate", "validate_v2"]

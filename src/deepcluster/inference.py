@@ -9,6 +9,10 @@ clustering saved in the checkpoint:
 3. L2 normalisation of each row;
 4. the nearest saved centroid (the run's k-means search backend), and its distance.
 
+A v2 run (``method: v2``) clusters the L2-normalised embeddings of its projection head
+instead: steps 2-3 are the projection, and step 4 is the centroid of largest dot product
+(the spherical k-means rule); the distance is the Euclidean one on the unit sphere.
+
 Which clustering: a finished run saves a *final clustering* of its trained network
 (``methods.v1.V1Planner.final_clustering``); its centroids and PCA fit the saved weights, and ``assign``
 on the training images reproduces ``assignments/final.npy`` exactly. Without it (a run
@@ -32,9 +36,11 @@ import torch
 from deepcluster.checkpoint import CheckpointError, load_checkpoint
 from deepcluster.clustering import nearest_centroid
 from deepcluster.clustering.pca import PCA
+from deepcluster.clustering.spherical import nearest_centroids
 from deepcluster.config import Config
 from deepcluster.data import ImageSource
 from deepcluster.models import Backbone
+from deepcluster.models.projection import Embedder
 from deepcluster.checkpoint import load_backbone
 from deepcluster.features import compute_features
 
@@ -52,16 +58,16 @@ class ClusterModel:
         model: the backbone in eval mode.
         config: the run's configuration (views, normalisation, precision, search backend).
         pca: the projection fitted at the last clustering (``mean`` ``(D,)``, ``projection``
-            ``(D, d)``).
+            ``(D, d)``); None for v2 (``model`` then gives the unit embeddings).
         centroids: ``(k, d)`` float32 centroids of the last clustering, in the PCA space.
         epoch: epochs the checkpoint has completed.
         assignments: ``(N,)`` labels of the training images under this clustering, or ``None``.
         final: True for the final clustering (fits the weights), False for the last epoch's.
     """
 
-    model: Backbone
+    model: Backbone | Embedder
     config: Config
-    pca: PCA
+    pca: PCA | None
     centroids: np.ndarray
     epoch: int
     assignments: np.ndarray | None
@@ -91,6 +97,8 @@ def load_cluster_model(path: str | Path, device: torch.device | str = "cpu") -> 
     """
     model, config = load_backbone(path)
     saved = load_checkpoint(path)
+    if config.method == "v2":
+        return _load_v2(path, model, config, saved, device)
     final = saved.get("final")
     if isinstance(final, dict) and int(final.get("epoch", -1)) == int(saved.get("epoch", 0)):
         saved = {**final, "epoch": saved.get("epoch", 0)}
@@ -111,6 +119,32 @@ def load_cluster_model(path: str | Path, device: torch.device | str = "cpu") -> 
                         None if previous is None else previous.numpy().astype(np.int64), final is not None)
 
 
+def _load_v2(path: str | Path, backbone: Backbone, config: Config, saved: dict,
+             device: torch.device | str) -> ClusterModel:
+    """A v2 checkpoint's embedder and centroids: the final clustering's when it fits the
+    weights, else the prototypes of head 0 (the last epoch's centroids)."""
+    from deepcluster.checkpoint import load_weights
+    from deepcluster.models.projection import ProjectionHead
+
+    projection = ProjectionHead(backbone.feature_dim, config.projection_hidden, config.projection_dim)
+    head = saved.get("head") or {}
+    load_weights(projection, {name[len("projection."):]: tensor for name, tensor in head.items()
+                              if name.startswith("projection.")}, path)
+    final = saved.get("final")
+    if isinstance(final, dict) and int(final.get("epoch", -1)) == int(saved.get("epoch", 0)):
+        centroids, assignments = final.get("centroids"), final.get("assignments")
+    else:
+        final, centroids, assignments = None, head.get("prototypes.heads.0.weight"), saved.get("assignments")
+    if int(saved.get("epoch", 0)) < 1 or not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
+            or centroids.shape[1] != config.projection_dim:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no clustering of its {config.projection_dim}-d "
+                              "embeddings; it must come from a v2 run that finished at least one epoch")
+    embedder = Embedder(backbone, projection).eval()
+    return ClusterModel(embedder.to(device), config, None, centroids.numpy().astype(np.float32),
+                        int(saved.get("epoch", 0)), None if assignments is None else assignments.numpy().astype(np.int64),
+                        final is not None)
+
+
 @dataclass
 class Assignment:
     """Clusters of a set of images.
@@ -127,21 +161,26 @@ class Assignment:
     ok: np.ndarray
 
 
-def assign_features(features: np.ndarray, ok: np.ndarray, pca: PCA, centroids: np.ndarray,
+def assign_features(features: np.ndarray, ok: np.ndarray, pca: PCA | None, centroids: np.ndarray,
                     backend: str = "faiss", device: str = "cpu") -> Assignment:
     """Nearest centroid of each usable row of ``(N, D)`` raw features (steps 2-4 above).
 
     Args:
         features: ``(N, D)`` backbone features (``forward_features``).
         ok: ``(N,)`` bool, rows to place (others get cluster -1).
-        pca: the saved projection.
+        pca: the saved projection; None for v2 (``features`` are then unit embeddings).
         centroids: ``(k, d)`` saved centroids.
         backend: ``faiss`` or ``torch`` nearest-centroid search (use the run's for exactness).
         device: where the search runs.
     """
     clusters = np.full(len(features), -1, dtype=np.int64)
     distances = np.full(len(features), np.nan, dtype=np.float32)
-    if ok.any():
+    if ok.any() and pca is None:  # v2: unit embeddings, the centroid of largest dot product
+        labels, cosines = nearest_centroids(torch.from_numpy(np.ascontiguousarray(features[ok])),
+                                            torch.from_numpy(centroids))
+        clusters[ok] = labels.numpy()
+        distances[ok] = np.sqrt(np.maximum(2.0 - 2.0 * cosines.numpy(), 0.0))
+    elif ok.any():
         points = pca.project(features[ok])
         labels, squared = nearest_centroid(points, centroids, backend=backend, device=device)
         clusters[ok] = labels

@@ -46,3 +46,12 @@ def pseudo_label_loss(scores: Sequence[torch.Tensor], targets: torch.Tensor, tem
             continue
         total = total + F.cross_entropy(head_scores / temperature, head_targets, ignore_index=IGNORE)
     return total / len(scores)
+
+
+def per_head_losses(scores: Sequence[torch.Tensor], targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(n_heads,)``: the loss of :func:`pseudo_label_loss` for each head alone (v2 logs
+    them; their mean is v2's loss). Arguments as for :func:`pseudo_label_loss`."""
+    if targets.dim() != 2 or targets.shape[0] != len(scores):
+        raise ValueError(f"targets must be (n_heads={len(scores)}, batch), got {tuple(targets.shape)}")
+    return torch.stack([pseudo_label_loss([head_scores], head_targets[None], temperature)
+                        for head_scores, head_targets in zip(scores, targets)])

@@ -27,7 +27,13 @@ def format_line(record: dict, epochs: int) -> str:
     parts = [f"epoch {record['epoch']:>3}/{epochs}"]
     if record["clustering_objective"] is not None:
         parts.append(f"objective {record['clustering_objective']:.4f}")
+    if record.get("spherical_objective") is not None:  # v2: mean cosine to the centroid, per head
+        parts.append(f"cosine {'/'.join(f'{value:.3f}' for value in record['spherical_objective'])}")
     parts.append(f"loss {record['train_loss']:.4f}")
+    if record.get("train_loss_per_head") is not None:
+        parts[-1] += f" (heads {'/'.join(f'{value:.3f}' for value in record['train_loss_per_head'])})"
+    if record.get("n_empty") is not None:
+        parts.append(f"empty {'/'.join(map(str, record['n_empty']))}")
     parts.extend(format_scores(record))
     if record.get("nmi_prev") is not None:
         parts.append(f"nmi(t-1,t) {record['nmi_prev']:.3f}")

@@ -56,12 +56,14 @@ from deepcluster.config import Config, ConfigError, check_unchanged, from_dict, 
 from deepcluster.data import FolderSource, ImageSource, load_digits_source, walk_relative
 from deepcluster.data.sources import DataError
 from deepcluster.faults import fault_point
+from deepcluster.models.heads import ClassifierHead
 from deepcluster.scalars import ScalarLog
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from deepcluster.methods.v1 import Partition
     from deepcluster.models import Backbone
-    from deepcluster.models.heads import ClassifierHead
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -434,6 +436,7 @@ class RunState:
     previous: np.ndarray | None = None  # last epoch's assignments
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
     records: list[dict] = field(default_factory=list)  # log record of every completed epoch
+    saved: dict[str, Any] = field(default_factory=dict)  # the checkpoint's other entries (the planner's state)
 
 
 def open_source(config: Config, run_dir: Path | None = None, data: str | None = None) -> ImageSource:
@@ -463,10 +466,15 @@ def folder_changes(source: ImageSource, skipped: dict[str, str]) -> str | None:
             f"images.json), {len(missing)} missing (left out as unreadable)")
 
 
-def checkpoint_state(model: Backbone, head: ClassifierHead, optimizer: torch.optim.Optimizer, config: Config,
-                     state: RunState, partition: Partition | None) -> dict:
-    """Everything a resume or a later ``assign`` needs, as tensors and plain containers."""
-    out = {
+def checkpoint_state(model: Backbone, head: nn.Module, optimizer: torch.optim.Optimizer, config: Config,
+                     state: RunState, clustering: dict[str, Any]) -> dict:
+    """Everything a resume or a later ``assign`` needs, as tensors and plain containers.
+
+    Args:
+        clustering: what the method keeps of its clustering (the planner's
+            ``checkpoint_entries``: v1's centroids and PCA, v2's memory bank).
+    """
+    return {
         "config": config.to_dict(),
         "arch": config.arch,
         "epoch": state.epoch,
@@ -477,12 +485,8 @@ def checkpoint_state(model: Backbone, head: ClassifierHead, optimizer: torch.opt
         "assignments": torch.from_numpy(state.previous) if state.previous is not None else None,
         "skipped": dict(state.skipped),
         "records": list(state.records),  # plain values (json_record): log.jsonl is rebuilt from them
+        **clustering,
     }
-    if partition is not None:
-        out["centroids"] = torch.from_numpy(partition.centroids)
-        out["pca_mean"] = torch.from_numpy(partition.pca.mean)
-        out["pca_projection"] = torch.from_numpy(partition.pca.projection)
-    return out
 
 
 def check_resume_config(saved: dict, config: Config) -> None:
@@ -541,7 +545,7 @@ class RunFolder:
         """The run's images (a resumed run: the list it stored when it started)."""
         return open_source(self.config, self.path if resume else None)
 
-    def restore(self, model: Backbone, head: ClassifierHead, optimizer: torch.optim.Optimizer,
+    def restore(self, model: Backbone, head: nn.Module, optimizer: torch.optim.Optimizer,
                 source: ImageSource) -> RunState:
         """Load the checkpoint into ``model``, ``head`` and ``optimizer``, and the torch
         generator; returns the run state.
@@ -558,7 +562,10 @@ class RunFolder:
             raise CheckpointError(f"checkpoint {str(path)!r} is for architecture {saved.get('arch')!r}, "
                                   f"but the run asks for {config.arch!r}")
         load_weights(model, saved["model"], path)
-        load_head(head, saved["head"], path, next(model.parameters()).device)
+        if isinstance(head, ClassifierHead):  # v1's head is re-created at its saved width
+            load_head(head, saved["head"], path, next(model.parameters()).device)
+        else:
+            load_weights(head, saved["head"], path)
         try:
             optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
@@ -569,7 +576,8 @@ class RunFolder:
         records = saved.get("records")
         state = RunState(int(saved["epoch"]), None if previous is None else previous.numpy().astype(np.int64),
                          dict(saved.get("skipped", {})),
-                         records if isinstance(records, list) and all(isinstance(r, dict) for r in records) else [])
+                         records if isinstance(records, list) and all(isinstance(r, dict) for r in records) else [],
+                         saved)
         if state.previous is not None and len(state.previous) != len(source):
             raise ConfigError(f"the data folder {config.data!r} now holds {len(source)} usable images but the run "
                               f"was trained on {len(state.previous)}; restore the folder as it was, or start a new "
@@ -628,8 +636,9 @@ class RunFolder:
         saved = load_checkpoint(self.checkpoint_path)
         saved.pop("format_version", None)
         saved["final"] = {"epoch": epoch, "centroids": torch.from_numpy(partition.centroids),
-                          "pca_mean": torch.from_numpy(partition.pca.mean),
-                          "pca_projection": torch.from_numpy(partition.pca.projection),
+                          **({} if partition.pca is None else {  # v2 clusters unit embeddings, no PCA
+                              "pca_mean": torch.from_numpy(partition.pca.mean),
+                              "pca_projection": torch.from_numpy(partition.pca.projection)}),
                           "assignments": torch.from_numpy(partition.assignments)}
         save_final(self.path, partition.assignments, saved, json.dumps(summary) + "\n")
 

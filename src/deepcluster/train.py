@@ -1,6 +1,7 @@
 """The DeepCluster loop: features -> clustering -> pseudo-labelled data -> training.
 
-Each epoch (``fit``):
+One loop for both methods; what differs lives in the method's planner (``methods.v1``,
+``methods.v2``). Each epoch of v1 (``fit``), as the paper has it:
 
 1. **Plan** (``methods.v1.V1Planner``): the body, in eval mode, maps the centre view of
    every image to its features; PCA-whitening, L2 normalisation and k-means with a fresh
@@ -11,6 +12,13 @@ Each epoch (``fit``):
 3. **Training** (``train_one_epoch``): the head with its own momentum-free SGD, the body
    with SGD whose momentum persists across epochs.
 4. **Commit** (``runfolder.RunFolder``): assignments, checkpoint, log line, atomically.
+
+DeepCluster-v2 (``method: v2``, ``methods.v2.V2Planner``) fills the same four stages
+differently: the plan clusters last epoch's memory bank of embeddings per prototype head
+(spherical k-means; the prototypes become the centroids), the data are multi-crop views
+each carrying its image's targets, and the training pass (the planner's) scores the
+embeddings against the prototypes, steps LARS on a warm-up + cosine schedule and writes the
+next memory bank.
 
 The loop does no file I/O and injects no faults: the run folder and ``faults.instrument``
 do, around it.
@@ -30,13 +38,14 @@ from deepcluster import distributed, faults, losses
 from deepcluster.config import Config, ConfigError
 from deepcluster.data import (ColorJitter, ImageSource, Normalize, PseudoLabelDataset, RandomResizedCropFlip,
                               uniform_cluster_sample)
+from deepcluster.data import transforms
 from deepcluster.data.pseudo import UNREADABLE
 from deepcluster.devices import resolve_device
 from deepcluster.features import autocast, loader_kwargs
 from deepcluster.health import check_loss
 from deepcluster.messages import final_line, format_line, plural
-from deepcluster.methods import STREAM_SAMPLER, derived_seed
-from deepcluster.methods.v1 import Plan, TooFewDecoded, V1Planner, pca_dim_for
+from deepcluster.methods import STREAM_SAMPLER, Plan, derived_seed, v2
+from deepcluster.methods.v1 import TooFewDecoded, V1Planner, pca_dim_for
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.heads import ClassifierHead, WithHead
 from deepcluster.monitor import KnnMonitor, digits_verdict
@@ -44,9 +53,11 @@ from deepcluster.progress import Progress
 from deepcluster.runfolder import RunFolder, RunState, checkpoint_state, json_record
 
 
-def build(config: Config, device: torch.device) -> tuple[Backbone, ClassifierHead, torch.optim.Optimizer]:
+def build(config: Config, device: torch.device) -> tuple[Backbone, nn.Module, torch.optim.Optimizer]:
     """A fresh backbone on ``device``, its pseudo-label head (without a layer until the first
-    clustering) and the body optimiser (SGD with momentum)."""
+    clustering) and the body optimiser (SGD with momentum); for v2, ``methods.v2.build``."""
+    if config.method == "v2":
+        return v2.build(config, device)
     torch.manual_seed(config.seed)
     model = model_from_config(config)
     model.to(device)
@@ -59,9 +70,7 @@ def build(config: Config, device: torch.device) -> tuple[Backbone, ClassifierHea
 
 def color_jitter(config: Config) -> ColorJitter | None:
     """The training views' colour jitter, or None when off (the reference)."""
-    if config.color_jitter == 0 and config.grayscale_prob == 0:
-        return None
-    return ColorJitter(config.color_jitter, config.color_jitter / 4, 0.8, config.grayscale_prob)
+    return transforms.color_jitter(config.color_jitter, config.grayscale_prob)
 
 
 def pseudo_label_loader(source: ImageSource, assignments: np.ndarray, config: Config, epoch: int,
@@ -175,7 +184,9 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     resume = folder.check_resume(resume)
     source = folder.open_source(resume)
     monitor = None if config.val is None else KnnMonitor.open(config.val, source)
-    if config.clustering == "kmeans" and config.n_clusters > len(source):
+    if config.method == "v2":
+        v2.check_sizes(config, len(source))
+    elif config.clustering == "kmeans" and config.n_clusters > len(source):
         raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} images; "
                           f"choose at most {len(source)}")
     model, head, optimizer = build(config, device)
@@ -185,21 +196,29 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     removed = folder.prepare(source, state, resume)
     for line in start_lines(config, source, state, resume, device, monitor, removed):
         log(line)
-    planner, loss_fn = faults.instrument(V1Planner(config, device, source, monitor), pseudo_label_loss)
+    if config.method == "v2":
+        planner, loss_fn = faults.instrument(v2.V2Planner(config, device, source, monitor, head), losses.per_head_losses)
+        train_pass, make_loader = planner.train_one_epoch, v2.multi_crop_loader
+    else:
+        planner, loss_fn = faults.instrument(V1Planner(config, device, source, monitor), pseudo_label_loss)
+        train_pass, make_loader = train_one_epoch, pseudo_label_loader
+    if resume and state.epoch > 0:
+        planner.load_state(state.saved)
     folder.open_scalars()
     records = []
     try:
         for epoch in range(state.epoch, config.epochs):
             plan = planner.plan(model, head, epoch, state.previous, state.skipped)
-            loader = pseudo_label_loader(source, plan.assignments, config, epoch, device)
+            loader = make_loader(source, plan.assignments if plan.targets is None else plan.targets, config, epoch,
+                                 device)
             start, unreadable = time.perf_counter(), set()
-            loss, seen = train_one_epoch(model, head, optimizer, loader, config, epoch, device, unreadable, loss_fn)
+            loss, seen = train_pass(model, head, optimizer, loader, config, epoch, device, unreadable, loss_fn)
             note_unreadable(source, unreadable, epoch, state.skipped, say)
-            record = epoch_record(plan, loss, seen, time.perf_counter() - start, state)
+            record = epoch_record(plan, loss, seen, time.perf_counter() - start, state, planner.training_numbers)
             state.epoch, state.previous = epoch + 1, plan.assignments
             state.records.append(record)
             folder.commit_epoch(epoch, state, checkpoint_state(model, head, optimizer, config, state,
-                                                               planner.partition), record)
+                                                               planner.checkpoint_entries()), record)
             for line in epoch_lines(record, config.epochs):
                 say(line)
             records.append(record)
@@ -220,9 +239,11 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     return records
 
 
-def epoch_record(plan: Plan, loss: float, seen: int, seconds: float, state: RunState) -> dict:
-    """An epoch's log record: the plan's numbers, then the training stage's, as plain values."""
-    return json_record({**plan.record, "time_training": seconds, "train_loss": loss,
+def epoch_record(plan: Plan, loss: float, seen: int, seconds: float, state: RunState,
+                 training: dict | None = None) -> dict:
+    """An epoch's log record: the plan's numbers, then the training stage's (``training``: the
+    method's own, e.g. v2's loss per head), as plain values."""
+    return json_record({**plan.record, "time_training": seconds, "train_loss": loss, **(training or {}),
                         "train_images_per_s": seen * distributed.world_size() / max(seconds, 1e-9),
                         "n_images": int((plan.assignments >= 0).sum()), "n_skipped": len(state.skipped)})
 
@@ -245,12 +266,19 @@ def note_unreadable(source: ImageSource, unreadable: set[int], epoch: int, skipp
         skipped[name] = f"became unreadable during the run (training pass of epoch {epoch + 1})"
 
 
+def clusters_text(config: Config) -> str:
+    """The clusters a run makes, in a few words."""
+    if config.method == "v2":
+        return f"v2 with prototypes {','.join(map(str, config.prototypes))}"
+    return f"k={config.n_clusters}"
+
+
 def start_lines(config: Config, source: ImageSource, state: RunState, resume: bool, device: torch.device,
                 monitor: KnnMonitor | None, removed: list) -> list[str]:
     """What a run says before its first epoch: the data, the network, the notes."""
     lines = [f"deepcluster: {plural(len(source), 'image')}"
              + (f" ({len(state.skipped)} unreadable file(s) skipped, listed in skipped.tsv)" if state.skipped else "")
-             + f", {config.arch}{' + sobel' if config.sobel else ''}, k={config.n_clusters}, "
+             + f", {config.arch}{' + sobel' if config.sobel else ''}, {clusters_text(config)}, "
              f"{plural(config.epochs, 'epoch')}, device {device}, run folder {config.run_dir}"
              + (f", resuming after epoch {state.epoch}" if resume else "")
              + (f"; removed {len(removed)} temporary file(s) of an interrupted write" if removed else "")]
@@ -261,7 +289,7 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
     elif monitor is None and source.labels is not None:
         lines.append("deepcluster: the data folder has classes: add --val FOLDER (labelled images, e.g. a test "
                      "split) to see the online kNN accuracy every epoch")
-    if config.pca_dim > pca_dim_for(config.pca_dim, len(source)):
+    if config.method == "v1" and config.pca_dim > pca_dim_for(config.pca_dim, len(source)):
         lines.append(f"deepcluster: warning: {plural(len(source), 'image')} are too few for pca_dim {config.pca_dim} "
                      f"(whitened to N - 1 dimensions or more, the points are all equally far apart and k-means is "
                      f"arbitrary); using {pca_dim_for(config.pca_dim, len(source))}")

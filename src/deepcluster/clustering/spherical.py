@@ -45,8 +45,9 @@ class SphericalResult:
     n_split: int = 0
 
 
-def _assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best centroid of every point and its dot product, in blocks of rows."""
+def nearest_centroids(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best centroid (largest dot product) of every point and that dot product, in blocks of rows:
+    ``(N, d), (k, d) -> (N,) int64, (N,)``."""
     labels = torch.empty(len(points), dtype=torch.int64, device=points.device)
     scores = torch.empty(len(points), dtype=points.dtype, device=points.device)
     for start in range(0, len(points), BLOCK_ROWS):
@@ -82,7 +83,7 @@ def spherical_kmeans(points: torch.Tensor, n_clusters: int, n_iter: int = 10, se
     n_split = 0
     total = float(distributed.all_reduce_sum(torch.tensor([float(len(points))], dtype=torch.float64))[0])
     for iteration in range(n_iter + 1):
-        labels, scores = _assign(points, centroids)
+        labels, scores = nearest_centroids(points, centroids)
         score_sum = distributed.all_reduce_sum(scores.sum().to(torch.float64).reshape(1))
         objective.append(float(score_sum[0]) / max(total, 1.0))
         if iteration == n_iter:

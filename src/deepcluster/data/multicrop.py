@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+from torch.utils.data import Dataset
 
+from deepcluster.data.sources import ImageSource
 from deepcluster.data.transforms import ColorJitter, RandomResizedCropFlip, to_uint8_tensor
 
 
@@ -58,3 +60,45 @@ class MultiCrop:
                     view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_radius)))
                 crops.append(to_uint8_tensor(view))
         return crops
+
+
+# Targets of a sample whose image could not be read: ignored by the loss in every head
+# (the same value as ``data.pseudo.UNREADABLE`` and ``losses.IGNORE``).
+UNREADABLE = -1
+
+
+class MultiCropDataset(Dataset):
+    """One epoch of v2 training samples: ``([uint8 crop, ...], (n_heads,) targets, image index)``.
+
+    Args:
+        source: the images.
+        indices: ``(n,)`` image index of each sample.
+        targets: ``(n_heads, N)`` int64 assignments of every image in every head.
+        transform: the crops of one image.
+        seed, epoch: with the sample's position, the seed of its random stream (a pure
+            function of where it is, as for v1, so workers and resumes do not matter).
+        stream: a further number mixed into that seed, for passes other than training
+            (the memory bank's first filling).
+
+    An image that fails to decode yields black crops and targets ``UNREADABLE``.
+    """
+
+    def __init__(self, source: ImageSource, indices: np.ndarray, targets: np.ndarray, transform: MultiCrop,
+                 seed: int, epoch: int, stream: int | None = None) -> None:
+        self.source, self.indices, self.targets = source, indices, targets
+        self.transform, self.seed, self.epoch, self.stream = transform, seed, epoch, stream
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = int(self.indices[position])
+        key = (self.seed, self.epoch, position) if self.stream is None else (self.seed, self.epoch, position,
+                                                                             self.stream)
+        try:
+            crops = self.transform(self.source.load(index), np.random.default_rng(key))
+        except Exception:  # noqa: BLE001 - any decode failure: left out of the loss
+            crops = [torch.zeros(3, group.size, group.size, dtype=torch.uint8)
+                     for group in self.transform.groups for _ in range(group.count)]
+            return crops, torch.full((len(self.targets),), UNREADABLE, dtype=torch.int64), index
+        return crops, torch.from_numpy(self.targets[:, index].astype(np.int64)), index

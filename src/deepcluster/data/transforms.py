@@ -143,6 +143,15 @@ class ColorJitter:
         return image
 
 
+def color_jitter(strength: float, grayscale: float) -> ColorJitter | None:
+    """The training views' colour changes from the ``color_jitter`` and ``grayscale_prob``
+    settings (hue up to a quarter of the strength, jitter with probability 0.8), or None when
+    both are 0."""
+    if strength == 0 and grayscale == 0:
+        return None
+    return ColorJitter(strength, strength / 4, 0.8, grayscale)
+
+
 class Normalize:
     """uint8 batch ``(B, 3, H, W)`` -> float batch, scaled to [0, 1] then standardised."""
 

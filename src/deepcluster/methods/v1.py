@@ -35,7 +35,7 @@ from deepcluster.data import DataError, ImageSource, decode_problem
 from deepcluster.features import PassSettings, compute_features, feature_pass
 from deepcluster.health import check_features, cluster_warnings
 from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM_HEAD_SAMPLE, STREAM_SCORES,
-                                 derived_seed)
+                                 Plan, derived_seed)
 from deepcluster.models import Backbone
 from deepcluster.models.heads import ClassifierHead
 from deepcluster.monitor import KnnMonitor, label_scores
@@ -54,7 +54,7 @@ class Partition:
             cluster means), to place new images.
         objective: mean squared distance to the centroid (k-means only).
         n_split: empty clusters re-seeded during k-means.
-        pca: the projection fitted this epoch.
+        pca: the projection fitted this epoch (None for v2, which clusters unit embeddings).
         time_pca: seconds spent fitting the PCA and projecting.
         time_kmeans: seconds spent in k-means (or PIC).
     """
@@ -64,7 +64,7 @@ class Partition:
     centroids: np.ndarray
     objective: float | None
     n_split: int
-    pca: PCA
+    pca: PCA | None
     time_pca: float
     time_kmeans: float
 
@@ -300,20 +300,6 @@ class TooFewDecoded(DataError):
     """Fewer images decoded than the clustering needs (the run writes ``skipped.tsv`` first)."""
 
 
-@dataclass
-class Plan:
-    """What an epoch trains on.
-
-    Attributes:
-        assignments: ``(N,)`` int64 pseudo-label of every image (-1: not used).
-        record: the epoch's numbers so far (clustering, its scores, seconds per stage), in
-            the order ``log.jsonl`` shows them.
-    """
-
-    assignments: np.ndarray
-    record: dict[str, Any]
-
-
 class V1Planner:
     """Plans the epochs of a v1 run.
 
@@ -327,6 +313,7 @@ class V1Planner:
         reduce, cluster: the feature pass into PCA-L2 and the clustering step it calls
             (``faults.instrument`` wraps them).
         partition: the clustering in effect (the last one made; kept with the checkpoint).
+        training_numbers: what the training pass adds to the epoch's record (nothing for v1).
     """
 
     def __init__(self, config: Config, device: torch.device, source: ImageSource,
@@ -335,6 +322,19 @@ class V1Planner:
         self.reduce: Callable[..., ReducedFeatures] = reduce_features
         self.cluster: Callable[..., Partition] = cluster_points
         self.partition: Partition | None = None
+        self.training_numbers: dict[str, Any] = {}  # v1's training pass adds nothing to the log
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        """What the checkpoint keeps of the clustering in effect: its centroids and PCA (what
+        ``assign`` uses when the run has no final clustering)."""
+        if self.partition is None:
+            return {}
+        return {"centroids": torch.from_numpy(self.partition.centroids),
+                "pca_mean": torch.from_numpy(self.partition.pca.mean),
+                "pca_projection": torch.from_numpy(self.partition.pca.projection)}
+
+    def load_state(self, saved: dict[str, Any]) -> None:
+        """Nothing to restore: every epoch of v1 clusters afresh (``previous`` comes with the run state)."""
 
     def cluster_images(self, model: Backbone, epoch: int, previous: np.ndarray | None = None,
                        keep: np.ndarray | None = None, skipped: dict[str, str] | None = None,

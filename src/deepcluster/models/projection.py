@@ -70,6 +70,44 @@ class Prototypes(nn.Module):
         return [head(embeddings) for head in self.heads]
 
 
+class PrototypeHead(nn.Module):
+    """v2's head on a backbone: the projection and the prototypes, kept as one module (the
+    checkpoint's ``head``), ``features -> (embeddings, scores per head)``."""
+
+    def __init__(self, projection: ProjectionHead, prototypes: Prototypes) -> None:
+        super().__init__()
+        self.projection, self.prototypes = projection, prototypes
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, hidden: int, dim: int, counts: Sequence[int]) -> PrototypeHead:
+        return cls(ProjectionHead(backbone.feature_dim, hidden, dim), Prototypes(dim, counts))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        embeddings = self.projection(features)
+        return embeddings, self.prototypes(embeddings)
+
+
+class Embedder(nn.Module):
+    """Backbone then projection: ``images -> (B, dim)`` unit embeddings, offered as
+    ``forward_clustered`` so THE feature pass (``deepcluster.features``) computes what v2
+    clusters, for the final clustering and for ``assign``."""
+
+    def __init__(self, backbone: Backbone, projection: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone, self.projection = backbone, projection
+        self.arch = backbone.arch
+
+    @property
+    def clustered_dim(self) -> int:
+        return self.projection.out_features
+
+    def forward_clustered(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.backbone.forward_features(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_clustered(images)
+
+
 def crop_groups(crops: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     """``(start, stop)`` of each run of consecutive crops with the same spatial size."""
     groups, start = [], 0

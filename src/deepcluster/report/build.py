@@ -115,6 +115,24 @@ class ReportResult:
 LABEL_SCORES = (("knn_top1", "kNN top-1 %"), ("cluster_acc", "ACC (k = classes)"), ("nmi_labels", "NMI"),
                 ("nmi_chance", "NMI by chance"), ("ari_labels", "ARI"))
 
+def clustering_summary(config) -> str:
+    """How the run clusters, in a few words."""
+    if config.method == "v2":
+        return (f"v2: spherical k-means of the memory bank, heads of {','.join(map(str, config.prototypes))} "
+                f"prototypes on {config.projection_dim}-d embeddings (the clusters shown: head 0)")
+    if config.clustering == "kmeans":
+        return f"{config.clustering}, k = {config.n_clusters}, PCA {config.pca_dim}"
+    return f"{config.clustering}, PCA {config.pca_dim}"
+
+
+def configured_clusters(config) -> int:
+    """The number of clusters a run's settings ask for (0 when the method finds its own):
+    v1 k-means' k, v2's prototypes of head 0."""
+    if config.method == "v2":
+        return config.prototypes[0]
+    return config.n_clusters if config.clustering == "kmeans" else 0
+
+
 def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
     config = run.config
     data = config.data or "built-in digits (scikit-learn, 1,797 images)"
@@ -122,8 +140,7 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
     rows = [("data", f"{data} ({n_images} images"
                      + (f", {len(run.class_names)} classes)" if run.class_names else ")")),
             ("network", f"{config.arch}{' + Sobel' if config.sobel else ''}, input {config.crop} px"),
-            ("clustering", f"{config.clustering}, k = {config.n_clusters}, PCA {config.pca_dim}"
-                           if config.clustering == "kmeans" else f"{config.clustering}, PCA {config.pca_dim}"),
+            ("clustering", clustering_summary(config)),
             ("epochs", f"{epochs_done} of {config.epochs}")]
     if run.records:
         last = run.records[-1]
@@ -164,7 +181,7 @@ def _clusters_section(run: RunData, assignments: np.ndarray, which: str, setting
     labels = run.labels if run.source is not None and run.labels is not None and len(run.labels) == len(assignments) \
         else None
     summaries = summarize_clusters(assignments, labels)
-    n_clusters = max(int(assignments.max()) + 1, run.config.n_clusters if run.config.clustering == "kmeans" else 0)
+    n_clusters = max(int(assignments.max()) + 1, configured_clusters(run.config))
     stats = size_statistics(summaries, n_clusters)
     sizes = np.array([s.size for s in summaries])
     distribution = size_distribution(sizes, n_clusters, which)
