@@ -108,6 +108,24 @@ def test_pca_clamps_dimensions_to_available_variance():
     assert fit_pca(features, 256).n_components == 9
 
 
+def test_pca_with_few_rows_through_the_gram_matrix_equals_the_covariance_eigenpairs():
+    """At N <= D / 2 the eigenpairs come from the N x N Gram matrix; they must be the D x D
+    covariance's: same variances, same whitened directions up to each one's sign."""
+    rng = np.random.default_rng(3)
+    features = (rng.standard_normal((40, 200)) * np.linspace(3, 0.1, 200)).astype(np.float32)
+    features[7] = features[3]  # a duplicate row: one direction of variance fewer
+    pca = fit_pca(features, 16)
+    centred = features.astype(np.float64) - features.mean(axis=0)
+    values, vectors = np.linalg.eigh(centred.T @ centred / len(features))
+    values, vectors = values[::-1][:16], vectors[:, ::-1][:, :16]
+    assert np.allclose(pca.eigenvalues, values, rtol=1e-4)
+    signs = np.sign(np.sum(pca.projection * vectors, axis=0))
+    assert np.allclose(pca.projection * signs, vectors * values ** -0.5, rtol=1e-3, atol=1e-4)
+    whitened = pca.transform(features)
+    assert np.allclose(np.cov(whitened, rowvar=False, bias=True), np.eye(16), atol=1e-3)
+    assert fit_pca(features, 256).n_components == 39  # clamped to N - 1
+
+
 def test_metrics_on_known_labellings():
     truth = np.array([0, 0, 1, 1, 2, 2])
     permuted = np.array([2, 2, 0, 0, 1, 1])

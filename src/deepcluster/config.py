@@ -185,9 +185,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The built-in 8x8 digits (1,797 images), sized to finish in about a minute here.
     # Light augmentation: flips turn digits into other digits, and small crops of an 8x8
     # image keep too little. k = 50 for 10 classes. The loop of `small` (no colour to jitter).
+    # PCA 64, not 128: whitening 128 directions of 1,797 images lifts noise (random-init NMI
+    # 0.647 at 128, 0.682 at 64, 0.671 at 32; trained runs peak at 0.692, 0.711, 0.696).
     "digits": {
         "arch": "smallnet", "resize": 32, "crop": 32, "n_clusters": 50, "crop_scale_min": 0.9,
-        "hflip": False, "pca_dim": 128, "epochs": 15, "batch_size": 32, "workers": 0, **SMALL_IMAGES_LEARN,
+        "hflip": False, "pca_dim": 64, "epochs": 15, "batch_size": 32, "workers": 0, **SMALL_IMAGES_LEARN,
     },
     # DeepCluster-v2, the reference ImageNet run (SwAV's scripts/deepclusterv2_800ep_pretrain.sh):
     # ResNet-50, 2 x 224 + 6 x 96 crops, 3 x 3000 prototypes, LARS (trust 0.001, no clip),

@@ -70,7 +70,10 @@ def fit_pca(features: np.ndarray, n_components: int, whiten_power: float = -0.5,
     """Fit PCA on ``(N, D)`` features.
 
     The covariance is accumulated in float64 over row chunks (memory ``D x D`` plus one
-    chunk), and only the ``n_components`` leading eigenpairs are computed.
+    chunk), and only the ``n_components`` leading eigenpairs are computed. With at most half
+    as many rows as dimensions (a small folder's 4096-d AlexNet features), the same eigenpairs
+    come from the ``N x N`` Gram matrix instead, at least 8 times cheaper to decompose
+    (300 x 4096: 9.5 s through the covariance on this project's 2-core test machine).
 
     Args:
         features: ``(N, D)`` array, any float dtype.
@@ -101,13 +104,16 @@ def fit_pca(features: np.ndarray, n_components: int, whiten_power: float = -0.5,
     for start in range(0, n_rows, chunk_size):
         mean += np.asarray(features[start:start + chunk_size], dtype=np.float64).sum(axis=0)
     mean /= n_rows
-    covariance = np.zeros((dim, dim), dtype=np.float64)
     mean32 = mean.astype(np.float32)
-    for start in range(0, n_rows, chunk_size):
-        chunk = np.asarray(features[start:start + chunk_size], dtype=np.float32) - mean32
-        covariance += (chunk.T @ chunk).astype(np.float64)  # float32 GEMM, float64 sum
-    covariance /= n_rows
-    eigenvalues, eigenvectors = scipy.linalg.eigh(covariance, subset_by_index=[dim - n_components, dim - 1])
+    if 2 * n_rows <= dim:
+        eigenvalues, eigenvectors = _leading_directions_from_gram(features, mean32, n_components)
+    else:
+        covariance = np.zeros((dim, dim), dtype=np.float64)
+        for start in range(0, n_rows, chunk_size):
+            chunk = np.asarray(features[start:start + chunk_size], dtype=np.float32) - mean32
+            covariance += (chunk.T @ chunk).astype(np.float64)  # float32 GEMM, float64 sum
+        covariance /= n_rows
+        eigenvalues, eigenvectors = scipy.linalg.eigh(covariance, subset_by_index=[dim - n_components, dim - 1])
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
     # Directions with (numerically) no variance would be blown up by whitening.
@@ -115,6 +121,24 @@ def fit_pca(features: np.ndarray, n_components: int, whiten_power: float = -0.5,
     eigenvalues = np.maximum(eigenvalues, floor)
     projection = eigenvectors * eigenvalues[None, :] ** whiten_power
     return PCA(mean, projection, eigenvalues, whiten_power)
+
+
+def _leading_directions_from_gram(features: np.ndarray, mean32: np.ndarray,
+                                  n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_components`` leading eigenpairs of the covariance of ``(N, D)`` features with
+    ``N`` well below ``D``, through the ``N x N`` Gram matrix instead of the ``D x D``
+    covariance (what faiss's PCAMatrix does for few rows): if ``G v = s v`` for the centred
+    rows ``X`` (``G = X X^T``), then ``X^T v / sqrt(s)`` is a unit eigenvector of the
+    covariance with eigenvalue ``s / N``. Eigenvalues in ascending order, like ``eigh``."""
+    centred = np.asarray(features, dtype=np.float32) - mean32
+    n_rows = len(centred)
+    gram = (centred @ centred.T).astype(np.float64)
+    values, vectors = scipy.linalg.eigh(gram, subset_by_index=[n_rows - n_components, n_rows - 1])
+    directions = (centred.T.astype(np.float64) @ vectors)
+    norms = np.linalg.norm(directions, axis=0)
+    # A direction with no variance (duplicate rows) projects every row to 0: keep it at 0.
+    directions /= np.where(norms > 0, norms, np.inf)[None, :]
+    return np.maximum(values, 0.0) / n_rows, directions
 
 
 def l2_normalize(features: np.ndarray, eps: float = 1e-12) -> np.ndarray:
