@@ -8,9 +8,88 @@ to the current GPU and back for them; gloo reduces CPU tensors in place.
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# How long a collective may wait for a process that is gone before the job fails (torchrun
+# ends the others at once when one process dies; this bounds the wait when it does not).
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE`` of torchrun's environment; 1
+    without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher's environment gives it (``RANK``; 0 without one):
+    known before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def start(device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); returns this process's device and
+    whether this call created the group (so the caller destroys it).
+
+    NCCL when ``device`` is a GPU, gloo on the CPU. On a GPU each process takes its own,
+    ``cuda:LOCAL_RANK`` (an explicit ``cuda:N`` is kept). Without a launcher (one process)
+    or with a group that already exists, nothing is created.
+    """
+    if device.type == "cuda" and launched_processes() > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and (launched_processes() > 1 or is_distributed()):
+        torch.cuda.set_device(device)
+    if is_distributed() or launched_processes() == 1:
+        return device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return device, True
+
+
+def stop() -> None:
+    """Leave the process group (after a barrier, so no process leaves while others still talk)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+class PeerFailed(RuntimeError):
+    """Another process could not start the run (its message, or None where the main process
+    reports it): this one stops too, quietly unless it is the main process."""
+
+
+def agree(error: BaseException | None) -> None:
+    """Every process passes the error its setup raised (or None); if any process failed, all
+    stop together instead of the others waiting forever in the next collective.
+
+    The main process raises its own error, or ``PeerFailed`` naming the first process that
+    failed; the other processes raise ``PeerFailed(None)`` (nothing to print: the main
+    process says it once). At world size 1 the error itself is raised.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    messages: list = [None] * world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    failed = [r for r, message in enumerate(messages) if message is not None]
+    if not failed:
+        return
+    if rank() != 0:
+        raise PeerFailed(None)
+    if error is not None:
+        raise error
+    raise PeerFailed(f"process {failed[0]}: {messages[failed[0]]}")
 
 
 def is_distributed() -> bool:
@@ -37,6 +116,49 @@ def barrier() -> None:
 def shard(indices: np.ndarray) -> np.ndarray:
     """This process's share of ``indices``: every ``world_size``-th item from ``rank``."""
     return indices[rank()::world_size()]
+
+
+def block(n_items: int) -> tuple[int, int]:
+    """This process's contiguous share ``[start, stop)`` of ``n_items`` (the first
+    ``n_items % world_size`` processes hold one more): k-means' sharded mode wants contiguous
+    shards in global order."""
+    size, extra = divmod(n_items, world_size())
+    start = rank() * size + min(rank(), extra)
+    return start, start + size + (rank() < extra)
+
+
+def equal_shard(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This process's share of an epoch's ``indices`` (drawn identically on every process),
+    all shares of the same length so that every process takes the same number of steps
+    (a process with one step more would wait forever inside DDP).
+
+    The list is wrapped around to a multiple of ``world_size`` (at most ``world_size - 1``
+    images seen twice), then every ``world_size``-th item from ``rank``: the global batch
+    of step ``t`` is then items ``[t B P, (t + 1) B P)`` of the list, the batch one process
+    of batch ``B P`` takes. Returns the indices and their positions in the (wrapped) list,
+    which seed each sample's augmentation as in a single-process run.
+    """
+    n_processes = world_size()
+    if n_processes == 1 or len(indices) == 0:
+        return indices, np.arange(len(indices))
+    padded = np.resize(indices, -(-len(indices) // n_processes) * n_processes)
+    positions = np.arange(rank(), len(padded), n_processes)
+    return padded[positions], positions
+
+
+def gather_in_order(local: np.ndarray, local_indices: np.ndarray, n_total: int) -> np.ndarray:
+    """The ``(n_total, ...)`` array rebuilt from every process's rows, like ``gather_rows``,
+    but only the rows held travel (``all_gather_rows``), not an ``n_total``-row array of zeros
+    per process."""
+    if not is_distributed():
+        full = np.zeros((n_total,) + local.shape[1:], dtype=local.dtype)
+        full[local_indices] = local
+        return full
+    rows = all_gather_rows(np.ascontiguousarray(local))
+    where = all_gather_rows(np.asarray(local_indices, dtype=np.int64))
+    full = np.zeros((n_total,) + local.shape[1:], dtype=local.dtype)
+    full[where] = rows
+    return full
 
 
 def _communication_device(tensor: torch.Tensor) -> torch.device:
