@@ -227,3 +227,89 @@ def gather_rows(local: np.ndarray, local_indices: np.ndarray, n_total: int) -> n
         # Each row is non-zero on one rank only, so a sum rebuilds it.
         full = all_reduce_sum(torch.from_numpy(full)).numpy()
     return full
+
+
+def release() -> None:
+    """Destroy the ``DistributedDataParallel`` wrappers nothing refers to any more (call it
+    once the epoch's wrapper is deleted). A wrapper's reducer keeps gradient hooks on the
+    parameters until it is destroyed, and DDP holds reference cycles, so without this
+    collection last epoch's wrapper would still act on the next epoch's gradients (the
+    same body parameters) and change them."""
+    import gc
+
+    gc.collect()
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce sum whose gradient is the all-reduced sum of the gradients: each process's
+    input counts in every process's output."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102 - autograd API
+        return all_reduce_sum(tensor.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102 - autograd API
+        return all_reduce_sum(grad.clone())
+
+
+class ProcessBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the batches of all processes, for process groups on the CPU (gloo):
+    PyTorch's ``SyncBatchNorm`` runs on GPUs only. In training mode the per-channel count,
+    sum and sum of squares are all-reduced (float64) and every process normalises with the
+    global mean and (biased) variance; the running statistics take the global, unbiased
+    ones, as ``SyncBatchNorm`` does. In eval mode, or without a process group, it is the
+    ordinary BatchNorm."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102 - nn.Module API
+        if not (self.training and is_distributed() and world_size() > 1):
+            return super().forward(input)
+        channels = input.shape[1]
+        dims = [0, *range(2, input.dim())]
+        wide = input.double()
+        count = input.numel() // channels
+        local = torch.cat([wide.sum(dims), (wide * wide).sum(dims), wide.new_full((1,), float(count))])
+        total = _SumOverProcesses.apply(local)
+        n = total[-1]
+        mean = total[:channels] / n
+        var = (total[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        out = (wide - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = out.to(input.dtype)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def synchronise_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with every BatchNorm layer pooling its statistics over the processes:
+    PyTorch's ``SyncBatchNorm`` on GPUs, ``ProcessBatchNorm`` on the CPU. The parameters and
+    buffers are the same objects (an optimiser built on them keeps working) under the same
+    names (checkpoints load either way)."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if isinstance(model, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+            model, (ProcessBatchNorm, torch.nn.SyncBatchNorm)):
+        layer = ProcessBatchNorm(model.num_features, model.eps, model.momentum, model.affine,
+                                 model.track_running_stats)
+        if model.affine:
+            layer.weight, layer.bias = model.weight, model.bias
+        if model.track_running_stats:
+            layer.running_mean, layer.running_var = model.running_mean, model.running_var
+            layer.num_batches_tracked = model.num_batches_tracked
+        layer.train(model.training)
+        return layer
+    for name, child in model.named_children():
+        model.add_module(name, synchronise_batchnorm(child, device))
+    return model

@@ -153,6 +153,8 @@ def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch
         bar.update(len(images), note=f"loss {total_loss / seen:.4f}")
     bar.close()
     if distributed.is_distributed():  # the epoch's numbers over every process's share
+        del network, logits, loss  # the wrapper must go before the next epoch's (``release``)
+        distributed.release()
         totals = distributed.all_reduce_sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64))
         total_loss, seen = float(totals[0]), int(round(float(totals[1])))
     return total_loss / max(seen, 1), seen
@@ -225,7 +227,7 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
         error = caught
     distributed.agree(error)
     if distributed.is_distributed() and sync_batchnorm(config):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = distributed.synchronise_batchnorm(model, device)
     for line in start_lines(config, source, state, resume, device, monitor, removed):
         say(line)
     if config.method == "v2":
