@@ -202,3 +202,17 @@ def test_a_failure_on_one_process_only_stops_the_other(odd_images, tmp_path):
     lines = our_lines(result.stdout + result.stderr)
     assert len(lines) == 1 and "is being written by another deepcluster run" in lines[0], result.stderr
     assert "]: Traceback" not in result.stdout + result.stderr
+
+
+def test_resume_with_another_number_of_processes(two_process_run, tmp_path):
+    """A two-process run continued by one process: allowed, one more epoch in the same log."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_process_run, run)
+    result = single(["train", "--out", str(run), "--resume", "--epochs", str(EPOCHS + 1), "--final_clustering",
+                     "false"])
+    assert result.returncode == 0, result.stderr
+    logged = records(run)
+    assert [r["epoch"] for r in logged] == list(range(1, EPOCHS + 2))
+    assert "processes" not in logged[-1] and logged[0]["processes"] == 2
