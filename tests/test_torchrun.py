@@ -216,3 +216,19 @@ def test_resume_with_another_number_of_processes(two_process_run, tmp_path):
     logged = records(run)
     assert [r["epoch"] for r in logged] == list(range(1, EPOCHS + 2))
     assert "processes" not in logged[-1] and logged[0]["processes"] == 2
+
+
+def test_v2_two_processes_two_epochs(odd_images, tmp_path):
+    """v2 under torchrun: equal shares of the multi-crop epoch (35 images, global batch 8 of
+    4 per process), SyncBatchNorm on by default, one log, one checkpoint."""
+    run = tmp_path / "run"
+    v2 = ["--recipe", "v2-cifar", "--arch", "smallnet", "--stem", "imagenet", "--feature_dim", "32", "--resize", "24",
+          "--crop", "24", "--crop_sizes", "24,16", "--crop_counts", "2,2", "--crop_min_scales", "0.3,0.1",
+          "--crop_max_scales", "1,0.3", "--prototypes", "6,6,4", "--projection_hidden", "32", "--projection_dim",
+          "16", "--epochs", "2", "--batch_size", "8", "--feature_batch_size", "16", "--workers", "0", "--threads",
+          "1", "--warmup_epochs", "1", "--tensorboard", "false", "--device", "cpu", "--final_clustering", "false"]
+    result = torchrun(["train", "--data", str(odd_images), "--out", str(run), *v2])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "global batch 8 (4 per process), SyncBatchNorm on" in result.stdout
+    assert [r["epoch"] for r in records(run)] == [1, 2]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 2
