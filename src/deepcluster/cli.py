@@ -204,6 +204,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from deepcluster.health import TrainingDiverged
     from deepcluster.runfolder import RunFolderError
     from deepcluster.progress import erase_bars
+    from deepcluster.distributed import PeerFailed, is_distributed, launched_rank
 
     parser = build_parser()
     command = None
@@ -224,8 +225,15 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command in COMMANDS:
             return run_tool(parser.parse_args(argv), sys.argv[1:] if argv is None else argv)
         raise UsageError(f"unknown command {args.command!r}")
+    except PeerFailed as error:  # another process's setup failed: the main process says it once
+        erase_bars()
+        if error.args and error.args[0]:
+            print(f"deepcluster: error: {error.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
         erase_bars()
+        if not is_distributed() and launched_rank() != 0:
+            return EXIT_USAGE  # every process of the job read the same command line: one says it
         print(f"deepcluster: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as error:

@@ -94,7 +94,10 @@ class Config:
     reassign_every: int = setting(1, "epochs between clusterings (the reference's --reassign)")
     # -- training
     epochs: int = setting(500, "training epochs")
-    batch_size: int = setting(256, "training batch")
+    batch_size: int = setting(256, "training batch (v1: of each process, so the global batch is batch_size x "
+                                   "processes; v2: the global batch, split over the processes)")
+    sync_batchnorm: str = setting("auto", "with several processes, BatchNorm statistics over the global batch: on | "
+                                          "off | auto (on for v2, as the references; off for v1)")
     lr: float = setting(0.05, "SGD learning rate of the body")
     momentum: float = setting(0.9, "SGD momentum of the body; it persists across epochs")
     weight_decay: float = setting(1e-5, "SGD weight decay")
@@ -237,6 +240,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("v1", "v2"),
     "optimizer": ("sgd", "lars"),
     "empty_clusters": ("keep", "split"),
+    "sync_batchnorm": ("auto", "on", "off"),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -598,7 +602,7 @@ def resolve(recipe: str | None = None, config_file: str | Path | None = None,
 # Settings a resumed run may change: they do not alter what the run computes (or, for
 # epochs and the final clustering, only how far it goes).
 RESUMABLE = frozenset({"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
-                       "tensorboard", "final_clustering", "val", "val_every"})
+                       "tensorboard", "final_clustering", "val", "val_every", "sync_batchnorm"})
 
 
 def check_unchanged(saved: Config, config: Config) -> None:

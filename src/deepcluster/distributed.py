@@ -8,9 +8,88 @@ to the current GPU and back for them; gloo reduces CPU tensors in place.
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# How long a collective may wait for a process that is gone before the job fails (torchrun
+# ends the others at once when one process dies; this bounds the wait when it does not).
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE`` of torchrun's environment; 1
+    without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher's environment gives it (``RANK``; 0 without one):
+    known before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def start(device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); returns this process's device and
+    whether this call created the group (so the caller destroys it).
+
+    NCCL when ``device`` is a GPU, gloo on the CPU. On a GPU each process takes its own,
+    ``cuda:LOCAL_RANK`` (an explicit ``cuda:N`` is kept). Without a launcher (one process)
+    or with a group that already exists, nothing is created.
+    """
+    if device.type == "cuda" and launched_processes() > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and (launched_processes() > 1 or is_distributed()):
+        torch.cuda.set_device(device)
+    if is_distributed() or launched_processes() == 1:
+        return device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return device, True
+
+
+def stop() -> None:
+    """Leave the process group (after a barrier, so no process leaves while others still talk)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+class PeerFailed(RuntimeError):
+    """Another process could not start the run (its message, or None where the main process
+    reports it): this one stops too, quietly unless it is the main process."""
+
+
+def agree(error: BaseException | None) -> None:
+    """Every process passes the error its setup raised (or None); if any process failed, all
+    stop together instead of the others waiting forever in the next collective.
+
+    The main process raises its own error, or ``PeerFailed`` naming the first process that
+    failed; the other processes raise ``PeerFailed(None)`` (nothing to print: the main
+    process says it once). At world size 1 the error itself is raised.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    messages: list = [None] * world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    failed = [r for r, message in enumerate(messages) if message is not None]
+    if not failed:
+        return
+    if rank() != 0:
+        raise PeerFailed(None)
+    if error is not None:
+        raise error
+    raise PeerFailed(f"process {failed[0]}: {messages[failed[0]]}")
 
 
 def is_distributed() -> bool:
@@ -37,6 +116,49 @@ def barrier() -> None:
 def shard(indices: np.ndarray) -> np.ndarray:
     """This process's share of ``indices``: every ``world_size``-th item from ``rank``."""
     return indices[rank()::world_size()]
+
+
+def block(n_items: int) -> tuple[int, int]:
+    """This process's contiguous share ``[start, stop)`` of ``n_items`` (the first
+    ``n_items % world_size`` processes hold one more): k-means' sharded mode wants contiguous
+    shards in global order."""
+    size, extra = divmod(n_items, world_size())
+    start = rank() * size + min(rank(), extra)
+    return start, start + size + (rank() < extra)
+
+
+def equal_shard(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This process's share of an epoch's ``indices`` (drawn identically on every process),
+    all shares of the same length so that every process takes the same number of steps
+    (a process with one step more would wait forever inside DDP).
+
+    The list is wrapped around to a multiple of ``world_size`` (at most ``world_size - 1``
+    images seen twice), then every ``world_size``-th item from ``rank``: the global batch
+    of step ``t`` is then items ``[t B P, (t + 1) B P)`` of the list, the batch one process
+    of batch ``B P`` takes. Returns the indices and their positions in the (wrapped) list,
+    which seed each sample's augmentation as in a single-process run.
+    """
+    n_processes = world_size()
+    if n_processes == 1 or len(indices) == 0:
+        return indices, np.arange(len(indices))
+    padded = np.resize(indices, -(-len(indices) // n_processes) * n_processes)
+    positions = np.arange(rank(), len(padded), n_processes)
+    return padded[positions], positions
+
+
+def gather_in_order(local: np.ndarray, local_indices: np.ndarray, n_total: int) -> np.ndarray:
+    """The ``(n_total, ...)`` array rebuilt from every process's rows, like ``gather_rows``,
+    but only the rows held travel (``all_gather_rows``), not an ``n_total``-row array of zeros
+    per process."""
+    if not is_distributed():
+        full = np.zeros((n_total,) + local.shape[1:], dtype=local.dtype)
+        full[local_indices] = local
+        return full
+    rows = all_gather_rows(np.ascontiguousarray(local))
+    where = all_gather_rows(np.asarray(local_indices, dtype=np.int64))
+    full = np.zeros((n_total,) + local.shape[1:], dtype=local.dtype)
+    full[where] = rows
+    return full
 
 
 def _communication_device(tensor: torch.Tensor) -> torch.device:
@@ -105,3 +227,89 @@ def gather_rows(local: np.ndarray, local_indices: np.ndarray, n_total: int) -> n
         # Each row is non-zero on one rank only, so a sum rebuilds it.
         full = all_reduce_sum(torch.from_numpy(full)).numpy()
     return full
+
+
+def release() -> None:
+    """Destroy the ``DistributedDataParallel`` wrappers nothing refers to any more (call it
+    once the epoch's wrapper is deleted). A wrapper's reducer keeps gradient hooks on the
+    parameters until it is destroyed, and DDP holds reference cycles, so without this
+    collection last epoch's wrapper would still act on the next epoch's gradients (the
+    same body parameters) and change them."""
+    import gc
+
+    gc.collect()
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce sum whose gradient is the all-reduced sum of the gradients: each process's
+    input counts in every process's output."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102 - autograd API
+        return all_reduce_sum(tensor.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102 - autograd API
+        return all_reduce_sum(grad.clone())
+
+
+class ProcessBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the batches of all processes, for process groups on the CPU (gloo):
+    PyTorch's ``SyncBatchNorm`` runs on GPUs only. In training mode the per-channel count,
+    sum and sum of squares are all-reduced (float64) and every process normalises with the
+    global mean and (biased) variance; the running statistics take the global, unbiased
+    ones, as ``SyncBatchNorm`` does. In eval mode, or without a process group, it is the
+    ordinary BatchNorm."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102 - nn.Module API
+        if not (self.training and is_distributed() and world_size() > 1):
+            return super().forward(input)
+        channels = input.shape[1]
+        dims = [0, *range(2, input.dim())]
+        wide = input.double()
+        count = input.numel() // channels
+        local = torch.cat([wide.sum(dims), (wide * wide).sum(dims), wide.new_full((1,), float(count))])
+        total = _SumOverProcesses.apply(local)
+        n = total[-1]
+        mean = total[:channels] / n
+        var = (total[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        out = (wide - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = out.to(input.dtype)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def synchronise_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with every BatchNorm layer pooling its statistics over the processes:
+    PyTorch's ``SyncBatchNorm`` on GPUs, ``ProcessBatchNorm`` on the CPU. The parameters and
+    buffers are the same objects (an optimiser built on them keeps working) under the same
+    names (checkpoints load either way)."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if isinstance(model, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+            model, (ProcessBatchNorm, torch.nn.SyncBatchNorm)):
+        layer = ProcessBatchNorm(model.num_features, model.eps, model.momentum, model.affine,
+                                 model.track_running_stats)
+        if model.affine:
+            layer.weight, layer.bias = model.weight, model.bias
+        if model.track_running_stats:
+            layer.running_mean, layer.running_var = model.running_mean, model.running_var
+            layer.num_batches_tracked = model.num_batches_tracked
+        layer.train(model.training)
+        return layer
+    for name, child in model.named_children():
+        model.add_module(name, synchronise_batchnorm(child, device))
+    return model

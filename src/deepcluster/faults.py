@@ -32,6 +32,9 @@ Actions:
 
 Example: ``DEEPCLUSTER_FAULT=kill:checkpoint:2`` tears the second checkpoint write.
 
+Under ``torchrun`` every process reads the same environment; ``DEEPCLUSTER_FAULT_RANK=R``
+keeps the faults to the process of rank ``R`` (e.g. kill one process of two).
+
 The training loop never calls a fault point itself: ``instrument`` wraps the planner and the
 loss it calls; the run folder's writes carry their own points.
 """
@@ -48,6 +51,7 @@ from typing import Any, Callable, TypeVar
 from deepcluster.config import ConfigError
 
 ENV_VAR = "DEEPCLUSTER_FAULT"
+RANK_VAR = "DEEPCLUSTER_FAULT_RANK"
 POINTS = ("features", "clustering", "training", "assignments", "checkpoint", "log")
 
 _counts: dict[str, int] = {}
@@ -103,6 +107,8 @@ def fault_point(point: str, path: str | os.PathLike | None = None) -> str | None
     spec = os.environ.get(ENV_VAR)
     if not spec:
         return None
+    if os.environ.get(RANK_VAR, os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return None  # the faults are planned for another process of the job
     if spec != _spec_seen:  # a new plan (tests change it in-process): count afresh
         _counts.clear()
         _spec_seen = spec

@@ -119,8 +119,8 @@ def compute_features(model: Backbone, source: ImageSource, config: Config,
         position += len(rows)
 
     feature_pass(model.forward_clustered, source, PassSettings.of_run(config, device), keep, indices)
-    features = distributed.gather_rows(local, indices, len(source))
-    decoded = distributed.gather_rows(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
+    features = distributed.gather_in_order(local, indices, len(source))
+    decoded = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
     return features, decoded
 
 

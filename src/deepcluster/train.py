@@ -26,6 +26,7 @@ do, around it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -50,7 +51,13 @@ from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.heads import ClassifierHead, WithHead
 from deepcluster.monitor import KnnMonitor, digits_verdict
 from deepcluster.progress import Progress
-from deepcluster.runfolder import RunFolder, RunState, checkpoint_state, json_record
+from deepcluster.checkpoint import CheckpointError
+from deepcluster.data import DataError
+from deepcluster.runfolder import RunFolder, RunFolderError, RunState, checkpoint_state, json_record
+
+# What a run's setup may raise on one process only (its lock, its view of the data folder):
+# every process learns of it and stops (``distributed.agree``).
+SETUP_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, OSError)
 
 
 def build(config: Config, device: torch.device) -> tuple[Backbone, nn.Module, torch.optim.Optimizer]:
@@ -84,10 +91,13 @@ def pseudo_label_loader(source: ImageSource, assignments: np.ndarray, config: Co
         indices = uniform_cluster_sample(assignments, usable, rng)
     else:
         indices = rng.permutation(np.flatnonzero(assignments >= 0))
-    indices = distributed.shard(indices)
+    # Drawn alike on every process, then cut into equal shares (no process waits in DDP for
+    # one with a step more); each sample keeps its position in the whole list for its crop.
+    indices, positions = distributed.equal_shard(indices)
     transform = RandomResizedCropFlip(config.crop, (config.crop_scale_min, 1.0), flip=config.hflip,
                                       color=color_jitter(config))
-    dataset = PseudoLabelDataset(source, indices, assignments, transform, config.seed, epoch)
+    dataset = PseudoLabelDataset(source, indices, assignments, transform, config.seed, epoch,
+                                 positions if distributed.is_distributed() else None)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False,
                       **loader_kwargs(config.workers, device))
 
@@ -119,7 +129,7 @@ def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch
     normalize = Normalize(config.mean, config.std)
     network = WithHead(model, head)
     if distributed.is_distributed():
-        network = nn.parallel.DistributedDataParallel(network)
+        network = nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
     network.train()
     total_loss, seen = 0.0, 0
     bar = Progress(len(loader.dataset), f"epoch {epoch + 1} training", unit="img")
@@ -142,6 +152,11 @@ def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch
         seen += n_readable
         bar.update(len(images), note=f"loss {total_loss / seen:.4f}")
     bar.close()
+    if distributed.is_distributed():  # the epoch's numbers over every process's share
+        del network, logits, loss  # the wrapper must go before the next epoch's (``release``)
+        distributed.release()
+        totals = distributed.all_reduce_sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64))
+        total_loss, seen = float(totals[0]), int(round(float(totals[1])))
     return total_loss / max(seen, 1), seen
 
 
@@ -172,8 +187,19 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    with RunFolder(config, log).held() as folder:  # the main process holds the folder for all of them
-        return fit(config, folder, resume, device, log, stop)
+    device, created = distributed.start(device)  # torchrun's process group, if launched by it
+    try:
+        with contextlib.ExitStack() as stack:
+            folder, error = RunFolder(config, log), None
+            try:
+                stack.enter_context(folder.held())  # the main process holds the folder for all of them
+            except SETUP_ERRORS as caught:
+                error = caught
+            distributed.agree(error)
+            return fit(config, folder, resume, device, log, stop)
+    finally:
+        if created:
+            distributed.stop()
 
 
 def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
@@ -181,21 +207,29 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     """The run of :func:`run`, its folder held: set up (or resume), train the epochs left,
     then cluster the trained network once more."""
     say = log if distributed.is_main_process() else (lambda _: None)  # one process speaks
-    resume = folder.check_resume(resume)
-    source = folder.open_source(resume)
-    monitor = None if config.val is None else KnnMonitor.open(config.val, source)
-    if config.method == "v2":
-        v2.check_sizes(config, len(source))
-    elif config.clustering == "kmeans" and config.n_clusters > len(source):
-        raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} images; "
-                          f"choose at most {len(source)}")
-    model, head, optimizer = build(config, device)
-    state = folder.restore(model, head, optimizer, source) if resume else RunState()
-    for item in getattr(source, "skipped", []):
-        state.skipped[item.path] = item.reason
-    removed = folder.prepare(source, state, resume)
+    folder.log = say
+    error = None
+    try:  # every process sets up; if one fails, all stop (``distributed.agree``)
+        resume = folder.check_resume(resume)
+        source = folder.open_source(resume)
+        monitor = None if config.val is None else KnnMonitor.open(config.val, source)
+        if config.method == "v2":
+            v2.check_sizes(config, len(source))
+        elif config.clustering == "kmeans" and config.n_clusters > len(source):
+            raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} "
+                              f"images; choose at most {len(source)}")
+        model, head, optimizer = build(config, device)
+        state = folder.restore(model, head, optimizer, source) if resume else RunState()
+        for item in getattr(source, "skipped", []):
+            state.skipped[item.path] = item.reason
+        removed = folder.prepare(source, state, resume)
+    except SETUP_ERRORS as caught:
+        error = caught
+    distributed.agree(error)
+    if distributed.is_distributed() and sync_batchnorm(config):
+        model = distributed.synchronise_batchnorm(model, device)
     for line in start_lines(config, source, state, resume, device, monitor, removed):
-        log(line)
+        say(line)
     if config.method == "v2":
         planner, loss_fn = faults.instrument(v2.V2Planner(config, device, source, monitor, head), losses.per_head_losses)
         train_pass, make_loader = planner.train_one_epoch, v2.multi_crop_loader
@@ -215,6 +249,8 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
             loss, seen = train_pass(model, head, optimizer, loader, config, epoch, device, unreadable, loss_fn)
             note_unreadable(source, unreadable, epoch, state.skipped, say)
             record = epoch_record(plan, loss, seen, time.perf_counter() - start, state, planner.training_numbers)
+            if distributed.is_distributed():
+                record.update(processes=distributed.world_size(), global_batch=global_batch(config))
             state.epoch, state.previous = epoch + 1, plan.assignments
             state.records.append(record)
             folder.commit_epoch(epoch, state, checkpoint_state(model, head, optimizer, config, state,
@@ -239,12 +275,25 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     return records
 
 
+def global_batch(config: Config) -> int:
+    """Images per optimiser step over all processes (v1's ``batch_size`` is per process,
+    v2's is already global)."""
+    return config.batch_size * distributed.world_size() if config.method == "v1" else config.batch_size
+
+
+def sync_batchnorm(config: Config) -> bool:
+    """Whether BatchNorm layers pool their batch statistics over the processes: the
+    ``sync_batchnorm`` setting; ``auto`` is on for v2 (as SwAV's and solo-learn's multi-GPU
+    runs) and off for v1 (the paper trained on one GPU)."""
+    return config.sync_batchnorm == "on" or (config.sync_batchnorm == "auto" and config.method == "v2")
+
+
 def epoch_record(plan: Plan, loss: float, seen: int, seconds: float, state: RunState,
                  training: dict | None = None) -> dict:
     """An epoch's log record: the plan's numbers, then the training stage's (``training``: the
     method's own, e.g. v2's loss per head), as plain values."""
     return json_record({**plan.record, "time_training": seconds, "train_loss": loss, **(training or {}),
-                        "train_images_per_s": seen * distributed.world_size() / max(seconds, 1e-9),
+                        "train_images_per_s": seen / max(seconds, 1e-9),
                         "n_images": int((plan.assignments >= 0).sum()), "n_skipped": len(state.skipped)})
 
 
@@ -293,6 +342,11 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
         lines.append(f"deepcluster: warning: {plural(len(source), 'image')} are too few for pca_dim {config.pca_dim} "
                      f"(whitened to N - 1 dimensions or more, the points are all equally far apart and k-means is "
                      f"arbitrary); using {pca_dim_for(config.pca_dim, len(source))}")
+    if distributed.is_distributed():
+        lines.append(f"deepcluster: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
+                     f"global batch {global_batch(config)} ({global_batch(config) // distributed.world_size()} per "
+                     "process), "
+                     f"SyncBatchNorm {'on' if sync_batchnorm(config) else 'off'}")
     if resume and state.epoch >= config.epochs:
         lines.append(f"deepcluster: the run has already trained {plural(state.epoch, 'epoch')}; nothing left to "
                      "train (raise --epochs to train further)")

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import scipy.linalg
+import torch
 
 
 @dataclass
@@ -149,6 +150,44 @@ def l2_normalize(features: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return features
 
 
+def fit_pca_sharded(local: np.ndarray, dim: int, n_components: int, whiten_power: float = -0.5,
+                    chunk_size: int | None = None) -> PCA:
+    """:func:`fit_pca` of the rows of every process together, each process passing its own
+    ``(m_r, dim)`` rows: the row count, the sum and the centred ``dim x dim`` second moment
+    are all-reduced (float64), so no process ever holds more rows than its own. Every process
+    gets the same PCA, equal to the single-process fit on all rows up to float rounding (the
+    sums are added in another order). Without a process group it is the fit of ``local``.
+
+    Raises:
+        ValueError: fewer than 2 rows over all processes.
+    """
+    from deepcluster.clustering.collective import all_reduce_sum
+
+    local = np.asarray(local, dtype=np.float32).reshape(-1, dim)
+    chunk_size = chunk_size or chunk_rows(dim)
+    totals = torch.zeros(dim + 1, dtype=torch.float64)
+    totals[0] = len(local)
+    for start in range(0, len(local), chunk_size):
+        totals[1:] += torch.from_numpy(local[start:start + chunk_size].astype(np.float64).sum(axis=0))
+    totals = all_reduce_sum(totals).numpy()
+    n_rows = int(round(totals[0]))
+    if n_rows < 2:
+        raise ValueError("PCA needs at least 2 feature vectors")
+    mean = totals[1:] / n_rows
+    mean32 = mean.astype(np.float32)
+    covariance = np.zeros((dim, dim), dtype=np.float64)
+    for start in range(0, len(local), chunk_size):
+        chunk = local[start:start + chunk_size] - mean32
+        covariance += (chunk.T @ chunk).astype(np.float64)
+    covariance = all_reduce_sum(torch.from_numpy(covariance)).numpy() / n_rows
+    n_components = max(1, min(n_components, dim, n_rows - 1))
+    eigenvalues, eigenvectors = scipy.linalg.eigh(covariance, subset_by_index=[dim - n_components, dim - 1])
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    eigenvalues = np.maximum(eigenvalues, max(float(eigenvalues[0]), 1e-30) * 1e-10)
+    return PCA(mean, eigenvectors * eigenvalues[None, :] ** whiten_power, eigenvalues, whiten_power)
+
+
 class StreamingPCA:
     """PCA-whitening and L2 normalisation of features that arrive in chunks, in bounded memory.
 
@@ -184,11 +223,15 @@ class StreamingPCA:
             fit; returns the rows to fit on. With several processes, each holding a shard
             of the data, pass :func:`deepcluster.clustering.collective.all_gather_rows` so
             that every process fits the same PCA on everybody's sample.
+        fit: called once with this process's ``(m, D)`` sample instead of
+            ``gather_sample`` + :func:`fit_pca`; returns the PCA (with several processes,
+            :func:`fit_pca_sharded`, which all-reduces the covariance instead of gathering rows).
     """
 
     def __init__(self, n_rows: int, n_components: int = 256, whiten_power: float = -0.5,
                  sample_size: int = 100_000, normalize: bool = True,
-                 gather_sample: Callable[[np.ndarray], np.ndarray] | None = None):
+                 gather_sample: Callable[[np.ndarray], np.ndarray] | None = None,
+                 fit: Callable[[np.ndarray], PCA] | None = None):
         if sample_size < 2:
             raise ValueError(f"sample_size must be at least 2, got {sample_size}")
         if n_rows < 1:
@@ -199,6 +242,7 @@ class StreamingPCA:
         self.sample_size = sample_size
         self.normalize = normalize
         self.gather_sample = gather_sample
+        self.fit = fit
         self.pca: PCA | None = None
         self.seen = np.zeros(n_rows, dtype=bool)
         self._output: np.ndarray | None = None
@@ -243,7 +287,7 @@ class StreamingPCA:
             ValueError: fewer than 2 rows were fed.
         """
         if self.pca is None:
-            if self._filled < 2 and self.gather_sample is None:
+            if self._filled < 2 and self.gather_sample is None and self.fit is None:
                 raise ValueError(f"PCA needs at least 2 feature vectors, got {self._filled}")
             self._sample = self._sample[:self._filled] if self._sample is not None else None
             self._fit()
@@ -252,15 +296,18 @@ class StreamingPCA:
     def _fit(self) -> None:
         sample, rows = self._sample, self._sample_rows
         self._sample, self._sample_rows = None, np.empty(0, dtype=np.int64)
-        if self.gather_sample is not None:
-            local = sample if sample is not None else np.zeros((0, 0), dtype=np.float32)
-            fit_on = self.gather_sample(local)
+        if self.fit is not None:
+            self.pca = self.fit(sample if sample is not None else np.zeros((0, 0), dtype=np.float32))
         else:
-            fit_on = sample
-        if fit_on is None or len(fit_on) < 2:
-            raise ValueError(f"PCA needs at least 2 feature vectors, got {0 if fit_on is None else len(fit_on)}")
-        self.pca = fit_pca(fit_on, self.n_components, self.whiten_power)
-        del fit_on
+            if self.gather_sample is not None:
+                local = sample if sample is not None else np.zeros((0, 0), dtype=np.float32)
+                fit_on = self.gather_sample(local)
+            else:
+                fit_on = sample
+            if fit_on is None or len(fit_on) < 2:
+                raise ValueError(f"PCA needs at least 2 feature vectors, got {0 if fit_on is None else len(fit_on)}")
+            self.pca = fit_pca(fit_on, self.n_components, self.whiten_power)
+            del fit_on
         # Project the sample and free it before the full output exists: the peak is then
         # the sample or the output, not both.
         projected = None

@@ -88,12 +88,16 @@ class PseudoLabelDataset(Dataset):
         assignments: ``(N,)`` cluster id of every image.
         transform: the training augmentation.
         seed, epoch: identify the random stream of each sample (see ``item_rng``).
+        positions: ``(n,)`` position of each sample in the epoch's whole list (a process's
+            share of it holds every ``world_size``-th); default ``0 .. n - 1``. Seeds its
+            augmentation, so a sample is augmented alike whatever the number of processes.
     """
 
     def __init__(self, source: ImageSource, indices: np.ndarray, assignments: np.ndarray,
-                 transform: RandomResizedCropFlip, seed: int, epoch: int):
+                 transform: RandomResizedCropFlip, seed: int, epoch: int, positions: np.ndarray | None = None):
         self.source, self.indices, self.assignments = source, indices, assignments
         self.transform, self.seed, self.epoch = transform, seed, epoch
+        self.positions = positions
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -101,7 +105,8 @@ class PseudoLabelDataset(Dataset):
     def __getitem__(self, position: int):
         index = int(self.indices[position])
         try:
-            image = self.transform(self.source.load(index), item_rng(self.seed, self.epoch, position))
+            where = position if self.positions is None else int(self.positions[position])
+            image = self.transform(self.source.load(index), item_rng(self.seed, self.epoch, where))
         except Exception:  # noqa: BLE001 - any decode failure: left out of the loss
             size = self.transform.size
             return torch.zeros(3, size, size, dtype=torch.uint8), UNREADABLE, index

@@ -27,7 +27,7 @@ from torch import nn
 
 from deepcluster import distributed
 from deepcluster.clustering import cluster_sizes, kmeans, nmi
-from deepcluster.clustering.pca import PCA, StreamingPCA
+from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca_sharded
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
 from deepcluster.config import Config
@@ -93,13 +93,45 @@ def previous_centroids(points: np.ndarray, previous: np.ndarray, n_clusters: int
     return (sums / counts[:, None]).astype(np.float32)
 
 
+def sharded_previous_centroids(points: np.ndarray, previous: np.ndarray, n_clusters: int,
+                               seed: int) -> np.ndarray:
+    """``previous_centroids`` with the usable points spread over processes in rank order
+    (``points``, ``previous``: this process's): the sums and counts are all-reduced, and a
+    cluster without a point starts at the same random point of the global set as in one
+    process."""
+    usable = previous >= 0
+    sums = np.zeros((n_clusters, points.shape[1] + 1), dtype=np.float64)
+    np.add.at(sums[:, :-1], previous[usable], points[usable])
+    sums[:, -1] = np.bincount(previous[usable], minlength=n_clusters)
+    sums = distributed.all_reduce_sum(torch.from_numpy(sums)).numpy()
+    counts = sums[:, -1].copy()
+    sums = sums[:, :-1]
+    empty = counts == 0
+    sizes = distributed.all_gather_ints(len(points))
+    offset = sum(sizes[:distributed.rank()])
+    chosen = np.random.default_rng(seed).choice(sum(sizes), int(empty.sum()), replace=False)
+    picked = np.zeros((len(chosen), points.shape[1]), dtype=np.float64)
+    mine = (chosen >= offset) & (chosen < offset + len(points))
+    picked[mine] = points[chosen[mine] - offset]
+    sums[empty] = distributed.all_reduce_sum(torch.from_numpy(picked)).numpy()
+    counts[empty] = 1
+    return (sums / counts[:, None]).astype(np.float32)
+
+
 def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int,
-                   device: str = "cpu", previous: np.ndarray | None = None) -> Partition:
+                   device: str = "cpu", previous: np.ndarray | None = None, start: int = 0) -> Partition:
     """k-means (or PIC) of the reduced ``(N, pca_dim)`` unit rows whose ``decoded`` is true.
 
     ``previous`` (last epoch's assignments) seeds k-means when ``kmeans_init`` is
     ``previous``; without it (the first epoch) that init falls back to random points.
-    ``pca`` is only stored with the result (the projection that made ``points``)."""
+    ``pca`` is only stored with the result (the projection that made ``points``).
+
+    With several processes, ``points`` are this process's block of rows, from image
+    ``start`` on (``decoded`` and ``previous`` cover all ``N``): k-means runs in its sharded
+    mode (sums and sizes all-reduced; every backend), PIC on the gathered points, and every
+    process gets all ``N`` assignments."""
+    if distributed.is_distributed():
+        return _cluster_sharded(points, decoded, pca, config, seed, device, previous, start)
     start = time.perf_counter()
     usable = points[decoded] if not decoded.all() else points
     init = config.kmeans_init
@@ -124,6 +156,35 @@ def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Co
     return Partition(assignments, n_clusters, centroids, objective, n_split, pca, 0.0, time_kmeans)
 
 
+def _cluster_sharded(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int, device: str,
+                     previous: np.ndarray | None, start: int) -> Partition:
+    """``cluster_points`` over a process group (see there)."""
+    began = time.perf_counter()
+    local = decoded[start:start + len(points)]
+    usable = points[local]
+    if config.clustering == "pic":
+        everything = distributed.all_gather_rows(usable)
+        with Progress(None, "PIC"):
+            found = pic(everything, knn_backend=config.kmeans_backend, device=device, seed=seed)
+        labels, n_clusters, centroids, objective, n_split = (found.assignments, found.n_clusters, found.centroids,
+                                                             None, 0)
+    else:
+        init = config.kmeans_init
+        if init == "previous":
+            init = ("random" if previous is None else sharded_previous_centroids(
+                usable, previous[start:start + len(points)][local], config.n_clusters, seed))
+        with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
+            result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed,
+                            backend=config.kmeans_backend, init=init, device=device,
+                            on_iteration=lambda _: bar.update(), distributed=True)
+        labels = distributed.all_gather_rows(np.asarray(result.assignments, dtype=np.int64))
+        n_clusters, centroids, objective, n_split = (config.n_clusters, result.centroids, result.objective[-1],
+                                                     result.n_split)
+    assignments = np.full(len(decoded), -1, dtype=np.int64)
+    assignments[decoded] = labels
+    return Partition(assignments, n_clusters, centroids, objective, n_split, pca, 0.0, time.perf_counter() - began)
+
+
 def pca_dim_for(pca_dim: int, n_images: int) -> int:
     """The PCA width used for ``n_images`` images: ``pca_dim``, or half the images when
     there are too few. Whitened to ``N - 1`` or more dimensions, ``N`` points are all equally
@@ -136,8 +197,9 @@ class ReducedFeatures:
     """One feature pass, reduced for clustering.
 
     Attributes:
-        points: ``(N, pca_dim)`` float32 unit rows (zero for unusable images; no columns
-            when fewer than two images decoded).
+        points: ``(n, pca_dim)`` float32 unit rows of images ``start .. start + n - 1``
+            (all ``N`` in one process; this process's block with several), zero for
+            unusable images; no columns when fewer than two images decoded.
         decoded: ``(N,)`` bool, the images that decoded.
         pca: the fitted PCA (``None`` when fewer than two images decoded).
         time_network: seconds in the network.
@@ -145,6 +207,7 @@ class ReducedFeatures:
         kept: ``(keep.sum(), feature_dim)`` raw features of the ``keep`` images, in image
             order (None without ``keep``).
         keep: the ``(N,)`` bool mask the pass was given.
+        start: the first image of ``points``.
     """
 
     points: np.ndarray
@@ -154,6 +217,7 @@ class ReducedFeatures:
     time_pca: float
     kept: np.ndarray | None = None
     keep: np.ndarray | None = None
+    start: int = 0
 
     def raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw features and decoded flags of the ``(N,)`` bool ``rows`` (a subset of ``keep``)."""
@@ -184,18 +248,27 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     model.eval()
     n_images = len(source)
     bounded = config.pca_sample_size is not None and config.pca_sample_size < n_images
-    order = np.random.default_rng(seed).permutation(n_images) if bounded else np.arange(n_images)
-    indices = distributed.shard(order)
+    # Each process visits a contiguous block of the images (in the seeded order when the
+    # PCA is fitted on a sample) and keeps its rows: k-means' sharded mode clusters them there.
+    start, stop = distributed.block(n_images)
+    if bounded:
+        order = np.random.default_rng(seed).permutation(n_images)
+        indices = order[(order >= start) & (order < stop)]
+    else:
+        indices = np.arange(start, stop)
     share = -(-config.pca_sample_size // distributed.world_size()) if bounded else len(indices)
-    reducer = StreamingPCA(n_images, pca_dim_for(config.pca_dim, n_images), config.whiten_power,
-                           sample_size=max(share, 2),
-                           gather_sample=distributed.all_gather_rows if distributed.is_distributed() else None)
+    n_components = pca_dim_for(config.pca_dim, n_images)
+    sharded = distributed.is_distributed()
+    reducer = StreamingPCA(stop - start, n_components, config.whiten_power, sample_size=max(share, 2),
+                           gather_sample=distributed.all_gather_rows if sharded and bounded else None,
+                           fit=(lambda local: fit_pca_sharded(local, model.clustered_dim, n_components,
+                                                              config.whiten_power)) if sharded and not bounded else None)
     local_decoded = np.zeros(len(indices), dtype=bool)
     keep_local = None if keep is None else keep[indices]
     kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.clustered_dim), dtype=np.float32)
     kept_position = 0
     position, time_pca = 0, 0.0
-    start = time.perf_counter()
+    began = time.perf_counter()
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         if before_batch is not None:
@@ -214,23 +287,28 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         position += len(rows)
         tick = time.perf_counter()
         if decoded.any():
-            reducer.add(out[decoded], rows[decoded])
+            reducer.add(out[decoded], rows[decoded] - start)
         time_pca += time.perf_counter() - tick
 
     feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
-    mask = distributed.gather_rows(local_decoded.astype(np.uint8), indices, n_images).astype(bool)
+    mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, n_images).astype(bool)
     # Back into image order: the rows of keep's true entries, ascending.
-    kept = None if keep is None else distributed.gather_rows(kept_local, indices[keep_local], n_images)[keep]
+    kept = None if keep is None else distributed.gather_in_order(kept_local, indices[keep_local], n_images)[keep]
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
-        return ReducedFeatures(np.zeros((n_images, 0), dtype=np.float32), mask, None,
-                               time.perf_counter() - start, time_pca, kept, keep)
+        return ReducedFeatures(np.zeros((stop - start, 0), dtype=np.float32), mask, None,
+                               time.perf_counter() - began, time_pca, kept, keep, start)
     tick = time.perf_counter()
     with Progress(None, "PCA-whitening"):
         reduced, pca = reducer.finish()
-    if distributed.is_distributed():
-        reduced = distributed.gather_rows(reduced[indices], indices, n_images)
     time_pca += time.perf_counter() - tick
-    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - start - time_pca, time_pca, kept, keep)
+    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, kept, keep, start)
+
+
+def clustered_points(reduced: ReducedFeatures | None) -> np.ndarray | None:
+    """All clustered points for the label scores' k-means (``cluster_acc``), or None: without
+    a feature pass, and with several processes, which hold only their own block (the scores
+    from the assignments alone remain)."""
+    return None if reduced is None or distributed.is_distributed() else reduced.points
 
 
 def union(*masks: np.ndarray | None) -> np.ndarray | None:
@@ -362,7 +440,8 @@ class V1Planner:
                                 f"{str(config.run_dir / SKIPPED_NAME)!r}")
         partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
                                  derived_seed(config.seed, epoch, STREAM_CLUSTERING),
-                                 clustering_device(config, self.device), previous)
+                                 clustering_device(config, self.device), previous,
+                                 **({"start": reduced.start} if distributed.is_distributed() else {}))
         partition.time_pca = reduced.time_pca
         return reduced, partition
 
@@ -414,7 +493,7 @@ class V1Planner:
             warnings=cluster_warnings(assignments),
         )
         tick = time.perf_counter()
-        record.update(label_scores(assignments, self.source.labels, None if reduced is None else reduced.points,
+        record.update(label_scores(assignments, self.source.labels, clustered_points(reduced),
                                    derived_seed(config.seed, epoch, STREAM_SCORES), config.kmeans_backend))
         if recluster and measure_knn:
             record.update(knn_scores(model, monitor, reduced, config, self.device))
@@ -437,7 +516,7 @@ class V1Planner:
         summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
                    "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
                    "nmi_last_epoch": None if last is None else nmi(last, final.assignments),
-                   **label_scores(final.assignments, self.source.labels, reduced.points,
+                   **label_scores(final.assignments, self.source.labels, clustered_points(reduced),
                                   derived_seed(config.seed, epochs, STREAM_SCORES), config.kmeans_backend),
                    **({} if monitor is None else knn_scores(model, monitor, reduced, config, self.device)),
                    "time_features": reduced.time_network, "time_clustering": final.time_pca + final.time_kmeans}

@@ -237,7 +237,7 @@ def multi_crop_loader(source: ImageSource, targets: np.ndarray, config: Config, 
         indices = uniform_cluster_sample(targets[0], int(usable.sum()), rng)
     else:
         indices = rng.permutation(np.flatnonzero(usable))
-    indices = distributed.shard(indices)
+    indices, _ = distributed.equal_shard(indices)  # every process the same number of steps
     dataset = MultiCropDataset(source, indices, targets, multi_crop(config), config.seed, epoch)
     return DataLoader(dataset, batch_size=config.batch_size // distributed.world_size(), shuffle=False,
                       drop_last=True, **loader_kwargs(config.workers, device))
@@ -423,6 +423,9 @@ class V2Planner:
             bar.update(batch, note=f"loss {total_loss / max(seen, 1):.4f}")
         bar.close()
         self.bank.synchronise(written)
+        if distributed.is_distributed():  # the epoch's numbers over every process's share
+            totals = distributed.all_reduce_sum(torch.from_numpy(np.concatenate([[total_loss, seen], head_totals])))
+            total_loss, seen, head_totals = float(totals[0]), int(round(float(totals[1]))), totals[2:].numpy()
         self.training_numbers = {"train_loss_per_head": (head_totals / max(seen, 1)).tolist(), "lr": rate}
         return total_loss / max(seen, 1), seen
 
