@@ -61,13 +61,10 @@ def one_epoch(cli, data, run) -> bytes:
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run ``deepcluster`` in-process: ``cli(*args, fault=None) -> (exit code, stdout, stderr)``.
-
-    ``train`` gets the ``TINY_TRAIN`` settings first (later arguments override them);
-    ``fault`` sets ``DEEPCLUSTER_FAULT`` for this call. Torch's global thread count, which
-    ``--threads`` changes, is restored afterwards.
-    """
+def run_cli(capsys, monkeypatch):
+    """Run ``deepcluster`` in-process as given: ``run_cli(*args, fault=None) -> (exit code,
+    stdout, stderr)``. ``fault`` sets ``DEEPCLUSTER_FAULT`` for this call. Torch's global
+    thread count, which ``--threads`` changes, is restored afterwards."""
     import torch
 
     from deepcluster import faults
@@ -76,16 +73,13 @@ def cli(capsys, monkeypatch):
     threads = torch.get_num_threads()
 
     def call(*args: str, fault: str | None = None) -> tuple[int, str, str]:
-        argv = [str(a) for a in args]
-        if argv[:1] == ["train"]:
-            argv = ["train", *TINY_TRAIN, *argv[1:]]
         faults.reset()
         if fault:
             monkeypatch.setenv(faults.ENV_VAR, fault)
         else:
             monkeypatch.delenv(faults.ENV_VAR, raising=False)
         try:
-            code = main(argv)
+            code = main([str(a) for a in args])
         finally:
             monkeypatch.delenv(faults.ENV_VAR, raising=False)
         captured = capsys.readouterr()
@@ -93,6 +87,20 @@ def cli(capsys, monkeypatch):
 
     yield call
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(run_cli):
+    """``run_cli`` with the ``TINY_TRAIN`` settings put first on every ``train`` (later
+    arguments override them)."""
+
+    def call(*args: str, fault: str | None = None) -> tuple[int, str, str]:
+        argv = [str(a) for a in args]
+        if argv[:1] == ["train"]:
+            argv = ["train", *TINY_TRAIN, *argv[1:]]
+        return run_cli(*argv, fault=fault)
+
+    return call
 
 
 @pytest.fixture(scope="session")

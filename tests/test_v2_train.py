@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from deepcluster import faults
 from deepcluster.cli import main
 
 # The smallest v2 run: the v2-cifar recipe on a small net and two crop sizes (so the grouped
@@ -23,29 +22,6 @@ TINY_V2 = ["--recipe", "v2-cifar", "--arch", "smallnet", "--stem", "imagenet", "
            "--lr", "0.3", "--final_lr", "0.003", "--tensorboard", "false", "--device", "cpu"]
 TIMING_KEYS = ("time_features", "time_pca", "time_kmeans", "time_clustering", "time_training", "time_monitor",
                "train_images_per_s")
-
-
-@pytest.fixture
-def run_cli(capsys, monkeypatch):
-    """``run_cli(*args, fault=None) -> (exit code, stdout, stderr)``, in-process; torch's
-    thread count (``--threads``) is restored afterwards."""
-    threads = torch.get_num_threads()
-
-    def call(*args, fault: str | None = None) -> tuple[int, str, str]:
-        faults.reset()
-        if fault:
-            monkeypatch.setenv(faults.ENV_VAR, fault)
-        else:
-            monkeypatch.delenv(faults.ENV_VAR, raising=False)
-        try:
-            code = main([str(a) for a in args])
-        finally:
-            monkeypatch.delenv(faults.ENV_VAR, raising=False)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    yield call
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
