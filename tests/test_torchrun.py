@@ -126,8 +126,9 @@ def test_sync_batchnorm_two_processes_equal_one_process_with_the_same_global_bat
     BatchNorm is zero and whose computed one is rounding). That drift is rounding amplified
     by this tiny net, not a wrong split: the same single-process run with 2 threads instead of
     1 drifts from itself as far after two epochs (BatchNorm bias 6.0e-2 vs 5.6e-2 relative
-    for 1 vs 2 processes; epoch-2 loss 1.45340 and 1.45130 against 1.45246; measured
-    2026-11-29). One epoch, where rounding has not grown yet, is what equality can vouch for.
+    for 1 vs 2 processes; epoch-2 loss 1.45340 and 1.45129 against 1.45246; measured
+    2026-11-29 by bench/torchrun_drift.py). One epoch, where rounding has not grown yet, is what
+    equality can vouch for.
     """
     script = tmp_path / "no_dropout.py"
     script.write_text(NO_DROPOUT)
