@@ -440,8 +440,7 @@ class V1Planner:
                                 f"{str(config.run_dir / SKIPPED_NAME)!r}")
         partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
                                  derived_seed(config.seed, epoch, STREAM_CLUSTERING),
-                                 clustering_device(config, self.device), previous,
-                                 **({"start": reduced.start} if distributed.is_distributed() else {}))
+                                 clustering_device(config, self.device), previous, start=reduced.start)
         partition.time_pca = reduced.time_pca
         return reduced, partition
 
