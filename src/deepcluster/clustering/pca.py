@@ -73,8 +73,7 @@ def fit_pca(features: np.ndarray, n_components: int, whiten_power: float = -0.5,
     The covariance is accumulated in float64 over row chunks (memory ``D x D`` plus one
     chunk), and only the ``n_components`` leading eigenpairs are computed. With at most half
     as many rows as dimensions (a small folder's 4096-d AlexNet features), the same eigenpairs
-    come from the ``N x N`` Gram matrix instead, at least 8 times cheaper to decompose
-    (300 x 4096: 9.5 s through the covariance on this project's 2-core test machine).
+    come from the ``N x N`` Gram matrix instead, at least 8 times cheaper to decompose.
 
     Args:
         features: ``(N, D)`` array, any float dtype.
