@@ -60,7 +60,8 @@ class Config:
     feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's")
     clustered: str = setting("fc", "what is clustered and what the online kNN measures: fc, the last fully "
                                    "connected layer before its ReLU (the paper) | body, the convolutional output "
-                                   "pooled to the classifier's grid (the fc layers then act only as a head)")
+                                   "pooled to the classifier's grid (the fc layers then act only as a head); v2: what "
+                                   "feeds the projection (a ResNet's pooled output either way)")
     fc_init: str = setting("reference", "reference: fc weights and heads from N(0, 0.01), the authors' | width: "
                                         "N(0, 0.01*sqrt(4096/fan_in)), the reference's 4096-wide gain at any width")
     # -- image views

@@ -80,7 +80,7 @@ class PrototypeHead(nn.Module):
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, hidden: int, dim: int, counts: Sequence[int]) -> PrototypeHead:
-        return cls(ProjectionHead(backbone.feature_dim, hidden, dim), Prototypes(dim, counts))
+        return cls(ProjectionHead(backbone.clustered_dim, hidden, dim), Prototypes(dim, counts))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         embeddings = self.projection(features)
@@ -102,7 +102,7 @@ class Embedder(nn.Module):
         return self.projection.out_features
 
     def forward_clustered(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.backbone.forward_features(images))
+        return self.projection(self.backbone.forward_clustered(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_clustered(images)
@@ -133,7 +133,7 @@ class MultiCropModel(nn.Module):
             ``(n_crops * B, dim)`` embeddings, crop by crop, and the prototypes' scores of
             them, one ``(n_crops * B, k_h)`` tensor per head.
         """
-        features = [self.backbone.forward_features(torch.cat(list(crops[start:stop])))
+        features = [self.backbone.forward_clustered(torch.cat(list(crops[start:stop])))
                     for start, stop in crop_groups(crops)]
         embeddings = self.projection(torch.cat(features))
         return embeddings, self.prototypes(embeddings)
