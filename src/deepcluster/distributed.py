@@ -161,6 +161,52 @@ def gather_in_order(local: np.ndarray, local_indices: np.ndarray, n_total: int) 
     return full
 
 
+def gather_sorted(local: np.ndarray, local_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's rows and their (distinct) indices, together in ascending index order:
+    only the rows held travel and are held, never an array of all the indices' range."""
+    rows = all_gather_rows(np.ascontiguousarray(local))
+    where = all_gather_rows(np.asarray(local_indices, dtype=np.int64))
+    order = np.argsort(where, kind="stable")
+    return rows[order], where[order]
+
+
+def gather_to_main(local: np.ndarray, local_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every process's rows and (distinct) indices, in ascending index order, on the main
+    process only (None on the others, which hold nothing more than their rows): for what
+    only the main process writes, such as a checkpoint."""
+    if not is_distributed():
+        order = np.argsort(local_indices, kind="stable")
+        return local[order], np.asarray(local_indices)[order]
+    counts = all_gather_ints(len(local))
+    parts = []
+    for array in (np.ascontiguousarray(local), np.asarray(local_indices, dtype=np.int64)):
+        padded = np.zeros((max(counts),) + array.shape[1:], dtype=array.dtype)
+        padded[:len(array)] = array
+        tensor = torch.from_numpy(padded)
+        device = _communication_device(tensor)
+        tensor = tensor.to(device)
+        received = [torch.empty_like(tensor) for _ in range(world_size())] if is_main_process() else None
+        dist.gather(tensor, received, dst=0)
+        if received is not None:
+            parts.append(np.concatenate([part.cpu().numpy()[:count] for part, count in zip(received, counts)]))
+    if not is_main_process():
+        return None
+    rows, where = parts
+    order = np.argsort(where, kind="stable")
+    return rows[order], where[order]
+
+
+def broadcast(tensor: torch.Tensor, source: int) -> torch.Tensor:
+    """``source``'s ``tensor`` on every process (the others pass one of the same shape and
+    dtype to fill); returns it."""
+    if not is_distributed():
+        return tensor
+    device = _communication_device(tensor)
+    moved = tensor.to(device)
+    dist.broadcast(moved, src=source)
+    return moved.to(tensor.device) if device != tensor.device else moved
+
+
 def _communication_device(tensor: torch.Tensor) -> torch.device:
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())

@@ -97,31 +97,44 @@ def feature_pass(forward: Callable[[torch.Tensor], Any], source: ImageSource, se
         on_batch(rows.numpy(), outputs, decoded.numpy())
 
 
+def local_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
+                   indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clustered features (``forward_clustered``) of this process's share of ``indices``
+    (default: every image), as the run's feature pass computes them; nothing is gathered.
+
+    Returns:
+        ``(n, clustered_dim)`` float32 features (zero rows for unreadable images), their
+        ``(n,)`` image indices (ascending when ``indices`` is) and ``(n,)`` bool, the images
+        that decoded.
+    """
+    model.eval()
+    indices = distributed.shard(np.arange(len(source)) if indices is None else np.asarray(indices))
+    features = np.zeros((len(indices), model.clustered_dim), dtype=np.float32)
+    decoded = np.zeros(len(indices), dtype=bool)
+    position = 0
+
+    def keep(rows: np.ndarray, out: torch.Tensor, ok: np.ndarray) -> None:
+        nonlocal position
+        features[position:position + len(rows)] = out.float().cpu().numpy()
+        decoded[position:position + len(rows)] = ok
+        position += len(rows)
+
+    feature_pass(model.forward_clustered, source, PassSettings.of_run(config, device), keep, indices)
+    return features, indices, decoded
+
+
 def compute_features(model: Backbone, source: ImageSource, config: Config,
                      device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Clustered features (``forward_clustered``) of every image, as the run's feature pass
-    computes them (each process passes its shard; every process gets all rows).
+    """Clustered features of every image (each process passes its shard; every process gets
+    all rows: for the validation images, not for a training set).
 
     Returns:
         ``(N, clustered_dim)`` float32 features (zero rows for unreadable images) and an
         ``(N,)`` bool mask of the images that decoded.
     """
-    model.eval()
-    indices = distributed.shard(np.arange(len(source)))
-    local = np.zeros((len(indices), model.clustered_dim), dtype=np.float32)
-    local_decoded = np.zeros(len(indices), dtype=bool)
-    position = 0
-
-    def keep(rows: np.ndarray, out: torch.Tensor, decoded: np.ndarray) -> None:
-        nonlocal position
-        local[position:position + len(rows)] = out.float().cpu().numpy()
-        local_decoded[position:position + len(rows)] = decoded
-        position += len(rows)
-
-    feature_pass(model.forward_clustered, source, PassSettings.of_run(config, device), keep, indices)
-    features = distributed.gather_in_order(local, indices, len(source))
-    decoded = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
-    return features, decoded
+    features, indices, decoded = local_features(model, source, config, device)
+    return (distributed.gather_in_order(features, indices, len(source)),
+            distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)).astype(bool))
 
 
-__all__ = ["PassSettings", "autocast", "compute_features", "feature_pass", "loader_kwargs"]
+__all__ = ["PassSettings", "autocast", "compute_features", "feature_pass", "loader_kwargs", "local_features"]

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepcluster import distributed
 from deepcluster.clustering import ari, clustering_accuracy, kmeans, nmi
 from deepcluster.data import ArraySource, DataError, FolderSource, ImageSource
-from deepcluster.evaluation.knn import knn_classify
 
 # k-means for the k = number of classes accuracy: a few Lloyd iterations from k-means++
 # starts is plenty at such a small k.
@@ -167,26 +167,76 @@ class KnnMonitor:
                    len(train.class_names), k, temperature, note)
 
     def score(self, val_features: np.ndarray, val_decoded: np.ndarray,
-              memory_features: np.ndarray | None, memory_decoded: np.ndarray | None,
+              memory_features: np.ndarray | None, memory_labels: np.ndarray | None,
               device: torch.device | str = "cpu") -> dict[str, float]:
         """kNN top-1 and top-5 (%) of the validation images.
 
         Args:
-            val_features: ``(M, D)`` features of the validation images.
+            val_features: ``(M, D)`` features of all the validation images (every process
+                holds them all).
             val_decoded: ``(M,)`` bool, the validation images that decoded.
-            memory_features: ``(N', D)`` features of the training images in ``memory``
-                (None for leave-one-out).
-            memory_decoded: ``(N',)`` bool, those that decoded.
+            memory_features: ``(n, D)`` features of the memory images that decoded, those
+                this process holds (all of them in one process; with several, each passes
+                its own share and the neighbours are merged: ``sharded_knn_votes``), or
+                None for leave-one-out.
+            memory_labels: ``(n,)`` their classes.
         """
         query = val_decoded & (self.val_labels >= 0)
         if memory_features is None:  # leave-one-out within the validation images
             feats, labels = val_features[query], self.val_labels[query]
             top1, top5 = _leave_one_out(feats, labels, self.n_classes, self.k, self.temperature, device)
             return {"knn_top1": top1, "knn_top5": top5}
-        labels = self.train_labels[self.memory][memory_decoded]
-        result = knn_classify(memory_features[memory_decoded], labels, val_features[query], self.val_labels[query],
-                              self.n_classes, self.k, self.temperature, device=device)
-        return {"knn_top1": result.top1, "knn_top5": result.top5}
+        votes = sharded_knn_votes(memory_features, memory_labels, val_features[query], self.n_classes, self.k,
+                                  self.temperature, device)
+        top1, top5 = _accuracies(votes, self.val_labels[query], self.n_classes)
+        return {"knn_top1": top1, "knn_top5": top5}
+
+
+def sharded_knn_votes(memory: np.ndarray, memory_labels: np.ndarray, queries: np.ndarray, n_classes: int, k: int,
+                      temperature: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(M, n_classes)`` kNN votes of ``queries`` when each process holds a share of the
+    memory: each finds the k nearest of its own rows, the ``(M, k)`` similarities and
+    classes of every process are gathered (``M x k x processes`` numbers, not the memory),
+    and the k best of them vote. In one process this is ``knn_scores`` itself; with several
+    the same neighbours vote (up to the order of exact ties). No process ever holds more of
+    the memory than its share.
+    """
+    from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes
+
+    n_local = len(memory)
+    total = sum(distributed.all_gather_ints(n_local))
+    if total == 0:
+        raise ValueError("the kNN memory is empty: no training image of a known class decoded")
+    k = min(k, total)
+    if n_local:
+        sims, index = nearest_neighbors(memory, queries, k, device=device)
+        classes = torch.as_tensor(np.asarray(memory_labels), dtype=torch.int64, device=sims.device)[index]
+    else:
+        sims = torch.empty(len(queries), 0, device=device)
+        classes = torch.empty(len(queries), 0, dtype=torch.int64, device=device)
+    if distributed.is_distributed():
+        # Pad to k columns (a share smaller than k), gather every share's candidates, keep the k best.
+        pad = k - sims.shape[1]
+        sims = torch.cat([sims.float().cpu(), torch.full((len(queries), pad), -torch.inf)], dim=1)
+        classes = torch.cat([classes.cpu(), torch.zeros((len(queries), pad), dtype=torch.int64)], dim=1)
+        n_processes = distributed.world_size()
+        sims = torch.from_numpy(distributed.all_gather_rows(sims.numpy()))
+        classes = torch.from_numpy(distributed.all_gather_rows(classes.numpy()))
+        sims = sims.view(n_processes, len(queries), k).permute(1, 0, 2).reshape(len(queries), -1)
+        classes = classes.view(n_processes, len(queries), k).permute(1, 0, 2).reshape(len(queries), -1)
+        best = sims.topk(k, dim=1)
+        sims, classes = best.values.to(device), classes.gather(1, best.indices).to(device)
+    # The neighbours' classes index the votes directly.
+    return neighbor_votes(sims, classes, np.arange(n_classes), n_classes, temperature)
+
+
+def _accuracies(votes: torch.Tensor, truth: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of the votes against the true classes."""
+    label_tensor = torch.as_tensor(np.asarray(truth), dtype=torch.int64, device=votes.device)
+    top = votes.topk(min(5, n_classes), dim=1).indices
+    n = max(len(label_tensor), 1)
+    return (float((top[:, 0] == label_tensor).float().sum()) * 100.0 / n,
+            float((top == label_tensor[:, None]).any(dim=1).float().sum()) * 100.0 / n)
 
 
 def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float,
@@ -196,12 +246,7 @@ def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: 
 
     sims, index = nearest_neighbors(features, features, min(k + 1, len(features)), device=device)
     sims, index = sims[:, 1:], index[:, 1:]  # drop the image itself (its own best match)
-    votes = neighbor_votes(sims, index, labels, n_classes, temperature)
-    label_tensor = torch.as_tensor(labels, dtype=torch.int64, device=sims.device)
-    top = votes.topk(min(5, n_classes), dim=1).indices
-    n = max(len(labels), 1)
-    return (float((top[:, 0] == label_tensor).sum()) * 100.0 / n,
-            float((top == label_tensor[:, None]).any(dim=1).sum()) * 100.0 / n)
+    return _accuracies(neighbor_votes(sims, index, labels, n_classes, temperature), labels, n_classes)
 
 
 def digits_verdict(source: ArraySource, summary: dict, backend: str = "faiss") -> str:

@@ -204,8 +204,9 @@ class ReducedFeatures:
         pca: the fitted PCA (``None`` when fewer than two images decoded).
         time_network: seconds in the network.
         time_pca: seconds in the PCA (fit and projections).
-        kept: ``(keep.sum(), feature_dim)`` raw features of the ``keep`` images, in image
-            order (None without ``keep``).
+        kept: ``(n, feature_dim)`` raw features of the ``keep`` images this process
+            visited (all of them in one process), in image order (None without ``keep``).
+        kept_rows: ``(n,)`` their image indices, ascending.
         keep: the ``(N,)`` bool mask the pass was given.
         start: the first image of ``points``.
     """
@@ -216,12 +217,21 @@ class ReducedFeatures:
     time_network: float
     time_pca: float
     kept: np.ndarray | None = None
+    kept_rows: np.ndarray | None = None
     keep: np.ndarray | None = None
     start: int = 0
 
+    def local_raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This process's share of the raw features of the ``(N,)`` bool ``rows`` (a subset
+        of ``keep``) and their image indices, ascending: every one of them in one process."""
+        mine = rows[self.kept_rows]
+        return self.kept[mine], self.kept_rows[mine]
+
     def raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw features and decoded flags of the ``(N,)`` bool ``rows`` (a subset of ``keep``)."""
-        return self.kept[rows[self.keep]], self.decoded[rows]
+        """Raw features and decoded flags of the ``(N,)`` bool ``rows`` (a subset of ``keep``),
+        in image order, on every process (for a bounded sample, such as a head's)."""
+        features, indices = distributed.gather_sorted(*self.local_raw(rows))
+        return features, self.decoded[indices]
 
 
 @torch.no_grad()
@@ -292,16 +302,21 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
 
     feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
     mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, n_images).astype(bool)
-    # Back into image order: the rows of keep's true entries, ascending.
-    kept = None if keep is None else distributed.gather_in_order(kept_local, indices[keep_local], n_images)[keep]
+    # Each process keeps its share of the kept rows, in image order (no process holds them all).
+    kept, kept_rows = None, None
+    if keep is not None:
+        kept_rows = indices[keep_local]
+        order = np.argsort(kept_rows, kind="stable")
+        kept, kept_rows = kept_local[order], kept_rows[order]
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
         return ReducedFeatures(np.zeros((stop - start, 0), dtype=np.float32), mask, None,
-                               time.perf_counter() - began, time_pca, kept, keep, start)
+                               time.perf_counter() - began, time_pca, kept, kept_rows, keep, start)
     tick = time.perf_counter()
     with Progress(None, "PCA-whitening"):
         reduced, pca = reducer.finish()
     time_pca += time.perf_counter() - tick
-    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, kept, keep, start)
+    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, kept, kept_rows, keep,
+                           start)
 
 
 def clustered_points(reduced: ReducedFeatures | None) -> np.ndarray | None:
@@ -368,10 +383,13 @@ def init_head_from_clusters(head: nn.Linear, features: np.ndarray, assignments: 
 def knn_scores(model: Backbone, monitor: KnnMonitor, reduced: ReducedFeatures, config: Config,
                device: torch.device) -> dict[str, float]:
     """Online kNN of the validation images: their feature pass, against the memory rows
-    the epoch's feature pass kept (``reduced.kept``)."""
+    the epoch's feature pass kept (``reduced.kept``; each process its own share)."""
     val_features, val_decoded = compute_features(model, monitor.val, config, device)
-    memory, memory_decoded = (None, None) if monitor.memory is None else reduced.raw(monitor.memory)
-    return monitor.score(val_features, val_decoded, memory, memory_decoded, device)
+    if monitor.memory is None:
+        return monitor.score(val_features, val_decoded, None, None, device)
+    memory, rows = reduced.local_raw(monitor.memory)
+    decoded = reduced.decoded[rows]
+    return monitor.score(val_features, val_decoded, memory[decoded], monitor.train_labels[rows[decoded]], device)
 
 
 class TooFewDecoded(DataError):

@@ -38,7 +38,7 @@ from deepcluster.config import Config, ConfigError
 from deepcluster.data import ImageSource, Normalize, decode_problem, uniform_cluster_sample
 from deepcluster.data.multicrop import UNREADABLE, CropGroup, MultiCrop, MultiCropDataset
 from deepcluster.data.transforms import color_jitter
-from deepcluster.features import autocast, compute_features, loader_kwargs
+from deepcluster.features import autocast, compute_features, loader_kwargs, local_features
 from deepcluster.health import check_features, check_loss, cluster_warnings
 from deepcluster.losses import per_head_losses
 from deepcluster.methods import (STREAM_BANK_VIEWS, STREAM_CLUSTERING, STREAM_SAMPLER, STREAM_SCORES, Plan,
@@ -99,38 +99,83 @@ def head_seed(seed: int, epoch: int, head: int) -> int:
 
 @dataclass
 class MemoryBank:
-    """The embeddings the clustering reads.
+    """The embeddings the clustering reads, each process holding its share of the images
+    (every ``world_size``-th image from its rank; all of them in one process).
 
     Attributes:
-        embeddings: ``(2, N, dim)`` float32 (CPU): the L2-normalised embedding of each
-            image's first and second crop, as last written.
-        decoded: ``(N,)`` bool, the images that decoded when the bank was filled (the others
-            have no embedding and get no target).
+        embeddings: ``(2, n, dim)`` float32 (CPU): the L2-normalised embedding of the first
+            and second crop of each image held, as last written.
+        decoded: ``(n,)`` bool, the images held that decoded when the bank was filled (the
+            others have no embedding and get no target).
+        rows: ``(n,)`` the image indices held, ascending.
+        n_images: images in the run.
     """
 
     embeddings: torch.Tensor
     decoded: np.ndarray
+    rows: np.ndarray
+    n_images: int
+    outbox: list[tuple[np.ndarray, torch.Tensor]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def empty(cls, n_images: int, dim: int) -> MemoryBank:
-        return cls(torch.zeros(BANK_CROPS, n_images, dim), np.zeros(n_images, dtype=bool))
+        rows = distributed.shard(np.arange(n_images))
+        return cls(torch.zeros(BANK_CROPS, len(rows), dim), np.zeros(len(rows), dtype=bool), rows, n_images)
+
+    @classmethod
+    def from_full(cls, embeddings: torch.Tensor, decoded: np.ndarray) -> MemoryBank:
+        """This process's share of a whole ``(2, N, dim)`` bank (a checkpoint's)."""
+        rows = distributed.shard(np.arange(embeddings.shape[1]))
+        index = torch.from_numpy(rows)
+        return cls(embeddings[:, index].clone(), decoded[rows].copy(), rows, embeddings.shape[1])
 
     def write(self, rows: np.ndarray, embeddings: torch.Tensor) -> None:
-        """Store ``(2, len(rows), dim)`` embeddings of the images ``rows``."""
-        self.embeddings[:, torch.from_numpy(np.asarray(rows, dtype=np.int64))] = embeddings.float().cpu()
+        """Store ``(2, len(rows), dim)`` embeddings of the images ``rows``: those of images
+        this process holds in place, the others for ``synchronise`` to hand over."""
+        rows = np.asarray(rows, dtype=np.int64)
+        embeddings = embeddings.float().cpu()
+        mine = rows % distributed.world_size() == distributed.rank()
+        self.embeddings[:, torch.from_numpy(rows[mine] // distributed.world_size())] = embeddings[:, torch.from_numpy(mine)]
+        if not mine.all():
+            self.outbox.append((rows[~mine], embeddings[:, torch.from_numpy(~mine)]))
 
-    def synchronise(self, written: np.ndarray) -> None:
-        """With several processes, give every one the rows the others wrote (``written``: the
-        ``(N,)`` rows this process wrote; each row is written by one process). No-op alone."""
+    def synchronise(self) -> None:
+        """With several processes, hand each process what the others wrote of its images:
+        each process in turn broadcasts its outbox and the others keep their rows, so no
+        process holds more than its share and one outbox. No-op alone."""
+        outbox, self.outbox = self.outbox, []
         if not distributed.is_distributed():
             return
-        mask = torch.from_numpy(written.astype(np.float32))
-        rows = distributed.all_reduce_sum(self.embeddings * mask[None, :, None])
-        decoded = distributed.all_reduce_sum(torch.from_numpy((self.decoded & written).astype(np.float32)))
-        distributed.all_reduce_sum(mask)
-        took = mask > 0
-        self.embeddings[:, took] = rows[:, took] / mask[took][None, :, None]
-        self.decoded[took.numpy()] = decoded.numpy()[took.numpy()] > 0
+        rows = np.concatenate([r for r, _ in outbox]) if outbox else np.zeros(0, dtype=np.int64)
+        dim = self.embeddings.shape[2]
+        embeddings = torch.cat([e for _, e in outbox], dim=1) if outbox else torch.zeros(BANK_CROPS, 0, dim)
+        for source, count in enumerate(distributed.all_gather_ints(len(rows))):
+            if count == 0:
+                continue
+            mine = source == distributed.rank()
+            sent_rows = distributed.broadcast(torch.from_numpy(rows) if mine else torch.zeros(count, dtype=torch.int64),
+                                              source).numpy()
+            sent = distributed.broadcast(embeddings.contiguous() if mine else torch.zeros(BANK_CROPS, count, dim),
+                                         source)
+            if not mine:
+                held = sent_rows % distributed.world_size() == distributed.rank()
+                self.embeddings[:, torch.from_numpy(sent_rows[held] // distributed.world_size())] = \
+                    sent[:, torch.from_numpy(held)]
+
+    def all_decoded(self) -> np.ndarray:
+        """``(N,)`` bool, the images of every process's share that decoded."""
+        return distributed.gather_in_order(self.decoded.astype(np.uint8), self.rows, self.n_images).astype(bool)
+
+    def full(self) -> tuple[torch.Tensor, np.ndarray] | None:
+        """The whole ``(2, N, dim)`` bank and ``(N,)`` decoded flags on the main process (for
+        its checkpoint), None on the others."""
+        if not distributed.is_distributed():
+            return self.embeddings, self.decoded
+        gathered = distributed.gather_to_main(self.embeddings.transpose(0, 1).numpy(), self.rows)
+        flags = distributed.gather_to_main(self.decoded, self.rows)
+        if gathered is None or flags is None:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(gathered[0].transpose(1, 0, 2))), flags[0]
 
 
 @torch.no_grad()
@@ -159,8 +204,7 @@ def fill_bank(network: MultiCropModel, source: ImageSource, config: Config, devi
                                stream=STREAM_BANK_VIEWS)
     loader = DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False,
                         **loader_kwargs(config.workers, device))
-    bank = MemoryBank.empty(n_images, config.projection_dim)
-    written = np.zeros(n_images, dtype=bool)
+    bank = MemoryBank.empty(n_images, config.projection_dim)  # this process's share: the images it embeds here
     normalize = Normalize(config.mean, config.std)
     for crops, targets, rows in track(loader, len(dataset), "memory bank", unit="img", size=lambda batch: len(batch[2])):
         if before_batch is not None:
@@ -172,9 +216,7 @@ def fill_bank(network: MultiCropModel, source: ImageSource, config: Config, devi
         decoded = (targets[:, 0] != UNREADABLE).numpy()
         rows = rows.numpy()
         bank.write(rows[decoded], embeddings[:, torch.from_numpy(decoded)])
-        bank.decoded[rows[decoded]] = True
-        written[rows] = True
-    bank.synchronise(written)
+        bank.decoded[rows[decoded] // distributed.world_size()] = True
     return bank
 
 
@@ -203,17 +245,18 @@ def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int
                  device: torch.device | str = "cpu") -> BankClustering:
     """Spherical k-means of the bank for every head: head h clusters the embeddings of crop
     h mod 2 into ``counts[h]`` clusters (seeded by ``seed``, ``epoch`` and h). With several
-    processes each clusters its share of the rows (sums and sizes all-reduced) and every
+    processes each clusters the rows it holds (sums and sizes all-reduced) and every
     process gets all assignments."""
     start = time.perf_counter()
-    n_images = bank.embeddings.shape[1]
-    rows = np.flatnonzero(bank.decoded)
-    local = distributed.shard(rows)
+    n_images = bank.n_images
+    rows = np.flatnonzero(bank.all_decoded())
+    held = torch.from_numpy(np.flatnonzero(bank.decoded))
+    local = bank.rows[bank.decoded]
     targets = np.full((len(counts), n_images), -1, dtype=np.int64)
     centroids, objective, n_empty, n_split = [], [], [], []
     with Progress(len(counts), f"spherical k-means, {len(counts)} head(s)") as bar:
         for head, count in enumerate(counts):
-            points = bank.embeddings[head % BANK_CROPS, torch.from_numpy(local)].to(device)
+            points = bank.embeddings[head % BANK_CROPS, held].to(device)
             result = spherical_kmeans(points, count, n_iter, seed=head_seed(seed, epoch, head), empty=empty)
             labels = distributed.gather_rows(result.assignments.cpu().numpy(), local, n_images)
             targets[head, rows] = labels[rows]
@@ -293,10 +336,12 @@ class V2Planner:
         return self.device if setting == "auto" else torch.device(setting)
 
     def checkpoint_entries(self) -> dict[str, Any]:
-        """The memory bank (the prototypes are in the head's weights)."""
-        if self.bank is None:
+        """The whole memory bank, on the main process (the one that writes the checkpoint;
+        the prototypes are in the head's weights). Every process calls it."""
+        full = None if self.bank is None else self.bank.full()
+        if full is None:
             return {}
-        return {"bank": self.bank.embeddings, "bank_decoded": torch.from_numpy(self.bank.decoded)}
+        return {"bank": full[0], "bank_decoded": torch.from_numpy(full[1])}
 
     def load_state(self, saved: dict[str, Any]) -> None:
         """Take the memory bank of a checkpoint.
@@ -311,7 +356,7 @@ class V2Planner:
                 and tuple(decoded.shape) == shape[1:2]):
             raise CheckpointError(f"the checkpoint holds no memory bank of shape {shape} (entries 'bank' and "
                                   "'bank_decoded'); it is not a resumable v2 checkpoint of this run")
-        self.bank = MemoryBank(bank.clone(), decoded.numpy().copy())
+        self.bank = MemoryBank.from_full(bank, decoded.numpy())  # this process's share
 
     def plan(self, model: Backbone, head: PrototypeHead, epoch: int, previous: np.ndarray | None,
              skipped: dict[str, str]) -> Plan:
@@ -329,11 +374,12 @@ class V2Planner:
             self.bank = self.reduce(MultiCropModel(model, head.projection, head.prototypes), source, config,
                                     self.device)
             time_features = time.perf_counter() - start
-            for index in np.flatnonzero(~self.bank.decoded):
+            for index in np.flatnonzero(~self.bank.all_decoded()):
                 skipped[source.name(int(index))] = decode_problem(source, int(index))
         needed = max(config.prototypes)
-        if self.bank.decoded.sum() < needed:
-            raise TooFewDecoded(f"only {int(self.bank.decoded.sum())} of {len(source)} images could be decoded, fewer "
+        n_decoded = int(self.bank.all_decoded().sum())
+        if n_decoded < needed:
+            raise TooFewDecoded(f"only {n_decoded} of {len(source)} images could be decoded, fewer "
                                 f"than the {needed} prototypes of a head; the reasons are in "
                                 f"{str(config.run_dir / SKIPPED_NAME)!r}")
         clustering = self.cluster(self.bank, config.prototypes, config.kmeans_iters, config.seed, epoch,
@@ -350,7 +396,9 @@ class V2Planner:
                       nmi_prev=nmi(previous, assignments) if previous is not None else None,
                       warnings=cluster_warnings(assignments))
         tick = time.perf_counter()
-        record.update(label_scores(assignments, source.labels, self.bank.embeddings[0].numpy(),
+        # With several processes no one holds every embedding: the scores of the assignments remain.
+        points = None if distributed.is_distributed() else self.bank.embeddings[0].numpy()
+        record.update(label_scores(assignments, source.labels, points,
                                    derived_seed(config.seed, epoch, STREAM_SCORES), config.kmeans_backend))
         monitor = self.monitor
         if monitor is not None and (epoch % config.val_every == 0 or epoch == config.epochs - 1):
@@ -360,13 +408,15 @@ class V2Planner:
 
     def knn_scores(self, model: Backbone) -> dict[str, float]:
         """Online kNN of the validation images on the backbone's pooled features (what
-        ``deepcluster eval`` reads), against a feature pass of the training images."""
+        ``deepcluster eval`` reads), against a feature pass of the training images (each
+        process holds its share of them)."""
         monitor, config = self.monitor, self.config
         val_features, val_decoded = compute_features(model, monitor.val, config, self.device)
         if monitor.memory is None:
             return monitor.score(val_features, val_decoded, None, None, self.device)
-        features, decoded = compute_features(model, self.source, config, self.device)
-        return monitor.score(val_features, val_decoded, features[monitor.memory], decoded[monitor.memory],
+        features, rows, decoded = local_features(model, self.source, config, self.device,
+                                                 np.flatnonzero(monitor.memory))
+        return monitor.score(val_features, val_decoded, features[decoded], monitor.train_labels[rows[decoded]],
                              self.device)
 
     def train_one_epoch(self, model: Backbone, head: PrototypeHead, optimizer: torch.optim.Optimizer,
@@ -393,7 +443,6 @@ class V2Planner:
         rates = learning_rates(config, len(loader))
         head_totals = np.zeros(len(config.prototypes))
         total_loss, seen, rate = 0.0, 0, float("nan")
-        written = np.zeros(len(self.source), dtype=bool)
         bar = Progress(len(loader) * loader.batch_size, f"epoch {epoch + 1} training", unit="img")
         for step, (crops, targets, image_indices) in enumerate(loader):
             failed = targets[:, 0] == UNREADABLE
@@ -416,13 +465,12 @@ class V2Planner:
             large = embeddings.detach()[:BANK_CROPS * batch].view(BANK_CROPS, batch, -1)
             kept = ~failed
             self.bank.write(image_indices[kept].numpy(), large[:, kept.to(large.device)])
-            written[image_indices.numpy()] = True
             head_totals += head_losses.detach().double().cpu().numpy() * n_readable
             total_loss += loss_value * n_readable
             seen += n_readable
             bar.update(batch, note=f"loss {total_loss / max(seen, 1):.4f}")
         bar.close()
-        self.bank.synchronise(written)
+        self.bank.synchronise()
         if distributed.is_distributed():  # the epoch's numbers over every process's share
             totals = distributed.all_reduce_sum(torch.from_numpy(np.concatenate([[total_loss, seen], head_totals])))
             total_loss, seen, head_totals = float(totals[0]), int(round(float(totals[1]))), totals[2:].numpy()
@@ -439,17 +487,19 @@ class V2Planner:
         """
         config, source = self.config, self.source
         start = time.perf_counter()
-        embeddings, decoded = compute_features(Embedder(model, self.head.projection), source, config, self.device)
+        # Each process embeds and clusters its share of the images; only assignments travel.
+        embeddings, indices, decoded = local_features(Embedder(model, self.head.projection), source, config,
+                                                      self.device)
         time_features = time.perf_counter() - start
-        rows = np.flatnonzero(decoded)
-        local = distributed.shard(rows)
+        rows = np.flatnonzero(distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)))
+        local = indices[decoded]
         count = config.prototypes[0]
         if len(rows) < count:
             raise TooFewDecoded(f"only {len(rows)} of {len(source)} images could be decoded for the final clustering, "
                                 f"fewer than the {count} prototypes of head 0")
         tick = time.perf_counter()
         with Progress(None, f"spherical k-means k={count}"):
-            result = spherical_kmeans(torch.from_numpy(embeddings[local]).to(self.clustering_device), count,
+            result = spherical_kmeans(torch.from_numpy(embeddings[decoded]).to(self.clustering_device), count,
                                       config.kmeans_iters, seed=head_seed(config.seed, epochs, 0),
                                       empty=config.empty_clusters)
         labels = distributed.gather_rows(result.assignments.cpu().numpy(), local, len(source))
@@ -463,7 +513,7 @@ class V2Planner:
                    "n_clusters": count, "n_empty": result.n_empty, "n_nonempty": sizes.n_nonempty,
                    "largest_cluster_share": sizes.largest_share,
                    "nmi_last_epoch": None if last is None else nmi(last, assignments),
-                   **label_scores(assignments, source.labels, embeddings,
+                   **label_scores(assignments, source.labels, None if distributed.is_distributed() else embeddings,
                                   derived_seed(config.seed, epochs, STREAM_SCORES), config.kmeans_backend),
                    **({} if self.monitor is None else self.knn_scores(model)),
                    "time_features": time_features, "time_clustering": time_kmeans}
