@@ -13,7 +13,9 @@ counts training time only: the seconds spent measuring (``time_monitor`` and the
 pass) are left out, so how often one measures does not change how far a run gets.
 
 The raw-pixel baseline (``--raw-baseline``): the same kNN and k = number of classes k-means
-on the centre view's pixels, with no network.
+on the centre view's pixels, with no network. The BatchNorm baseline (``--bn-baseline``): the
+kNN of the run's random weights with BatchNorm statistics of the training images instead of
+as initialised (``random_baseline.py``): what training gives even if it learns nothing.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(xs, ys, marker="o", markersize=3, label=result["name"])
         if ys:
             ax.axhline(ys[0], color="grey", linestyle="--", linewidth=1, label="random init")
+        if key == "knn_top1" and result.get("random_bn"):
+            ax.axhline(result["random_bn"]["of_data"], color="tab:green", linestyle="-.", linewidth=1,
+                       label="random weights, data BatchNorm statistics")
         raw = result.get("raw_pixels") or {}
         if key in raw:
             ax.axhline(scale * raw[key], color="tab:red", linestyle=":", linewidth=1, label="raw pixels")
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="run folder (default /tmp/deepcluster-learning/NAME)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings over the recipe")
     parser.add_argument("--raw-baseline", action="store_true")
+    parser.add_argument("--bn-baseline", action="store_true",
+                        help="also measure the random weights with the data's BatchNorm statistics")
     args = parser.parse_args(argv)
 
     overrides = dict(item.split("=", 1) for item in args.set)
@@ -109,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(["python", "bench/learning.py"] + sys.argv[1:]), "cpu": cpu_model(),
               "cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "budget_minutes": args.minutes, "records": [], "final": None}
+    if args.bn_baseline:
+        from random_baseline import bn_baselines
+        result["random_bn"] = bn_baselines(config, args.train, args.val)
+        print("random weights, BatchNorm statistics at init / of the data:", result["random_bn"], flush=True)
     if args.raw_baseline:
         result["raw_pixels"] = raw_pixel_baseline(config, args.train, args.val)
         print("raw pixels:", result["raw_pixels"], flush=True)

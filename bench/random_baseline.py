@@ -24,20 +24,12 @@ from deepcluster.models import model_from_config
 from machine import cpu_flags, cpu_model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="small")
-    parser.add_argument("--train", required=True)
-    parser.add_argument("--val", required=True)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = resolve(args.recipe, overrides={"data": args.train})
-    device = torch.device("cpu")
+def bn_baselines(config, train_dir: str, val_dir: str, device: torch.device = torch.device("cpu")) -> dict:
+    """kNN top-1 (%) of ``config``'s random weights with BatchNorm statistics as initialised
+    (``at_init``) and of the data (``of_data``)."""
     torch.manual_seed(config.seed)  # the weights a run of this recipe starts from
     model = model_from_config(config)
-    train, val = FolderSource(args.train), FolderSource(args.val)
+    train, val = FolderSource(train_dir), FolderSource(val_dir)
 
     def knn() -> float:
         train_features, _ = compute_features(model, train, config, device)
@@ -52,10 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     with torch.no_grad():
         feature_pass(model.forward_clustered, train, PassSettings.of_run(config, device), lambda *_: None)
-    of_data = knn()
-    print(f"{cpu_model()} [{cpu_flags()}], recipe {args.recipe}, {len(train)} train / {len(val)} val images")
-    print(f"random weights, BatchNorm statistics at init:     kNN top-1 {at_init:.1f}%")
-    print(f"random weights, BatchNorm statistics of the data: kNN top-1 {of_data:.1f}%")
+    return {"at_init": at_init, "of_data": knn(), "n_train": len(train), "n_val": len(val)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="small")
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--val", required=True)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bn_baselines(resolve(args.recipe, overrides={"data": args.train}), args.train, args.val)
+    print(f"{cpu_model()} [{cpu_flags()}], recipe {args.recipe}, {result['n_train']} train / {result['n_val']} val "
+          f"images")
+    print(f"random weights, BatchNorm statistics at init:     kNN top-1 {result['at_init']:.1f}%")
+    print(f"random weights, BatchNorm statistics of the data: kNN top-1 {result['of_data']:.1f}%")
     return 0
 
 
