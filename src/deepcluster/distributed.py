@@ -179,16 +179,12 @@ def gather_to_main(local: np.ndarray, local_indices: np.ndarray) -> tuple[np.nda
         return local[order], np.asarray(local_indices)[order]
     counts = all_gather_ints(len(local))
     parts = []
-    for array in (np.ascontiguousarray(local), np.asarray(local_indices, dtype=np.int64)):
-        padded = np.zeros((max(counts),) + array.shape[1:], dtype=array.dtype)
-        padded[:len(array)] = array
-        tensor = torch.from_numpy(padded)
-        device = _communication_device(tensor)
-        tensor = tensor.to(device)
+    for array in (local, np.asarray(local_indices, dtype=np.int64)):
+        tensor = _padded(array, max(counts))
         received = [torch.empty_like(tensor) for _ in range(world_size())] if is_main_process() else None
         dist.gather(tensor, received, dst=0)
         if received is not None:
-            parts.append(np.concatenate([part.cpu().numpy()[:count] for part, count in zip(received, counts)]))
+            parts.append(_unpadded(received, counts))
     if not is_main_process():
         return None
     rows, where = parts
@@ -251,14 +247,24 @@ def all_gather_rows(local: np.ndarray) -> np.ndarray:
     if not is_distributed():
         return local
     counts = all_gather_ints(len(local))
-    padded = np.zeros((max(counts),) + local.shape[1:], dtype=local.dtype)
-    padded[:len(local)] = local
-    tensor = torch.from_numpy(padded)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = _padded(local, max(counts))
     gathered = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(gathered, tensor)
-    return np.concatenate([part.cpu().numpy()[:count] for part, count in zip(gathered, counts)])
+    return _unpadded(gathered, counts)
+
+
+def _padded(array: np.ndarray, rows: int) -> torch.Tensor:
+    """``array`` with zero rows added up to ``rows``, on the device the backend communicates
+    from (collectives want tensors of one shape on every process)."""
+    padded = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
+    padded[:len(array)] = array
+    tensor = torch.from_numpy(padded)
+    return tensor.to(_communication_device(tensor))
+
+
+def _unpadded(parts: list[torch.Tensor], counts: list[int]) -> np.ndarray:
+    """The real rows of every process's padded part, concatenated in rank order."""
+    return np.concatenate([part.cpu().numpy()[:count] for part, count in zip(parts, counts)])
 
 
 def gather_rows(local: np.ndarray, local_indices: np.ndarray, n_total: int) -> np.ndarray:

@@ -26,6 +26,7 @@ import torch
 from deepcluster import distributed
 from deepcluster.clustering import ari, clustering_accuracy, kmeans, nmi
 from deepcluster.data import ArraySource, DataError, FolderSource, ImageSource
+from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes, top_accuracies
 
 # k-means for the k = number of classes accuracy: a few Lloyd iterations from k-means++
 # starts is plenty at such a small k.
@@ -188,7 +189,7 @@ class KnnMonitor:
             return {"knn_top1": top1, "knn_top5": top5}
         votes = sharded_knn_votes(memory_features, memory_labels, val_features[query], self.n_classes, self.k,
                                   self.temperature, device)
-        top1, top5 = _accuracies(votes, self.val_labels[query], self.n_classes)
+        top1, top5 = top_accuracies(votes, self.val_labels[query], self.n_classes)
         return {"knn_top1": top1, "knn_top5": top5}
 
 
@@ -201,8 +202,6 @@ def sharded_knn_votes(memory: np.ndarray, memory_labels: np.ndarray, queries: np
     the same neighbours vote (up to the order of exact ties). No process ever holds more of
     the memory than its share.
     """
-    from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes
-
     n_local = len(memory)
     total = sum(distributed.all_gather_ints(n_local))
     if total == 0:
@@ -230,23 +229,12 @@ def sharded_knn_votes(memory: np.ndarray, memory_labels: np.ndarray, queries: np
     return neighbor_votes(sims, classes, np.arange(n_classes), n_classes, temperature)
 
 
-def _accuracies(votes: torch.Tensor, truth: np.ndarray, n_classes: int) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of the votes against the true classes."""
-    label_tensor = torch.as_tensor(np.asarray(truth), dtype=torch.int64, device=votes.device)
-    top = votes.topk(min(5, n_classes), dim=1).indices
-    n = max(len(label_tensor), 1)
-    return (float((top[:, 0] == label_tensor).float().sum()) * 100.0 / n,
-            float((top == label_tensor[:, None]).any(dim=1).float().sum()) * 100.0 / n)
-
-
 def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float,
                    device: torch.device | str) -> tuple[float, float]:
     """kNN accuracy (%) of every row against all the others."""
-    from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes
-
     sims, index = nearest_neighbors(features, features, min(k + 1, len(features)), device=device)
     sims, index = sims[:, 1:], index[:, 1:]  # drop the image itself (its own best match)
-    return _accuracies(neighbor_votes(sims, index, labels, n_classes, temperature), labels, n_classes)
+    return top_accuracies(neighbor_votes(sims, index, labels, n_classes, temperature), labels, n_classes)
 
 
 def digits_verdict(source: ArraySource, summary: dict, backend: str = "faiss") -> str:

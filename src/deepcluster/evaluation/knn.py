@@ -149,13 +149,18 @@ def knn_classify(train_features: np.ndarray | torch.Tensor, train_labels: np.nda
         device: where the products run.
     """
     votes = knn_scores(train_features, train_labels, query_features, n_classes, k, temperature, max_block, device)
-    truth = torch.as_tensor(np.asarray(query_labels), dtype=torch.int64, device=votes.device)
-    n_query = max(len(truth), 1)
+    top1, top5 = top_accuracies(votes, query_labels, n_classes)
+    return KnnResult(top1, top5, min(k, len(train_labels)), temperature, len(train_labels), len(votes))
+
+
+def top_accuracies(votes: torch.Tensor, truth: np.ndarray | torch.Tensor, n_classes: int) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of ``(M, n_classes)`` vote totals against the true classes."""
+    label_tensor = torch.as_tensor(np.asarray(truth), dtype=torch.int64, device=votes.device)
     top = votes.topk(min(5, n_classes), dim=1).indices
-    top1 = float((top[:, 0] == truth).float().sum()) * 100.0 / n_query
-    top5 = float((top == truth[:, None]).any(dim=1).float().sum()) * 100.0 / n_query
-    return KnnResult(top1, top5, min(k, len(train_labels)), temperature, len(train_labels), len(truth))
+    n = max(len(label_tensor), 1)
+    return (float((top[:, 0] == label_tensor).float().sum()) * 100.0 / n,
+            float((top == label_tensor[:, None]).any(dim=1).float().sum()) * 100.0 / n)
 
 
 __all__ = ["DEFAULT_BLOCK", "KnnResult", "block_sizes", "knn_classify", "knn_scores", "nearest_neighbors",
-           "neighbor_votes"]
+           "neighbor_votes", "top_accuracies"]

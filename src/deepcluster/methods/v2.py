@@ -129,15 +129,27 @@ class MemoryBank:
         index = torch.from_numpy(rows)
         return cls(embeddings[:, index].clone(), decoded[rows].copy(), rows, embeddings.shape[1])
 
+    @staticmethod
+    def positions(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of the images ``rows`` this process holds (``(len(rows),)`` bool) and where
+        in its share they are."""
+        rows = np.asarray(rows, dtype=np.int64)
+        held = rows % distributed.world_size() == distributed.rank()
+        return held, rows[held] // distributed.world_size()
+
+    def _store(self, rows: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
+        """Put the embeddings of the images held in place; returns the mask of the others."""
+        held, where = self.positions(rows)
+        self.embeddings[:, torch.from_numpy(where)] = embeddings if held.all() else embeddings[:, torch.from_numpy(held)]
+        return ~held
+
     def write(self, rows: np.ndarray, embeddings: torch.Tensor) -> None:
         """Store ``(2, len(rows), dim)`` embeddings of the images ``rows``: those of images
         this process holds in place, the others for ``synchronise`` to hand over."""
-        rows = np.asarray(rows, dtype=np.int64)
-        embeddings = embeddings.float().cpu()
-        mine = rows % distributed.world_size() == distributed.rank()
-        self.embeddings[:, torch.from_numpy(rows[mine] // distributed.world_size())] = embeddings[:, torch.from_numpy(mine)]
-        if not mine.all():
-            self.outbox.append((rows[~mine], embeddings[:, torch.from_numpy(~mine)]))
+        rows, embeddings = np.asarray(rows, dtype=np.int64), embeddings.float().cpu()
+        others = self._store(rows, embeddings)
+        if others.any():
+            self.outbox.append((rows[others], embeddings[:, torch.from_numpy(others)]))
 
     def synchronise(self) -> None:
         """With several processes, hand each process what the others wrote of its images:
@@ -158,9 +170,7 @@ class MemoryBank:
             sent = distributed.broadcast(embeddings.contiguous() if mine else torch.zeros(BANK_CROPS, count, dim),
                                          source)
             if not mine:
-                held = sent_rows % distributed.world_size() == distributed.rank()
-                self.embeddings[:, torch.from_numpy(sent_rows[held] // distributed.world_size())] = \
-                    sent[:, torch.from_numpy(held)]
+                self._store(sent_rows, sent)
 
     def all_decoded(self) -> np.ndarray:
         """``(N,)`` bool, the images of every process's share that decoded."""
@@ -216,7 +226,7 @@ def fill_bank(network: MultiCropModel, source: ImageSource, config: Config, devi
         decoded = (targets[:, 0] != UNREADABLE).numpy()
         rows = rows.numpy()
         bank.write(rows[decoded], embeddings[:, torch.from_numpy(decoded)])
-        bank.decoded[rows[decoded] // distributed.world_size()] = True
+        bank.decoded[bank.positions(rows[decoded])[1]] = True
     return bank
 
 
