@@ -32,6 +32,7 @@ import signal
 import sys
 import textwrap
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,6 +40,10 @@ from typing import Any, Sequence
 from deepcluster.config import RECIPES, ConfigError, resolve, resolve_resume, run_folder, settings_help
 
 EXIT_USAGE = 2
+# A process other than the first, failing a check every process fails alike, leaves the saying to
+# the first and waits this long (at most) for the launcher to end it: exiting at once could get
+# the first process terminated before it speaks.
+SILENT_RANK_WAIT_S = 30.0
 EXIT_DIVERGED = 3
 EXIT_WRITE = 4
 EXIT_MEMORY = 5
@@ -195,7 +200,13 @@ def out_of_memory(error: BaseException) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit code (see the module docstring)."""
     with sigterm_as_interrupt():
-        return _main(argv)
+        try:
+            return _main(argv)
+        except Terminated:
+            # SIGTERM before the command's own handling began (while importing or building the
+            # parser: torchrun ends the other processes when one fails its settings at once).
+            # Nothing was started, so nothing to say and no traceback.
+            return 128 + signal.SIGTERM
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -233,7 +244,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
         erase_bars()
         if not is_distributed() and launched_rank() != 0:
-            return EXIT_USAGE  # every process of the job read the same command line: one says it
+            # Every process of the job read the same command line: the first one says it; the
+            # launcher ends this one (SIGTERM, a silent Terminated) once the first has exited.
+            time.sleep(SILENT_RANK_WAIT_S)
+            return EXIT_USAGE
         print(f"deepcluster: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as error:
