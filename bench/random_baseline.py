@@ -19,7 +19,7 @@ import torch
 from deepcluster.config import resolve
 from deepcluster.data import FolderSource
 from deepcluster.evaluation.knn import knn_classify
-from deepcluster.features import PassSettings, compute_features, feature_pass
+from deepcluster.features import PassSettings, batchnorm_statistics_of, compute_features
 from deepcluster.models import model_from_config
 from machine import cpu_flags, cpu_model
 
@@ -37,13 +37,7 @@ def bn_baselines(config, train_dir: str, val_dir: str, device: torch.device = to
         return knn_classify(train_features, train.labels, val_features, val.labels, len(train.class_names)).top1
 
     at_init = knn()
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the pass
-    model.train()
-    with torch.no_grad():
-        feature_pass(model.forward_clustered, train, PassSettings.of_run(config, device), lambda *_: None)
+    batchnorm_statistics_of(model, train, PassSettings.of_run(config, device))
     return {"at_init": at_init, "of_data": knn(), "n_train": len(train), "n_val": len(val)}
 
 

@@ -7,7 +7,8 @@ import torch
 from deepcluster.checkpoint import save_checkpoint
 from deepcluster.cli import main
 from deepcluster.config import resolve
-from deepcluster.evaluation.suite import random_init_backbone
+from deepcluster.evaluation.suite import (EvalSettings, baseline_backbone, open_labelled_splits,
+                                          random_init_backbone)
 from deepcluster.models import model_from_config
 
 FAST = ["--probe-epochs", "2", "--probe-batch-size", "12", "--cluster-seeds", "1", "--cluster-pca", "0",
@@ -90,6 +91,11 @@ def test_eval_reports_every_protocol_and_the_gain_over_random_init(checkpoint, i
     # A second run reuses the stored baseline instead of recomputing it.
     code, stdout, _ = run_cli(args, capsys)
     assert code == 0 and "baseline reused" in stdout and "[random init]" not in stdout
+    assert report["settings"]["baseline_batchnorm"] == "data"
+    assert "BatchNorm statistics of the training images" in stdout
+    # ... but not for a baseline with other BatchNorm statistics.
+    code, stdout, _ = run_cli([*args, "--baseline-batchnorm", "init"], capsys)
+    assert code == 0 and "[random init]" in stdout and "BatchNorm statistics as initialised" in stdout
 
 
 def test_random_init_alone_and_reference_probe_mode(checkpoint, image_folder, tmp_path, capsys):
@@ -113,3 +119,32 @@ def test_random_init_is_the_network_the_run_started_from():
     assert torch.equal(state, torch.get_rng_state())  # global random state untouched
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), twin.state_dict().values()))
     assert not twin.training
+
+
+def test_the_baseline_has_the_random_weights_and_the_training_images_batchnorm_statistics(image_folder):
+    """``--baseline-batchnorm data``: the weights the run started from, and in each BatchNorm
+    the mean and variance of what reaches it over the training split's centre views."""
+    config = resolve("small", overrides={"data": str(image_folder)})
+    splits = open_labelled_splits(str(image_folder), str(image_folder))
+    start = random_init_backbone(config)
+    settings = EvalSettings(batch_size=7, workers=0)  # batches of unequal size: a plain average of batch statistics
+    model = baseline_backbone(config, splits, settings, "cpu")
+    assert not model.training
+    weights = {k: v for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in weights.items())
+    # The first BatchNorm sees the first convolution's output: its statistics over all images.
+    from deepcluster.data import CenterView, Normalize
+    view, normalize = CenterView(config.resize, config.crop), Normalize(config.mean, config.std)
+    images = normalize(torch.stack([view(splits.train.load(i)) for i in range(len(splits.train))]))
+    with torch.no_grad():
+        conv = start.features[0](images)
+    batches = torch.split(conv, 7)
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    variances = torch.stack([b.var(dim=(0, 2, 3)) for b in batches]).mean(0)  # unbiased, as BatchNorm keeps
+    bn = model.features[1]
+    assert torch.allclose(bn.running_mean, means, atol=1e-5)
+    assert torch.allclose(bn.running_var, variances, rtol=1e-4)
+    assert bn.momentum == start.features[1].momentum  # restored after the pass
+    # ``init`` keeps the statistics the network was initialised with.
+    init = baseline_backbone(config, splits, EvalSettings(baseline_batchnorm="init", workers=0), "cpu")
+    assert torch.equal(init.features[1].running_mean, torch.zeros_like(bn.running_mean))

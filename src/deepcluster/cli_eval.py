@@ -58,6 +58,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default="auto",
                         help="random-init numbers to compare with: 'auto' reuses <out>/eval_random_init.json when "
                              "its settings match and computes it otherwise; 'none'; or a report file (default: auto)")
+    parser.add_argument("--baseline-batchnorm", choices=("data", "init"), default=defaults.baseline_batchnorm,
+                        help="BatchNorm statistics of the random-init baseline: 'data', of the --train images (one "
+                             "pass, no gradient: what any training leaves in a network, learned or not) or 'init', "
+                             "as initialised (the network the run started from) (default: data)")
     parser.add_argument("--protocols", type=_csv, default=defaults.protocols,
                         help=f"comma-separated subset of {','.join(PROTOCOLS)} (default: all)")
     parser.add_argument("--probe-mode", choices=PROBE_MODES, default=defaults.probe_mode,
@@ -116,7 +120,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         pool_dim=args.pool_dim, feature_layers=tuple(args.feature_layers), knn_k=args.knn_k,
         knn_temperature=args.knn_temperature, cluster_pca_dim=args.cluster_pca, cluster_seeds=args.cluster_seeds,
         cluster_iters=args.cluster_iters, retrieval_ks=tuple(args.retrieval_k), train_limit=args.train_limit,
-        val_limit=args.val_limit, batch_size=args.batch_size, workers=args.workers)
+        val_limit=args.val_limit, batch_size=args.batch_size, workers=args.workers,
+        baseline_batchnorm=args.baseline_batchnorm)
     return check_settings(settings)
 
 
@@ -159,8 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deepcluster.checkpoint import load_checkpoint
     from deepcluster.cli_tools import out_folder, resolve_run
     from deepcluster.evaluation import report as reporting
-    from deepcluster.evaluation.suite import (evaluate_backbone, open_labelled_splits, random_init_backbone,
-                                              remove_dir)
+    from deepcluster.evaluation.suite import baseline_backbone, evaluate_backbone, open_labelled_splits, remove_dir
     from deepcluster.checkpoint import load_backbone
     from deepcluster.devices import resolve_device
 
@@ -200,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{splits.n_classes} classes, protocols {', '.join(settings.protocols)}, device {device}, report in {out_dir}")
 
     def evaluate(which: str):
-        network = random_init_backbone(config) if which == "random_init" else model
+        network = baseline_backbone(config, splits, settings, device) if which == "random_init" else model
         log(f"[{which.replace('_', ' ')}]")
         # One folder per process: two evaluations writing into one report folder never collide.
         work_dir = out_dir / "features" / f"{which}-{os.getpid()}"

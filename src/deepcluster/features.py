@@ -123,6 +123,32 @@ def local_features(model: Backbone, source: ImageSource, config: Config, device:
     return features, indices, decoded
 
 
+@torch.no_grad()
+def batchnorm_statistics_of(model: Backbone, source: ImageSource, settings: PassSettings) -> Backbone:
+    """Replace the running statistics of ``model``'s BatchNorm layers by those of ``source``'s
+    centre views: one training-mode pass without gradients, each layer averaging its batch
+    statistics over the pass (no momentum). The weights are untouched; ``model`` is returned
+    in eval mode.
+
+    Any training, even one that learns nothing, leaves the data's statistics in a network; a
+    random network measured with the statistics it was initialised with (mean 0, variance 1)
+    is a weaker baseline than that (on CIFAR-10, six kNN points weaker: docs/learning.md §8).
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a plain average over the pass
+    model.train()
+    try:
+        feature_pass(model.forward_clustered, source, settings, lambda *_: None, label="batchnorm statistics")
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.eval()
+    return model
+
+
 def compute_features(model: Backbone, source: ImageSource, config: Config,
                      device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Clustered features of every image (each process passes its shard; every process gets
@@ -137,4 +163,4 @@ def compute_features(model: Backbone, source: ImageSource, config: Config,
             distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)).astype(bool))
 
 
-__all__ = ["PassSettings", "autocast", "compute_features", "feature_pass", "loader_kwargs", "local_features"]
+__all__ = ["PassSettings", "autocast", "batchnorm_statistics_of", "compute_features", "feature_pass", "loader_kwargs", "local_features"]

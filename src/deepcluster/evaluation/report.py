@@ -132,7 +132,18 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("  " + row.label.ljust(label_width) + cells)
     lines.append("")
     lines.append("  accuracies, precisions and mAP in %; NMI and ARI in [0, 1]")
+    if random_init is not None:
+        lines.append("  " + baseline_note(report))
     return "\n".join(lines)
+
+
+def baseline_note(report: dict[str, Any]) -> str:
+    """What the random-init column measured: its BatchNorm statistics."""
+    if (report.get("settings") or {}).get("baseline_batchnorm", "init") == "data":
+        return ("random init: the run's random weights with BatchNorm statistics of the training images "
+                "(--baseline-batchnorm data)")
+    return ("random init: the run's random weights with BatchNorm statistics as initialised "
+            "(--baseline-batchnorm init)")
 
 
 def training_budget(checkpoint_path: str | Path, epochs_completed: int, config: Config) -> dict[str, Any]:
@@ -178,5 +189,5 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-__all__ = ["MetricRow", "REPORT_VERSION", "flat_metrics", "format_table", "gains", "load_report", "metric_rows",
+__all__ = ["MetricRow", "REPORT_VERSION", "baseline_note", "flat_metrics", "format_table", "gains", "load_report", "metric_rows",
            "training_budget", "write_report"]

@@ -3,9 +3,10 @@
 ``evaluate_backbone`` wires the pure functions of this package together: one eval-mode
 feature pass per split (every needed layer at once, written to disk when a folder is
 given), then the linear probes, kNN, clustering scores and retrieval on those features.
-``random_init_backbone`` builds the baseline every report compares with: the checkpoint's
+``random_init_backbone`` builds the network every report compares with: the checkpoint's
 architecture with random weights drawn from the run's seed, i.e. exactly the network the
-training started from.
+training started from; ``baseline_backbone`` gives it the BatchNorm statistics of the
+training split by default (``baseline_batchnorm``), which any training would leave in it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from deepcluster.models import Backbone, model_from_config
 
 PROTOCOLS = ("linear", "knn", "clustering", "retrieval")
 PROBE_MODES = ("fast", "reference")
+# The random-init baseline's BatchNorm statistics: of the training split (``data``, the
+# default) or as initialised (``init``: mean 0, variance 1, the network a run starts from).
+BASELINE_BATCHNORM = ("data", "init")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class EvalSettings:
         subset_seed: draws those subsets.
         batch_size: images per forward pass.
         workers: data-loading processes.
+        baseline_batchnorm: the random-init baseline's BatchNorm statistics: ``data``, of
+            the training split (one pass, no gradient: what any training leaves in the
+            network, learned or not) or ``init``, as initialised.
     """
 
     protocols: tuple[str, ...] = PROTOCOLS
@@ -78,6 +85,7 @@ class EvalSettings:
     subset_seed: int = 0
     batch_size: int = 256
     workers: int = 2
+    baseline_batchnorm: str = "data"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -124,6 +132,9 @@ def check_settings(settings: EvalSettings) -> EvalSettings:
         raise ConfigError(f"workers must be >= 0, got {settings.workers}")
     if not settings.feature_layers:
         raise ConfigError("give at least one feature layer for kNN, clustering and retrieval")
+    if settings.baseline_batchnorm not in BASELINE_BATCHNORM:
+        raise ConfigError(f"baseline BatchNorm statistics {settings.baseline_batchnorm!r}; choose one of: "
+                          f"{', '.join(BASELINE_BATCHNORM)}")
     return settings
 
 
@@ -208,6 +219,21 @@ def random_init_backbone(config: Config, seed: int | None = None) -> Backbone:
         torch.manual_seed(config.seed if seed is None else seed)
         model = model_from_config(config)
     return model.eval()
+
+
+def baseline_backbone(config: Config, splits: LabelledSplits, settings: EvalSettings,
+                      device: torch.device | str) -> Backbone:
+    """The random-init baseline of an evaluation: ``random_init_backbone``, with BatchNorm
+    statistics of the training split's centre views when ``settings.baseline_batchnorm`` is
+    ``data`` (``features.batchnorm_statistics_of``)."""
+    from deepcluster.features import PassSettings, batchnorm_statistics_of
+
+    model = random_init_backbone(config).to(device)
+    if settings.baseline_batchnorm == "data":
+        batchnorm_statistics_of(model, splits.train, PassSettings(
+            CenterView(config.resize, config.crop), Normalize(config.mean, config.std), settings.batch_size,
+            settings.workers, torch.device(device)))
+    return model
 
 
 def select_probe_layers(pools: dict[str, PoolSpec], wanted: tuple[str, ...] | None) -> dict[str, PoolSpec]:
@@ -382,5 +408,5 @@ def remove_dir(path: str | Path) -> None:
 
 
 __all__ = ["EvalSettings", "LabelledSplits", "PROBE_MODES", "PROTOCOLS", "SplitFeatures", "SubsetSource",
-           "check_settings", "evaluate_backbone", "open_labelled_splits", "random_init_backbone", "remove_dir",
+           "baseline_backbone", "check_settings", "evaluate_backbone", "open_labelled_splits", "random_init_backbone", "remove_dir",
            "run_feature_protocol", "run_linear_probes", "select_probe_layers"]
