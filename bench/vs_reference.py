@@ -179,7 +179,36 @@ def table(result: dict) -> str:
                      f"{ours[key] / max(ref[key], 1e-9):.2f} |")
     lines.append(f"| peak RSS of the main process (GiB) | {result['reference']['peak_rss_gib']:.2f} | "
                  f"{result['ours']['peak_rss_gib']:.2f} | |")
+    rates = result.get("rates")
+    if rates:
+        lines += ["", f"Effective rates ({rates['forward_gflop_per_image']:.2f} GFLOP per image forward, training "
+                  f"counted as 3x; dense GEMM here: {rates['gemm_gflops']:.0f} GFLOP/s with {result['threads']} "
+                  "threads):", "", "| stage | authors' code (GFLOP/s) | deepcluster (GFLOP/s) | of GEMM (ours) |",
+                  "|---|---:|---:|---:|"]
+        for stage in ("features", "training"):
+            ref_rate, our_rate = rates["reference"][stage], rates["ours"][stage]
+            lines.append(f"| {stage} | {ref_rate:.1f} | {our_rate:.1f} | {our_rate / rates['gemm_gflops']:.0%} |")
     return "\n".join(lines)
+
+
+def effective_rates(result: dict) -> dict:
+    """GFLOP/s of the feature pass and the training of both sides, beside the GEMM rate."""
+    import torch
+
+    from deepcluster.config import resolve
+    from deepcluster.models import model_from_config
+    from small_epoch import best_rate, forward_flops
+
+    config = resolve("paper", overrides={"arch": result["arch"], "sobel": result["sobel"]})
+    flops = forward_flops(model_from_config(config), config.crop)
+    torch.set_num_threads(result["threads"])
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm = best_rate(lambda: a @ b) * 2 * 2048 ** 3 / 1e9
+    n = result["n_images"]
+    return {"forward_gflop_per_image": flops / 1e9, "gemm_gflops": gemm,
+            **{side: {"features": n * flops / 1e9 / result[side]["mean"]["features"],
+                      "training": 3 * n * flops / 1e9 / result[side]["mean"]["training"]}
+               for side in ("reference", "ours")}}
 
 
 def main() -> int:
@@ -236,6 +265,7 @@ def main() -> int:
             result[side] = side_result
         result["ratios"] = {key: result["ours"]["mean"][key] / max(result["reference"]["mean"][key], 1e-9)
                             for key in STAGES + ("epoch",)}
+    result["rates"] = effective_rates(result)
     result["table"] = table(result)
     path = RESULTS / f"vs_reference_{args.name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
