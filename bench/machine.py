@@ -3,6 +3,7 @@ tree holds. Every speed figure in BENCHMARKS.md is printed beside these."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import threading
@@ -51,6 +52,13 @@ def tree_pss_gib(root: int) -> float:
         except OSError:
             continue
     return total_kib / 2**20
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a benchmark's result as JSON, then print its table and where it went."""
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(result["table"])
+    print(f"wrote {path}")
 
 
 class PeakSampler(threading.Thread):

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import yaml
 
-from machine import cpu_flags, cpu_model
-from vs_reference import subset_folder
+from machine import cpu_flags, cpu_model, write_result
+from vs_reference import folder_to_use
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent.parent
@@ -211,10 +211,7 @@ def main() -> int:
                            text=True).stdout.strip() or baseline.name
     with tempfile.TemporaryDirectory(prefix="small_epoch_") as scratch:
         scratch = Path(scratch)
-        data = Path(args.data).resolve()
-        if args.images:
-            data = subset_folder(data, args.images, scratch / "data")
-        n_images = sum(1 for f in data.rglob("*") if f.is_file())
+        data, n_images = folder_to_use(args.data, args.images, scratch)
         config = scratch / "settings.yaml"
         config.write_text(yaml.safe_dump({**SETTINGS, "epochs": args.epochs, "workers": args.workers,
                                           "threads": args.threads}))
@@ -242,10 +239,7 @@ def main() -> int:
     print("small_epoch: measuring the limits ...", flush=True)
     result["limits"] = limits(data if not args.images else Path(args.data).resolve(), args.threads)
     result["table"] = tables(result)
-    path = RESULTS / f"small_epoch_{args.name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(result["table"])
-    print(f"wrote {path}")
+    write_result(RESULTS / f"small_epoch_{args.name}.json", result)
     return 0
 
 

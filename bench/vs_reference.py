@@ -32,7 +32,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from machine import cpu_flags, cpu_model
+from machine import cpu_flags, cpu_model, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STANDIN = Path(__file__).resolve().parent / "reference_standin"
@@ -149,6 +149,14 @@ def subset_folder(data: Path, n_images: int, target: Path) -> Path:
     return target
 
 
+def folder_to_use(data: str, n_images: int | None, scratch: Path) -> tuple[Path, int]:
+    """``data`` itself, or a subset of ``n_images`` of it in ``scratch``; and its number of files."""
+    folder = Path(data).resolve()
+    if n_images:
+        folder = subset_folder(folder, n_images, scratch / "data")
+    return folder, sum(1 for f in folder.rglob("*") if f.is_file())
+
+
 def run_side(name: str, script: str, threads: int, cpus: str | None, log: Path) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
@@ -230,10 +238,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="vs_reference_") as scratch:
         scratch = Path(scratch)
-        data = Path(args.data).resolve()
-        if args.images:
-            data = subset_folder(data, args.images, scratch / "data")
-        n_images = sum(1 for f in data.rglob("*") if f.is_file())
+        data, n_images = folder_to_use(args.data, args.images, scratch)
         code = scratch / "reference"
         patches = patch_reference(Path(args.reference), code)
         reference_argv = [str(data), "--arch", args.arch, "--k", str(args.k), "--epochs", str(args.epochs),
@@ -267,10 +272,7 @@ def main() -> int:
                             for key in STAGES + ("epoch",)}
     result["rates"] = effective_rates(result)
     result["table"] = table(result)
-    path = RESULTS / f"vs_reference_{args.name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(result["table"])
-    print(f"wrote {path}")
+    write_result(RESULTS / f"vs_reference_{args.name}.json", result)
     return 0
 
 
