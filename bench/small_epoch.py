@@ -16,8 +16,11 @@ losses are compared: the same maths gives the same numbers.
 Then, in this process, what the stages could do: the dense GEMM rate (``torch.matmul``) and
 a large 3x3 convolution's rate (oneDNN), the network's forward FLOPs per image (counted
 with hooks; training counted as 3x forward), the training step and the eval-mode forward on
-synthetic batches (no data loading), and the data pipeline's cost per image on one core
-(decode only, the centre view, the training view). Writes
+synthetic batches (no data loading; with ``keep_freed_memory``, as a run), and the data
+pipeline's cost per image on one core (decode only, the centre view, the training view).
+``--also KEY=VALUE`` adds a third side: this tree with one setting changed, e.g.
+``keep_freed_memory=false`` to see what keeping freed memory is worth. Peak memory is the
+largest summed PSS of each run's processes. Writes
 ``bench/results/small_epoch_NAME.json`` and prints the tables with the CPU model and flags.
 """
 
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from machine import cpu_flags, cpu_model, write_result
+from machine import PeakSampler, cpu_flags, cpu_model, write_result
 from vs_reference import folder_to_use
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,14 +59,18 @@ def run_tree(tree: Path, config: Path, data: Path, out: Path, threads: int, log:
                "--data", str(data), "--out", str(out)]
     start = time.perf_counter()
     with log.open("w") as handle:
-        done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=tree)
-    if done.returncode != 0:
-        raise SystemExit(f"small_epoch: the run of {tree} failed (exit {done.returncode}); its output is in {log}")
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=tree)
+        sampler = PeakSampler(process.pid)
+        sampler.start()
+        returncode = process.wait()
+        peak = sampler.stop()
+    if returncode != 0:
+        raise SystemExit(f"small_epoch: the run of {tree} failed (exit {returncode}); its output is in {log}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     epochs = [{"features": r["time_features"], "clustering": r["time_clustering"], "training": r["time_training"],
                "loss": r["train_loss"], "train_images_per_s": r["train_images_per_s"]} for r in records]
     labels = [np.load(path) for path in sorted((out / "assignments").glob("epoch_*.npy"))]
-    return {"wall_s": time.perf_counter() - start, "epochs": epochs, "labels": labels}
+    return {"wall_s": time.perf_counter() - start, "epochs": epochs, "labels": labels, "peak_pss_gib": peak}
 
 
 def forward_flops(model: torch.nn.Module, size: int) -> float:
@@ -109,6 +116,9 @@ def limits(data: Path, threads: int) -> dict:
     from deepcluster.models import model_from_config
     from deepcluster.models.heads import WithHead, ClassifierHead
 
+    from deepcluster.devices import keep_freed_memory
+
+    keep_freed_memory()  # as a run of this tree does by default
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gemm = best_rate(lambda: a @ b) * 2 * 2048 ** 3 / 1e9
@@ -170,10 +180,21 @@ def tables(result: dict) -> str:
     lines = [f"{result['cpu']} ({result['cpu_flags']}), {result['threads']} thread(s), {result['workers']} loader "
              f"worker(s); {n} images, smallnet + Sobel, 32 px, k = 100, {result['epochs']} epochs x "
              f"{result['repeats']} rounds, first epoch of each run left out",
-             "", f"| stage | {result['baseline_label']} (s) | this tree (s) | ratio |", "|---|---:|---:|---:|"]
+             ""]
+    variant = result.get("variant")
+    header = f"| stage | {result['baseline_label']} (s) | this tree (s) | ratio |"
+    if variant:
+        header += f" this tree, {result['also']} (s) | ratio |"
+    lines += [header, "|---|---:|---:|---:|" + ("---:|---:|" if variant else "")]
     for key in (*STAGES, "epoch"):
-        lines.append(f"| {key if key != 'epoch' else 'whole epoch'} | {base[key]:.2f} | {ours[key]:.2f} | "
-                     f"{ours[key] / max(base[key], 1e-9):.2f} |")
+        row = (f"| {key if key != 'epoch' else 'whole epoch'} | {base[key]:.2f} | {ours[key]:.2f} | "
+               f"{ours[key] / max(base[key], 1e-9):.2f} |")
+        if variant:
+            row += f" {variant[key]:.2f} | {variant[key] / max(base[key], 1e-9):.2f} |"
+        lines.append(row)
+    cells = [f"{base['peak_pss_gib']:.2f}", f"{ours['peak_pss_gib']:.2f}", ""]
+    cells += [f"{variant['peak_pss_gib']:.2f}", ""] if variant else []
+    lines.append("| peak memory of the run (GiB, PSS of its processes) | " + " | ".join(cells) + " |")
     lines.append(f"| same pseudo-labels, every epoch and round | {result['same_labels']} | | |")
     lines.append(f"| largest loss difference | {result['loss_difference']:.2e} | | |")
     flops = lim["forward_mflop_per_image"] * 1e6
@@ -204,6 +225,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of (baseline, this tree)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--also", default=None, metavar="KEY=VALUE",
+                        help="a third side: this tree with one setting changed (e.g. keep_freed_memory=false)")
     parser.add_argument("--name", default="cifar10")
     args = parser.parse_args()
     baseline = Path(args.baseline).resolve()
@@ -215,26 +238,36 @@ def main() -> int:
         config = scratch / "settings.yaml"
         config.write_text(yaml.safe_dump({**SETTINGS, "epochs": args.epochs, "workers": args.workers,
                                           "threads": args.threads}))
-        runs: dict[str, list] = {"baseline": [], "ours": []}
+        sides = [("baseline", baseline, config), ("ours", HERE, config)]
+        if args.also:
+            key, _, value = args.also.partition("=")
+            variant = scratch / "variant.yaml"
+            variant.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), key: yaml.safe_load(value)}))
+            sides.append(("variant", HERE, variant))
+        runs: dict[str, list] = {side: [] for side, _, _ in sides}
         RESULTS.mkdir(exist_ok=True)
         for round_ in range(args.repeats):
-            for side, tree in (("baseline", baseline), ("ours", HERE)):
+            for side, tree, settings in sides:
                 print(f"small_epoch: round {round_ + 1}, {side} ...", flush=True)
-                runs[side].append(run_tree(tree, config, data, scratch / f"{side}_{round_}", args.threads,
+                runs[side].append(run_tree(tree, settings, data, scratch / f"{side}_{round_}", args.threads,
                                            scratch / f"{side}_{round_}.log"))
-    same = all(np.array_equal(a, b) for base, ours in zip(runs["baseline"], runs["ours"])
-               for a, b in zip(base["labels"], ours["labels"]))
-    loss_difference = max(abs(a["loss"] - b["loss"]) for base, ours in zip(runs["baseline"], runs["ours"])
-                          for a, b in zip(base["epochs"], ours["epochs"]))
+    others = [run for side in runs if side != "baseline" for run in runs[side]]
+    same = all(np.array_equal(a, b) for base in runs["baseline"] for run in others
+               for a, b in zip(base["labels"], run["labels"]))
+    loss_difference = max(abs(a["loss"] - b["loss"]) for base in runs["baseline"] for run in others
+                          for a, b in zip(base["epochs"], run["epochs"]))
     result = {"name": args.name, "command": " ".join(["python", "bench/small_epoch.py"] + sys.argv[1:]),
               "cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": args.threads,
               "workers": args.workers, "n_images": n_images, "epochs": args.epochs, "repeats": args.repeats,
               "settings": SETTINGS, "baseline_label": label, "same_labels": same, "loss_difference": loss_difference}
-    for side in ("baseline", "ours"):
+    result["also"] = args.also
+    for side in runs:
         epochs = [e for run in runs[side] for e in run["epochs"][1:]] or [e for run in runs[side] for e in run["epochs"]]
         stages = {key: float(np.mean([e[key] for e in epochs])) for key in STAGES}
         stages["epoch"] = sum(stages.values())
-        result[side] = {**stages, "runs": [{"wall_s": run["wall_s"], "epochs": run["epochs"]} for run in runs[side]]}
+        result[side] = {**stages, "peak_pss_gib": max(run["peak_pss_gib"] for run in runs[side]),
+                        "runs": [{"wall_s": run["wall_s"], "epochs": run["epochs"], "peak_pss_gib": run["peak_pss_gib"]}
+                                 for run in runs[side]]}
     result["ratios"] = {key: result["ours"][key] / max(result["baseline"][key], 1e-9) for key in (*STAGES, "epoch")}
     print("small_epoch: measuring the limits ...", flush=True)
     result["limits"] = limits(data if not args.images else Path(args.data).resolve(), args.threads)

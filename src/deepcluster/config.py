@@ -148,6 +148,10 @@ class Config:
     workers: int = setting(2, "data-loading processes (0 = load in the main process)")
     feature_batch_size: int = setting(256, "batch of the feature pass")
     threads: int | None = setting(None, "torch CPU threads; none = torch's default")
+    keep_freed_memory: bool = setting(True, "keep the memory a batch frees for the next one (glibc: malloc's mmap and "
+                                            "trim thresholds at 1 GiB, for the whole process): the same numbers, "
+                                            "no page faults per batch, 10-30% faster on a CPU; false = glibc's "
+                                            "defaults")
     tensorboard: bool = setting(True, "also write the per-epoch numbers to RUN/tensorboard (when the tensorboard "
                                       "package is installed)")
     final_clustering: bool = setting(True, "after the last epoch, cluster the trained network once more, so the "
@@ -603,7 +607,8 @@ def resolve(recipe: str | None = None, config_file: str | Path | None = None,
 # Settings a resumed run may change: they do not alter what the run computes (or, for
 # epochs and the final clustering, only how far it goes).
 RESUMABLE = frozenset({"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
-                       "tensorboard", "final_clustering", "val", "val_every", "sync_batchnorm"})
+                       "tensorboard", "final_clustering", "val", "val_every", "sync_batchnorm",
+                       "keep_freed_memory"})
 
 
 def check_unchanged(saved: Config, config: Config) -> None:

@@ -41,7 +41,7 @@ from deepcluster.data import (ColorJitter, ImageSource, Normalize, PseudoLabelDa
                               uniform_cluster_sample)
 from deepcluster.data import transforms
 from deepcluster.data.pseudo import UNREADABLE
-from deepcluster.devices import resolve_device
+from deepcluster.devices import keep_freed_memory, resolve_device
 from deepcluster.features import autocast, loader_kwargs
 from deepcluster.health import check_loss
 from deepcluster.messages import final_line, format_line, plural
@@ -187,6 +187,8 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
     device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    if config.keep_freed_memory:
+        keep_freed_memory()
     device, created = distributed.start(device)  # torchrun's process group, if launched by it
     try:
         with contextlib.ExitStack() as stack:
