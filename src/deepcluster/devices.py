@@ -43,11 +43,12 @@ def keep_freed_memory() -> bool:
     By default glibc hands every freed block above its mmap threshold (at most 32 MiB) back to
     the kernel. A training step frees and allocates the same activation and gradient buffers
     at every batch, so each batch the kernel maps them anew, page by page, and zeroes them:
-    system time and page faults that do no work (a third of the CPU time of a v2 step on
-    smallnet at batch 512 here). With both thresholds at 1 GiB the buffers stay in the heap
-    and are reused: the same numbers, bit for bit, and 20-30% more images per second (see
-    BENCHMARKS.md, "Speed of a small-image epoch"). Blocks above 1 GiB still go back at once,
-    and at most 1 GiB of free memory stays at the top of the heap. Idempotent.
+    system time and page faults that do no work (a v2 step on smallnet at batch 512 spent a
+    fifth of its CPU time in the kernel here). With both thresholds at 1 GiB the buffers stay
+    in the heap and are reused: the same numbers, bit for bit; a small-image epoch 7% faster
+    on a quiet 2-core machine, no more peak memory (BENCHMARKS.md, "Speed of a small-image
+    epoch"). Blocks above 1 GiB still go back at once, and at most 1 GiB of free memory stays
+    at the top of the heap. Idempotent.
     """
     global _kept
     if _kept:
