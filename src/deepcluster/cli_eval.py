@@ -38,7 +38,7 @@ def integer_list(text: str) -> tuple[int, ...]:
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``eval`` command on the ``deepcluster`` subparsers."""
     from deepcluster.evaluation.linear_probe import ProbeSettings
-    from deepcluster.evaluation.suite import PROBE_MODES, PROTOCOLS, EvalSettings
+    from deepcluster.evaluation.suite import BASELINE_BATCHNORM, PROBE_MODES, PROTOCOLS, EvalSettings
 
     defaults, probe = EvalSettings(), ProbeSettings()
     parser = subparsers.add_parser(
@@ -58,7 +58,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default="auto",
                         help="random-init numbers to compare with: 'auto' reuses <out>/eval_random_init.json when "
                              "its settings match and computes it otherwise; 'none'; or a report file (default: auto)")
-    parser.add_argument("--baseline-batchnorm", choices=("data", "init"), default=defaults.baseline_batchnorm,
+    parser.add_argument("--baseline-batchnorm", choices=BASELINE_BATCHNORM, default=defaults.baseline_batchnorm,
                         help="BatchNorm statistics of the random-init baseline: 'data', of the --train images (one "
                              "pass, no gradient: what any training leaves in a network, learned or not) or 'init', "
                              "as initialised (the network the run started from) (default: data)")

@@ -163,4 +163,5 @@ def compute_features(model: Backbone, source: ImageSource, config: Config,
             distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)).astype(bool))
 
 
-__all__ = ["PassSettings", "autocast", "batchnorm_statistics_of", "compute_features", "feature_pass", "loader_kwargs", "local_features"]
+__all__ = ["PassSettings", "autocast", "batchnorm_statistics_of", "compute_features", "feature_pass", "loader_kwargs",
+           "local_features"]

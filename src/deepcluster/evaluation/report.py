@@ -189,5 +189,5 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-__all__ = ["MetricRow", "REPORT_VERSION", "baseline_note", "flat_metrics", "format_table", "gains", "load_report", "metric_rows",
-           "training_budget", "write_report"]
+__all__ = ["MetricRow", "REPORT_VERSION", "baseline_note", "flat_metrics", "format_table", "gains", "load_report",
+           "metric_rows", "training_budget", "write_report"]

@@ -407,6 +407,7 @@ def remove_dir(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["EvalSettings", "LabelledSplits", "PROBE_MODES", "PROTOCOLS", "SplitFeatures", "SubsetSource",
-           "baseline_backbone", "check_settings", "evaluate_backbone", "open_labelled_splits", "random_init_backbone", "remove_dir",
+__all__ = ["BASELINE_BATCHNORM", "EvalSettings", "LabelledSplits", "PROBE_MODES", "PROTOCOLS", "SplitFeatures",
+           "SubsetSource", "baseline_backbone", "check_settings", "evaluate_backbone", "open_labelled_splits",
+           "random_init_backbone", "remove_dir",
            "run_feature_protocol", "run_linear_probes", "select_probe_layers"]
