@@ -55,6 +55,16 @@ def raw_pixel_baseline(config, train_dir: str, val_dir: str) -> dict:
     return {"knn_top1": knn.top1, "knn_top5": knn.top5, "cluster_acc": acc, "cluster_nmi": class_nmi}
 
 
+def series(records: list[dict], final: dict, start: np.ndarray, minutes: np.ndarray, key: str,
+           scale: float) -> tuple[list[float], list[float]]:
+    """A key's points over training minutes: each epoch at its start, the final clustering at the end."""
+    xs = [x for x, r in zip(start, records) if key in r]
+    ys = [scale * r[key] for r in records if key in r]
+    if key in final:
+        xs, ys = xs + [minutes[-1]], ys + [scale * final[key]]
+    return xs, ys
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -67,16 +77,20 @@ def plot(result: dict, path: Path) -> None:
     final = result.get("final") or {}
     for ax, key, name, scale in ((axes[0], "knn_top1", "kNN top-1 on val (%)", 1.0),
                                  (axes[1], "cluster_acc", "clustering ACC, k = classes (%)", 100.0)):
-        xs = [x for x, r in zip(start, records) if key in r]
-        ys = [scale * r[key] for r in records if key in r]
-        if key in final:
-            xs, ys = xs + [minutes[-1]], ys + [scale * final[key]]
+        xs, ys = series(records, final, start, minutes, key, scale)
         ax.plot(xs, ys, marker="o", markersize=3, label=result["name"])
         if ys:
             ax.axhline(ys[0], color="grey", linestyle="--", linewidth=1, label="random init")
         if key == "knn_top1" and result.get("random_bn"):
             ax.axhline(result["random_bn"]["of_data"], color="tab:green", linestyle="-.", linewidth=1,
                        label="random weights, data BatchNorm statistics")
+        body_xs, body_ys = series(records, final, start, minutes, "knn_body_top1", scale)
+        if key == "knn_top1" and body_ys:  # the fc layers clustered: the conv body they read, too
+            line, = ax.plot(body_xs, body_ys, marker="s", markersize=3, label=f"{result['name']}, conv body")
+            ax.axhline(body_ys[0], color=line.get_color(), linestyle="--", linewidth=0.8, label="conv body, random init")
+            if (result.get("random_bn") or {}).get("body_of_data") is not None:
+                ax.axhline(result["random_bn"]["body_of_data"], color=line.get_color(), linestyle="-.", linewidth=0.8,
+                           label="conv body, random weights, data BatchNorm statistics")
         raw = result.get("raw_pixels") or {}
         if key in raw:
             ax.axhline(scale * raw[key], color="tab:red", linestyle=":", linewidth=1, label="raw pixels")

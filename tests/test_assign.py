@@ -89,7 +89,7 @@ def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run,
     # The same steps by hand, from the library: features of the final weights, saved PCA, L2, nearest centroid.
     model, config = load_backbone(checkpoint)
     saved = load_checkpoint(checkpoint)["final"]
-    features, ok = compute_features(model.to(memory_format=torch.channels_last), FolderSource(image_folder),
+    features, ok, _ = compute_features(model.to(memory_format=torch.channels_last), FolderSource(image_folder),
                                           config, torch.device("cpu"))
     mean, projection = saved["pca_mean"].numpy(), saved["pca_projection"].numpy()
     points = (features - mean.astype(np.float32)) @ projection.astype(np.float32)

@@ -94,6 +94,39 @@ def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_p
     assert report["results"]["trained"]["knn"]["fc"]["top1"] == pytest.approx(final["knn_top1"], abs=1e-6)
 
 
+def test_online_knn_of_the_conv_body_when_fc_is_clustered(cli, image_folder, tmp_path):
+    """With the fc layers clustered, the online kNN also reads the pooled body the fc
+    features come from (``knn_body_top1``): the same kNN on the final weights' body, and
+    nothing extra when the body is clustered or ``knn_body`` is off."""
+    from deepcluster.checkpoint import load_backbone
+    from deepcluster.data import FolderSource
+    from deepcluster.features import compute_features
+
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--val", image_folder,
+                         "--clustered", "fc")
+    assert code == 0, err
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all("knn_body_top1" in r and "knn_body_top5" in r for r in records)
+    assert "conv body" in out
+    final = json.loads((run / "final.json").read_text())
+    model, config = load_backbone(run / "checkpoint.pt")
+    source = FolderSource(image_folder)
+    clustered, decoded, body = compute_features(model, source, config, torch.device("cpu"), body=True)
+    alone, _, _ = compute_features(model, source, config, torch.device("cpu"))
+    assert np.array_equal(clustered, alone)  # the same clustered features, bit for bit
+    assert body.shape == (len(source), model.body_dim) and model.body_dim != model.clustered_dim
+    monitor = KnnMonitor.open(image_folder, source)
+    expected = monitor.score(body, decoded, body[decoded], monitor.train_labels[decoded], key="knn_body")
+    assert final["knn_body_top1"] == pytest.approx(expected["knn_body_top1"], abs=1e-6)
+    for flags in (["--clustered", "body"], ["--clustered", "fc", "--knn_body", "false"]):
+        other = tmp_path / flags[-1]
+        code, _, err = cli("train", "--data", image_folder, "--out", other, "--epochs", "1", "--val", image_folder,
+                           *flags)
+        assert code == 0, err
+        assert "knn_body_top1" not in json.loads((other / "final.json").read_text())
+
+
 def test_every_val_every_epochs_and_the_last(cli, image_folder, tmp_path):
     run = tmp_path / "run"
     code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "3", "--val", image_folder,

@@ -109,7 +109,7 @@ def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(ima
     device = torch.device("cpu")
     model, _, _ = build(config, device)
     source = FolderSource(config.data)
-    features, ok = compute_features(model, source, config, device)
+    features, ok, _ = compute_features(model, source, config, device)
     reference = fit_pca(features[ok], config.pca_dim, config.whiten_power)  # in memory, all rows
     reduced = reduce_features(model, source, config, device, seed=5)
     points, ok_streamed, pca = reduced.points, reduced.decoded, reduced.pca

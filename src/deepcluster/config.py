@@ -46,6 +46,9 @@ class Config:
     val: str | None = setting(None, "labelled folder (FOLDER/<class>/<image>, e.g. a test split): every val_every "
                                     "epochs its images are classified by kNN on the training images' features")
     val_every: int = setting(1, "epochs between online kNN measurements (the last epoch is always measured)")
+    knn_body: bool = setting(True, "when the fc features are clustered (the paper), also measure the online kNN on "
+                                   "the pooled conv body, the layers the paper transfers (knn_body_top1; costs the "
+                                   "body's width in memory per training image: 9,216 floats for AlexNet)")
     out_dir: str = setting("runs/deepcluster", "run folder: log, assignments, checkpoint (runs/digits for the "
                                                "built-in digits)")
     # -- method
@@ -607,7 +610,7 @@ def resolve(recipe: str | None = None, config_file: str | Path | None = None,
 # Settings a resumed run may change: they do not alter what the run computes (or, for
 # epochs and the final clustering, only how far it goes).
 RESUMABLE = frozenset({"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
-                       "tensorboard", "final_clustering", "val", "val_every", "sync_batchnorm",
+                       "tensorboard", "final_clustering", "val", "val_every", "knn_body", "sync_batchnorm",
                        "keep_freed_memory"})
 
 

@@ -98,29 +98,38 @@ def feature_pass(forward: Callable[[torch.Tensor], Any], source: ImageSource, se
 
 
 def local_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
-                   indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   indices: np.ndarray | None = None, body: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Clustered features (``forward_clustered``) of this process's share of ``indices``
     (default: every image), as the run's feature pass computes them; nothing is gathered.
 
+    Args:
+        body: also return the pooled body the clustered features come from (same pass).
+
     Returns:
         ``(n, clustered_dim)`` float32 features (zero rows for unreadable images), their
-        ``(n,)`` image indices (ascending when ``indices`` is) and ``(n,)`` bool, the images
-        that decoded.
+        ``(n,)`` image indices (ascending when ``indices`` is), ``(n,)`` bool, the images
+        that decoded, and with ``body`` the ``(n, body_dim)`` pooled body (else None).
     """
     model.eval()
     indices = distributed.shard(np.arange(len(source)) if indices is None else np.asarray(indices))
     features = np.zeros((len(indices), model.clustered_dim), dtype=np.float32)
+    pooled = np.zeros((len(indices), model.body_dim), dtype=np.float32) if body else None
     decoded = np.zeros(len(indices), dtype=bool)
     position = 0
 
-    def keep(rows: np.ndarray, out: torch.Tensor, ok: np.ndarray) -> None:
+    def keep(rows: np.ndarray, out: Any, ok: np.ndarray) -> None:
         nonlocal position
+        if body:
+            out, body_out = out
+            pooled[position:position + len(rows)] = body_out.float().cpu().numpy()
         features[position:position + len(rows)] = out.float().cpu().numpy()
         decoded[position:position + len(rows)] = ok
         position += len(rows)
 
-    feature_pass(model.forward_clustered, source, PassSettings.of_run(config, device), keep, indices)
-    return features, indices, decoded
+    forward = model.forward_clustered_and_body if body else model.forward_clustered
+    feature_pass(forward, source, PassSettings.of_run(config, device), keep, indices)
+    return features, indices, decoded, pooled
 
 
 @torch.no_grad()
@@ -149,18 +158,23 @@ def batchnorm_statistics_of(model: Backbone, source: ImageSource, settings: Pass
     return model
 
 
-def compute_features(model: Backbone, source: ImageSource, config: Config,
-                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def compute_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
+                     body: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Clustered features of every image (each process passes its shard; every process gets
     all rows: for the validation images, not for a training set).
 
+    Args:
+        body: also return the pooled body (``Backbone.forward_clustered_and_body``).
+
     Returns:
-        ``(N, clustered_dim)`` float32 features (zero rows for unreadable images) and an
-        ``(N,)`` bool mask of the images that decoded.
+        ``(N, clustered_dim)`` float32 features (zero rows for unreadable images), an ``(N,)``
+        bool mask of the images that decoded, and with ``body`` the ``(N, body_dim)`` pooled
+        body (else None).
     """
-    features, indices, decoded = local_features(model, source, config, device)
+    features, indices, decoded, pooled = local_features(model, source, config, device, body=body)
     return (distributed.gather_in_order(features, indices, len(source)),
-            distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)).astype(bool))
+            distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)).astype(bool),
+            None if pooled is None else distributed.gather_in_order(pooled, indices, len(source)))
 
 
 __all__ = ["PassSettings", "autocast", "batchnorm_statistics_of", "compute_features", "feature_pass", "loader_kwargs",

@@ -230,7 +230,7 @@ def assign_images(cluster_model: ClusterModel, source: ImageSource, device: torc
     search_device = "cpu" if config.kmeans_backend == "faiss" else str(device)
     for start in range(0, len(source), chunk):
         rows = _Rows(source, start, min(start + chunk, len(source)))
-        features, ok = compute_features(model, rows, config, device)
+        features, ok, _ = compute_features(model, rows, config, device)
         parts.append(assign_features(features, ok, cluster_model.pca, cluster_model.centroids,
                                      config.kmeans_backend, search_device))
     return Assignment(np.concatenate([p.clusters for p in parts]), np.concatenate([p.distances for p in parts]),

@@ -13,6 +13,8 @@ def format_scores(record: dict) -> list[str]:
     parts = []
     if "knn_top1" in record:
         parts.append(f"knn top-1 {record['knn_top1']:.1f}%")
+        if "knn_body_top1" in record:
+            parts[-1] += f" (conv body {record['knn_body_top1']:.1f}%)"
     if "cluster_acc" in record:
         parts.append(f"acc(k=classes) {100 * record['cluster_acc']:.1f}%")
     if "nmi_labels" in record:

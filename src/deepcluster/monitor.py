@@ -13,6 +13,10 @@ Two kinds of numbers, both only where classes are known (they never steer traini
   k = 20 most cosine-similar training images, votes weighted by ``exp(cos / 0.07)``, on the
   features DeepCluster clusters, exactly as ``deepcluster eval``'s kNN protocol. The
   training side reuses the epoch's feature pass; only the validation images cost a pass.
+  When the fc layers' output is what is clustered (the paper), the same kNN is also
+  measured on the pooled convolutional body (``knn_body_top1``): the paper judges its
+  network by the conv layers, and in the first epochs the fc features, fitted to
+  pseudo-labels that are not semantic yet, can read below the body they come from.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from deepcluster import distributed
 from deepcluster.clustering import ari, clustering_accuracy, kmeans, nmi
+from deepcluster.config import Config
 from deepcluster.data import ArraySource, DataError, FolderSource, ImageSource
 from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes, top_accuracies
 
@@ -169,8 +174,8 @@ class KnnMonitor:
 
     def score(self, val_features: np.ndarray, val_decoded: np.ndarray,
               memory_features: np.ndarray | None, memory_labels: np.ndarray | None,
-              device: torch.device | str = "cpu") -> dict[str, float]:
-        """kNN top-1 and top-5 (%) of the validation images.
+              device: torch.device | str = "cpu", key: str = "knn") -> dict[str, float]:
+        """kNN top-1 and top-5 (%) of the validation images, as ``{key}_top1`` and ``{key}_top5``.
 
         Args:
             val_features: ``(M, D)`` features of all the validation images (every process
@@ -186,11 +191,11 @@ class KnnMonitor:
         if memory_features is None:  # leave-one-out within the validation images
             feats, labels = val_features[query], self.val_labels[query]
             top1, top5 = _leave_one_out(feats, labels, self.n_classes, self.k, self.temperature, device)
-            return {"knn_top1": top1, "knn_top5": top5}
-        votes = sharded_knn_votes(memory_features, memory_labels, val_features[query], self.n_classes, self.k,
-                                  self.temperature, device)
-        top1, top5 = top_accuracies(votes, self.val_labels[query], self.n_classes)
-        return {"knn_top1": top1, "knn_top5": top5}
+        else:
+            votes = sharded_knn_votes(memory_features, memory_labels, val_features[query], self.n_classes, self.k,
+                                      self.temperature, device)
+            top1, top5 = top_accuracies(votes, self.val_labels[query], self.n_classes)
+        return {f"{key}_top1": top1, f"{key}_top5": top5}
 
 
 def sharded_knn_votes(memory: np.ndarray, memory_labels: np.ndarray, queries: np.ndarray, n_classes: int, k: int,
@@ -237,6 +242,13 @@ def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: 
     return top_accuracies(neighbor_votes(sims, index, labels, n_classes, temperature), labels, n_classes)
 
 
+def measures_body(model: torch.nn.Module, config: Config) -> bool:
+    """Whether the online kNN also reads the pooled conv body (``knn_body_top1``): asked for
+    (``knn_body``) and meaningful (the fc features are clustered, so the body is another
+    feature; the paper judges its network by the conv layers, not by fc)."""
+    return config.knn_body and getattr(model, "separate_body", False)
+
+
 def digits_verdict(source: ArraySource, summary: dict, backend: str = "faiss") -> str:
     """The demo's last line: the trained network's clustering beside k-means on the raw
     pixels at the same k (the baseline a feature learner has to beat)."""
@@ -247,5 +259,5 @@ def digits_verdict(source: ArraySource, summary: dict, backend: str = "faiss") -
             f"the raw-pixel baseline")
 
 
-__all__ = ["KnnMonitor", "chance_nmi", "class_kmeans_accuracy", "digits_verdict", "label_scores", "purity",
-           "raw_pixel_nmi"]
+__all__ = ["KnnMonitor", "chance_nmi", "class_kmeans_accuracy", "digits_verdict", "label_scores", "measures_body",
+           "purity", "raw_pixel_nmi"]

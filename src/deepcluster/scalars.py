@@ -28,6 +28,8 @@ TAGS = {
     "purity": "labels/purity",
     "knn_top1": "labels/knn_top1",
     "knn_top5": "labels/knn_top5",
+    "knn_body_top1": "labels/knn_body_top1",
+    "knn_body_top5": "labels/knn_body_top5",
     "ari_labels": "labels/ari",
     "train_loss": "train/loss",
     "train_images_per_s": "train/images_per_s",

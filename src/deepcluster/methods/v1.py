@@ -38,7 +38,7 @@ from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM
                                  Plan, derived_seed)
 from deepcluster.models import Backbone
 from deepcluster.models.heads import ClassifierHead
-from deepcluster.monitor import KnnMonitor, label_scores
+from deepcluster.monitor import KnnMonitor, label_scores, measures_body
 from deepcluster.progress import Progress
 from deepcluster.runfolder import SKIPPED_NAME
 
@@ -209,6 +209,8 @@ class ReducedFeatures:
         kept_rows: ``(n,)`` their image indices, ascending.
         keep: the ``(N,)`` bool mask the pass was given.
         start: the first image of ``points``.
+        kept_body: ``(n, body_dim)`` the pooled body of the same images, when the pass was
+            asked for it (``keep_body``), else None.
     """
 
     points: np.ndarray
@@ -220,12 +222,14 @@ class ReducedFeatures:
     kept_rows: np.ndarray | None = None
     keep: np.ndarray | None = None
     start: int = 0
+    kept_body: np.ndarray | None = None
 
-    def local_raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """This process's share of the raw features of the ``(N,)`` bool ``rows`` (a subset
-        of ``keep``) and their image indices, ascending: every one of them in one process."""
+    def local_raw(self, rows: np.ndarray, body: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """This process's share of the raw features (with ``body``, of the pooled body) of
+        the ``(N,)`` bool ``rows`` (a subset of ``keep``) and their image indices, ascending:
+        every one of them in one process."""
         mine = rows[self.kept_rows]
-        return self.kept[mine], self.kept_rows[mine]
+        return (self.kept_body if body else self.kept)[mine], self.kept_rows[mine]
 
     def raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw features and decoded flags of the ``(N,)`` bool ``rows`` (a subset of ``keep``),
@@ -237,7 +241,7 @@ class ReducedFeatures:
 @torch.no_grad()
 def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
                     seed: int, epoch: int = 0, keep: np.ndarray | None = None,
-                    before_batch: Callable[[], object] | None = None) -> ReducedFeatures:
+                    before_batch: Callable[[], object] | None = None, keep_body: bool = False) -> ReducedFeatures:
     """The feature pass streamed into PCA-whitening and L2 normalisation.
 
     Only ``(N, pca_dim)`` is kept for k-means. With ``pca_sample_size`` unset the PCA is
@@ -249,6 +253,8 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     Args:
         keep: ``(N,)`` bool, images whose raw features are also returned (``kept``), e.g.
             the online kNN's memory; None keeps none.
+        keep_body: with ``keep``, also return those images' pooled body (``kept_body``),
+            computed in the same pass.
         before_batch: called before the network sees each batch (``faults.instrument``
             injects its ``features`` point here).
 
@@ -276,23 +282,29 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     local_decoded = np.zeros(len(indices), dtype=bool)
     keep_local = None if keep is None else keep[indices]
     kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.clustered_dim), dtype=np.float32)
+    keep_body = keep_body and keep is not None
+    body_local = np.zeros((len(kept_local), model.body_dim), dtype=np.float32) if keep_body else None
     kept_position = 0
     position, time_pca = 0, 0.0
     began = time.perf_counter()
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
+    def forward(batch: torch.Tensor) -> Any:
         if before_batch is not None:
             before_batch()
-        return model.forward_clustered(batch)
+        return model.forward_clustered_and_body(batch) if keep_body else model.forward_clustered(batch)
 
-    def add(rows: np.ndarray, out: torch.Tensor, decoded: np.ndarray) -> None:
+    def add(rows: np.ndarray, out: Any, decoded: np.ndarray) -> None:
         nonlocal position, kept_position, time_pca
+        if keep_body:
+            out, body = out
         out = out.float().cpu().numpy()
         check_features(out, epoch)
         local_decoded[position:position + len(rows)] = decoded
         if keep_local is not None:
             wanted = keep_local[position:position + len(rows)]
             kept_local[kept_position:kept_position + int(wanted.sum())] = out[wanted]
+            if keep_body:
+                body_local[kept_position:kept_position + int(wanted.sum())] = body.float().cpu().numpy()[wanted]
             kept_position += int(wanted.sum())
         position += len(rows)
         tick = time.perf_counter()
@@ -303,20 +315,21 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
     mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, n_images).astype(bool)
     # Each process keeps its share of the kept rows, in image order (no process holds them all).
-    kept, kept_rows = None, None
+    kept, kept_rows, kept_body = None, None, None
     if keep is not None:
         kept_rows = indices[keep_local]
         order = np.argsort(kept_rows, kind="stable")
         kept, kept_rows = kept_local[order], kept_rows[order]
+        kept_body = None if body_local is None else body_local[order]
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
         return ReducedFeatures(np.zeros((stop - start, 0), dtype=np.float32), mask, None,
-                               time.perf_counter() - began, time_pca, kept, kept_rows, keep, start)
+                               time.perf_counter() - began, time_pca, kept, kept_rows, keep, start, kept_body)
     tick = time.perf_counter()
     with Progress(None, "PCA-whitening"):
         reduced, pca = reducer.finish()
     time_pca += time.perf_counter() - tick
     return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, kept, kept_rows, keep,
-                           start)
+                           start, kept_body)
 
 
 def clustered_points(reduced: ReducedFeatures | None) -> np.ndarray | None:
@@ -383,13 +396,23 @@ def init_head_from_clusters(head: nn.Linear, features: np.ndarray, assignments: 
 def knn_scores(model: Backbone, monitor: KnnMonitor, reduced: ReducedFeatures, config: Config,
                device: torch.device) -> dict[str, float]:
     """Online kNN of the validation images: their feature pass, against the memory rows
-    the epoch's feature pass kept (``reduced.kept``; each process its own share)."""
-    val_features, val_decoded = compute_features(model, monitor.val, config, device)
-    if monitor.memory is None:
-        return monitor.score(val_features, val_decoded, None, None, device)
-    memory, rows = reduced.local_raw(monitor.memory)
-    decoded = reduced.decoded[rows]
-    return monitor.score(val_features, val_decoded, memory[decoded], monitor.train_labels[rows[decoded]], device)
+    the epoch's feature pass kept (``reduced.kept``; each process its own share); also on
+    the pooled body when the pass kept it (``knn_body_top1``)."""
+    body = reduced.kept_body is not None or (monitor.memory is None and measures_body(model, config))
+    val_features, val_decoded, val_body = compute_features(model, monitor.val, config, device, body=body)
+    scores = {}
+    for key, features, kept_body in (("knn", val_features, False), ("knn_body", val_body, True)):
+        if features is None:
+            continue
+        if monitor.memory is None:
+            scores.update(monitor.score(features, val_decoded, None, None, device, key))
+            continue
+        memory, rows = reduced.local_raw(monitor.memory, body=kept_body)
+        decoded = reduced.decoded[rows]
+        scores.update(monitor.score(features, val_decoded, memory[decoded], monitor.train_labels[rows[decoded]],
+                                    device, key))
+    return scores
+
 
 
 class TooFewDecoded(DataError):
@@ -434,20 +457,21 @@ class V1Planner:
 
     def cluster_images(self, model: Backbone, epoch: int, previous: np.ndarray | None = None,
                        keep: np.ndarray | None = None, skipped: dict[str, str] | None = None,
-                       ) -> tuple[ReducedFeatures, Partition]:
+                       keep_body: bool = False) -> tuple[ReducedFeatures, Partition]:
         """Features -> PCA-whitening -> L2 -> k-means (or PIC) of every image, seeded by ``epoch``.
 
         Args:
             previous: last epoch's assignments (``kmeans_init: previous``).
             keep: images whose raw features the pass also returns.
             skipped: path -> reason; images that did not decode are added.
+            keep_body: also return the ``keep`` images' pooled body.
 
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
         """
         config, source = self.config, self.source
         order_seed = derived_seed(config.seed, epoch, STREAM_FEATURE_ORDER)
-        reduced = self.reduce(model, source, config, self.device, order_seed, epoch, keep=keep)
+        reduced = self.reduce(model, source, config, self.device, order_seed, epoch, keep=keep, keep_body=keep_body)
         if skipped is not None:
             for index in np.flatnonzero(~reduced.decoded):
                 skipped[source.name(int(index))] = decode_problem(source, int(index))
@@ -487,7 +511,7 @@ class V1Planner:
                          if config.head_init == "centroids" else None)
             reduced, self.partition = self.cluster_images(
                 model, epoch, previous, keep=union(monitor.memory if measure_knn else None, head_rows),
-                skipped=skipped)
+                skipped=skipped, keep_body=measure_knn and monitor.memory is not None and measures_body(model, config))
             assignments = self.partition.assignments
             if config.head_reset or head.n_outputs != self.partition.n_clusters:
                 head.reset(self.partition.n_clusters, self.device)
@@ -527,8 +551,9 @@ class V1Planner:
         """
         config, monitor = self.config, self.monitor
         previous = last if config.kmeans_init == "previous" else None
-        reduced, final = self.cluster_images(model, epochs, previous,
-                                             keep=None if monitor is None else monitor.memory)
+        reduced, final = self.cluster_images(
+            model, epochs, previous, keep=None if monitor is None else monitor.memory,
+            keep_body=monitor is not None and monitor.memory is not None and measures_body(model, config))
         sizes = cluster_sizes(final.assignments, final.n_clusters)
         summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
                    "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,

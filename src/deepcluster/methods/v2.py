@@ -46,7 +46,7 @@ from deepcluster.methods import (STREAM_BANK_VIEWS, STREAM_CLUSTERING, STREAM_SA
 from deepcluster.methods.v1 import Partition, TooFewDecoded
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHead
-from deepcluster.monitor import KnnMonitor, label_scores
+from deepcluster.monitor import KnnMonitor, label_scores, measures_body
 from deepcluster.optim import LARS, set_lr, warmup_cosine
 from deepcluster.progress import Progress, track
 from deepcluster.runfolder import SKIPPED_NAME
@@ -421,13 +421,19 @@ class V2Planner:
         ``deepcluster eval`` reads), against a feature pass of the training images (each
         process holds its share of them)."""
         monitor, config = self.monitor, self.config
-        val_features, val_decoded = compute_features(model, monitor.val, config, self.device)
+        body = measures_body(model, config)
+        val_features, val_decoded, val_body = compute_features(model, monitor.val, config, self.device, body=body)
         if monitor.memory is None:
-            return monitor.score(val_features, val_decoded, None, None, self.device)
-        features, rows, decoded = local_features(model, self.source, config, self.device,
-                                                 np.flatnonzero(monitor.memory))
-        return monitor.score(val_features, val_decoded, features[decoded], monitor.train_labels[rows[decoded]],
-                             self.device)
+            return {**monitor.score(val_features, val_decoded, None, None, self.device),
+                    **({} if val_body is None else monitor.score(val_body, val_decoded, None, None, self.device,
+                                                                 "knn_body"))}
+        features, rows, decoded, pooled = local_features(model, self.source, config, self.device,
+                                                         np.flatnonzero(monitor.memory), body=body)
+        labels = monitor.train_labels[rows[decoded]]
+        scores = monitor.score(val_features, val_decoded, features[decoded], labels, self.device)
+        if pooled is not None:
+            scores.update(monitor.score(val_body, val_decoded, pooled[decoded], labels, self.device, "knn_body"))
+        return scores
 
     def train_one_epoch(self, model: Backbone, head: PrototypeHead, optimizer: torch.optim.Optimizer,
                         loader: DataLoader, config: Config, epoch: int, device: torch.device,
@@ -498,7 +504,7 @@ class V2Planner:
         config, source = self.config, self.source
         start = time.perf_counter()
         # Each process embeds and clusters its share of the images; only assignments travel.
-        embeddings, indices, decoded = local_features(Embedder(model, self.head.projection), source, config,
+        embeddings, indices, decoded, _ = local_features(Embedder(model, self.head.projection), source, config,
                                                       self.device)
         time_features = time.perf_counter() - start
         rows = np.flatnonzero(distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)))

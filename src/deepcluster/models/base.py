@@ -70,12 +70,28 @@ class Backbone(nn.Module):
             return torch.flatten(self.pool(self.forward_body(images)), 1)
         return self.forward_features(images)
 
+    def forward_clustered_and_body(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_clustered``'s output (the same numbers) and the pooled, flattened body
+        it is computed from, ``(B, body_dim)``, in one pass: what the online kNN reads when
+        the fc features are clustered (the paper judges its network by the conv layers)."""
+        pooled = torch.flatten(self.pool(self.forward_body(images)), 1)
+        return (pooled if self.clustered == "body" else self.classifier(pooled)), pooled
+
+    @property
+    def separate_body(self) -> bool:
+        """True when the clustered features are the fc layers' output, so the pooled body
+        is another feature worth measuring (False when the body itself is clustered)."""
+        return self.clustered != "body"
+
+    @property
+    def body_dim(self) -> int:
+        """Width of the pooled, flattened body (the fc layers' input)."""
+        return next(m for m in self.classifier.modules() if isinstance(m, nn.Linear)).in_features
+
     @property
     def clustered_dim(self) -> int:
         """Width of ``forward_clustered``'s output."""
-        if self.clustered == "body":
-            return next(m for m in self.classifier.modules() if isinstance(m, nn.Linear)).in_features
-        return self.feature_dim
+        return self.body_dim if self.clustered == "body" else self.feature_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The features DeepCluster clusters (``forward_features``); heads live apart

@@ -154,6 +154,14 @@ class ResNet(Backbone):
     def clustered_dim(self) -> int:
         return self.feature_dim
 
+    @property
+    def separate_body(self) -> bool:
+        return False  # the pooled output is both the body and what is clustered
+
+    @property
+    def body_dim(self) -> int:
+        return self.feature_dim
+
     def scale_fc_init(self) -> None:
         """No fully connected layers to rescale; a head drawn later keeps N(0, 0.01)."""
 

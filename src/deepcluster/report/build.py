@@ -112,8 +112,9 @@ class ReportResult:
 
 
 # Label scores shown in the summary table, as (log key, name).
-LABEL_SCORES = (("knn_top1", "kNN top-1 %"), ("cluster_acc", "ACC (k = classes)"), ("nmi_labels", "NMI"),
-                ("nmi_chance", "NMI by chance"), ("ari_labels", "ARI"))
+LABEL_SCORES = (("knn_top1", "kNN top-1 %"), ("knn_body_top1", "kNN top-1 %, conv body"),
+                ("cluster_acc", "ACC (k = classes)"), ("nmi_labels", "NMI"), ("nmi_chance", "NMI by chance"),
+                ("ari_labels", "ARI"))
 
 def clustering_summary(config) -> str:
     """How the run clusters, in a few words."""

@@ -129,8 +129,9 @@ def epoch_curves(records: list[dict[str, Any]]) -> list[Figure]:
         ("NMI(t-1, t)", "agreement of consecutive clusterings; rises then levels off as the clustering "
          "stabilises (the paper's stays below about 0.8)", [("nmi_prev", "NMI(t-1, t)")], "NMI", (0.0, 1.0)),
         ("Online kNN", "top-1 accuracy (%) of the --val images classified by their 20 most similar training "
-         "images, on the features each epoch clustered (epoch 1 = the random start)",
-         [("knn_top1", "kNN top-1 (%)")], "accuracy (%)", None),
+         "images, on the features each epoch clustered (epoch 1 = the random start), and, when those are the fc "
+         "layers' output, on the pooled conv body they come from",
+         [("knn_top1", "kNN top-1 (%)"), ("knn_body_top1", "kNN top-1 on the conv body (%)")], "accuracy (%)", None),
         ("Against the true labels", "NMI of the k pseudo-labels with the classes beside its chance level (the "
          "same cluster sizes shuffled), ARI, and the clustering accuracy of a k-means with k = number of classes "
          "(best one-to-one match); labels are never used for training",
