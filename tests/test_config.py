@@ -16,6 +16,13 @@ def test_every_recipe_resolves():
         assert isinstance(resolve(name), Config)
 
 
+def test_v2_small_is_v2_cifar_on_the_small_net_as_measured():
+    """The settings of docs/learning.md §11's run (`v2-cifar` with these five changed)."""
+    small, cifar = resolve("v2-small").to_dict(), resolve("v2-cifar").to_dict()
+    changed = {key: small[key] for key in small if small[key] != cifar[key]}
+    assert changed == {"arch": "smallnet", "stem": "imagenet", "clustered": "body", "epochs": 11, "warmup_epochs": 1}
+
+
 def test_yaml_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("recipe: small\nn_clusters: 50\nsobel: false\n")

@@ -148,3 +148,10 @@ def test_the_baseline_has_the_random_weights_and_the_training_images_batchnorm_s
     # ``init`` keeps the statistics the network was initialised with.
     init = baseline_backbone(config, splits, EvalSettings(baseline_batchnorm="init", workers=0), "cpu")
     assert torch.equal(init.features[1].running_mean, torch.zeros_like(bn.running_mean))
+
+
+def test_the_table_header_names_a_v2_runs_prototypes_not_the_unused_k():
+    from deepcluster.evaluation.report import clusters_of
+
+    assert clusters_of({"n_clusters": 100, "prototypes": None}) == "k=100"
+    assert clusters_of({"n_clusters": None, "prototypes": [3000, 3000, 3000]}) == "v2, prototypes 3000,3000,3000"

@@ -120,7 +120,9 @@ def build_parser() -> Parser:
                        help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' "
                             "(32-96 px images, smallnet, k=100), 'digits' (built-in data), 'v2-imagenet' "
                             "(DeepCluster-v2, ResNet-50, 2x224 + 6x96 crops, batch 4096, LARS lr 4.8, 800 epochs), "
-                            "'v2-cifar' (DeepCluster-v2, ResNet-18 CIFAR stem, 2x32 crops, batch 256, LARS lr 0.6). "
+                            "'v2-cifar' (DeepCluster-v2, ResNet-18 CIFAR stem, 2x32 crops, batch 256, LARS lr 0.6), "
+                            "'v2-small' (v2-cifar on smallnet, 11 epochs: DeepCluster-v2 on 32-96 px images on a "
+                            "CPU). "
                             "Default: the "
                             "--config file's recipe:, else 'digits' without a data folder (--data, or data: in the "
                             "file), else 'paper'")

@@ -92,6 +92,13 @@ def _cell(value: float | None, percent: bool, signed: bool = False) -> str:
     return text
 
 
+def clusters_of(budget: dict[str, Any]) -> str:
+    """``k=10000`` for v1, ``v2, prototypes 3000,3000,3000`` for v2 (whose ``n_clusters`` is unused)."""
+    if budget.get("prototypes"):
+        return f"v2, prototypes {','.join(map(str, budget['prototypes']))}"
+    return f"k={budget.get('n_clusters')}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as aligned text: a header, then one row per metric with the random-init
     value, the trained value and the gain (the columns present in the report)."""
@@ -108,7 +115,7 @@ def format_table(report: dict[str, Any]) -> str:
     if budget:
         hours = budget.get("hours")
         lines.append(f"  trained {plural(int(budget.get('epochs_completed') or 0), 'epoch')} "
-                     f"(k={budget.get('n_clusters')}, "
+                     f"({clusters_of(budget)}, "
                      f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, {budget.get('images_per_epoch')} "
                      f"images/epoch" + (f", {hours:.2f} h" if hours is not None else "") + ")")
     if rows_source is None:
@@ -149,8 +156,9 @@ def baseline_note(report: dict[str, Any]) -> str:
 def training_budget(checkpoint_path: str | Path, epochs_completed: int, config: Config) -> dict[str, Any]:
     """What produced the checkpoint: settings from its config, time from its ``log.jsonl``."""
     budget: dict[str, Any] = {
-        "epochs_completed": int(epochs_completed), "epochs_planned": config.epochs, "n_clusters": config.n_clusters,
-        "batch_size": config.batch_size, "lr": config.lr, "arch": config.arch, "sobel": config.sobel,
+        "epochs_completed": int(epochs_completed), "epochs_planned": config.epochs, "method": config.method,
+        "n_clusters": config.n_clusters if config.method == "v1" else None,
+        "prototypes": list(config.prototypes) if config.method == "v2" else None, "batch_size": config.batch_size, "lr": config.lr, "arch": config.arch, "sobel": config.sobel,
         "image_size": config.crop, "data": config.data, "precision": config.precision, "seed": config.seed,
     }
     from deepcluster.runfolder import records_from_log
