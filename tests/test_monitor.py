@@ -127,6 +127,22 @@ def test_online_knn_of_the_conv_body_when_fc_is_clustered(cli, image_folder, tmp
         assert "knn_body_top1" not in json.loads((other / "final.json").read_text())
 
 
+def test_the_conv_body_knn_is_left_out_with_a_line_when_its_memory_is_too_large(cli, image_folder, tmp_path,
+                                                                                 monkeypatch):
+    """AlexNet's 9,216-d body on ImageNet would hold 47 GB: above the cap the run says so and
+    goes on with the clustered features' kNN alone."""
+    from deepcluster import monitor
+
+    monkeypatch.setattr(monitor, "KNN_BODY_MAX_BYTES", 1000)
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1", "--val", image_folder,
+                         "--clustered", "fc")
+    assert code == 0, err
+    assert "leaves out the conv body" in out and "knn_body: false" in out
+    final = json.loads((run / "final.json").read_text())
+    assert "knn_top1" in final and "knn_body_top1" not in final
+
+
 def test_every_val_every_epochs_and_the_last(cli, image_folder, tmp_path):
     run = tmp_path / "run"
     code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "3", "--val", image_folder,

@@ -48,7 +48,8 @@ class Config:
     val_every: int = setting(1, "epochs between online kNN measurements (the last epoch is always measured)")
     knn_body: bool = setting(True, "when the fc features are clustered (the paper), also measure the online kNN on "
                                    "the pooled conv body, the layers the paper transfers (knn_body_top1; costs the "
-                                   "body's width in memory per training image: 9,216 floats for AlexNet)")
+                                   "body's width in memory per training image: 9,216 floats for AlexNet; left out, "
+                                   "with a line, above 4 GiB per process)")
     out_dir: str = setting("runs/deepcluster", "run folder: log, assignments, checkpoint (runs/digits for the "
                                                "built-in digits)")
     # -- method

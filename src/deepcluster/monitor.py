@@ -242,11 +242,25 @@ def _leave_one_out(features: np.ndarray, labels: np.ndarray, n_classes: int, k: 
     return top_accuracies(neighbor_votes(sims, index, labels, n_classes, temperature), labels, n_classes)
 
 
-def measures_body(model: torch.nn.Module, config: Config) -> bool:
+# The most memory the conv body's kNN memory may take in one process (AlexNet on ImageNet
+# would need 47 GB); above it the body's kNN is left out and the run says so.
+KNN_BODY_MAX_BYTES = 4 * 2**30
+
+
+def body_memory_bytes(model: torch.nn.Module, monitor: KnnMonitor) -> int:
+    """Bytes of pooled body features the online kNN keeps in one process."""
+    rows = len(monitor.val) if monitor.memory is None else int(monitor.memory.sum())
+    return rows * model.body_dim * 4 // distributed.world_size()
+
+
+def measures_body(model: torch.nn.Module, config: Config, monitor: KnnMonitor | None = None) -> bool:
     """Whether the online kNN also reads the pooled conv body (``knn_body_top1``): asked for
-    (``knn_body``) and meaningful (the fc features are clustered, so the body is another
-    feature; the paper judges its network by the conv layers, not by fc)."""
-    return config.knn_body and getattr(model, "separate_body", False)
+    (``knn_body``), meaningful (the fc features are clustered, so the body is another
+    feature; the paper judges its network by the conv layers, not by fc), and with
+    ``monitor``, small enough to keep (``KNN_BODY_MAX_BYTES``)."""
+    if not (config.knn_body and getattr(model, "separate_body", False)):
+        return False
+    return monitor is None or body_memory_bytes(model, monitor) <= KNN_BODY_MAX_BYTES
 
 
 def digits_verdict(source: ArraySource, summary: dict, backend: str = "faiss") -> str:
@@ -259,5 +273,5 @@ def digits_verdict(source: ArraySource, summary: dict, backend: str = "faiss") -
             f"the raw-pixel baseline")
 
 
-__all__ = ["KnnMonitor", "chance_nmi", "class_kmeans_accuracy", "digits_verdict", "label_scores", "measures_body",
-           "purity", "raw_pixel_nmi"]
+__all__ = ["KNN_BODY_MAX_BYTES", "KnnMonitor", "body_memory_bytes", "chance_nmi", "class_kmeans_accuracy",
+           "digits_verdict", "label_scores", "measures_body", "purity", "raw_pixel_nmi"]

@@ -49,7 +49,7 @@ from deepcluster.methods import STREAM_SAMPLER, Plan, derived_seed, v2
 from deepcluster.methods.v1 import TooFewDecoded, V1Planner, pca_dim_for
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.heads import ClassifierHead, WithHead
-from deepcluster.monitor import KnnMonitor, digits_verdict
+from deepcluster.monitor import KNN_BODY_MAX_BYTES, KnnMonitor, body_memory_bytes, digits_verdict, measures_body
 from deepcluster.progress import Progress
 from deepcluster.checkpoint import CheckpointError
 from deepcluster.data import DataError
@@ -230,7 +230,7 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     distributed.agree(error)
     if distributed.is_distributed() and sync_batchnorm(config):
         model = distributed.synchronise_batchnorm(model, device)
-    for line in start_lines(config, source, state, resume, device, monitor, removed):
+    for line in start_lines(config, source, state, resume, device, monitor, removed, model):
         say(line)
     if config.method == "v2":
         planner, loss_fn = faults.instrument(v2.V2Planner(config, device, source, monitor, head), losses.per_head_losses)
@@ -325,7 +325,7 @@ def clusters_text(config: Config) -> str:
 
 
 def start_lines(config: Config, source: ImageSource, state: RunState, resume: bool, device: torch.device,
-                monitor: KnnMonitor | None, removed: list) -> list[str]:
+                monitor: KnnMonitor | None, removed: list, model: torch.nn.Module | None = None) -> list[str]:
     """What a run says before its first epoch: the data, the network, the notes."""
     lines = [f"deepcluster: {plural(len(source), 'image')}"
              + (f" ({len(state.skipped)} unreadable file(s) skipped, listed in skipped.tsv)" if state.skipped else "")
@@ -337,6 +337,11 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
         lines.append(f"deepcluster: note: no class labels, so no NMI/ACC/ARI against them: {source.unlabelled}")
     if monitor is not None and monitor.note:
         lines.append(f"deepcluster: {monitor.note}")
+    if (monitor is not None and model is not None and config.knn_body and getattr(model, "separate_body", False)
+            and not measures_body(model, config, monitor)):
+        lines.append(f"deepcluster: the online kNN leaves out the conv body: its features would take "
+                     f"{body_memory_bytes(model, monitor) / 2**30:.1f} GiB per process (over "
+                     f"{KNN_BODY_MAX_BYTES // 2**30} GiB); set knn_body: false to silence this")
     elif monitor is None and source.labels is not None:
         lines.append("deepcluster: the data folder has classes: add --val FOLDER (labelled images, e.g. a test "
                      "split) to see the online kNN accuracy every epoch")

@@ -398,7 +398,7 @@ def knn_scores(model: Backbone, monitor: KnnMonitor, reduced: ReducedFeatures, c
     """Online kNN of the validation images: their feature pass, against the memory rows
     the epoch's feature pass kept (``reduced.kept``; each process its own share); also on
     the pooled body when the pass kept it (``knn_body_top1``)."""
-    body = reduced.kept_body is not None or (monitor.memory is None and measures_body(model, config))
+    body = reduced.kept_body is not None or (monitor.memory is None and measures_body(model, config, monitor))
     val_features, val_decoded, val_body = compute_features(model, monitor.val, config, device, body=body)
     scores = {}
     for key, features, kept_body in (("knn", val_features, False), ("knn_body", val_body, True)):
@@ -511,7 +511,8 @@ class V1Planner:
                          if config.head_init == "centroids" else None)
             reduced, self.partition = self.cluster_images(
                 model, epoch, previous, keep=union(monitor.memory if measure_knn else None, head_rows),
-                skipped=skipped, keep_body=measure_knn and monitor.memory is not None and measures_body(model, config))
+                skipped=skipped,
+                keep_body=measure_knn and monitor.memory is not None and measures_body(model, config, monitor))
             assignments = self.partition.assignments
             if config.head_reset or head.n_outputs != self.partition.n_clusters:
                 head.reset(self.partition.n_clusters, self.device)
@@ -553,7 +554,7 @@ class V1Planner:
         previous = last if config.kmeans_init == "previous" else None
         reduced, final = self.cluster_images(
             model, epochs, previous, keep=None if monitor is None else monitor.memory,
-            keep_body=monitor is not None and monitor.memory is not None and measures_body(model, config))
+            keep_body=monitor is not None and monitor.memory is not None and measures_body(model, config, monitor))
         sizes = cluster_sizes(final.assignments, final.n_clusters)
         summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
                    "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,

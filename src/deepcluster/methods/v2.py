@@ -421,7 +421,7 @@ class V2Planner:
         ``deepcluster eval`` reads), against a feature pass of the training images (each
         process holds its share of them)."""
         monitor, config = self.monitor, self.config
-        body = measures_body(model, config)
+        body = measures_body(model, config, monitor)
         val_features, val_decoded, val_body = compute_features(model, monitor.val, config, self.device, body=body)
         if monitor.memory is None:
             return {**monitor.score(val_features, val_decoded, None, None, self.device),
