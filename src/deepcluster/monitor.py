@@ -197,6 +197,19 @@ class KnnMonitor:
             top1, top5 = top_accuracies(votes, self.val_labels[query], self.n_classes)
         return {f"{key}_top1": top1, f"{key}_top5": top5}
 
+    def score_with_body(self, val: tuple[np.ndarray, np.ndarray | None], val_decoded: np.ndarray,
+                        memory: tuple[np.ndarray, np.ndarray | None] | None, memory_labels: np.ndarray | None,
+                        device: torch.device | str = "cpu") -> dict[str, float]:
+        """``score`` of the clustered features (``knn_*``) and, where given, of the pooled
+        body (``knn_body_*``): ``val`` and ``memory`` are ``(clustered, body or None)``
+        pairs; ``memory`` None for leave-one-out."""
+        scores = {}
+        for index, key in enumerate(("knn", "knn_body")):
+            if val[index] is not None:
+                scores.update(self.score(val[index], val_decoded, None if memory is None else memory[index],
+                                         memory_labels, device, key))
+        return scores
+
 
 def sharded_knn_votes(memory: np.ndarray, memory_labels: np.ndarray, queries: np.ndarray, n_classes: int, k: int,
                       temperature: float, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -337,8 +337,8 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
         lines.append(f"deepcluster: note: no class labels, so no NMI/ACC/ARI against them: {source.unlabelled}")
     if monitor is not None and monitor.note:
         lines.append(f"deepcluster: {monitor.note}")
-    if (monitor is not None and model is not None and config.knn_body and getattr(model, "separate_body", False)
-            and not measures_body(model, config, monitor)):
+    if monitor is not None and model is not None and measures_body(model, config) \
+            and not measures_body(model, config, monitor):
         lines.append(f"deepcluster: the online kNN leaves out the conv body: its features would take "
                      f"{body_memory_bytes(model, monitor) / 2**30:.1f} GiB per process (over "
                      f"{KNN_BODY_MAX_BYTES // 2**30} GiB); set knn_body: false to silence this")

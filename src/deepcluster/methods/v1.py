@@ -400,18 +400,13 @@ def knn_scores(model: Backbone, monitor: KnnMonitor, reduced: ReducedFeatures, c
     the pooled body when the pass kept it (``knn_body_top1``)."""
     body = reduced.kept_body is not None or (monitor.memory is None and measures_body(model, config, monitor))
     val_features, val_decoded, val_body = compute_features(model, monitor.val, config, device, body=body)
-    scores = {}
-    for key, features, kept_body in (("knn", val_features, False), ("knn_body", val_body, True)):
-        if features is None:
-            continue
-        if monitor.memory is None:
-            scores.update(monitor.score(features, val_decoded, None, None, device, key))
-            continue
-        memory, rows = reduced.local_raw(monitor.memory, body=kept_body)
-        decoded = reduced.decoded[rows]
-        scores.update(monitor.score(features, val_decoded, memory[decoded], monitor.train_labels[rows[decoded]],
-                                    device, key))
-    return scores
+    if monitor.memory is None:
+        return monitor.score_with_body((val_features, val_body), val_decoded, None, None, device)
+    memory, rows = reduced.local_raw(monitor.memory)
+    decoded = reduced.decoded[rows]
+    memory_body = reduced.local_raw(monitor.memory, body=True)[0][decoded] if body else None
+    return monitor.score_with_body((val_features, val_body), val_decoded, (memory[decoded], memory_body),
+                                   monitor.train_labels[rows[decoded]], device)
 
 
 

@@ -424,16 +424,12 @@ class V2Planner:
         body = measures_body(model, config, monitor)
         val_features, val_decoded, val_body = compute_features(model, monitor.val, config, self.device, body=body)
         if monitor.memory is None:
-            return {**monitor.score(val_features, val_decoded, None, None, self.device),
-                    **({} if val_body is None else monitor.score(val_body, val_decoded, None, None, self.device,
-                                                                 "knn_body"))}
+            return monitor.score_with_body((val_features, val_body), val_decoded, None, None, self.device)
         features, rows, decoded, pooled = local_features(model, self.source, config, self.device,
                                                          np.flatnonzero(monitor.memory), body=body)
-        labels = monitor.train_labels[rows[decoded]]
-        scores = monitor.score(val_features, val_decoded, features[decoded], labels, self.device)
-        if pooled is not None:
-            scores.update(monitor.score(val_body, val_decoded, pooled[decoded], labels, self.device, "knn_body"))
-        return scores
+        return monitor.score_with_body((val_features, val_body), val_decoded,
+                                       (features[decoded], None if pooled is None else pooled[decoded]),
+                                       monitor.train_labels[rows[decoded]], self.device)
 
     def train_one_epoch(self, model: Backbone, head: PrototypeHead, optimizer: torch.optim.Optimizer,
                         loader: DataLoader, config: Config, epoch: int, device: torch.device,
