@@ -5,7 +5,11 @@ against training minutes, each curve beside its own random-init start.
 
 Names are those given to ``bench/learning.py --name`` (read from
 ``bench/results/learning_NAME.json``). Compare only runs made side by side in one session on
-one machine: their minutes are then the same minutes.
+one machine: their minutes are then the same minutes. Runs from other sessions can be put on
+this session's clock with ``--epoch-minutes NAME=MINUTES``: the run's epochs at the given
+minutes each (an epoch's training cost measured in this session, for example with
+``bench/epoch_cost.py``). A seeded run's scores per epoch do not depend on the machine; its
+minutes do.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ PANELS = (("knn_top1", "kNN top-1 on val (%)", 1.0), ("cluster_acc", "clustering
           ("cluster_nmi", "clustering NMI, k = classes", 1.0))
 
 
-def curve(result: dict, key: str, scale: float) -> tuple[list[float], list[float]]:
+def curve(result: dict, key: str, scale: float, epoch_minutes: float | None = None
+          ) -> tuple[list[float], list[float]]:
     """(minutes, values) of one score: each epoch's record measures the weights it started
-    from, the final record the weights after the last epoch."""
+    from, the final record the weights after the last epoch. With ``epoch_minutes`` every
+    epoch takes that long instead of the minutes the run recorded."""
     records = result["records"]
-    minutes = np.cumsum([r["time_budget"] for r in records]) / 60.0
+    if epoch_minutes is None:
+        minutes = np.cumsum([r["time_budget"] for r in records]) / 60.0
+    else:
+        minutes = epoch_minutes * np.arange(1, len(records) + 1)
     starts = np.concatenate([[0.0], minutes[:-1]])
     xs = [float(x) for x, r in zip(starts, records) if r.get(key) is not None]
     ys = [scale * r[key] for r in records if r.get(key) is not None]
@@ -41,7 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="+")
     parser.add_argument("--labels", nargs="*", default=None, help="legend labels (default: the names)")
     parser.add_argument("--out", required=True, help="PNG path")
+    parser.add_argument("--epoch-minutes", nargs="*", default=[], metavar="NAME=MINUTES",
+                        help="put NAME's epochs on this clock (minutes per epoch measured in this session)")
     args = parser.parse_args(argv)
+    try:
+        clocks = {name: float(value) for name, value in (item.split("=", 1) for item in args.epoch_minutes)}
+    except ValueError:
+        parser.error("--epoch-minutes takes NAME=MINUTES, for example v2_smallnet_2core_full=8.1")
+    unknown = sorted(set(clocks) - set(args.names))
+    if unknown:
+        parser.error(f"--epoch-minutes names runs not compared: {', '.join(unknown)}")
     results = [json.loads((RESULTS / f"learning_{name}.json").read_text()) for name in args.names]
     labels = args.labels or args.names
     if len(labels) != len(results):
@@ -53,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4))
     for ax, (key, title, scale) in zip(axes, PANELS):
-        for index, (result, label) in enumerate(zip(results, labels)):
-            xs, ys = curve(result, key, scale)
+        for index, (name, result, label) in enumerate(zip(args.names, results, labels)):
+            xs, ys = curve(result, key, scale, clocks.get(name))
             if not ys:
                 continue
             color = f"C{index}"
             ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label)
             ax.axhline(ys[0], color=color, linestyle="--", linewidth=0.8, alpha=0.6)
-        ax.set_xlabel("training minutes")
+        ax.set_xlabel("training minutes" + (" (this session's clock)" if clocks else ""))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -69,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     plt.close(fig)
-    for result, label in zip(results, labels):
-        print(label, {key: [round(y, 3) for y in curve(result, key, scale)[1]] for key, _, scale in PANELS})
+    for name, result, label in zip(args.names, results, labels):
+        points = {key: curve(result, key, scale, clocks.get(name)) for key, _, scale in PANELS}
+        print(label, "minutes", [round(x, 1) for x in points["knn_top1"][0]],
+              {key: [round(y, 3) for y in ys] for key, (_, ys) in points.items()})
     print(f"wrote {args.out}")
     return 0
 
