@@ -292,6 +292,22 @@ def test_the_demo_ends_with_the_raw_pixel_baseline_beside_the_network():
     from deepcluster.monitor import digits_verdict
 
     source = load_digits_source()
-    line = digits_verdict(source, {"nmi_labels": 0.99, "n_clusters": 10}, "faiss")
+    labels = source.labels
+    line = digits_verdict(source, {"nmi_labels": 0.99, "n_clusters": 10, "purity": 1.0}, labels, "faiss")
     assert line.startswith("digits: NMI with the classes 0.990") and line.endswith(": above the raw-pixel baseline")
-    assert "NOT above" in digits_verdict(source, {"nmi_labels": 0.0, "n_clusters": 10}, "faiss")
+    assert "purity 1.000 vs 0." in line and "can pass NMI 1.000" in line  # the classes as clusters
+    nothing = digits_verdict(source, {"nmi_labels": 0.0, "n_clusters": 10, "purity": 0.1}, labels, "faiss")
+    assert "NOT above" in nothing
+
+
+def test_the_nmi_ceiling_is_what_pure_clusters_of_those_sizes_score():
+    from deepcluster.clustering.metrics import nmi
+    from deepcluster.monitor import nmi_ceiling
+
+    labels = np.repeat(np.arange(10), 50)
+    pure = np.arange(500) // 10  # 50 clusters of 10, each inside one class
+    assert nmi_ceiling(labels, pure) == pytest.approx(nmi(labels, pure))
+    assert nmi_ceiling(labels, pure) == pytest.approx(2 * np.log(10) / (np.log(10) + np.log(50)))  # 0.741
+    mixed = np.random.default_rng(0).permutation(pure)
+    assert nmi(labels, mixed) < nmi_ceiling(labels, mixed) == pytest.approx(nmi_ceiling(labels, pure))
+    assert nmi_ceiling(labels, labels) == 1.0

@@ -273,7 +273,7 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
         folder.save_final(state.epoch, final, summary)
         say(final_line(summary, state.epoch))
         if config.data is None and "nmi_labels" in summary:
-            say(digits_verdict(source, summary, config.kmeans_backend))
+            say(digits_verdict(source, summary, final.assignments, config.kmeans_backend))
     return records
 
 
