@@ -6,8 +6,9 @@ against training minutes, each curve beside its own random-init start.
 Names are those given to ``bench/learning.py --name`` (read from
 ``bench/results/learning_NAME.json``). Compare only runs made side by side in one session on
 one machine: their minutes are then the same minutes. Runs from other sessions can be put on
-this session's clock with ``--epoch-minutes NAME=MINUTES``: the run's epochs at the given
-minutes each (an epoch's training cost measured in this session, for example with
+this session's clock with ``--epoch-minutes NAME=MINUTES[,LATER]``: the run's epochs at the
+given minutes each (or the first epoch at MINUTES and every later one at LATER: v2's first
+epoch also fills its memory bank) (an epoch's training cost measured in this session, for example with
 ``bench/epoch_cost.py``). A seeded run's scores per epoch do not depend on the machine; its
 minutes do.
 """
@@ -26,16 +27,16 @@ PANELS = (("knn_top1", "kNN top-1 on val (%)", 1.0), ("cluster_acc", "clustering
           ("cluster_nmi", "clustering NMI, k = classes", 1.0))
 
 
-def curve(result: dict, key: str, scale: float, epoch_minutes: float | None = None
+def curve(result: dict, key: str, scale: float, epoch_minutes: list[float] | None = None
           ) -> tuple[list[float], list[float]]:
     """(minutes, values) of one score: each epoch's record measures the weights it started
-    from, the final record the weights after the last epoch. With ``epoch_minutes`` every
-    epoch takes that long instead of the minutes the run recorded."""
+    from, the final record the weights after the last epoch. With ``epoch_minutes`` epoch i
+    takes ``epoch_minutes[min(i, len - 1)]`` instead of the minutes the run recorded."""
     records = result["records"]
     if epoch_minutes is None:
         minutes = np.cumsum([r["time_budget"] for r in records]) / 60.0
     else:
-        minutes = epoch_minutes * np.arange(1, len(records) + 1)
+        minutes = np.cumsum([epoch_minutes[min(i, len(epoch_minutes) - 1)] for i in range(len(records))])
     starts = np.concatenate([[0.0], minutes[:-1]])
     xs = [float(x) for x, r in zip(starts, records) if r.get(key) is not None]
     ys = [scale * r[key] for r in records if r.get(key) is not None]
@@ -51,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="*", default=None, help="legend labels (default: the names)")
     parser.add_argument("--out", required=True, help="PNG path")
     parser.add_argument("--epoch-minutes", nargs="*", default=[], metavar="NAME=MINUTES",
-                        help="put NAME's epochs on this clock (minutes per epoch measured in this session)")
+                        help="put NAME's epochs on this clock (minutes per epoch measured in this session; "
+                             "a second value for the epochs after the first)")
     args = parser.parse_args(argv)
     try:
-        clocks = {name: float(value) for name, value in (item.split("=", 1) for item in args.epoch_minutes)}
+        clocks = {name: [float(v) for v in value.split(",")]
+                  for name, value in (item.split("=", 1) for item in args.epoch_minutes)}
     except ValueError:
-        parser.error("--epoch-minutes takes NAME=MINUTES, for example v2_smallnet_2core_full=8.1")
+        parser.error("--epoch-minutes takes NAME=MINUTES[,LATER], for example v2_smallnet_2core_full=9.6,7.2")
     unknown = sorted(set(clocks) - set(args.names))
     if unknown:
         parser.error(f"--epoch-minutes names runs not compared: {', '.join(unknown)}")

@@ -36,16 +36,10 @@ STAGES = ("time_features", "time_clustering", "time_training")
 def measure(recipe: str, data: Path, images: int, epochs: int, settings: dict, out: str) -> dict:
     """One recipe's per-epoch stage seconds on the image folder ``data`` (``images`` files)."""
     overrides = {**settings, "data": str(data), "out_dir": out, "epochs": epochs, "tensorboard": False,
-                 "val": None}
+                 "val": None, "final_clustering": False}
     config = resolve(recipe, overrides=overrides)
     start = time.perf_counter()
-    done: list[dict] = []
-
-    def stop(record: dict) -> bool:  # ends the run after its last epoch, before the final clustering
-        done.append(record)
-        return len(done) >= epochs
-
-    records = run(config, log=lambda line: print(f"  [{recipe}] {line}", flush=True), stop=stop)
+    records = run(config, log=lambda line: print(f"  [{recipe}] {line}", flush=True))
     wall = time.perf_counter() - start
     epochs_out = [{stage: float(r.get(stage, 0.0)) for stage in STAGES} for r in records]
     for epoch in epochs_out:
