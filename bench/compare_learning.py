@@ -6,11 +6,10 @@ against training minutes, each curve beside its own random-init start.
 Names are those given to ``bench/learning.py --name`` (read from
 ``bench/results/learning_NAME.json``). Compare only runs made side by side in one session on
 one machine: their minutes are then the same minutes. Runs from other sessions can be put on
-this session's clock with ``--epoch-minutes NAME=MINUTES[,LATER]``: the run's epochs at the
-given minutes each (or the first epoch at MINUTES and every later one at LATER: v2's first
-epoch also fills its memory bank) (an epoch's training cost measured in this session, for example with
-``bench/epoch_cost.py``). A seeded run's scores per epoch do not depend on the machine; its
-minutes do.
+this session's clock with ``--epoch-minutes NAME=MINUTES[,LATER]``: every epoch of the run
+takes MINUTES, or the first MINUTES and each later one LATER (v2's first epoch also fills its
+memory bank), as measured in this session (``bench/epoch_cost.py``). A seeded run's scores
+per epoch do not depend on the machine; its minutes do.
 """
 
 from __future__ import annotations

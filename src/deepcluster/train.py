@@ -335,6 +335,9 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
              + (f"; removed {len(removed)} temporary file(s) of an interrupted write" if removed else "")]
     if source.unlabelled:
         lines.append(f"deepcluster: note: no class labels, so no NMI/ACC/ARI against them: {source.unlabelled}")
+    if monitor is None and source.labels is not None:
+        lines.append("deepcluster: the data folder has classes: add --val FOLDER (labelled images, e.g. a test "
+                     "split) to see the online kNN accuracy every epoch")
     if monitor is not None and monitor.note:
         lines.append(f"deepcluster: {monitor.note}")
     if monitor is not None and model is not None and measures_body(model, config) \
@@ -342,9 +345,6 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
         lines.append(f"deepcluster: the online kNN leaves out the conv body: its features would take "
                      f"{body_memory_bytes(model, monitor) / 2**30:.1f} GiB per process (over "
                      f"{KNN_BODY_MAX_BYTES // 2**30} GiB); set knn_body: false to silence this")
-    elif monitor is None and source.labels is not None:
-        lines.append("deepcluster: the data folder has classes: add --val FOLDER (labelled images, e.g. a test "
-                     "split) to see the online kNN accuracy every epoch")
     if config.method == "v1" and config.pca_dim > pca_dim_for(config.pca_dim, len(source)):
         lines.append(f"deepcluster: warning: {plural(len(source), 'image')} are too few for pca_dim {config.pca_dim} "
                      f"(whitened to N - 1 dimensions or more, the points are all equally far apart and k-means is "

@@ -507,7 +507,7 @@ class V1Planner:
             reduced, self.partition = self.cluster_images(
                 model, epoch, previous, keep=union(monitor.memory if measure_knn else None, head_rows),
                 skipped=skipped,
-                keep_body=measure_knn and monitor.memory is not None and measures_body(model, config, monitor))
+                keep_body=measure_knn and self.keeps_body(model))
             assignments = self.partition.assignments
             if config.head_reset or head.n_outputs != self.partition.n_clusters:
                 head.reset(self.partition.n_clusters, self.device)
@@ -537,6 +537,11 @@ class V1Planner:
         record["time_monitor"] = time.perf_counter() - tick
         return Plan(assignments, record)
 
+    def keeps_body(self, model: Backbone) -> bool:
+        """Whether the feature pass keeps the pooled body of the online kNN's memory rows
+        (the monitor has a memory and ``measures_body`` says yes)."""
+        return self.monitor.memory is not None and measures_body(model, self.config, self.monitor)
+
     def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None) -> tuple[Partition, dict]:
         """The trained network's clustering after ``epochs`` epochs (the same chain, seeded
         as an epoch ``epochs`` would be; with ``kmeans_init: previous`` started, as the epochs
@@ -549,7 +554,7 @@ class V1Planner:
         previous = last if config.kmeans_init == "previous" else None
         reduced, final = self.cluster_images(
             model, epochs, previous, keep=None if monitor is None else monitor.memory,
-            keep_body=monitor is not None and monitor.memory is not None and measures_body(model, config, monitor))
+            keep_body=monitor is not None and self.keeps_body(model))
         sizes = cluster_sizes(final.assignments, final.n_clusters)
         summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
                    "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
