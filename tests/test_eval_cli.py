@@ -65,7 +65,8 @@ def test_unlabelled_folder_and_bad_options_exit_2(checkpoint, tmp_path, image_fo
                  ["--train", str(image_folder), "--val", str(image_folder), "--protocols", "knn,magic"],
                  ["--train", str(image_folder), "--val", str(image_folder), "--knn-k", "zero"],
                  ["--train", str(image_folder), "--val", str(image_folder), "--no-such-option", "1"],
-                 ["--train", str(image_folder), "--val", str(image_folder), "--probe-layers", "conv99"]):
+                 ["--train", str(image_folder), "--val", str(image_folder), "--probe-layers", "conv99"],
+                 ["--train", str(image_folder), "--val", str(image_folder), "--cluster-whiten", "0.5"]):
         code, _, err = run_cli(["eval", str(checkpoint), *args, "--out", str(tmp_path / "o"), *FAST], capsys)
         assert code == 2 and err.count("\n") == 1, (args, err)
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -39,6 +41,21 @@ def test_kmeans_recovers_separated_classes_on_both_splits(pca_dim):
     assert result.train.acc > 95 and result.val.acc > 95
     assert result.train.nmi > 0.9 and result.val.ari > 0.9
     assert len(result.per_seed) == 3 and result.train_std.acc >= 0.0
+
+
+def test_the_pca_whitens_only_when_asked_and_the_table_says_which():
+    from deepcluster.evaluation.report import metric_rows
+
+    x, y = blobs(20, 4, seed=0)
+    plain = kmeans_clustering_scores(x, y, pca_dim=3, whiten_power=0.0, seeds=(0,))
+    whitened = kmeans_clustering_scores(x, y, pca_dim=3, whiten_power=-0.5, seeds=(0,))
+    none = kmeans_clustering_scores(x, y, pca_dim=0, whiten_power=-0.5, seeds=(0,))
+    assert (plain.whiten_power, whitened.whiten_power, none.whiten_power) == (0.0, -0.5, 0.0)
+    labels = {}
+    for name, result in (("plain", plain), ("whitened", whitened), ("none", none)):
+        rows = metric_rows({"clustering": {"fc": dataclasses.asdict(result)}})
+        labels[name] = next(row.label for row in rows if row.key == "clustering/fc/train/acc")
+    assert "PCA 3," in labels["plain"] and "PCA 3 whitened" in labels["whitened"] and "PCA off" in labels["none"]
 
 
 def test_train_only_scores_and_input_checks():

@@ -23,6 +23,32 @@ def test_class_kmeans_accuracy_is_one_on_separable_blobs():
     assert accuracy == 1.0 and class_nmi == pytest.approx(1.0)
 
 
+def test_class_kmeans_accuracy_is_the_mean_over_its_starts():
+    # Overlapping classes: starts land in different optima, and the figure is their mean.
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(5), 40)
+    points = (np.eye(5, 8, dtype=np.float32)[labels] + rng.normal(0, 0.6, (200, 8))).astype(np.float32)
+    single = [class_kmeans_accuracy(points, labels, seed=seed, n_seeds=1) for seed in range(7, 12)]
+    accuracy, class_nmi = class_kmeans_accuracy(points, labels, seed=7)
+    assert accuracy == pytest.approx(np.mean([a for a, _ in single]))
+    assert class_nmi == pytest.approx(np.mean([n for _, n in single]))
+    assert len({a for a, _ in single}) > 1  # the starts do differ here
+
+
+def test_unwhitened_points_are_the_unit_rows_of_the_same_pca_without_whitening():
+    from deepcluster.clustering.pca import fit_pca
+    from deepcluster.monitor import unwhitened
+
+    rng = np.random.default_rng(4)
+    features = (rng.normal(size=(300, 20)) * np.linspace(5, 0.1, 20)).astype(np.float32)
+    whitened = fit_pca(features, 8, -0.5)
+    plain = fit_pca(features, 8, 0.0)
+    np.testing.assert_allclose(unwhitened(whitened.project(features), whitened), plain.project(features),
+                               atol=1e-5)
+    assert unwhitened(plain.project(features), plain) is not None
+    assert unwhitened(None, whitened) is None
+
+
 def test_purity_and_chance_nmi():
     labels = np.repeat(np.arange(4), 100)
     assert purity(labels, labels * 2) == 1.0  # each cluster one class

@@ -87,8 +87,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--knn-temperature", type=float, default=defaults.knn_temperature,
                         help="kNN vote temperature (default 0.07)")
     parser.add_argument("--cluster-pca", type=int, default=None,
-                        help="PCA-whitening dims before k-means (default: the checkpoint's pca_dim, as DeepCluster "
-                             "clusters; 0: L2 normalisation only)")
+                        help="PCA dims before k-means (default: the checkpoint's pca_dim, as DeepCluster clusters; "
+                             "0: L2 normalisation only)")
+    parser.add_argument("--cluster-whiten", type=float, default=defaults.cluster_whiten,
+                        help="eigenvalue exponent of that PCA: 0 (default) does not whiten, -0.5 whitens as "
+                             "DeepCluster's own k-means does")
     parser.add_argument("--cluster-seeds", type=int, default=defaults.cluster_seeds,
                         help="k-means restarts averaged (default 5)")
     parser.add_argument("--cluster-iters", type=int, default=defaults.cluster_iters,
@@ -118,7 +121,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     settings = EvalSettings(
         protocols=tuple(args.protocols), probe_mode=args.probe_mode, probe_layers=probe_layers, probe=probe,
         pool_dim=args.pool_dim, feature_layers=tuple(args.feature_layers), knn_k=args.knn_k,
-        knn_temperature=args.knn_temperature, cluster_pca_dim=args.cluster_pca, cluster_seeds=args.cluster_seeds,
+        knn_temperature=args.knn_temperature, cluster_pca_dim=args.cluster_pca, cluster_whiten=args.cluster_whiten,
+        cluster_seeds=args.cluster_seeds,
         cluster_iters=args.cluster_iters, retrieval_ks=tuple(args.retrieval_k), train_limit=args.train_limit,
         val_limit=args.val_limit, batch_size=args.batch_size, workers=args.workers,
         baseline_batchnorm=args.baseline_batchnorm)

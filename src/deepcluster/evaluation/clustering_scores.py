@@ -8,9 +8,10 @@ The protocol of the papers that report DeepCluster on small benchmarks: k-means 
   Hungarian solver, ``linear_sum_assignment``).
 
 Here k-means is fitted on the training split and the validation images are assigned to
-the nearest centroid, so both splits get scores. Before k-means the features go through
-the same preprocessing as DeepCluster's own clustering (PCA-whitening, L2 normalisation)
-unless ``pca_dim`` is 0, which only L2-normalises. k-means is restarted with several
+the nearest centroid, so both splits get scores. Before k-means the features go through a
+PCA (whitened when ``whiten_power`` is -0.5, as DeepCluster's own clustering; ``deepcluster
+eval`` does not whiten by default) and L2 normalisation, or only the normalisation when
+``pca_dim`` is 0. k-means is restarted with several
 seeds (k-means++ starts); the report gives the mean and the spread over seeds.
 """
 
@@ -51,9 +52,10 @@ class ClusteringEvaluation:
             on the validation split (nearest centroid).
         train_std, val_std: standard deviation over seeds.
         n_clusters: k.
-        pca_dim: dimensions after PCA-whitening (0: no PCA).
+        pca_dim: dimensions after the PCA (0: no PCA).
         seeds: the k-means seeds.
         per_seed: ``{"seed", "train": {...}, "val": {...}}`` for every seed.
+        whiten_power: the PCA's eigenvalue exponent (-0.5 whitens; 0 without a PCA).
     """
 
     train: ClusteringScores
@@ -64,6 +66,7 @@ class ClusteringEvaluation:
     pca_dim: int
     seeds: list[int]
     per_seed: list[dict] = field(default_factory=list)
+    whiten_power: float = -0.5
 
 
 def _mean_std(scores: list[ClusteringScores]) -> tuple[ClusteringScores, ClusteringScores]:
@@ -103,9 +106,10 @@ def kmeans_clustering_scores(train_features: np.ndarray, train_labels: np.ndarra
         val_features, val_labels: optional ``(M, D)`` features and ``(M,)`` classes,
             assigned to the nearest centroid.
         n_clusters: k; the number of distinct training classes when ``None``.
-        pca_dim: PCA-whitening to this many dimensions before L2 normalisation (as
-            DeepCluster clusters); 0 for L2 normalisation only.
-        whiten_power: exponent of the eigenvalues in the PCA (-0.5 whitens).
+        pca_dim: PCA to this many dimensions before L2 normalisation; 0 for L2
+            normalisation only.
+        whiten_power: exponent of the eigenvalues in the PCA (-0.5 whitens, as DeepCluster
+            clusters; 0 only rotates and reduces).
         n_iter: Lloyd iterations per run.
         seeds: one k-means run per seed.
         backend: ``faiss`` or ``torch`` (see ``deepcluster.clustering.kmeans``).
@@ -142,7 +146,7 @@ def kmeans_clustering_scores(train_features: np.ndarray, train_labels: np.ndarra
     train_mean, train_std = _mean_std(train_scores)
     val_mean, val_std = _mean_std(val_scores) if val_scores else (None, None)
     return ClusteringEvaluation(train_mean, val_mean, train_std, val_std, n_clusters, dim,
-                                [int(s) for s in seeds], per_seed)
+                                [int(s) for s in seeds], per_seed, float(whiten_power) if dim else 0.0)
 
 
 __all__ = ["ClusteringEvaluation", "ClusteringScores", "kmeans_clustering_scores", "prepare_points",

@@ -52,7 +52,10 @@ def metric_rows(results: dict[str, Any]) -> list[MetricRow]:
         rows.append(MetricRow(f"knn/{layer}/top5", f"kNN {layer} top-5", scores["top5"], True))
     for layer, scores in (results.get("clustering") or {}).items():
         seeds = len(scores["seeds"])
-        where = f"k={scores['n_clusters']}, PCA {scores['pca_dim'] or 'off'}, mean of {seeds} seeds"
+        # Reports written before the setting existed whitened (-0.5).
+        whitened = scores["pca_dim"] and scores.get("whiten_power", -0.5) != 0
+        pca = f"PCA {scores['pca_dim']}{' whitened' if whitened else ''}" if scores["pca_dim"] else "PCA off"
+        where = f"k={scores['n_clusters']}, {pca}, mean of {seeds} seeds"
         for split in ("train", "val"):
             if scores.get(split) is None:
                 continue

@@ -54,8 +54,13 @@ class EvalSettings:
         feature_layers: layers kNN, clustering and retrieval use: ``fc`` (the features
             DeepCluster clusters) and/or conv layers (pooled as for the probe).
         knn_k, knn_temperature: weighted kNN (20, 0.07).
-        cluster_pca_dim: PCA-whitening before k-means; ``None`` = the checkpoint's
-            ``pca_dim`` (as DeepCluster clusters), 0 = L2 normalisation only.
+        cluster_pca_dim: PCA before k-means; ``None`` = the checkpoint's ``pca_dim`` (as
+            DeepCluster clusters), 0 = L2 normalisation only.
+        cluster_whiten: exponent of the eigenvalues in that PCA: 0 (default) rotates and
+            reduces only, -0.5 whitens as DeepCluster does before its own k-means. Not
+            whitened by default: at k = number of classes whitening lets the many
+            low-variance directions outweigh the few that separate classes, and the accuracy
+            then swings with the PCA width more than with training (docs/learning.md §15).
         cluster_seeds: k-means restarts (seeds 0..n-1), averaged.
         cluster_iters: Lloyd iterations per restart.
         retrieval_ks: cut-offs of precision@k.
@@ -77,6 +82,7 @@ class EvalSettings:
     knn_k: int = 20
     knn_temperature: float = 0.07
     cluster_pca_dim: int | None = None
+    cluster_whiten: float = 0.0
     cluster_seeds: int = 5
     cluster_iters: int = 50
     retrieval_ks: tuple[int, ...] = (1, 10, 100)
@@ -122,6 +128,9 @@ def check_settings(settings: EvalSettings) -> EvalSettings:
         raise ConfigError(f"knn temperature must be positive, got {settings.knn_temperature}")
     if settings.cluster_pca_dim is not None and settings.cluster_pca_dim < 0:
         raise ConfigError(f"cluster PCA dimension must be >= 0, got {settings.cluster_pca_dim}")
+    if not -1 <= settings.cluster_whiten <= 0:
+        raise ConfigError(f"cluster whitening must be between -1 and 0 (-0.5 whitens, 0 does not), "
+                          f"got {settings.cluster_whiten:g}")
     if not settings.retrieval_ks or min(settings.retrieval_ks) < 1:
         raise ConfigError(f"retrieval cut-offs must be positive integers, got {list(settings.retrieval_ks)}")
     for name in ("train_limit", "val_limit"):
@@ -391,7 +400,7 @@ def run_feature_protocol(protocol: str, layer: str, train_x: np.ndarray, train_y
         return dataclasses.asdict(outcome)
     if protocol == "clustering":
         pca_dim = config.pca_dim if settings.cluster_pca_dim is None else settings.cluster_pca_dim
-        outcome = kmeans_clustering_scores(train_x, train_y, val_x, val_y, n_classes, pca_dim, config.whiten_power,
+        outcome = kmeans_clustering_scores(train_x, train_y, val_x, val_y, n_classes, pca_dim, settings.cluster_whiten,
                                            settings.cluster_iters, tuple(range(settings.cluster_seeds)))
         log(f"  clustering {layer}: train ACC {outcome.train.acc:.2f}% NMI {outcome.train.nmi:.3f} "
             f"ARI {outcome.train.ari:.3f}; val ACC {outcome.val.acc:.2f}%")

@@ -38,7 +38,7 @@ from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM
                                  Plan, derived_seed)
 from deepcluster.models import Backbone
 from deepcluster.models.heads import ClassifierHead
-from deepcluster.monitor import KnnMonitor, label_scores, measures_body
+from deepcluster.monitor import KnnMonitor, label_scores, measures_body, unwhitened
 from deepcluster.progress import Progress
 from deepcluster.runfolder import SKIPPED_NAME
 
@@ -332,11 +332,14 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
                            start, kept_body)
 
 
-def clustered_points(reduced: ReducedFeatures | None) -> np.ndarray | None:
-    """All clustered points for the label scores' k-means (``cluster_acc``), or None: without
-    a feature pass, and with several processes, which hold only their own block (the scores
+def class_points(reduced: ReducedFeatures | None) -> np.ndarray | None:
+    """The clustered points with their whitening undone (``monitor.unwhitened``), for the
+    label scores' k = number of classes accuracy (``cluster_acc``), or None: without a
+    feature pass, and with several processes, which hold only their own block (the scores
     from the assignments alone remain)."""
-    return None if reduced is None or distributed.is_distributed() else reduced.points
+    if reduced is None or distributed.is_distributed():
+        return None
+    return unwhitened(reduced.points, reduced.pca)
 
 
 def union(*masks: np.ndarray | None) -> np.ndarray | None:
@@ -530,7 +533,7 @@ class V1Planner:
             warnings=cluster_warnings(assignments),
         )
         tick = time.perf_counter()
-        record.update(label_scores(assignments, self.source.labels, clustered_points(reduced),
+        record.update(label_scores(assignments, self.source.labels, class_points(reduced),
                                    derived_seed(config.seed, epoch, STREAM_SCORES), config.kmeans_backend))
         if recluster and measure_knn:
             record.update(knn_scores(model, monitor, reduced, config, self.device))
@@ -559,7 +562,7 @@ class V1Planner:
         summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
                    "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
                    "nmi_last_epoch": None if last is None else nmi(last, final.assignments),
-                   **label_scores(final.assignments, self.source.labels, clustered_points(reduced),
+                   **label_scores(final.assignments, self.source.labels, class_points(reduced),
                                   derived_seed(config.seed, epochs, STREAM_SCORES), config.kmeans_backend),
                    **({} if monitor is None else knn_scores(model, monitor, reduced, config, self.device)),
                    "time_features": reduced.time_network, "time_clustering": final.time_pca + final.time_kmeans}
