@@ -5,7 +5,8 @@ Two kinds of numbers, both only where classes are known (they never steer traini
 - **Label scores of the epoch's clustering** (the training folder has class sub-folders):
   NMI of the k pseudo-labels with the classes beside its chance level, ARI, the purity of
   the pseudo-labels, and the clustering accuracy papers report: a k-means with k = number
-  of classes on the same PCA-whitened points, matched one-to-one to the classes. The
+  of classes on the same PCA points with their whitening undone (v2: its embeddings),
+  matched one-to-one to the classes, mean of 5 starts. The
   one-to-one accuracy of the k pseudo-labels themselves is not reported: with k above the
   number of classes it credits at most one cluster per class (CIFAR-10 at k = 100 shows
   about 5% whatever the features), which reads as failure when it is not.
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from deepcluster import distributed
-from deepcluster.clustering import ari, clustering_accuracy, kmeans, nmi
+from deepcluster.clustering import PCA, ari, clustering_accuracy, kmeans, l2_normalize, nmi
 from deepcluster.config import Config
 from deepcluster.data import ArraySource, DataError, FolderSource, ImageSource
 from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes, top_accuracies
@@ -66,7 +67,8 @@ def class_kmeans_accuracy(points: np.ndarray, labels: np.ndarray, seed: int,
     ``n_seeds`` k-means++ starts.
 
     Args:
-        points: ``(N, d)`` float32 points (the epoch's PCA-whitened, L2-normalised rows).
+        points: ``(N, d)`` float32 unit rows (the epoch's PCA points with the whitening
+            undone, or v2's embeddings).
         labels: ``(N,)`` classes.
         seed: seed of the first start; the others follow it (seed + 1, ...).
         n_seeds: number of starts averaged.
@@ -83,7 +85,7 @@ def class_kmeans_accuracy(points: np.ndarray, labels: np.ndarray, seed: int,
             float(np.mean([nmi(labels, a) for a in runs])))
 
 
-def unwhitened(points: np.ndarray | None, pca) -> np.ndarray | None:
+def unwhitened(points: np.ndarray | None, pca: PCA | None) -> np.ndarray | None:
     """The clustered points with the PCA's whitening undone: ``(N, d)`` unit rows of the
     same projection with every direction at its own variance (``pca.whiten_power`` 0).
 
@@ -96,8 +98,6 @@ def unwhitened(points: np.ndarray | None, pca) -> np.ndarray | None:
     """
     if points is None or pca is None or pca.whiten_power == 0:
         return points
-    from deepcluster.clustering.pca import l2_normalize
-
     scale = (np.asarray(pca.eigenvalues, dtype=np.float64) ** -pca.whiten_power).astype(np.float32)
     return l2_normalize(points * scale[None, :])
 
