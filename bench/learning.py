@@ -11,6 +11,9 @@ random weights the run starts from (its baseline); after the budget the run stop
 epochs and the trained weights are measured once more (the final clustering). The budget
 counts training time only: the seconds spent measuring (``time_monitor`` and the validation
 pass) are left out, so how often one measures does not change how far a run gets.
+A run cut short (killed, or ended with a session) goes on with the same command and
+``--resume``: training continues bit for bit after its last committed epoch, whose records
+come back from the run folder's ``log.jsonl`` and count against the budget.
 
 The raw-pixel baseline (``--raw-baseline``): the same kNN and k = number of classes k-means
 on the centre view's pixels, with no network. The BatchNorm baseline (``--bn-baseline``): the
@@ -116,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-baseline", action="store_true")
     parser.add_argument("--bn-baseline", action="store_true",
                         help="also measure the random weights with the data's BatchNorm statistics")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue this run (killed, or stopped by the end of a session) after its last "
+                             "committed epoch; that epoch's records come back from the run folder's log.jsonl "
+                             "and count against the budget")
     args = parser.parse_args(argv)
 
     overrides = dict(item.split("=", 1) for item in args.set)
@@ -130,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(["python", "bench/learning.py"] + sys.argv[1:]), "cpu": cpu_model(),
               "cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "budget_minutes": args.minutes, "records": [], "final": None}
-    if args.bn_baseline:
+    earlier = json.loads(json_path.read_text()) if args.resume and json_path.is_file() else {}
+    for key in ("random_bn", "raw_pixels"):  # measured when the run began
+        if key in earlier:
+            result[key] = earlier[key]
+    if args.bn_baseline and "random_bn" not in result:
         from random_baseline import bn_baselines
         result["random_bn"] = bn_baselines(config, args.train, args.val)
         print("random weights, BatchNorm statistics at init / of the data:", result["random_bn"], flush=True)
-    if args.raw_baseline:
+    if args.raw_baseline and "raw_pixels" not in result:
         result["raw_pixels"] = raw_pixel_baseline(config, args.train, args.val)
         print("raw pixels:", result["raw_pixels"], flush=True)
 
@@ -155,8 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         save()
         return spent >= 60.0 * args.minutes
 
+    log_path = Path(out) / "log.jsonl"
+    result["resumed"] = bool(args.resume)
+    if args.resume and log_path.is_file():  # the committed epochs, whatever the JSON had caught
+        for line in log_path.read_text().splitlines():
+            if line.strip():
+                stop(json.loads(line))
     start = time.perf_counter()
-    run(config, log=lambda line: print(line, flush=True), stop=stop)
+    if not (args.resume and spent >= 60.0 * args.minutes):
+        run(config, resume=args.resume, log=lambda line: print(line, flush=True), stop=stop)
     done = len(result["records"])
     final_config = resolve(args.recipe, overrides={**overrides, "epochs": done})
     run(final_config, resume=True, log=lambda line: print(line, flush=True))
