@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from deepcluster import distributed
-from deepcluster.clustering import PCA, ari, clustering_accuracy, kmeans, l2_normalize, nmi
+from deepcluster.clustering import PCA, ari, kmeans, l2_normalize, nmi
 from deepcluster.config import Config
 from deepcluster.data import ArraySource, DataError, FolderSource, ImageSource
+from deepcluster.evaluation.clustering_scores import kmeans_clustering_scores
 from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes, top_accuracies
 
 # k-means for the k = number of classes accuracy: a few Lloyd iterations from k-means++
@@ -68,7 +69,8 @@ def class_kmeans_accuracy(points: np.ndarray, labels: np.ndarray, seed: int,
 
     Args:
         points: ``(N, d)`` float32 unit rows (the epoch's PCA points with the whitening
-            undone, or v2's embeddings).
+            undone, or v2's embeddings); scored as ``deepcluster eval``'s clustering
+            protocol scores them (``kmeans_clustering_scores`` without a PCA).
         labels: ``(N,)`` classes.
         seed: seed of the first start; the others follow it (seed + 1, ...).
         n_seeds: number of starts averaged.
@@ -77,12 +79,9 @@ def class_kmeans_accuracy(points: np.ndarray, labels: np.ndarray, seed: int,
         ``(accuracy, nmi)``: accuracy in [0, 1] under the best one-to-one matching of the
         clusters to the classes, and NMI, each the mean over the starts.
     """
-    n_classes = len(np.unique(labels))
-    points = np.ascontiguousarray(points, dtype=np.float32)
-    runs = [kmeans(points, n_classes, CLASS_KMEANS_ITERS, seed=seed + start, backend=backend,
-                   init="kmeans++").assignments for start in range(n_seeds)]
-    return (float(np.mean([clustering_accuracy(labels, a) for a in runs])),
-            float(np.mean([nmi(labels, a) for a in runs])))
+    outcome = kmeans_clustering_scores(points, labels, n_iter=CLASS_KMEANS_ITERS,
+                                       seeds=tuple(range(seed, seed + n_seeds)), backend=backend)
+    return outcome.train.acc / 100.0, outcome.train.nmi
 
 
 def unwhitened(points: np.ndarray | None, pca: PCA | None) -> np.ndarray | None:
