@@ -175,3 +175,45 @@ def test_the_terminal_says_what_was_skipped_and_when_nothing_is_left(image_folde
     code, out, err = cli("train", "--data", data, "--out", tmp_path / "run", "--resume")
     assert code == 0, err
     assert "the run has already trained 1 epoch; nothing left to train (raise --epochs" in out
+
+
+def test_v1_body_follows_a_warmup_and_cosine_when_asked_and_resumes_on_it(image_folder, tmp_path, monkeypatch):
+    import deepcluster.train as train_module
+    from deepcluster.optim import learning_rates
+
+    seen = []
+    original = train_module.set_lr
+
+    def spy(optimizer, lr):
+        seen.append(lr)
+        original(optimizer, lr)
+
+    monkeypatch.setattr(train_module, "set_lr", spy)
+    config = tiny_config(image_folder, tmp_path / "full", epochs=3, lr=0.05, warmup_epochs=1, warmup_start_lr=0.0,
+                         final_lr=0.001)
+    run(config, log=lambda _: None)
+    steps = len(seen) // 3
+    assert steps * 3 == len(seen)
+    assert np.allclose(seen, learning_rates(config, steps))
+    assert seen[0] == 0.0 and max(seen) == pytest.approx(0.05) and seen[-1] < 0.01
+    saved = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(seen[-1])
+
+    # The rate is a function of the step: stopped after the warm-up epoch and resumed, the same weights.
+    run(tiny_config(image_folder, tmp_path / "half", epochs=1, lr=0.05, warmup_epochs=1, final_lr=0.001),
+        log=lambda _: None)
+    run(tiny_config(image_folder, tmp_path / "half", epochs=3, lr=0.05, warmup_epochs=1, final_lr=0.001),
+        resume=True, log=lambda _: None)
+    model_a, _ = load_backbone(tmp_path / "full" / "checkpoint.pt")
+    model_b, _ = load_backbone(tmp_path / "half" / "checkpoint.pt")
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_v1_without_a_schedule_keeps_the_paper_constant_rate(image_folder, tmp_path, monkeypatch):
+    import deepcluster.train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "set_lr", lambda optimizer, lr: seen.append(lr))
+    run(tiny_config(image_folder, tmp_path / "run", epochs=1, lr=0.03), log=lambda _: None)
+    assert seen and set(seen) == {0.03}

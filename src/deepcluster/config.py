@@ -120,10 +120,11 @@ class Config:
     lars_clip: bool = setting(False, "LARS: cap each layer's adaptive rate at lr (solo-learn: true; SwAV: false)")
     lars_exclude_1d: bool = setting(False, "LARS: biases and BatchNorm weights keep plain SGD, without weight decay "
                                            "(solo-learn: true; SwAV: false)")
-    warmup_epochs: int = setting(0, "v2: epochs of linear warm-up from warmup_start_lr to lr, then half a cosine "
-                                    "down to final_lr, set at every step (SwAV: 10; solo-learn CIFAR: 11)")
-    warmup_start_lr: float = setting(0.0, "v2: learning rate of the first step (SwAV ImageNet: 0.3)")
-    final_lr: float | None = setting(None, "v2: learning rate the cosine ends at (SwAV: 0.0048, solo-learn CIFAR: "
+    warmup_epochs: int = setting(0, "epochs of linear warm-up from warmup_start_lr to lr, then half a cosine "
+                                    "down to final_lr, set at every step (v2: SwAV 10, solo-learn CIFAR 11; v1: "
+                                    "not in the paper, the body only, the head keeps head_lr)")
+    warmup_start_lr: float = setting(0.0, "learning rate of the first step (SwAV ImageNet: 0.3)")
+    final_lr: float | None = setting(None, "learning rate the cosine ends at (SwAV: 0.0048, solo-learn CIFAR: "
                                            "0.0006); none = lr all along (no schedule)")
     precision: str = setting("fp32", "fp32 (the paper) | bf16 autocast: about 2x faster on CPUs/GPUs with bf16 "
                                      "units")
@@ -483,7 +484,7 @@ def validate(config: Config) -> Config:
 
 # Settings that only a v2 run reads, and those only a v1 run reads that would change its
 # training; given to the other method they are refused rather than silently ignored.
-V2_ONLY = {"optimizer": "sgd", "warmup_epochs": 0, "final_lr": None}
+V2_ONLY = {"optimizer": "sgd"}
 V1_ONLY = {"clustering": "kmeans", "head_init": "random", "head_lr": None, "reassign_every": 1}
 
 
@@ -492,8 +493,8 @@ def validate_v2(config: Config) -> None:
     if config.method == "v1":
         for key, default in V2_ONLY.items():
             if getattr(config, key) != default:
-                raise ConfigError(f"setting {key!r} applies to method v2 only (v1 trains with plain SGD at a constant "
-                                  f"lr); leave it at {default if default is not None else 'none'} or set method: v2")
+                raise ConfigError(f"setting {key!r} applies to method v2 only (v1 trains with plain SGD, as the "
+                                  f"paper); leave it at {default if default is not None else 'none'} or set method: v2")
     else:
         for key, default in V1_ONLY.items():
             if getattr(config, key) != default:

@@ -1,6 +1,7 @@
 """Optimisers and schedules.
 
-v1 (the paper): plain SGD at a constant learning rate. v2 (the SwAV code): SGD wrapped in
+v1 (the paper): plain SGD at a constant learning rate (a warm-up and cosine of the body's
+rate are options, not the paper's). v2 (the SwAV code): SGD wrapped in
 LARS (layer-wise adaptive rate scaling: each layer's step is scaled by
 ``trust * |w| / (|g| + wd |w|)``), with a linear warm-up and then a cosine decay, given as
 one value per training step so that the rate at any step is a pure function of the step
@@ -10,10 +11,22 @@ one value per training step so that the rate at any step is a pure function of t
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from deepcluster.config import Config
+
+
+def learning_rates(config: Config, steps_per_epoch: int) -> np.ndarray:
+    """The rate of every step of a run: warm-up from ``warmup_start_lr`` to ``lr``, then a
+    cosine to ``final_lr`` (exactly ``lr`` at every step when ``final_lr`` is none and there
+    is no warm-up, v1's paper setting)."""
+    final = config.lr if config.final_lr is None else config.final_lr
+    return warmup_cosine(config.lr, final, config.epochs, steps_per_epoch, config.warmup_epochs,
+                         config.warmup_start_lr)
 
 
 def warmup_cosine(base_lr: float, final_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,

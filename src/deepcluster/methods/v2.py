@@ -47,7 +47,7 @@ from deepcluster.methods.v1 import Partition, TooFewDecoded
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHead
 from deepcluster.monitor import KnnMonitor, label_scores, measures_body
-from deepcluster.optim import LARS, set_lr, warmup_cosine
+from deepcluster.optim import LARS, learning_rates, set_lr
 from deepcluster.progress import Progress, track
 from deepcluster.runfolder import SKIPPED_NAME
 
@@ -74,14 +74,6 @@ def build(config: Config, device: torch.device) -> tuple[Backbone, PrototypeHead
         optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
     return model, head, optimizer
-
-
-def learning_rates(config: Config, steps_per_epoch: int) -> np.ndarray:
-    """The rate of every step of the run: warm-up from ``warmup_start_lr`` to ``lr``, then a
-    cosine to ``final_lr`` (constant ``lr`` when ``final_lr`` is none and there is no warm-up)."""
-    final = config.lr if config.final_lr is None else config.final_lr
-    return warmup_cosine(config.lr, final, config.epochs, steps_per_epoch, config.warmup_epochs,
-                         config.warmup_start_lr)
 
 
 def multi_crop(config: Config) -> MultiCrop:
