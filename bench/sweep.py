@@ -54,10 +54,13 @@ def standard_error(percent: float, n: int) -> float:
 
 def summarise(label: str, settings: list[str], result: dict) -> dict:
     records, final = result["records"], result.get("final") or {}
-    knn = [r["knn_top1"] for r in records if r.get("knn_top1") is not None]
-    acc = [100.0 * r["cluster_acc"] for r in records if r.get("cluster_acc") is not None]
+    # An epoch's record scores the weights it started from (epoch 1: the random start); with
+    # reassign_every > 1 only the epochs that cluster are scored.
+    measured = [r for r in records if r.get("knn_top1") is not None]
+    knn = [r["knn_top1"] for r in measured]
+    acc = [100.0 * r["cluster_acc"] if r.get("cluster_acc") is not None else None for r in measured]
     row = {"variant": label, "settings": " ".join(settings) or "(the recipe)", "epochs": len(records),
-           "knn_per_epoch": knn, "acc_per_epoch": acc,
+           "measured_after": [r["epoch"] - 1 for r in measured], "knn_per_epoch": knn, "acc_per_epoch": acc,
            "knn_start": knn[0] if knn else None, "knn_lowest": min(knn[1:]) if len(knn) > 1 else None,
            "knn_final": final.get("knn_top1"), "acc_final": 100.0 * final["cluster_acc"] if "cluster_acc" in final else None,
            "nmi_final": final.get("cluster_nmi"), "nmi_pseudo_labels": final.get("nmi_labels"),
@@ -90,8 +93,9 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for index, row in enumerate(rows):
         for ax, key, final in ((axes[0], "knn_per_epoch", "knn_final"), (axes[1], "acc_per_epoch", "acc_final")):
+            xs = list(row["measured_after"]) + ([row["epochs"]] if row[final] is not None else [])
             ys = list(row[key]) + ([row[final]] if row[final] is not None else [])
-            ax.plot(range(len(ys)), ys, marker="o", markersize=2.5, color=f"C{index % 10}",
+            ax.plot(xs, ys, marker="o", markersize=2.5, color=f"C{index % 10}",
                     linestyle="-" if index < 10 else "--", label=row["variant"])
     for ax, name in ((axes[0], "kNN top-1 on val (%)"), (axes[1], "clustering ACC, k = classes (%)")):
         ax.set_xlabel("epochs trained")
