@@ -101,7 +101,14 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['name']}: {result['cpu']}", fontsize=9)
+    save_figure(fig, f"{result['name']}: {result['cpu']}", path)
+
+
+def save_figure(fig, title: str, path: Path) -> None:
+    """Title, lay out, write as PNG and close a figure of curves."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from learning import save_figure
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent
 
@@ -102,10 +104,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         ax.set_title(name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main(argv: list[str] | None = None) -> int:
