@@ -31,8 +31,8 @@ from pathlib import Path
 
 from learning import save_figure
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

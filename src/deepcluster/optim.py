@@ -29,6 +29,12 @@ def learning_rates(config: Config, steps_per_epoch: int) -> np.ndarray:
                          config.warmup_start_lr)
 
 
+def epoch_learning_rates(config: Config, steps_per_epoch: int, epoch: int) -> np.ndarray:
+    """``(steps_per_epoch,)``: the rates of epoch ``epoch``'s steps (0-based) in
+    :func:`learning_rates`, the schedule both methods set at every step."""
+    return learning_rates(config, steps_per_epoch)[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]
+
+
 def warmup_cosine(base_lr: float, final_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,
                   start_warmup: float = 0.0) -> np.ndarray:
     """Learning rate of every step: linear from ``start_warmup`` to ``base_lr`` over the

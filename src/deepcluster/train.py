@@ -49,8 +49,8 @@ from deepcluster.methods import STREAM_SAMPLER, Plan, derived_seed, v2
 from deepcluster.methods.v1 import TooFewDecoded, V1Planner, pca_dim_for
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.heads import ClassifierHead, WithHead
-from deepcluster.optim import learning_rates, set_lr
 from deepcluster.monitor import KNN_BODY_MAX_BYTES, KnnMonitor, body_memory_bytes, digits_verdict, measures_body
+from deepcluster.optim import epoch_learning_rates, set_lr
 from deepcluster.progress import Progress
 from deepcluster.checkpoint import CheckpointError
 from deepcluster.data import DataError
@@ -128,7 +128,7 @@ def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch
     head_optimizer = torch.optim.SGD(head.parameters(), lr=config.head_lr or config.lr,
                                      weight_decay=config.weight_decay)
     normalize = Normalize(config.mean, config.std)
-    rates = learning_rates(config, len(loader))  # the body's; constant lr in the paper's setting
+    rates = epoch_learning_rates(config, len(loader), epoch)  # the body's; constant lr in the paper's setting
     network = WithHead(model, head)
     if distributed.is_distributed():
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
@@ -140,7 +140,7 @@ def train_one_epoch(model: Backbone, head: ClassifierHead, body_optimizer: torch
         n_readable = len(images) - int(failed.sum())
         if n_readable < len(images) and unreadable is not None:
             unreadable.update(int(index) for index in image_indices[failed])
-        set_lr(body_optimizer, float(rates[min(epoch * len(loader) + step, len(rates) - 1)]))
+        set_lr(body_optimizer, float(rates[step]))
         with autocast(device, config.precision == "bf16"):
             logits = network(normalize(images, device, config.channels_last))
         loss = loss_fn(logits.float(), targets.to(device))

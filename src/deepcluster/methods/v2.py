@@ -47,7 +47,7 @@ from deepcluster.methods.v1 import Partition, TooFewDecoded
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHead
 from deepcluster.monitor import KnnMonitor, label_scores, measures_body
-from deepcluster.optim import LARS, learning_rates, set_lr
+from deepcluster.optim import LARS, epoch_learning_rates, set_lr
 from deepcluster.progress import Progress, track
 from deepcluster.runfolder import SKIPPED_NAME
 
@@ -444,7 +444,7 @@ class V2Planner:
             network = nn.parallel.DistributedDataParallel(network)
         network.train()
         normalize = Normalize(config.mean, config.std)
-        rates = learning_rates(config, len(loader))
+        rates = epoch_learning_rates(config, len(loader), epoch)
         head_totals = np.zeros(len(config.prototypes))
         total_loss, seen, rate = 0.0, 0, float("nan")
         bar = Progress(len(loader) * loader.batch_size, f"epoch {epoch + 1} training", unit="img")
@@ -453,7 +453,7 @@ class V2Planner:
             n_readable = len(image_indices) - int(failed.sum())
             if n_readable < len(image_indices) and unreadable is not None:
                 unreadable.update(int(index) for index in image_indices[failed])
-            rate = float(rates[min(epoch * len(loader) + step, len(rates) - 1)])
+            rate = float(rates[step])
             set_lr(optimizer, rate)
             with autocast(device, config.precision == "bf16"):
                 embeddings, scores = network([normalize(crop, device, config.channels_last) for crop in crops])
@@ -525,4 +525,4 @@ class V2Planner:
 
 
 __all__ = ["BANK_CROPS", "BankClustering", "MemoryBank", "V2Planner", "build", "check_sizes", "cluster_bank",
-           "fill_bank", "head_seed", "learning_rates", "multi_crop", "multi_crop_loader"]
+           "fill_bank", "head_seed", "multi_crop", "multi_crop_loader"]
