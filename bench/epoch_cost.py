@@ -2,6 +2,8 @@
 
     python bench/epoch_cost.py --data cifar10/train --images 10000 --epochs 2 --name cifar10_10k \
         small v2-small [--set threads=2 ...]
+    python bench/epoch_cost.py --data cifar10/train --images 3000 --epochs 1 --name bf16 \
+        v2-small v2-small:precision=bf16        # RECIPE:key=value,key=value: settings of that entry only
 
 Each recipe trains ``--epochs`` epochs on ``--images`` images of the folder (taken class by
 class; a temporary run folder, no validation set) and its per-epoch seconds are read back from the
@@ -33,8 +35,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("time_features", "time_clustering", "time_training")
 
 
-def measure(recipe: str, data: Path, images: int, epochs: int, settings: dict, out: str) -> dict:
+def parse_entry(entry: str) -> tuple[str, dict]:
+    """``RECIPE`` or ``RECIPE:key=value,key=value`` -> (recipe, its own settings)."""
+    recipe, _, pairs = entry.partition(":")
+    items = (item.split("=", 1) for item in pairs.split(",") if item)
+    return recipe, {key: coerce(key, value) for key, value in items}
+
+
+def measure(entry: str, data: Path, images: int, epochs: int, settings: dict, out: str) -> dict:
     """One recipe's per-epoch stage seconds on the image folder ``data`` (``images`` files)."""
+    recipe, own = parse_entry(entry)
+    settings = {**settings, **own}
     overrides = {**settings, "data": str(data), "out_dir": out, "epochs": epochs, "tensorboard": False,
                  "val": None, "final_clustering": False}
     config = resolve(recipe, overrides=overrides)
@@ -44,13 +55,13 @@ def measure(recipe: str, data: Path, images: int, epochs: int, settings: dict, o
     epochs_out = [{stage: float(r.get(stage, 0.0)) for stage in STAGES} for r in records]
     for epoch in epochs_out:
         epoch["budget"] = sum(epoch[stage] for stage in STAGES)
-    return {"recipe": recipe, "arch": config.arch, "method": config.method, "settings": settings,
+    return {"recipe": entry, "arch": config.arch, "method": config.method, "settings": settings,
             "images": images, "epochs": epochs_out, "wall_seconds": wall}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipes", nargs="+")
+    parser.add_argument("recipes", nargs="+", help="RECIPE, or RECIPE:key=value,... for settings of that entry only")
     parser.add_argument("--data", required=True, help="image folder")
     parser.add_argument("--images", type=int, default=None,
                         help="use this many images of --data, class by class (default all)")
@@ -73,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             result["runs"].append(measure(recipe, data, n_images, args.epochs, settings, out))
             path.write_text(json.dumps(result, indent=1) + "\n")
 
-    print(f"\n{'recipe':<12} {'epoch':>5} {'features':>9} {'clustering':>10} {'training':>9} {'total':>8} "
+    width = max(12, *(len(entry["recipe"]) for entry in result["runs"]))
+    print(f"\n{'recipe':<{width}} {'epoch':>5} {'features':>9} {'clustering':>10} {'training':>9} {'total':>8} "
           f"{'ms/image':>9}")
     for entry in result["runs"]:
         for index, epoch in enumerate(entry["epochs"], start=1):
-            print(f"{entry['recipe']:<12} {index:>5} {epoch['time_features']:>8.1f}s {epoch['time_clustering']:>9.1f}s "
+            print(f"{entry['recipe']:<{width}} {index:>5} {epoch['time_features']:>8.1f}s {epoch['time_clustering']:>9.1f}s "
                   f"{epoch['time_training']:>8.1f}s {epoch['budget']:>7.1f}s "
                   f"{1000 * epoch['budget'] / entry['images']:>9.2f}")
     print(f"wrote {path}")

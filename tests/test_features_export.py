@@ -10,7 +10,7 @@ from deepcluster.cli import main
 from deepcluster.data import CenterView, FolderSource, Normalize
 from deepcluster.evaluation.features import probe_pooling
 from deepcluster.inference import load_cluster_model
-from deepcluster.models import ExportError, load_backbone_safetensors, read_backbone_metadata
+from deepcluster.models import ExportError, create_model, load_backbone_safetensors, read_backbone_metadata
 from deepcluster.checkpoint import load_backbone
 
 
@@ -149,3 +149,18 @@ def test_every_command_writes_its_files_with_the_usual_mode(tiny_run, image_fold
     modes = {str(path.relative_to(tmp_path)): oct(stat.S_IMODE(path.stat().st_mode))
              for path in tmp_path.rglob("*") if path.is_file()}
     assert len(modes) >= 7 and set(modes.values()) == {"0o644"}, modes
+
+
+def test_a_wider_small_net_trains_exports_and_loads_back(cli, image_folder, tmp_path):
+    """``width`` travels from the settings through the checkpoint into the exported file."""
+    run, path = tmp_path / "wide", tmp_path / "wide.safetensors"
+    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1", "--width", "2")
+    assert code == 0, err
+    assert main(["export", str(run), "--out", str(path)]) == 0
+    assert read_backbone_metadata(path).width == 2
+    exported = load_backbone_safetensors(path)
+    original, config = load_backbone(run / "checkpoint.pt")
+    assert config.width == 2 and exported.body_dim == original.body_dim == 2 * create_model("smallnet").body_dim
+    images = torch.randn(3, 3, config.crop, config.crop, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported.forward_features(images), original.forward_features(images))

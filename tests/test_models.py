@@ -87,3 +87,19 @@ def test_forward_taps_reads_any_layers_in_one_pass_and_their_pre_activation_maps
     assert torch.equal(torch.relu(before["conv2"]), taps["conv2"]) and (before["conv5"] < 0).any()
     assert list(model.tap_shapes(32)) == model.taps() and model.tap_shapes(32)["conv1"] == (32, 32, 32)
     assert model.first_conv().in_channels == 2
+
+
+def test_smallnet_width_multiplies_its_conv_channels_and_nothing_else():
+    def conv_channels(model):
+        return [m.out_channels for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    narrow, wide = create_model("smallnet", clustered="body"), create_model("smallnet", width=2, clustered="body")
+    assert conv_channels(narrow) == [32, 32, 64, 64, 128, 128, 256]
+    assert conv_channels(wide) == [2 * c for c in conv_channels(narrow)]
+    assert (wide.body_dim, wide.feature_dim) == (2 * narrow.body_dim, narrow.feature_dim)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert wide.eval().forward_clustered(images).shape == (2, 2048)
+        assert wide.forward_features(images).shape == (2, 512)
+    with pytest.raises(ValueError, match="width 2 applies to smallnet only"):
+        create_model("alexnet", width=2)

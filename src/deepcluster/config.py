@@ -62,6 +62,8 @@ class Config:
     stem: str = setting("imagenet", "a ResNet's first layers: imagenet (7x7 stride-2 conv, max-pool) | cifar (3x3 "
                                     "stride-1 conv, no max-pool: for 32-96 px images)")
     feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's")
+    width: int = setting(1, "smallnet only: its conv channels (32-32-64-64-128-128-256) times this; 1 = the small "
+                            "net as designed")
     clustered: str = setting("fc", "what is clustered and what the online kNN measures: fc, the last fully "
                                    "connected layer before its ReLU (the paper) | body, the convolutional output "
                                    "pooled to the classifier's grid (the fc layers then act only as a head); v2: what "
@@ -441,6 +443,11 @@ def validate(config: Config) -> Config:
     if ARCHITECTURES[config.arch].stems and config.feature_dim is not None:
         raise ConfigError(f"setting 'feature_dim' does not apply to {config.arch} (its pooled features have a fixed "
                           "width); leave it unset")
+    if config.width != 1 and config.arch != "smallnet":
+        raise ConfigError(f"setting 'width' applies to arch smallnet only; {config.arch} has a fixed width "
+                          "(leave width at 1)")
+    if config.width < 1:
+        raise ConfigError(f"setting 'width' must be a positive integer, got {config.width}")
     if config.seed < 0:
         raise ConfigError(f"setting 'seed' must be a non-negative integer, got {config.seed}")
     for key in ("lr", "head_lr"):

@@ -62,7 +62,7 @@ def backbone_class(arch: str) -> type[Backbone]:
 
 
 def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, fc_init: str = "reference",
-                 clustered: str = "fc", stem: str = "imagenet") -> Backbone:
+                 clustered: str = "fc", stem: str = "imagenet", width: int = 1) -> Backbone:
     """Build a backbone by its ``ARCHITECTURES`` name.
 
     Args:
@@ -78,6 +78,7 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
             (``Backbone.forward_clustered``).
         stem: a ResNet's first layers: ``imagenet`` (7x7/2 conv and max-pool) or ``cifar``
             (3x3/1 conv, no max-pool, for 32-96 px images); other architectures have one.
+        width: the small net's conv channels times this (other architectures: 1 only).
 
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
@@ -92,6 +93,10 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
         kwargs["stem"] = stem
     elif stem != "imagenet":
         raise ValueError(f"stem {stem!r} applies to the ResNets only; {arch} has one fixed design")
+    if width != 1:
+        if arch != "smallnet":
+            raise ValueError(f"width {width} applies to smallnet only; {arch} has a fixed width")
+        kwargs["width"] = width
     model = cls(sobel=sobel, **kwargs)
     if fc_init == "width":
         model.scale_fc_init()
@@ -104,7 +109,7 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
 def model_from_config(config: Config) -> Backbone:
     """The backbone a run's settings describe (fresh weights, drawn from torch's generator)."""
     return create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
-                        clustered=config.clustered, stem=config.stem)
+                        clustered=config.clustered, stem=config.stem, width=config.width)
 
 
 # Loaded on first use (PEP 562), so that importing the registry does not import torch.

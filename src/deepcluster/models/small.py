@@ -21,13 +21,16 @@ class SmallNet(Backbone):
     Args:
         sobel: put the fixed grayscale + Sobel filter in front.
         feature_dim: width of the two fully connected layers.
+        width: multiplies every conv layer's channels (1: 32 ... 256; 2: 64 ... 512).
     """
 
     arch = "smallnet"
 
-    def __init__(self, sobel: bool = True, feature_dim: int = 512) -> None:
+    def __init__(self, sobel: bool = True, feature_dim: int = 512, width: int = 1) -> None:
         super().__init__(sobel)
-        self.features, channels = vgg_body(SMALL_LAYERS, self.in_channels)
+        self.width = width
+        layers = [item if item == "M" else item * width for item in SMALL_LAYERS]
+        self.features, channels = vgg_body(layers, self.in_channels)
         self.pool = nn.AdaptiveAvgPool2d((2, 2))
         self.feature_dim = feature_dim
         self.classifier = fc_classifier(channels * 2 * 2, feature_dim)
