@@ -21,7 +21,7 @@ from deepcluster.checkpoint import load_checkpoint, load_weights
 from deepcluster.config import from_dict
 from deepcluster.data import CenterView, FeatureDataset, FolderSource, Normalize
 from deepcluster.evaluation.knn import knn_classify
-from deepcluster.models import create_model
+from deepcluster.models import model_from_config
 
 
 @torch.no_grad()
@@ -58,7 +58,7 @@ def main() -> None:
     results = {}
     for name, weights in (("random init", None), ("trained", saved["model"])):
         torch.manual_seed(config.seed)  # the run's random start
-        model = create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init)
+        model = model_from_config(config)  # every shape setting (stem, width) as the run built it
         if weights is not None:
             load_weights(model, weights, args.checkpoint)
         for batch_statistics in (False,) if args.running_only else (False, True):
