@@ -12,7 +12,9 @@ of two modes (named in its test id and printed):
 - ``exact`` (same torch, numpy, faiss and CPU capability as the recording): every
   epoch's assignments equal and the weights bit for bit (sha256 of their bytes);
 - ``tolerant`` (another machine): assignments equal or nearly (at least 90% of the
-  images in the same cluster, every epoch), weights within a tight float tolerance.
+  images in the same cluster, every epoch), each tensor's norm and sum within 1e-3 of its
+  norm or 1e-5 a value (seen on an AVX-512 Xeon against the AVX2 recording: weights agree to
+  1e-7 relative, biases of 1e-4 to about 1%).
 
 Regenerate (only when a change of v1's numbers is intended, and say so in the commit)::
 
@@ -145,10 +147,16 @@ def test_a_tiny_v1_run_matches_the_reference_recorded_before_the_reshape(compari
     for name, expected in reference["tensors"].items():
         tensor = got["tensors"][name]
         assert tensor["shape"] == expected["shape"] and tensor["dtype"] == expected["dtype"], name
-        scale = max(np.sqrt(expected["sum_squares"]), 1e-6)
-        np.testing.assert_allclose(tensor["sum_squares"], expected["sum_squares"], rtol=1e-3, err_msg=name)
-        np.testing.assert_allclose(tensor["sum"], expected["sum"], atol=1e-3 * scale, err_msg=name)
-        np.testing.assert_allclose(tensor["first"], expected["first"], rtol=1e-3, atol=1e-3 * scale, err_msg=name)
+        # Within 1e-3 of the tensor's norm, or 1e-5 a value: the convolutions' biases before
+        # BatchNorm get no gradient and sit at 1e-10 (their relative difference between
+        # instruction sets is 30-50%), BatchNorm's biases at 1e-4 (about 1%); meaningless
+        # next to weights of order 0.01-1, so an absolute floor per value, not a ratio.
+        norm, size = np.sqrt(expected["sum_squares"]), np.prod(expected["shape"])
+        np.testing.assert_allclose(np.sqrt(tensor["sum_squares"]), norm, rtol=0,
+                                   atol=1e-3 * norm + 1e-5 * np.sqrt(size), err_msg=name)
+        np.testing.assert_allclose(tensor["sum"], expected["sum"], rtol=0, atol=1e-3 * norm + 1e-5 * size,
+                                   err_msg=name)
+        np.testing.assert_allclose(tensor["first"], expected["first"], rtol=1e-3, atol=1e-3 * norm + 1e-5, err_msg=name)
 
 
 def record() -> None:
