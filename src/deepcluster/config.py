@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS, STEMS
+from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS, STEMS, widening_archs
 
 
 class ConfigError(ValueError):
@@ -444,9 +444,9 @@ def validate(config: Config) -> Config:
     if ARCHITECTURES[config.arch].stems and config.feature_dim is not None:
         raise ConfigError(f"setting 'feature_dim' does not apply to {config.arch} (its pooled features have a fixed "
                           "width); leave it unset")
-    if config.width != 1 and config.arch != "smallnet":
-        raise ConfigError(f"setting 'width' applies to arch smallnet only; {config.arch} has a fixed width "
-                          "(leave width at 1)")
+    if config.width != 1 and not ARCHITECTURES[config.arch].widens:
+        raise ConfigError(f"setting 'width' applies to arch {widening_archs()} only; {config.arch} has a fixed "
+                          "width (leave width at 1)")
     if config.width < 1:
         raise ConfigError(f"setting 'width' must be a positive integer, got {config.width}")
     if config.seed < 0:

@@ -26,6 +26,7 @@ class Architecture:
             (measured by a forward pass; tests/test_bad_settings.py checks it).
         about: one line for ``--help``.
         stems: the first layers it offers (``stem`` setting); empty = one fixed design.
+        widens: takes a ``width`` (its conv channels times an integer).
     """
 
     module: str
@@ -33,12 +34,14 @@ class Architecture:
     min_crop: int
     about: str
     stems: tuple[str, ...] = ()
+    widens: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "alexnet": Architecture("deepcluster.models.alexnet", "AlexNet", 63, "with BatchNorm, as the reference"),
     "vgg16": Architecture("deepcluster.models.vgg", "VGG16", 32, "with BatchNorm, as the reference"),
-    "smallnet": Architecture("deepcluster.models.small", "SmallNet", 16, "8 conv layers, for 32-96 px images"),
+    "smallnet": Architecture("deepcluster.models.small", "SmallNet", 16, "8 conv layers, for 32-96 px images",
+                             widens=True),
     "resnet18": Architecture("deepcluster.models.resnet", "ResNet18", 1, "stem imagenet or cifar",
                              ("imagenet", "cifar")),
     "resnet50": Architecture("deepcluster.models.resnet", "ResNet50", 1, "stem imagenet or cifar",
@@ -59,6 +62,11 @@ def backbone_class(arch: str) -> type[Backbone]:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}")
     spec = ARCHITECTURES[arch]
     return getattr(importlib.import_module(spec.module), spec.class_name)
+
+
+def widening_archs() -> str:
+    """The architectures that take a ``width``, for messages."""
+    return ", ".join(name for name, spec in ARCHITECTURES.items() if spec.widens)
 
 
 def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, fc_init: str = "reference",
@@ -94,8 +102,8 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
     elif stem != "imagenet":
         raise ValueError(f"stem {stem!r} applies to the ResNets only; {arch} has one fixed design")
     if width != 1:
-        if arch != "smallnet":
-            raise ValueError(f"width {width} applies to smallnet only; {arch} has a fixed width")
+        if not ARCHITECTURES[arch].widens:
+            raise ValueError(f"width {width} applies to {widening_archs()} only; {arch} has a fixed width")
         kwargs["width"] = width
     model = cls(sobel=sobel, **kwargs)
     if fc_init == "width":
@@ -128,4 +136,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "STEMS", "backbone_class", "create_model",
-           "model_from_config", *_LAZY]
+           "model_from_config", "widening_archs", *_LAZY]

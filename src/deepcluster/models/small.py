@@ -28,7 +28,6 @@ class SmallNet(Backbone):
 
     def __init__(self, sobel: bool = True, feature_dim: int = 512, width: int = 1) -> None:
         super().__init__(sobel)
-        self.width = width
         layers = [item if item == "M" else item * width for item in SMALL_LAYERS]
         self.features, channels = vgg_body(layers, self.in_channels)
         self.pool = nn.AdaptiveAvgPool2d((2, 2))
