@@ -39,6 +39,8 @@ from conftest import one_epoch
     (["--seed", "-1"], "setting 'seed' must be a non-negative integer, got -1"),
     (["--width", "0"], "setting 'width' must be a positive integer, got 0"),
     (["--arch", "vgg16", "--width", "2"], "setting 'width' applies to arch smallnet only; vgg16 has a fixed width"),
+    (["--depth", "0"], "setting 'depth' must be a positive integer, got 0"),
+    (["--arch", "vgg16", "--depth", "2"], "setting 'depth' applies to arch smallnet only; vgg16 has a fixed depth"),
     (["--threads", "100000"], "setting 'threads' must be between 1 and 1024 (or none), got 100000"),
     (["--mean", "0.5,nan,0.5"], "setting 'mean' must be three comma-separated finite numbers"),
     (["--momentum", "1"], "setting 'momentum' must be in [0, 1), got 1.0"),

@@ -103,3 +103,20 @@ def test_smallnet_width_multiplies_its_conv_channels_and_nothing_else():
         assert wide.forward_features(images).shape == (2, 512)
     with pytest.raises(ValueError, match="width 2 applies to smallnet only"):
         create_model("alexnet", width=2)
+
+
+def test_smallnet_depth_repeats_each_conv_layer_and_keeps_the_outputs():
+    def convs(model):
+        return [(m.in_channels, m.out_channels) for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    shallow, deep = create_model("smallnet", clustered="body"), create_model("smallnet", depth=2, clustered="body")
+    assert len(convs(deep)) == 2 * len(convs(shallow)) == 14
+    assert [out for _, out in convs(deep)] == [out for _, out in convs(shallow) for _ in range(2)]
+    assert all(c_in == c_out for c_in, c_out in convs(deep)[1::2])  # each repeat keeps its stage's channels
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in deep.features) == 4
+    assert (deep.body_dim, deep.feature_dim) == (shallow.body_dim, shallow.feature_dim)
+    assert len(deep.taps()) == 2 * len(shallow.taps())
+    with torch.no_grad():
+        assert deep.eval().forward_clustered(torch.randn(2, 3, 32, 32)).shape == (2, shallow.body_dim)
+    with pytest.raises(ValueError, match="depth 3 applies to smallnet only; resnet18 has a fixed depth"):
+        create_model("resnet18", depth=3)

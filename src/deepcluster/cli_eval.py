@@ -138,7 +138,8 @@ def fingerprint(config: Config, splits: LabelledSplits, settings: EvalSettings, 
         "crop": config.crop, "mean": list(config.mean), "std": list(config.std), "init_seed": config.seed,
         "pca_dim": config.pca_dim, "n_train": len(splits.train), "n_val": len(splits.val),
         "classes": list(splits.class_names), "settings": settings.result_defining(),
-        **({"width": config.width} if config.width != 1 else {}),  # absent at 1: older reports stay comparable
+        # absent at 1: older reports stay comparable
+        **{name: getattr(config, name) for name in ("width", "depth") if getattr(config, name) != 1},
     }
 
 
@@ -197,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "data": {"train": os.path.abspath(args.train), "val": os.path.abspath(args.val), "n_train": len(splits.train),
                  "n_val": len(splits.val), "n_classes": splits.n_classes, "class_names": list(splits.class_names)},
         "model": {"arch": config.arch, "sobel": config.sobel, "feature_dim": model.feature_dim, "width": config.width,
+                  "depth": config.depth,
                   "image_size": config.crop, "resize": config.resize},
         "training_budget": None if args.random_init else reporting.training_budget(args.checkpoint, epochs_completed,
                                                                                     config),

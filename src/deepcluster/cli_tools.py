@@ -407,7 +407,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out!r} is a folder; give a file name such as backbone.safetensors")
     metadata = BackboneMetadata(model.arch, model.sobel is not None, model.feature_dim, config.crop, config.resize,
                                 tuple(config.mean), tuple(config.std), epoch, os.path.abspath(args.checkpoint),
-                                config.stem, config.width)
+                                config.stem, config.width, config.depth)
     with _writing(out):
         save_backbone_safetensors(model, out, metadata)
     n_params = sum(p.numel() for p in model.parameters())

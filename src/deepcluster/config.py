@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS, STEMS, widening_archs
+from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS, STEMS, scalable_archs
 
 
 class ConfigError(ValueError):
@@ -64,6 +64,8 @@ class Config:
     feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's")
     width: int = setting(1, "smallnet only: its conv channels (32-32-64-64-128-128-256) times this; 1 = the small "
                             "net as designed")
+    depth: int = setting(1, "smallnet only: each of its 7 conv layers repeated this many times (2: 14 conv "
+                            "layers, each stage twice as deep); 1 = the small net as designed")
     clustered: str = setting("fc", "what is clustered and what the online kNN measures: fc, the last fully "
                                    "connected layer before its ReLU (the paper) | body, the convolutional output "
                                    "pooled to the classifier's grid (the fc layers then act only as a head); v2: what "
@@ -444,11 +446,13 @@ def validate(config: Config) -> Config:
     if ARCHITECTURES[config.arch].stems and config.feature_dim is not None:
         raise ConfigError(f"setting 'feature_dim' does not apply to {config.arch} (its pooled features have a fixed "
                           "width); leave it unset")
-    if config.width != 1 and not ARCHITECTURES[config.arch].widens:
-        raise ConfigError(f"setting 'width' applies to arch {widening_archs()} only; {config.arch} has a fixed "
-                          "width (leave width at 1)")
-    if config.width < 1:
-        raise ConfigError(f"setting 'width' must be a positive integer, got {config.width}")
+    for name in ("width", "depth"):
+        value = getattr(config, name)
+        if value != 1 and not ARCHITECTURES[config.arch].scalable:
+            raise ConfigError(f"setting '{name}' applies to arch {scalable_archs()} only; {config.arch} has a fixed "
+                              f"{name} (leave {name} at 1)")
+        if value < 1:
+            raise ConfigError(f"setting '{name}' must be a positive integer, got {value}")
     if config.seed < 0:
         raise ConfigError(f"setting 'seed' must be a non-negative integer, got {config.seed}")
     for key in ("lr", "head_lr"):

@@ -46,6 +46,7 @@ class BackboneMetadata:
         source: the checkpoint it came from (for the record).
         stem: a ResNet's first layers (``imagenet`` or ``cifar``).
         width: the small net's channel multiplier (1 for every other architecture).
+        depth: the small net's conv layer repeats (1 for every other architecture).
     """
 
     arch: str
@@ -59,13 +60,14 @@ class BackboneMetadata:
     source: str = ""
     stem: str = "imagenet"
     width: int = 1
+    depth: int = 1
 
     def to_strings(self) -> dict[str, str]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": self.arch,
                 "sobel": json.dumps(self.sobel), "feature_dim": str(self.feature_dim),
                 "image_size": str(self.image_size), "resize": str(self.resize), "mean": json.dumps(list(self.mean)),
                 "std": json.dumps(list(self.std)), "epoch": str(self.epoch), "source": self.source,
-                "stem": self.stem, "width": str(self.width)}
+                "stem": self.stem, "width": str(self.width), "depth": str(self.depth)}
 
     @staticmethod
     def from_strings(values: dict[str, str], where: str = "file") -> "BackboneMetadata":
@@ -79,7 +81,8 @@ class BackboneMetadata:
                 mean=tuple(float(v) for v in json.loads(values["mean"])),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in json.loads(values["std"])),  # type: ignore[arg-type]
                 epoch=int(values.get("epoch", "0")), source=values.get("source", ""),
-                stem=values.get("stem", "imagenet"), width=int(values.get("width", "1")))
+                stem=values.get("stem", "imagenet"), width=int(values.get("width", "1")),
+                depth=int(values.get("depth", "1")))
         except (KeyError, ValueError, TypeError) as error:
             raise ExportError(f"{where} has damaged backbone metadata ({type(error).__name__}: {error})") from None
 
@@ -170,7 +173,7 @@ def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cp
     info = read_backbone_metadata(path)
     try:
         model = create_model(info.arch, sobel=info.sobel, feature_dim=info.feature_dim, stem=info.stem,
-                             width=info.width)
+                             width=info.width, depth=info.depth)
     except ValueError as error:
         raise ExportError(f"{str(path)!r}: {error}") from None
     try:
