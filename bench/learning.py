@@ -76,7 +76,7 @@ def plot(result: dict, path: Path) -> None:
     records = result["records"]
     minutes = np.cumsum([r["time_budget"] for r in records]) / 60.0
     start = np.concatenate([[0.0], minutes[:-1]])  # an epoch's scores are of the weights it started from
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     final = result.get("final") or {}
     for ax, key, name, scale in ((axes[0], "knn_top1", "kNN top-1 on val (%)", 1.0),
                                  (axes[1], "cluster_acc", "clustering ACC, k = classes (%)", 100.0)):
@@ -100,7 +100,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("training minutes")
         ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: never over a curve
     save_figure(fig, f"{result['name']}: {result['cpu']}", path)
 
 
