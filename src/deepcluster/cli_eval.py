@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepcluster.config import Config, ConfigError
+from deepcluster.models import SCALINGS
 
 if TYPE_CHECKING:  # the command imports torch and the suite only when it runs
     from deepcluster.evaluation.suite import EvalSettings, LabelledSplits
@@ -139,7 +140,7 @@ def fingerprint(config: Config, splits: LabelledSplits, settings: EvalSettings, 
         "pca_dim": config.pca_dim, "n_train": len(splits.train), "n_val": len(splits.val),
         "classes": list(splits.class_names), "settings": settings.result_defining(),
         # absent at 1: older reports stay comparable
-        **{name: getattr(config, name) for name in ("width", "depth") if getattr(config, name) != 1},
+        **{name: getattr(config, name) for name in SCALINGS if getattr(config, name) != 1},
     }
 
 

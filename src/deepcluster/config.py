@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS, STEMS, scalable_archs
+from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS, SCALINGS, STEMS, scalable_archs
 
 
 class ConfigError(ValueError):
@@ -446,7 +446,7 @@ def validate(config: Config) -> Config:
     if ARCHITECTURES[config.arch].stems and config.feature_dim is not None:
         raise ConfigError(f"setting 'feature_dim' does not apply to {config.arch} (its pooled features have a fixed "
                           "width); leave it unset")
-    for name in ("width", "depth"):
+    for name in SCALINGS:
         value = getattr(config, name)
         if value != 1 and not ARCHITECTURES[config.arch].scalable:
             raise ConfigError(f"setting '{name}' applies to arch {scalable_archs()} only; {config.arch} has a fixed "

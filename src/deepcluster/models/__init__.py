@@ -41,7 +41,7 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "alexnet": Architecture("deepcluster.models.alexnet", "AlexNet", 63, "with BatchNorm, as the reference"),
     "vgg16": Architecture("deepcluster.models.vgg", "VGG16", 32, "with BatchNorm, as the reference"),
-    "smallnet": Architecture("deepcluster.models.small", "SmallNet", 16, "8 conv layers, for 32-96 px images",
+    "smallnet": Architecture("deepcluster.models.small", "SmallNet", 16, "7 conv layers, for 32-96 px images",
                              scalable=True),
     "resnet18": Architecture("deepcluster.models.resnet", "ResNet18", 1, "stem imagenet or cifar",
                              ("imagenet", "cifar")),
@@ -49,6 +49,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                              ("imagenet", "cifar")),
 }
 STEMS = ("imagenet", "cifar")
+SCALINGS = ("width", "depth")  # the settings a ``scalable`` architecture takes
 FC_INITS = ("reference", "width")
 CLUSTERED = ("fc", "body")
 
@@ -140,5 +141,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "STEMS", "backbone_class", "create_model",
-           "model_from_config", "scalable_archs", *_LAZY]
+__all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "SCALINGS", "STEMS", "backbone_class",
+           "create_model", "model_from_config", "scalable_archs", *_LAZY]

@@ -16,7 +16,7 @@ SMALL_LAYERS = [32, 32, "M", 64, 64, "M", 128, 128, "M", 256, "M"]
 
 
 class SmallNet(Backbone):
-    """Eight-layer VGG-style net; the body ends with a 2x2 grid at 32 px (256 x 2 x 2).
+    """Seven conv layers, VGG-style; the body ends with a 2x2 grid at 32 px (256 x 2 x 2).
 
     Args:
         sobel: put the fixed grayscale + Sobel filter in front.
