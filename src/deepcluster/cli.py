@@ -203,12 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit code (see the module docstring)."""
     with sigterm_as_interrupt():
         try:
-            return _main(argv)
+            code = _main(argv)
         except Terminated:
             # SIGTERM before the command's own handling began (while importing or building the
             # parser: torchrun ends the other processes when one fails its settings at once).
             # Nothing was started, so nothing to say and no traceback.
-            return 128 + signal.SIGTERM
+            code = 128 + signal.SIGTERM
+    distributed = sys.modules.get("deepcluster.distributed")  # not imported: no process group
+    return distributed.leave(code) if distributed else code  # a torchrun trainer ends here
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -9,6 +9,7 @@ to the current GPU and back for them; gloo reduces CPU tensors in place.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import numpy as np
@@ -54,13 +55,44 @@ def start(device: torch.device) -> tuple[torch.device, bool]:
     if is_distributed() or launched_processes() == 1:
         return device, False
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    global _created
+    _created = True
     return device, True
 
 
+_created = False  # whether this process has created a process group (``start``)
+
+
 def stop() -> None:
-    """Leave the process group (after a barrier, so no process leaves while others still talk)."""
+    """Leave the process group. After a normal run the caller meets a barrier first, so no
+    process tears its group down while another still talks to it; after an error it leaves
+    at once, since the others may never reach that barrier."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> int:
+    """End a process that created a process group with exit status ``code``, skipping the
+    interpreter's teardown; any other process gets ``code`` back.
+
+    PyTorch keeps a group that ``DistributedDataParallel`` has used alive after
+    ``destroy_process_group`` (pytorch/pytorch#107298: the reducer and its logger refer to
+    each other in C++), so gloo's threads still run when the interpreter shuts down, and
+    now and then the process aborts there ("terminate called without an active
+    exception", SIGABRT) after the run has finished and written everything: torchrun
+    then reports the run as failed. Call it once every file is closed.
+    """
+    if not _created:
+        return code
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 class PeerFailed(RuntimeError):

@@ -201,7 +201,10 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
             except SETUP_ERRORS as caught:
                 error = caught
             distributed.agree(error)
-            return fit(config, folder, resume, device, log, stop)
+            records = fit(config, folder, resume, device, log, stop)
+        if created:
+            distributed.barrier()  # the main process has written its last file: all leave together
+        return records
     finally:
         if created:
             distributed.stop()
