@@ -8,6 +8,7 @@ to the current GPU and back for them; gloo reduces CPU tensors in place.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -19,6 +20,8 @@ import torch.distributed as dist
 # How long a collective may wait for a process that is gone before the job fails (torchrun
 # ends the others at once when one process dies; this bounds the wait when it does not).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+_created = False  # whether this process has created a process group (``start``; read by ``leave``)
 
 
 def launched_processes() -> int:
@@ -60,9 +63,6 @@ def start(device: torch.device) -> tuple[torch.device, bool]:
     return device, True
 
 
-_created = False  # whether this process has created a process group (``start``)
-
-
 def stop() -> None:
     """Leave the process group. After a normal run the caller meets a barrier first, so no
     process tears its group down while another still talks to it; after an error it leaves
@@ -76,16 +76,15 @@ def leave(code: int) -> int:
     interpreter's teardown; any other process gets ``code`` back.
 
     PyTorch keeps a group that ``DistributedDataParallel`` has used alive after
-    ``destroy_process_group`` (pytorch/pytorch#107298: the reducer and its logger refer to
-    each other in C++), so gloo's threads still run when the interpreter shuts down, and
+    ``destroy_process_group`` (pytorch/pytorch#107298; measured with torch 2.13: one
+    construction is enough, deleting the wrapper and collecting garbage does not free it),
+    so gloo's threads still run when the interpreter shuts down, and
     now and then the process aborts there ("terminate called without an active
     exception", SIGABRT) after the run has finished and written everything: torchrun
     then reports the run as failed. Call it once every file is closed.
     """
     if not _created:
         return code
-    import logging
-
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
