@@ -1,4 +1,4 @@
-"""Distributed k-means on a real gloo process group equals the single-process run."""
+"""k-means on a real gloo process group (a world of two) equals the run in a world of one."""
 
 import os
 from pathlib import Path
@@ -10,12 +10,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deepcluster.clustering import StreamingPCA, fit_pca, kmeans, l2_normalize
-from deepcluster.clustering.collective import all_gather_rows
+from deepcluster.clustering.seeding import labelling_centroids
+from deepcluster.distributed import all_gather_rows
 
 WORLD_SIZE = 2
 # (backend, init, n_clusters): random seeds on the copies below make empty clusters, so
 # splits (and their collective) are exercised; k-means++ seeds avoid copies.
 CASES = [("torch", "random", 40), ("torch", "kmeans++", 12), ("faiss", "random", 40), ("faiss", "kmeans++", 12)]
+# (empty rule, init) of the cosine metric on unit rows of the same data (copies included).
+COSINE_CASES = [("keep", "randperm"), ("nudge", "randperm"), ("split", "random")]
 
 
 def dataset() -> np.ndarray:
@@ -26,6 +29,17 @@ def dataset() -> np.ndarray:
     blobs = centers[rng.integers(0, 8, 460)] + rng.standard_normal((460, 6))
     copies = np.repeat(rng.standard_normal((4, 6)) * 5, 60, axis=0)
     return rng.permutation(np.concatenate([blobs, copies])).astype(np.float32)
+
+
+def unit_dataset() -> np.ndarray:
+    return l2_normalize(dataset())
+
+
+def previous_labels() -> np.ndarray:
+    """An earlier labelling of ``dataset()`` with unlabelled rows and clusters without a point."""
+    labels = np.random.default_rng(3).integers(0, 30, len(dataset()))
+    labels[::7] = -1
+    return labels
 
 
 def wide_features() -> np.ndarray:
@@ -51,8 +65,14 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         results = {}
         for backend, init, n_clusters in CASES:
             result = kmeans(points[start:stop], n_clusters, n_iter=8, seed=5, backend=backend, init=init,
-                            distributed=True)
+                            shard=True)
             results[(backend, init, n_clusters)] = result
+        unit = unit_dataset()
+        for empty, init in COSINE_CASES:
+            results[("cosine", empty, init)] = kmeans(unit[start:stop], 40, n_iter=8, seed=5, backend="torch",
+                                                      init=init, metric="cosine", empty=empty, shard=True)
+        results["previous"] = labelling_centroids(points[start:stop], previous_labels()[start:stop], 34, seed=2,
+                                                  shard=True)
         features = wide_features()
         start, stop = shard_bounds(len(features))[rank]
         reducer = StreamingPCA(stop - start, n_components=4, sample_size=50, gather_sample=all_gather_rows)
@@ -87,12 +107,33 @@ def test_two_processes_give_the_single_process_result(distributed_results, case)
         assert single.n_split > 0  # the case did exercise the split
 
 
-def test_distributed_flag_without_a_process_group_is_the_single_process_run():
+@pytest.mark.parametrize("case", COSINE_CASES, ids=["-".join(c) for c in COSINE_CASES])
+def test_cosine_in_two_processes_gives_the_single_process_result(distributed_results, case):
+    empty, init = case
+    single = kmeans(unit_dataset(), 40, n_iter=8, seed=5, backend="torch", init=init, metric="cosine", empty=empty)
+    parts = [results[("cosine", *case)] for results in distributed_results]
+    assert np.array_equal(np.concatenate([p.assignments for p in parts]), single.assignments)
+    for part in parts:
+        np.testing.assert_allclose(part.centroids, single.centroids, atol=1e-6)
+        np.testing.assert_allclose(part.objective, single.objective, rtol=1e-6)
+        assert part.n_split == single.n_split and part.n_empty == single.n_empty
+    if empty != "keep":
+        assert single.n_split > 0
+
+
+def test_labelling_centroids_in_two_processes_equal_the_single_process_ones(distributed_results):
+    single = labelling_centroids(dataset(), previous_labels(), 34, seed=2)
+    for results in distributed_results:
+        np.testing.assert_allclose(results["previous"], single, atol=1e-6)
+
+
+def test_shard_true_without_a_process_group_is_a_world_of_one():
     assert not dist.is_initialized()
     points = dataset()
-    a = kmeans(points, 10, n_iter=5, seed=1, backend="torch", distributed=True)
-    b = kmeans(points, 10, n_iter=5, seed=1, backend="torch")
-    assert np.array_equal(a.assignments, b.assignments) and a.objective == b.objective
+    for metric in ("l2", "cosine"):
+        a = kmeans(points, 10, n_iter=5, seed=1, backend="torch", metric=metric, shard=True)
+        b = kmeans(points, 10, n_iter=5, seed=1, backend="torch", metric=metric)
+        assert np.array_equal(a.assignments, b.assignments) and a.objective == b.objective
 
 
 def test_spawned_workers_see_the_test_module():

@@ -65,7 +65,7 @@ def test_spherical_kmeans_empty_clusters_kept_or_split():
     assert split.n_split > 0
     with pytest.raises(ValueError, match="empty-cluster policy"):
         spherical_kmeans(points, 3, empty="drop")
-    with pytest.raises(ValueError, match="at least as many points"):
+    with pytest.raises(ValueError, match="between 1 and the number of points"):
         spherical_kmeans(points[:2], 3)
 
 

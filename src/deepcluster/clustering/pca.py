@@ -160,7 +160,7 @@ def fit_pca_sharded(local: np.ndarray, dim: int, n_components: int, whiten_power
     Raises:
         ValueError: fewer than 2 rows over all processes.
     """
-    from deepcluster.clustering.collective import all_reduce_sum
+    from deepcluster.distributed import all_reduce_sum
 
     local = np.asarray(local, dtype=np.float32).reshape(-1, dim)
     chunk_size = chunk_size or chunk_rows(dim)
@@ -220,7 +220,7 @@ class StreamingPCA:
         normalize: L2-normalise the projected rows (DeepCluster does).
         gather_sample: called once with this process's ``(m, D)`` sample just before the
             fit; returns the rows to fit on. With several processes, each holding a shard
-            of the data, pass :func:`deepcluster.clustering.collective.all_gather_rows` so
+            of the data, pass :func:`deepcluster.distributed.all_gather_rows` so
             that every process fits the same PCA on everybody's sample.
         fit: called once with this process's ``(m, D)`` sample instead of
             ``gather_sample`` + :func:`fit_pca`; returns the PCA (with several processes,

@@ -1,7 +1,9 @@
 """Nearest-centroid search: the one expensive step of k-means, behind one interface.
 
 A search object holds the current centroids and answers, for a block of points, the
-index of and the squared Euclidean distance to the nearest centroid. Two backends:
+index of and the squared Euclidean distance to the nearest centroid (metric ``l2``), or
+the index of and the dot product with the centroid of largest dot product (metric
+``cosine``, on unit vectors). Two backends:
 
 - ``faiss``: an exact flat L2 index (``IndexFlatL2``), on the CPU, or on a GPU when
   ``device`` is ``cuda[:n]`` and the installed faiss is a GPU build.
@@ -13,7 +15,8 @@ index of and the squared Euclidean distance to the nearest centroid. Two backend
   op PyTorch's compiler uses for frozen linear layers), so each block is one product from
   and to ordinary tensors. On CPUs the row minimum is taken in two levels (see
   :func:`row_min`): PyTorch's ``min(dim)`` with indices is not vectorised and cost a
-  quarter of the product's time.
+  quarter of the product's time. For ``cosine``: one plain product per block of
+  ``DOT_ROWS`` rows and a row maximum (:class:`DotSearch`, the spherical k-means reference).
 
 Both take and return torch tensors: points stay where they are (CPU tensors are shared
 with numpy, so the faiss backend copies nothing). On a CPU, k-means calls one search
@@ -33,6 +36,7 @@ from deepcluster import devices
 import torch.nn.functional as F
 
 BACKENDS = ("faiss", "torch")
+METRICS = ("l2", "cosine")
 GEMMS = ("auto", "addmm", "onednn")
 
 # Score-matrix budget of one block, in float32 elements: a CPU worker's block (4 MiB)
@@ -44,6 +48,8 @@ FAISS_CPU_ROWS = 1024
 # Columns per group of the two-level row minimum on CPUs; used from this many groups on.
 MIN_GROUP = 64
 MIN_GROUPS = 4
+# Rows scored at once by the cosine search: bounds the (rows x k) product's memory.
+DOT_ROWS = 1 << 15
 
 
 def check_backend(backend: str) -> str:
@@ -215,17 +221,50 @@ class TorchSearch:
         return labels.to(points.device), distances.to(points.device)
 
 
+def best_dot(points: torch.Tensor, centroids: torch.Tensor,
+             rows: int = DOT_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroid of largest dot product of every point and that dot product, in blocks of
+    ``rows`` rows: ``(N, d), (k, d) -> (N,) int64, (N,)`` (on ``points``' device)."""
+    labels = torch.empty(len(points), dtype=torch.int64, device=points.device)
+    scores = torch.empty(len(points), dtype=points.dtype, device=points.device)
+    for start in range(0, len(points), rows):
+        best = (points[start:start + rows] @ centroids.T).max(dim=1)
+        scores[start:start + rows], labels[start:start + rows] = best.values, best.indices
+    return labels, scores
+
+
+class DotSearch:
+    """Exact largest-dot-product search (metric ``cosine``) on a torch device: the same
+    interface as :class:`TorchSearch`, the second result being dot products."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = resolve_device(device)
+        self.centroids: torch.Tensor | None = None
+
+    def set_centroids(self, centroids: torch.Tensor) -> None:
+        self.centroids = centroids.to(self.device, torch.float32).contiguous()
+
+    def search(self, points: torch.Tensor,
+               squared_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.centroids is None:
+            raise RuntimeError("set_centroids must be called before search")
+        labels, scores = best_dot(points.to(self.device), self.centroids)
+        return labels.to(points.device), scores.to(points.device)
+
+
 class FaissSearch:
-    """Exact nearest-centroid search with a faiss flat L2 index (CPU, or GPU builds).
+    """Exact nearest-centroid search with a faiss flat index (CPU, or GPU builds).
 
     Args:
         device: ``cpu``, or ``cuda[:n]`` for a GPU index (needs a GPU build of faiss).
+        metric: ``l2`` (``IndexFlatL2``, squared distances) or ``cosine`` (``IndexFlatIP``,
+            dot products).
 
     Raises:
         ValueError: faiss is missing, or a GPU is asked for and faiss has no GPU support.
     """
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", metric: str = "l2"):
         try:
             import faiss
         except ImportError:
@@ -239,6 +278,7 @@ class FaissSearch:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"k-means backend 'faiss' runs on 'cpu' or 'cuda', not {str(self.device)!r}")
         self._gpu_resources = faiss.StandardGpuResources() if self.device.type == "cuda" else None
+        self.inner_product = metric == "cosine"
         self.index = None
         self.centroids: torch.Tensor | None = None
 
@@ -251,9 +291,10 @@ class FaissSearch:
             if self._gpu_resources is not None:
                 config = faiss.GpuIndexFlatConfig()
                 config.device = self.device.index or 0
-                self.index = faiss.GpuIndexFlatL2(self._gpu_resources, dim, config)
+                flat = faiss.GpuIndexFlatIP if self.inner_product else faiss.GpuIndexFlatL2
+                self.index = flat(self._gpu_resources, dim, config)
             else:
-                self.index = faiss.IndexFlatL2(dim)
+                self.index = faiss.IndexFlatIP(dim) if self.inner_product else faiss.IndexFlatL2(dim)
         self.index.reset()
         self.index.add(self.centroids.numpy())
 
@@ -274,15 +315,24 @@ class FaissSearch:
         host = np.ascontiguousarray(points.detach().to("cpu", torch.float32).numpy())
         distances, labels = self.index.search(host, 1)
         labels_t = torch.from_numpy(labels[:, 0])
-        distances_t = torch.from_numpy(distances[:, 0]).clamp_(min=0.0)
+        distances_t = torch.from_numpy(distances[:, 0])
+        if not self.inner_product:
+            distances_t.clamp_(min=0.0)
         return labels_t.to(points.device), distances_t.to(points.device)
 
 
-def make_search(backend: str, device: str | torch.device = "cpu") -> TorchSearch | FaissSearch:
-    """The search object of ``backend`` (``faiss`` or ``torch``) on ``device``."""
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"unknown k-means metric {metric!r}; choose one of: {', '.join(METRICS)}")
+    return metric
+
+
+def make_search(backend: str, device: str | torch.device = "cpu",
+                metric: str = "l2") -> TorchSearch | FaissSearch | DotSearch:
+    """The search object of ``backend`` (``faiss`` or ``torch``) for ``metric`` on ``device``."""
     if check_backend(backend) == "faiss":
-        return FaissSearch(device)
-    return TorchSearch(device)
+        return FaissSearch(device, check_metric(metric))
+    return TorchSearch(device) if check_metric(metric) == "l2" else DotSearch(device)
 
 
 def cpu_block_rows(backend: str, n_clusters: int) -> int:

@@ -176,7 +176,7 @@ def _cluster_sharded(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: 
         with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
             result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed,
                             backend=config.kmeans_backend, init=init, device=device,
-                            on_iteration=lambda _: bar.update(), distributed=True)
+                            on_iteration=lambda _: bar.update(), shard=True)
         labels = distributed.all_gather_rows(np.asarray(result.assignments, dtype=np.int64))
         n_clusters, centroids, objective, n_split = (config.n_clusters, result.centroids, result.objective[-1],
                                                      result.n_split)
