@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from deepcluster import distributed
+from deepcluster.checkpoint import CheckpointError
 
 BANK_CROPS = 2  # the memory bank keeps the embeddings of the first two (large) crops
 
@@ -51,6 +52,23 @@ class MemoryBank:
         rows = distributed.shard(np.arange(embeddings.shape[1]))
         index = torch.from_numpy(rows)
         return cls(embeddings[:, index].clone(), decoded[rows].copy(), rows, embeddings.shape[1])
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, n_images: int, dim: int) -> MemoryBank:
+        """This process's share of the bank a checkpoint holds (entries ``bank``, ``bank_decoded``).
+
+        Raises:
+            CheckpointError: it is missing or does not fit a run of ``n_images`` images and
+                ``dim``-dimensional embeddings.
+        """
+        bank, decoded = saved.get("bank"), saved.get("bank_decoded")
+        shape = (BANK_CROPS, n_images, dim)
+        if not (isinstance(bank, torch.Tensor) and tuple(bank.shape) == shape and bank.dtype == torch.float32
+                and isinstance(decoded, torch.Tensor) and decoded.dtype == torch.bool
+                and tuple(decoded.shape) == shape[1:2]):
+            raise CheckpointError(f"the checkpoint holds no memory bank of shape {shape} (entries 'bank' and "
+                                  "'bank_decoded'); it is not a resumable v2 checkpoint of this run")
+        return cls.from_full(bank, decoded.numpy())
 
     @staticmethod
     def positions(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -149,7 +149,9 @@ def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device
         resume = folder.check_resume(resume)
         source = folder.open_source(resume)
         knn = None if config.val is None else KnnMonitor.open(config.val, source)
-        method.check_sizes(config, len(source))
+        problem = method.size_problem(config, len(source))
+        if problem is not None:
+            raise ConfigError(problem)
         model, head, optimizer = method.build(config, device)
         state = folder.restore(model, head, optimizer, source) if resume else RunState()
         for item in getattr(source, "skipped", []):

@@ -69,12 +69,17 @@ class Method:
         temperature: ``config -> T`` of the loss (v1: 1).
         head_group: ``(head, config) -> parameter group or None``: optimised with the body
             for one epoch, at a rate of its own (v1's momentum-free head SGD).
-        check_sizes: ``(config, n_images)``: raises ``ConfigError`` for a data set too small.
+        size_problem: ``(config, n_images) -> one line or None``: what the data cannot satisfy
+            of the settings (the run refuses it with that line).
         global_batch: ``(config, processes) -> images per step over all processes``.
         sync_batchnorm: what ``sync_batchnorm: auto`` means for the method.
         describe: ``config -> the clusters the run makes, in a few words``.
         notes: ``(config, n_images) -> warnings before the first epoch``.
         logs_heads: the log has each head's loss and the last rate.
+        clustering_text: ``config -> how the run clusters`` (a report's summary).
+        n_clusters: ``config -> the clusters the settings ask for`` (0: the method finds them).
+        cluster_settings: ``config -> {"n_clusters": .., "prototypes": ..}``, the other None.
+        assigns_by_prototypes: ``assign`` places an image by head 0's prototypes (not PCA + centroids).
         loss: ``(scores per head, (n_heads, B) targets, T) -> (n_heads,)`` losses.
     """
 
@@ -85,12 +90,16 @@ class Method:
     network: Callable[..., Any]
     temperature: Callable[[Any], float]
     head_group: Callable[..., dict | None]
-    check_sizes: Callable[[Any, int], None]
+    size_problem: Callable[[Any, int], str | None]
     global_batch: Callable[[Any, int], int]
     sync_batchnorm: bool
     describe: Callable[[Any], str]
     notes: Callable[[Any, int], list[str]]
     logs_heads: bool
+    clustering_text: Callable[[Any], str]
+    n_clusters: Callable[[Any], int]
+    cluster_settings: Callable[[Any], dict]
+    assigns_by_prototypes: bool
     loss: Callable[..., Any] = per_head_losses
 
 

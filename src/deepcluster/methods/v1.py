@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from deepcluster.clustering import cluster_sizes, kmeans, nmi
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca_sharded
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
-from deepcluster.config import Config, ConfigError
 from deepcluster.data import (ImageSource, PseudoLabelDataset, RandomResizedCropFlip, decode_problem,
                               uniform_cluster_sample)
 from deepcluster.data.transforms import color_jitter
@@ -41,11 +40,14 @@ from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM
                                  Plan, derived_seed)
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.heads import ClassifierHead, WithHead
-from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.methods.head_init import centroids_head, head_sample, init_head_from_clusters, with_rows
 from deepcluster.methods.previous import previous_centroids, sharded_previous_centroids
+from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress
 from deepcluster.runfolder import SKIPPED_NAME
+
+if TYPE_CHECKING:
+    from deepcluster.config import Config
 
 
 def clustering_device(config: Config, device: torch.device) -> str:
@@ -438,15 +440,13 @@ def pseudo_label_loader(source: ImageSource, plan: Plan | np.ndarray, config: Co
                       **loader_kwargs(config.workers, device))
 
 
-def check_sizes(config: Config, n_images: int) -> None:
-    """Refuse, with one line, a k-means with more clusters than images.
-
-    Raises:
-        ConfigError: ``n_clusters`` above the number of images.
-    """
+def size_problem(config: Config, n_images: int) -> str | None:
+    """What the data cannot satisfy of the settings, in one line (None: nothing): a k-means
+    with more clusters than images."""
     if config.clustering == "kmeans" and config.n_clusters > n_images:
-        raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {n_images} "
-                          f"images; choose at most {n_images}")
+        return (f"setting 'n_clusters' is {config.n_clusters} but the data has only {n_images} "
+                f"images; choose at most {n_images}")
+    return None
 
 
 def notes(config: Config, n_images: int) -> list[str]:
@@ -458,14 +458,25 @@ def notes(config: Config, n_images: int) -> list[str]:
             f"arbitrary); using {pca_dim_for(config.pca_dim, n_images)}"]
 
 
+def clustering_text(config: Config) -> str:
+    """How a v1 run clusters, in a few words."""
+    if config.clustering == "kmeans":
+        return f"{config.clustering}, k = {config.n_clusters}, PCA {config.pca_dim}"
+    return f"{config.clustering}, PCA {config.pca_dim}"
+
+
 METHOD = Method(name="v1", build=build, planner=V1Planner, loader=pseudo_label_loader, network=OneCrop,
-                temperature=lambda config: 1.0, head_group=head_group, check_sizes=check_sizes,
+                temperature=lambda config: 1.0, head_group=head_group, size_problem=size_problem,
                 # v1's batch_size is per process
                 global_batch=lambda config, processes: config.batch_size * processes,
                 sync_batchnorm=False,  # the paper trained on one GPU
-                describe=lambda config: f"k={config.n_clusters}", notes=notes, logs_heads=False)
+                describe=lambda config: f"k={config.n_clusters}", notes=notes, logs_heads=False,
+                clustering_text=clustering_text,
+                n_clusters=lambda config: config.n_clusters if config.clustering == "kmeans" else 0,
+                cluster_settings=lambda config: {"n_clusters": config.n_clusters, "prototypes": None},
+                assigns_by_prototypes=False)
 
 
-__all__ = ["METHOD", "Partition", "Plan", "ReducedFeatures", "TooFewDecoded", "V1Planner", "build", "check_sizes",
+__all__ = ["METHOD", "Partition", "Plan", "ReducedFeatures", "TooFewDecoded", "V1Planner", "build", "size_problem",
            "cluster_points", "clustering_device", "head_sample", "init_head_from_clusters", "pca_dim_for",
            "previous_centroids", "pseudo_label_loader", "reduce_features"]

@@ -24,18 +24,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from deepcluster import distributed
-from deepcluster.checkpoint import CheckpointError
 from deepcluster.clustering import cluster_sizes, nmi
 from deepcluster.clustering.spherical import spherical_kmeans
-from deepcluster.config import Config, ConfigError
 from deepcluster.data import ImageSource, Normalize, decode_problem, uniform_cluster_sample
 from deepcluster.data.multicrop import UNREADABLE, CropGroup, MultiCrop, MultiCropDataset
 from deepcluster.data.transforms import color_jitter
@@ -49,6 +46,9 @@ from deepcluster.optim import LARS
 from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress, track
 from deepcluster.runfolder import SKIPPED_NAME
+
+if TYPE_CHECKING:
+    from deepcluster.config import Config
 
 def build(config: Config, device: torch.device) -> tuple[Backbone, PrototypeHead, torch.optim.Optimizer]:
     """A fresh backbone, its projection and prototypes (``PrototypeHead``) on ``device``, and
@@ -194,23 +194,21 @@ def multi_crop_loader(source: ImageSource, plan: Plan | np.ndarray, config: Conf
                       drop_last=True, **loader_kwargs(config.workers, device))
 
 
-def check_sizes(config: Config, n_images: int) -> None:
-    """Refuse, with one line, settings the data cannot satisfy.
-
-    Raises:
-        ConfigError: a head with more prototypes than images, a batch larger than the data,
-            or a batch that does not split evenly over the processes.
-    """
+def size_problem(config: Config, n_images: int) -> str | None:
+    """What the data cannot satisfy of the settings, in one line (None: nothing): a head with
+    more prototypes than images, a batch larger than the data, or a batch that does not split
+    evenly over the processes."""
     largest = max(config.prototypes)
     if largest > n_images:
-        raise ConfigError(f"setting 'prototypes' asks for {largest} prototypes in a head but the data has only "
-                          f"{n_images} images; choose at most {n_images} per head")
+        return (f"setting 'prototypes' asks for {largest} prototypes in a head but the data has only "
+                f"{n_images} images; choose at most {n_images} per head")
     if config.batch_size > n_images:
-        raise ConfigError(f"setting 'batch_size' is {config.batch_size} but the data has only {n_images} images; v2 "
-                          f"drops an epoch's last incomplete batch (as the reference), so choose at most {n_images}")
+        return (f"setting 'batch_size' is {config.batch_size} but the data has only {n_images} images; v2 "
+                f"drops an epoch's last incomplete batch (as the reference), so choose at most {n_images}")
     if config.batch_size % distributed.world_size():
-        raise ConfigError(f"setting 'batch_size' ({config.batch_size}) is the global batch and must split evenly over "
-                          f"the {distributed.world_size()} processes")
+        return (f"setting 'batch_size' ({config.batch_size}) is the global batch and must split evenly over "
+                f"the {distributed.world_size()} processes")
+    return None
 
 
 class V2Planner:
@@ -255,14 +253,7 @@ class V2Planner:
         Raises:
             CheckpointError: it is missing or does not fit the run.
         """
-        bank, decoded = saved.get("bank"), saved.get("bank_decoded")
-        shape = (BANK_CROPS, len(self.source), self.config.projection_dim)
-        if not (isinstance(bank, torch.Tensor) and tuple(bank.shape) == shape and bank.dtype == torch.float32
-                and isinstance(decoded, torch.Tensor) and decoded.dtype == torch.bool
-                and tuple(decoded.shape) == shape[1:2]):
-            raise CheckpointError(f"the checkpoint holds no memory bank of shape {shape} (entries 'bank' and "
-                                  "'bank_decoded'); it is not a resumable v2 checkpoint of this run")
-        self.bank = MemoryBank.from_full(bank, decoded.numpy())  # this process's share
+        self.bank = MemoryBank.from_checkpoint(saved, len(self.source), self.config.projection_dim)  # this process's share
 
     def plan(self, model: Backbone, head: PrototypeHead, epoch: int, previous: np.ndarray | None,
              skipped: dict[str, str], keep: Keep | None = None) -> Plan:
@@ -357,11 +348,17 @@ METHOD = Method(name="v2", build=build, planner=lambda config, device, source, h
                                                                                                head=head),
                 loader=multi_crop_loader,
                 network=lambda model, head: MultiCropModel(model, head.projection, head.prototypes), temperature=lambda config: config.temperature,
-                head_group=lambda head, config: None, check_sizes=check_sizes,
+                head_group=lambda head, config: None, size_problem=size_problem,
                 global_batch=lambda config, processes: config.batch_size,  # v2's batch_size is already global
                 sync_batchnorm=True,  # as SwAV's and solo-learn's multi-GPU runs
-                describe=clusters_text, notes=lambda config, n_images: [], logs_heads=True)
+                describe=clusters_text, notes=lambda config, n_images: [], logs_heads=True,
+                clustering_text=lambda config: (
+                    f"v2: spherical k-means of the memory bank, heads of {','.join(map(str, config.prototypes))} "
+                    f"prototypes on {config.projection_dim}-d embeddings (the clusters shown: head 0)"),
+                n_clusters=lambda config: config.prototypes[0],
+                cluster_settings=lambda config: {"n_clusters": None, "prototypes": list(config.prototypes)},
+                assigns_by_prototypes=True)
 
 
-__all__ = ["BANK_CROPS", "BankClustering", "METHOD", "MemoryBank", "V2Planner", "build", "check_sizes", "cluster_bank",
+__all__ = ["BANK_CROPS", "BankClustering", "METHOD", "MemoryBank", "V2Planner", "build", "size_problem", "cluster_bank",
            "fill_bank", "head_seed", "multi_crop", "multi_crop_loader"]
