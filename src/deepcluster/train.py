@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -61,15 +60,14 @@ def build(config: Config, device: torch.device) -> tuple[Backbone, nn.Module, to
     return METHODS[config.method].build(config, device)
 
 
-@dataclass
-class Trained:
+class Trained(NamedTuple):
     """What an epoch's training pass did: mean loss, images trained on, each head's mean
-    loss and the last step's rate."""
+    loss and the last step's rate (a plain ``(loss, seen)`` pair reads as one too)."""
 
     loss: float
     seen: int
-    head_losses: list[float]
-    lr: float
+    head_losses: tuple[float, ...] = ()
+    lr: float = float("nan")
 
 
 def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -128,7 +126,7 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
         distributed.release()
         totals = distributed.all_reduce_sum(torch.from_numpy(np.concatenate([[total_loss, seen], head_totals])))
         total_loss, seen, head_totals = float(totals[0]), int(round(float(totals[1]))), totals[2:].numpy()
-    return Trained(total_loss / max(seen, 1), seen, list(np.atleast_1d(head_totals / max(seen, 1))), rate)
+    return Trained(total_loss / max(seen, 1), seen, tuple(np.atleast_1d(head_totals / max(seen, 1)).tolist()), rate)
 
 
 def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: int, step: int) -> float:
@@ -206,9 +204,9 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
             scores = monitor(model, plan, epoch)
             loader = method.loader(source, plan, config, epoch, device)
             start, unreadable = time.perf_counter(), set()
-            trained = train_one_epoch(method.network(model, head), loader, optimizer, loss_fn, config, epoch, device,
-                                      method.temperature(config), method.head_group(head, config), planner.bank,
-                                      unreadable)
+            trained = Trained(*train_one_epoch(method.network(model, head), loader, optimizer, loss_fn, config, epoch, device,
+                                              method.temperature(config), method.head_group(head, config),
+                                              planner.bank, unreadable))
             note_unreadable(source, unreadable, epoch, state.skipped, say)
             record = epoch_record(plan, scores, trained, time.perf_counter() - start, state, method.logs_heads)
             if distributed.is_distributed():
@@ -242,7 +240,7 @@ def epoch_record(plan: Plan, scores: dict, trained: Trained, seconds: float, sta
                  logs_heads: bool = False) -> dict:
     """An epoch's log record: the plan's numbers, the monitor's, then the training stage's
     (with ``logs_heads``, each head's loss and the last rate), as plain values."""
-    heads = {"train_loss_per_head": trained.head_losses, "lr": trained.lr} if logs_heads else {}
+    heads = {"train_loss_per_head": list(trained.head_losses), "lr": trained.lr} if logs_heads else {}
     return json_record({**plan.record, **scores, "time_training": seconds, "train_loss": trained.loss, **heads,
                         "train_images_per_s": trained.seen / max(seconds, 1e-9),
                         "n_images": int((plan.assignments >= 0).sum()), "n_skipped": len(state.skipped)})
