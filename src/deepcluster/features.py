@@ -68,6 +68,68 @@ class PassSettings:
                    config.precision == "bf16")
 
 
+@dataclass(frozen=True)
+class Keep:
+    """What a consumer of a pass (the online kNN) asks it to keep besides what it computes
+    for itself: the raw clustered features of the ``(N,)`` bool ``rows`` and, with ``body``,
+    their pooled conv body from the same forward."""
+
+    rows: np.ndarray
+    body: bool = False
+
+
+@dataclass
+class Kept:
+    """What a pass kept for a ``Keep``: this process's share of the rows (all of them in one
+    process), in ascending image order.
+
+    Attributes:
+        features: ``(n, clustered_dim)`` float32 raw features (zero rows for unreadable images).
+        rows: ``(n,)`` their image indices.
+        decoded: ``(n,)`` bool, the images that decoded.
+        body: ``(n, body_dim)`` their pooled body, when asked for, else None.
+    """
+
+    features: np.ndarray
+    rows: np.ndarray
+    decoded: np.ndarray
+    body: np.ndarray | None = None
+
+    def select(self, rows: np.ndarray) -> Kept:
+        """The kept images among the ``(N,)`` bool ``rows``."""
+        mine = rows[self.rows]
+        return Kept(self.features[mine], self.rows[mine], self.decoded[mine],
+                    None if self.body is None else self.body[mine])
+
+
+class Keeper:
+    """Collects a ``Keep``'s rows from a pass that visits the images ``visited`` in that
+    order, batch after batch (``add``), into a ``Kept`` (``result``)."""
+
+    def __init__(self, keep: Keep, visited: np.ndarray, dim: int, body_dim: int) -> None:
+        self.wanted = keep.rows[visited]
+        self.rows = visited[self.wanted]
+        self.features = np.zeros((len(self.rows), dim), dtype=np.float32)
+        self.body = np.zeros((len(self.rows), body_dim), dtype=np.float32) if keep.body else None
+        self.position, self.filled = 0, 0
+
+    def add(self, features: np.ndarray, body: torch.Tensor | None = None) -> None:
+        """The next batch of the visited images: ``(B, dim)`` features, ``(B, body_dim)`` body."""
+        wanted = self.wanted[self.position:self.position + len(features)]
+        count = int(wanted.sum())
+        self.features[self.filled:self.filled + count] = features[wanted]
+        if self.body is not None:
+            self.body[self.filled:self.filled + count] = body.float().cpu().numpy()[wanted]
+        self.position += len(features)
+        self.filled += count
+
+    def result(self, decoded: np.ndarray) -> Kept:
+        """The kept rows in image order; ``decoded``: ``(N,)`` bool of every image."""
+        order = np.argsort(self.rows, kind="stable")
+        rows = self.rows[order]
+        return Kept(self.features[order], rows, decoded[rows], None if self.body is None else self.body[order])
+
+
 @torch.no_grad()
 def feature_pass(forward: Callable[[torch.Tensor], Any], source: ImageSource, settings: PassSettings,
                  on_batch: Callable[[np.ndarray, Any, np.ndarray], None], indices: np.ndarray | None = None,
@@ -177,5 +239,5 @@ def compute_features(model: Backbone, source: ImageSource, config: Config, devic
             None if pooled is None else distributed.gather_in_order(pooled, indices, len(source)))
 
 
-__all__ = ["PassSettings", "autocast", "batchnorm_statistics_of", "compute_features", "feature_pass", "loader_kwargs",
+__all__ = ["Keep", "Kept", "Keeper", "PassSettings", "autocast", "batchnorm_statistics_of", "compute_features", "feature_pass", "loader_kwargs",
            "local_features"]

@@ -97,7 +97,9 @@ def load_cluster_model(path: str | Path, device: torch.device | str = "cpu") -> 
     """
     model, config = load_backbone(path)
     saved = load_checkpoint(path)
-    if config.method == "v2":
+    from deepcluster.methods.registry import METHODS
+
+    if METHODS[config.method].assigns_by_prototypes:
         return _load_v2(path, model, config, saved, device)
     final = saved.get("final")
     if isinstance(final, dict) and int(final.get("epoch", -1)) == int(saved.get("epoch", 0)):

@@ -22,6 +22,7 @@ Two kinds of numbers, both only where classes are known (they never steer traini
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from deepcluster.config import Config
 from deepcluster.data import ArraySource, DataError, FolderSource, ImageSource
 from deepcluster.evaluation.clustering_scores import kmeans_clustering_scores
 from deepcluster.evaluation.knn import nearest_neighbors, neighbor_votes, top_accuracies
+from deepcluster.features import Keep, Kept, compute_features, local_features
+from deepcluster.methods import STREAM_SCORES, Plan, derived_seed
 
 # k-means for the k = number of classes accuracy: a few Lloyd iterations from k-means++
 # starts is plenty at such a small k. One start is not: at k = 10 a k-means lands in a
@@ -318,6 +321,63 @@ def measures_body(model: torch.nn.Module, config: Config, monitor: KnnMonitor | 
     return monitor is None or body_memory_bytes(model, monitor) <= KNN_BODY_MAX_BYTES
 
 
+class Monitor:
+    """The epoch's scores, run by the loop on what the plan returns: the label scores of the
+    clustering (with classes) and the online kNN (with ``val``, every ``val_every`` epochs
+    and the last, on a fresh clustering). The only thing it asks of the method's feature pass
+    is ``request``: keep the kNN memory's raw features (and pooled body), so the training
+    side of the kNN costs no pass of its own where the method makes one (v1).
+
+    Args:
+        knn: the online kNN, or None.
+        source: the training images (their labels, and the kNN memory's pass where needed).
+        config: the run's settings.
+        device: where the networks run.
+    """
+
+    def __init__(self, knn: KnnMonitor | None, source: ImageSource, config: Config, device: torch.device) -> None:
+        self.knn, self.source, self.config, self.device = knn, source, config, device
+
+    def due(self, epoch: int, final: bool = False) -> bool:
+        """Whether the kNN is measured at epoch ``epoch`` (0-based) or on the final clustering."""
+        config = self.config
+        return self.knn is not None and (final or epoch % config.val_every == 0 or epoch == config.epochs - 1)
+
+    def request(self, model: torch.nn.Module, epoch: int, final: bool = False) -> Keep | None:
+        """What the feature pass of epoch ``epoch`` should keep for the kNN (None: nothing)."""
+        if not self.due(epoch, final) or self.knn.memory is None:
+            return None
+        return Keep(self.knn.memory, measures_body(model, self.config, self.knn))
+
+    def __call__(self, model: torch.nn.Module, plan: Plan, epoch: int, final: bool = False) -> dict[str, float]:
+        """The scores of ``plan`` (epoch ``epoch``, 0-based; ``final``: the final clustering),
+        with the seconds they took (``time_monitor``, epochs only)."""
+        tick = time.perf_counter()
+        scores = label_scores(plan.assignments, self.source.labels, unwhitened(plan.points, plan.pca),
+                              derived_seed(self.config.seed, epoch, STREAM_SCORES), self.config.kmeans_backend)
+        if plan.fresh and self.due(epoch, final):
+            scores.update(self.knn_scores(model, plan.kept))
+        if not final:
+            scores["time_monitor"] = time.perf_counter() - tick
+        return scores
+
+    def knn_scores(self, model: torch.nn.Module, kept: Kept | None) -> dict[str, float]:
+        """Online kNN of the validation images against the memory rows ``kept`` by the
+        epoch's feature pass, or, without them, against a pass of its own (each process its
+        share); also on the pooled body where ``measures_body`` says so (``knn_body_top1``)."""
+        knn, config, device = self.knn, self.config, self.device
+        body = measures_body(model, config, knn)
+        val_features, val_decoded, val_body = compute_features(model, knn.val, config, device, body=body)
+        if knn.memory is None:
+            return knn.score_with_body((val_features, val_body), val_decoded, None, None, device)
+        if kept is None:
+            kept = Kept(*local_features(model, self.source, config, device, np.flatnonzero(knn.memory), body=body))
+        decoded = kept.decoded
+        return knn.score_with_body((val_features, val_body), val_decoded,
+                                   (kept.features[decoded], None if kept.body is None else kept.body[decoded]),
+                                   knn.train_labels[kept.rows[decoded]], device)
+
+
 def digits_verdict(source: ArraySource, summary: dict, assignments: np.ndarray, backend: str = "faiss") -> str:
     """The demo's last line: the trained network's clustering beside k-means on the raw
     pixels at the same k (the baseline a feature learner has to beat), NMI and purity, and
@@ -332,5 +392,5 @@ def digits_verdict(source: ArraySource, summary: dict, assignments: np.ndarray, 
             f"{nmi_ceiling(source.labels, assignments):.3f}): {verdict} the raw-pixel baseline")
 
 
-__all__ = ["KNN_BODY_MAX_BYTES", "KnnMonitor", "body_memory_bytes", "chance_nmi", "class_kmeans_accuracy",
+__all__ = ["KNN_BODY_MAX_BYTES", "KnnMonitor", "Monitor", "body_memory_bytes", "chance_nmi", "class_kmeans_accuracy",
            "digits_verdict", "label_scores", "measures_body", "nmi_ceiling", "purity", "raw_pixel_scores"]

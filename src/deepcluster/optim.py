@@ -95,6 +95,8 @@ class LARS(torch.optim.SGD):
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group of ``optimizer`` at learning rate ``lr``."""
+    """Every parameter group of ``optimizer`` at learning rate ``lr``, except those marked
+    ``fixed_lr`` (v1's head, at its own constant rate)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if not group.get("fixed_lr", False):
+            group["lr"] = lr

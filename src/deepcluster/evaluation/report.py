@@ -158,10 +158,11 @@ def baseline_note(report: dict[str, Any]) -> str:
 
 def training_budget(checkpoint_path: str | Path, epochs_completed: int, config: Config) -> dict[str, Any]:
     """What produced the checkpoint: settings from its config, time from its ``log.jsonl``."""
+    from deepcluster.methods.registry import METHODS
+
     budget: dict[str, Any] = {
         "epochs_completed": int(epochs_completed), "epochs_planned": config.epochs, "method": config.method,
-        "n_clusters": config.n_clusters if config.method == "v1" else None,
-        "prototypes": list(config.prototypes) if config.method == "v2" else None, "batch_size": config.batch_size,
+        **METHODS[config.method].cluster_settings(config), "batch_size": config.batch_size,
         "lr": config.lr, "arch": config.arch, "sobel": config.sobel,
         "image_size": config.crop, "data": config.data, "precision": config.precision, "seed": config.seed,
     }

@@ -16,57 +16,38 @@ The same chain (``cluster_images``) makes the final clustering of the trained ne
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from deepcluster import distributed
 from deepcluster.clustering import cluster_sizes, kmeans, nmi
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca_sharded
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
-from deepcluster.config import Config
-from deepcluster.data import DataError, ImageSource, decode_problem
-from deepcluster.features import PassSettings, compute_features, feature_pass
+from deepcluster.data import (ImageSource, PseudoLabelDataset, RandomResizedCropFlip, decode_problem,
+                              uniform_cluster_sample)
+from deepcluster.data.transforms import color_jitter
+from deepcluster.features import Keep, Keeper, Kept, PassSettings, feature_pass, loader_kwargs
 from deepcluster.health import check_features, cluster_warnings
-from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM_HEAD_SAMPLE, STREAM_SCORES,
+from deepcluster.messages import plural
+from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM_HEAD_SAMPLE, STREAM_SAMPLER, Method,
                                  Plan, derived_seed)
-from deepcluster.models import Backbone
-from deepcluster.models.heads import ClassifierHead
-from deepcluster.monitor import KnnMonitor, label_scores, measures_body, unwhitened
+from deepcluster.models import Backbone, model_from_config
+from deepcluster.models.heads import ClassifierHead, WithHead
+from deepcluster.methods.head_init import centroids_head, head_sample, init_head_from_clusters, with_rows
+from deepcluster.methods.previous import previous_centroids, sharded_previous_centroids
+from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress
 from deepcluster.runfolder import SKIPPED_NAME
 
-
-@dataclass
-class Partition:
-    """One clustering of the images: a pseudo-label for every image (-1 where unusable).
-
-    Attributes:
-        assignments: ``(N,)`` int64 pseudo-label of every image.
-        n_clusters: number of pseudo-labels (k for k-means; found by PIC).
-        centroids: ``(n_clusters, pca_dim)`` cluster centres in the PCA space (for PIC,
-            cluster means), to place new images.
-        objective: mean squared distance to the centroid (k-means only).
-        n_split: empty clusters re-seeded during k-means.
-        pca: the projection fitted this epoch (None for v2, which clusters unit embeddings).
-        time_pca: seconds spent fitting the PCA and projecting.
-        time_kmeans: seconds spent in k-means (or PIC).
-    """
-
-    assignments: np.ndarray
-    n_clusters: int
-    centroids: np.ndarray
-    objective: float | None
-    n_split: int
-    pca: PCA | None
-    time_pca: float
-    time_kmeans: float
+if TYPE_CHECKING:
+    from deepcluster.config import Config
 
 
 def clustering_device(config: Config, device: torch.device) -> str:
@@ -77,45 +58,6 @@ def clustering_device(config: Config, device: torch.device) -> str:
     if device.type == "cuda" and config.kmeans_backend == "faiss" and not faiss_has_gpu():
         return "cpu"
     return str(device)
-
-
-def previous_centroids(points: np.ndarray, previous: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    """``(k, d)`` starting centroids for ``kmeans_init: previous``: the mean of this epoch's
-    points under last epoch's clustering, so cluster k stays (mostly) cluster k; a cluster
-    without a usable point starts at a random point."""
-    usable = previous >= 0
-    sums = np.zeros((n_clusters, points.shape[1]), dtype=np.float64)
-    np.add.at(sums, previous[usable], points[usable])
-    counts = np.bincount(previous[usable], minlength=n_clusters)
-    empty = counts == 0
-    sums[empty] = points[np.random.default_rng(seed).choice(len(points), int(empty.sum()), replace=False)]
-    counts[empty] = 1
-    return (sums / counts[:, None]).astype(np.float32)
-
-
-def sharded_previous_centroids(points: np.ndarray, previous: np.ndarray, n_clusters: int,
-                               seed: int) -> np.ndarray:
-    """``previous_centroids`` with the usable points spread over processes in rank order
-    (``points``, ``previous``: this process's): the sums and counts are all-reduced, and a
-    cluster without a point starts at the same random point of the global set as in one
-    process."""
-    usable = previous >= 0
-    sums = np.zeros((n_clusters, points.shape[1] + 1), dtype=np.float64)
-    np.add.at(sums[:, :-1], previous[usable], points[usable])
-    sums[:, -1] = np.bincount(previous[usable], minlength=n_clusters)
-    sums = distributed.all_reduce_sum(torch.from_numpy(sums)).numpy()
-    counts = sums[:, -1].copy()
-    sums = sums[:, :-1]
-    empty = counts == 0
-    sizes = distributed.all_gather_ints(len(points))
-    offset = sum(sizes[:distributed.rank()])
-    chosen = np.random.default_rng(seed).choice(sum(sizes), int(empty.sum()), replace=False)
-    picked = np.zeros((len(chosen), points.shape[1]), dtype=np.float64)
-    mine = (chosen >= offset) & (chosen < offset + len(points))
-    picked[mine] = points[chosen[mine] - offset]
-    sums[empty] = distributed.all_reduce_sum(torch.from_numpy(picked)).numpy()
-    counts[empty] = 1
-    return (sums / counts[:, None]).astype(np.float32)
 
 
 def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int,
@@ -204,13 +146,8 @@ class ReducedFeatures:
         pca: the fitted PCA (``None`` when fewer than two images decoded).
         time_network: seconds in the network.
         time_pca: seconds in the PCA (fit and projections).
-        kept: ``(n, feature_dim)`` raw features of the ``keep`` images this process
-            visited (all of them in one process), in image order (None without ``keep``).
-        kept_rows: ``(n,)`` their image indices, ascending.
-        keep: the ``(N,)`` bool mask the pass was given.
         start: the first image of ``points``.
-        kept_body: ``(n, body_dim)`` the pooled body of the same images, when the pass was
-            asked for it (``keep_body``), else None.
+        kept: the raw features the pass was asked to keep (``keep``), else None.
     """
 
     points: np.ndarray
@@ -218,30 +155,40 @@ class ReducedFeatures:
     pca: PCA | None
     time_network: float
     time_pca: float
-    kept: np.ndarray | None = None
-    kept_rows: np.ndarray | None = None
-    keep: np.ndarray | None = None
     start: int = 0
-    kept_body: np.ndarray | None = None
+    kept: Kept | None = None
 
-    def local_raw(self, rows: np.ndarray, body: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """This process's share of the raw features (with ``body``, of the pooled body) of
-        the ``(N,)`` bool ``rows`` (a subset of ``keep``) and their image indices, ascending:
-        every one of them in one process."""
-        mine = rows[self.kept_rows]
-        return (self.kept_body if body else self.kept)[mine], self.kept_rows[mine]
 
-    def raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw features and decoded flags of the ``(N,)`` bool ``rows`` (a subset of ``keep``),
-        in image order, on every process (for a bounded sample, such as a head's)."""
-        features, indices = distributed.gather_sorted(*self.local_raw(rows))
-        return features, self.decoded[indices]
+def visiting_order(n_images: int, config: Config, seed: int) -> tuple[np.ndarray, int, int, bool]:
+    """The images this process visits, in order, its block ``start .. stop - 1`` and whether
+    the PCA is fitted on a sample (``pca_sample_size``: then in a seeded random order)."""
+    bounded = config.pca_sample_size is not None and config.pca_sample_size < n_images
+    # Each process visits a contiguous block of the images (in the seeded order when the
+    # PCA is fitted on a sample) and keeps its rows: k-means' sharded mode clusters them there.
+    start, stop = distributed.block(n_images)
+    if bounded:
+        order = np.random.default_rng(seed).permutation(n_images)
+        return order[(order >= start) & (order < stop)], start, stop, True
+    return np.arange(start, stop), start, stop, False
+
+
+def streaming_pca(model: Backbone, config: Config, n_images: int, n_local: int, n_visited: int,
+                  bounded: bool) -> StreamingPCA:
+    """The PCA-whitening the feature pass streams into (fitted over the processes when
+    there are several)."""
+    share = -(-config.pca_sample_size // distributed.world_size()) if bounded else n_visited
+    n_components = pca_dim_for(config.pca_dim, n_images)
+    sharded = distributed.is_distributed()
+    return StreamingPCA(n_local, n_components, config.whiten_power, sample_size=max(share, 2),
+                        gather_sample=distributed.all_gather_rows if sharded and bounded else None,
+                        fit=(lambda local: fit_pca_sharded(local, model.clustered_dim, n_components,
+                                                           config.whiten_power)) if sharded and not bounded else None)
 
 
 @torch.no_grad()
 def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
-                    seed: int, epoch: int = 0, keep: np.ndarray | None = None,
-                    before_batch: Callable[[], object] | None = None, keep_body: bool = False) -> ReducedFeatures:
+                    seed: int, epoch: int = 0, keep: Keep | None = None,
+                    before_batch: Callable[[], object] | None = None) -> ReducedFeatures:
     """The feature pass streamed into PCA-whitening and L2 normalisation.
 
     Only ``(N, pca_dim)`` is kept for k-means. With ``pca_sample_size`` unset the PCA is
@@ -251,10 +198,7 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     so memory stays bounded (ImageNet: 1.6 GB of sample instead of 21 GB).
 
     Args:
-        keep: ``(N,)`` bool, images whose raw features are also returned (``kept``), e.g.
-            the online kNN's memory; None keeps none.
-        keep_body: with ``keep``, also return those images' pooled body (``kept_body``),
-            computed in the same pass.
+        keep: raw features (and pooled body) to keep as well, e.g. the online kNN's memory.
         before_batch: called before the network sees each batch (``faults.instrument``
             injects its ``features`` point here).
 
@@ -262,50 +206,26 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
     """
     model.eval()
-    n_images = len(source)
-    bounded = config.pca_sample_size is not None and config.pca_sample_size < n_images
-    # Each process visits a contiguous block of the images (in the seeded order when the
-    # PCA is fitted on a sample) and keeps its rows: k-means' sharded mode clusters them there.
-    start, stop = distributed.block(n_images)
-    if bounded:
-        order = np.random.default_rng(seed).permutation(n_images)
-        indices = order[(order >= start) & (order < stop)]
-    else:
-        indices = np.arange(start, stop)
-    share = -(-config.pca_sample_size // distributed.world_size()) if bounded else len(indices)
-    n_components = pca_dim_for(config.pca_dim, n_images)
-    sharded = distributed.is_distributed()
-    reducer = StreamingPCA(stop - start, n_components, config.whiten_power, sample_size=max(share, 2),
-                           gather_sample=distributed.all_gather_rows if sharded and bounded else None,
-                           fit=(lambda local: fit_pca_sharded(local, model.clustered_dim, n_components,
-                                                              config.whiten_power)) if sharded and not bounded else None)
+    indices, start, stop, bounded = visiting_order(len(source), config, seed)
+    reducer = streaming_pca(model, config, len(source), stop - start, len(indices), bounded)
     local_decoded = np.zeros(len(indices), dtype=bool)
-    keep_local = None if keep is None else keep[indices]
-    kept_local = None if keep is None else np.zeros((int(keep_local.sum()), model.clustered_dim), dtype=np.float32)
-    keep_body = keep_body and keep is not None
-    body_local = np.zeros((len(kept_local), model.body_dim), dtype=np.float32) if keep_body else None
-    kept_position = 0
-    position, time_pca = 0, 0.0
-    began = time.perf_counter()
+    keeper = None if keep is None else Keeper(keep, indices, model.clustered_dim, model.body_dim)
+    body = keep is not None and keep.body
+    position, time_pca, began = 0, 0.0, time.perf_counter()
 
     def forward(batch: torch.Tensor) -> Any:
         if before_batch is not None:
             before_batch()
-        return model.forward_clustered_and_body(batch) if keep_body else model.forward_clustered(batch)
+        return model.forward_clustered_and_body(batch) if body else model.forward_clustered(batch)
 
     def add(rows: np.ndarray, out: Any, decoded: np.ndarray) -> None:
-        nonlocal position, kept_position, time_pca
-        if keep_body:
-            out, body = out
+        nonlocal position, time_pca
+        out, body_out = out if body else (out, None)
         out = out.float().cpu().numpy()
         check_features(out, epoch)
         local_decoded[position:position + len(rows)] = decoded
-        if keep_local is not None:
-            wanted = keep_local[position:position + len(rows)]
-            kept_local[kept_position:kept_position + int(wanted.sum())] = out[wanted]
-            if keep_body:
-                body_local[kept_position:kept_position + int(wanted.sum())] = body.float().cpu().numpy()[wanted]
-            kept_position += int(wanted.sum())
+        if keeper is not None:
+            keeper.add(out, body_out)
         position += len(rows)
         tick = time.perf_counter()
         if decoded.any():
@@ -313,108 +233,18 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         time_pca += time.perf_counter() - tick
 
     feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
-    mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, n_images).astype(bool)
-    # Each process keeps its share of the kept rows, in image order (no process holds them all).
-    kept, kept_rows, kept_body = None, None, None
-    if keep is not None:
-        kept_rows = indices[keep_local]
-        order = np.argsort(kept_rows, kind="stable")
-        kept, kept_rows = kept_local[order], kept_rows[order]
-        kept_body = None if body_local is None else body_local[order]
+    mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
+    kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
         return ReducedFeatures(np.zeros((stop - start, 0), dtype=np.float32), mask, None,
-                               time.perf_counter() - began, time_pca, kept, kept_rows, keep, start, kept_body)
+                               time.perf_counter() - began, time_pca, start, kept)
     tick = time.perf_counter()
     with Progress(None, "PCA-whitening"):
         reduced, pca = reducer.finish()
     time_pca += time.perf_counter() - tick
-    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, kept, kept_rows, keep,
-                           start, kept_body)
+    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, start, kept)
 
 
-def class_points(reduced: ReducedFeatures | None) -> np.ndarray | None:
-    """The clustered points with their whitening undone (``monitor.unwhitened``), for the
-    label scores' k = number of classes accuracy (``cluster_acc``), or None: without a
-    feature pass, and with several processes, which hold only their own block (the scores
-    from the assignments alone remain)."""
-    if reduced is None or distributed.is_distributed():
-        return None
-    return unwhitened(reduced.points, reduced.pca)
-
-
-def union(*masks: np.ndarray | None) -> np.ndarray | None:
-    """Element-wise OR of the masks that are not None (None when all are)."""
-    given = [m for m in masks if m is not None]
-    return None if not given else np.logical_or.reduce(given)
-
-
-# head_init "centroids": rows whose features set the new head (enough for 20 per cluster),
-# and the temperature of its logits (v2's).
-HEAD_SAMPLE_MIN, HEAD_SAMPLE_PER_CLUSTER, HEAD_TEMPERATURE = 50_000, 20, 0.1
-
-
-def head_sample(n_images: int, n_clusters: int, seed: int) -> np.ndarray:
-    """``(N,)`` bool: the images whose features set a ``centroids`` head (all of a small set)."""
-    size = min(n_images, max(HEAD_SAMPLE_MIN, HEAD_SAMPLE_PER_CLUSTER * n_clusters))
-    mask = np.zeros(n_images, dtype=bool)
-    mask[np.random.default_rng(seed).choice(n_images, size, replace=False) if size < n_images else slice(None)] = True
-    return mask
-
-
-@torch.no_grad()
-def init_head_from_clusters(head: nn.Linear, features: np.ndarray, assignments: np.ndarray,
-                            temperature: float = HEAD_TEMPERATURE, head_std: float = 0.01) -> None:
-    """Start a new head as a nearest-cluster-mean classifier (``head_init: centroids``).
-
-    The head reads ``h = relu(f)``. Row k becomes the direction from the mean of ``h`` to
-    the mean of cluster k, scaled so the logits are about cos(h - mean, direction) / T
-    (T = 0.1, v2's temperature), but at most 1 / T times the norm of a random row of std
-    ``head_std`` (the model's); the bias subtracts the mean. So the first step already
-    predicts the pseudo-labels and its gradient teaches the body instead of a random head
-    (the reference starts from N(0, 0.01) and must learn the head first, a few hundred
-    steps of every epoch, which is most of an epoch on a small set). Clusters without a
-    sampled image keep their random row.
-
-    Args:
-        head: ``Linear(feature_dim, k)``, changed in place.
-        features: ``(n, feature_dim)`` raw features (before the ReLU) of sampled images.
-        assignments: ``(n,)`` their clusters in ``[0, k)``.
-    """
-    h = torch.relu(torch.from_numpy(features)).double()
-    labels = torch.from_numpy(assignments).long()
-    mean = h.mean(dim=0)
-    scale = (h - mean).norm(dim=1).mean().clamp_min(1e-12)
-    sums = torch.zeros(head.out_features, h.shape[1], dtype=torch.float64).index_add_(0, labels, h)
-    counts = torch.bincount(labels, minlength=head.out_features)
-    present = counts > 0
-    direction = sums[present] / counts[present, None] - mean
-    # Capped so tiny features (a narrow net under the reference init) do not get a huge head
-    # whose gradient would throw the body off: at most 1 / T times a reference row's norm.
-    norm = min(1.0 / (temperature * float(scale)), math.sqrt(h.shape[1]) * head_std / temperature)
-    weight = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12) * norm
-    head.weight[present] = weight.to(head.weight)
-    head.bias[present] = -(weight @ mean).to(head.bias)
-
-
-def knn_scores(model: Backbone, monitor: KnnMonitor, reduced: ReducedFeatures, config: Config,
-               device: torch.device) -> dict[str, float]:
-    """Online kNN of the validation images: their feature pass, against the memory rows
-    the epoch's feature pass kept (``reduced.kept``; each process its own share); also on
-    the pooled body when the pass kept it (``knn_body_top1``)."""
-    body = reduced.kept_body is not None or (monitor.memory is None and measures_body(model, config, monitor))
-    val_features, val_decoded, val_body = compute_features(model, monitor.val, config, device, body=body)
-    if monitor.memory is None:
-        return monitor.score_with_body((val_features, val_body), val_decoded, None, None, device)
-    memory, rows = reduced.local_raw(monitor.memory)
-    decoded = reduced.decoded[rows]
-    memory_body = reduced.local_raw(monitor.memory, body=True)[0][decoded] if body else None
-    return monitor.score_with_body((val_features, val_body), val_decoded, (memory[decoded], memory_body),
-                                   monitor.train_labels[rows[decoded]], device)
-
-
-
-class TooFewDecoded(DataError):
-    """Fewer images decoded than the clustering needs (the run writes ``skipped.tsv`` first)."""
 
 
 class V1Planner:
@@ -424,22 +254,21 @@ class V1Planner:
         config: the run's settings.
         device: where the network runs.
         source: the training images.
-        monitor: the online kNN, or None.
 
     Attributes:
         reduce, cluster: the feature pass into PCA-L2 and the clustering step it calls
             (``faults.instrument`` wraps them).
         partition: the clustering in effect (the last one made; kept with the checkpoint).
-        training_numbers: what the training pass adds to the epoch's record (nothing for v1).
+        bank: v1 keeps no memory bank (None).
     """
 
-    def __init__(self, config: Config, device: torch.device, source: ImageSource,
-                 monitor: KnnMonitor | None = None) -> None:
-        self.config, self.device, self.source, self.monitor = config, device, source, monitor
+    bank = None
+
+    def __init__(self, config: Config, device: torch.device, source: ImageSource, *_: Any) -> None:
+        self.config, self.device, self.source = config, device, source
         self.reduce: Callable[..., ReducedFeatures] = reduce_features
         self.cluster: Callable[..., Partition] = cluster_points
         self.partition: Partition | None = None
-        self.training_numbers: dict[str, Any] = {}  # v1's training pass adds nothing to the log
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """What the checkpoint keeps of the clustering in effect: its centroids and PCA (what
@@ -454,22 +283,21 @@ class V1Planner:
         """Nothing to restore: every epoch of v1 clusters afresh (``previous`` comes with the run state)."""
 
     def cluster_images(self, model: Backbone, epoch: int, previous: np.ndarray | None = None,
-                       keep: np.ndarray | None = None, skipped: dict[str, str] | None = None,
-                       keep_body: bool = False) -> tuple[ReducedFeatures, Partition]:
+                       keep: Keep | None = None, skipped: dict[str, str] | None = None
+                       ) -> tuple[ReducedFeatures, Partition]:
         """Features -> PCA-whitening -> L2 -> k-means (or PIC) of every image, seeded by ``epoch``.
 
         Args:
             previous: last epoch's assignments (``kmeans_init: previous``).
-            keep: images whose raw features the pass also returns.
+            keep: raw features the pass keeps as well.
             skipped: path -> reason; images that did not decode are added.
-            keep_body: also return the ``keep`` images' pooled body.
 
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
         """
         config, source = self.config, self.source
         order_seed = derived_seed(config.seed, epoch, STREAM_FEATURE_ORDER)
-        reduced = self.reduce(model, source, config, self.device, order_seed, epoch, keep=keep, keep_body=keep_body)
+        reduced = self.reduce(model, source, config, self.device, order_seed, epoch, keep=keep)
         if skipped is not None:
             for index in np.flatnonzero(~reduced.decoded):
                 skipped[source.name(int(index))] = decode_problem(source, int(index))
@@ -485,7 +313,7 @@ class V1Planner:
         return reduced, partition
 
     def plan(self, model: Backbone, head: ClassifierHead, epoch: int, previous: np.ndarray | None,
-             skipped: dict[str, str]) -> Plan:
+             skipped: dict[str, str], keep: Keep | None = None) -> Plan:
         """Epoch ``epoch``'s (0-based) plan: a fresh clustering (every ``reassign_every``
         epochs, and always when there is no ``previous``), a head reset to its clusters,
         and the numbers of both.
@@ -493,35 +321,28 @@ class V1Planner:
         Args:
             previous: the last epoch's assignments, or None.
             skipped: path -> reason of the files left out; this epoch's undecodable ones are added.
+            keep: what the monitor asks the feature pass to keep.
 
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
         """
-        config, monitor = self.config, self.monitor
+        config = self.config
         record: dict[str, Any] = {"epoch": epoch + 1}  # counted from 1 wherever a person reads it
         recluster = previous is None or epoch % config.reassign_every == 0
         record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
-        reduced, measure_knn = None, False
+        reduced, assignments = None, previous
         if recluster:
-            measure_knn = monitor is not None and (epoch % config.val_every == 0 or epoch == config.epochs - 1)
             head_rows = (head_sample(len(self.source), config.n_clusters,
                                      derived_seed(config.seed, epoch, STREAM_HEAD_SAMPLE))
                          if config.head_init == "centroids" else None)
-            reduced, self.partition = self.cluster_images(
-                model, epoch, previous, keep=union(monitor.memory if measure_knn else None, head_rows),
-                skipped=skipped,
-                keep_body=measure_knn and self.keeps_body(model))
+            reduced, self.partition = self.cluster_images(model, epoch, previous, with_rows(keep, head_rows), skipped)
             assignments = self.partition.assignments
             if config.head_reset or head.n_outputs != self.partition.n_clusters:
                 head.reset(self.partition.n_clusters, self.device)
             if head_rows is not None:
-                features, decoded = reduced.raw(head_rows)
-                init_head_from_clusters(head.linear, features[decoded], assignments[head_rows][decoded],
-                                        head_std=head.std)
+                centroids_head(head, reduced, assignments, head_rows, keep)
             record.update(time_features=reduced.time_network, time_pca=self.partition.time_pca,
                           time_kmeans=self.partition.time_kmeans, n_split=self.partition.n_split)
-        else:
-            assignments = previous
         record["time_clustering"] = record["time_pca"] + record["time_kmeans"]
         sizes = cluster_sizes(assignments, int(assignments.max()) + 1)
         record.update(
@@ -532,43 +353,130 @@ class V1Planner:
             nmi_prev=nmi(previous, assignments) if recluster and previous is not None else None,
             warnings=cluster_warnings(assignments),
         )
-        tick = time.perf_counter()
-        record.update(label_scores(assignments, self.source.labels, class_points(reduced),
-                                   derived_seed(config.seed, epoch, STREAM_SCORES), config.kmeans_backend))
-        if recluster and measure_knn:
-            record.update(knn_scores(model, monitor, reduced, config, self.device))
-        record["time_monitor"] = time.perf_counter() - tick
-        return Plan(assignments, record)
+        return monitored(Plan(assignments, record, fresh=recluster), reduced)
 
-    def keeps_body(self, model: Backbone) -> bool:
-        """Whether the feature pass keeps the pooled body of the online kNN's memory rows
-        (the monitor has a memory and ``measures_body`` says yes)."""
-        return self.monitor.memory is not None and measures_body(model, self.config, self.monitor)
-
-    def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None) -> tuple[Partition, dict]:
+    def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None,
+                         keep: Keep | None = None) -> tuple[Partition, dict, Plan]:
         """The trained network's clustering after ``epochs`` epochs (the same chain, seeded
         as an epoch ``epochs`` would be; with ``kmeans_init: previous`` started, as the epochs
-        are, from the last epoch's clusters) and its numbers for ``final.json``.
+        are, from the last epoch's clusters), its numbers for ``final.json`` and its plan (for
+        the monitor).
 
         Args:
             last: the last epoch's assignments (for ``nmi_last_epoch``), or None.
+            keep: what the monitor asks the feature pass to keep.
         """
-        config, monitor = self.config, self.monitor
-        previous = last if config.kmeans_init == "previous" else None
-        reduced, final = self.cluster_images(
-            model, epochs, previous, keep=None if monitor is None else monitor.memory,
-            keep_body=monitor is not None and self.keeps_body(model))
+        previous = last if self.config.kmeans_init == "previous" else None
+        reduced, final = self.cluster_images(model, epochs, previous, keep)
         sizes = cluster_sizes(final.assignments, final.n_clusters)
         summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
                    "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
                    "nmi_last_epoch": None if last is None else nmi(last, final.assignments),
-                   **label_scores(final.assignments, self.source.labels, class_points(reduced),
-                                  derived_seed(config.seed, epochs, STREAM_SCORES), config.kmeans_backend),
-                   **({} if monitor is None else knn_scores(model, monitor, reduced, config, self.device)),
                    "time_features": reduced.time_network, "time_clustering": final.time_pca + final.time_kmeans}
-        return final, summary
+        return final, summary, monitored(Plan(final.assignments, summary), reduced)
 
 
-__all__ = ["Partition", "Plan", "ReducedFeatures", "TooFewDecoded", "V1Planner", "cluster_points", "clustering_device",
-           "head_sample", "init_head_from_clusters", "knn_scores", "pca_dim_for", "previous_centroids",
-           "reduce_features"]
+def monitored(plan: Plan, reduced: ReducedFeatures | None) -> Plan:
+    """``plan`` with what the monitor reads of the feature pass: the clustered points and
+    their PCA (one process only: with several, each holds its block) and the kept rows."""
+    if reduced is not None:
+        plan.points = None if distributed.is_distributed() else reduced.points
+        plan.pca, plan.kept = reduced.pca, reduced.kept
+    return plan
+
+
+def build(config: Config, device: torch.device) -> tuple[Backbone, ClassifierHead, torch.optim.Optimizer]:
+    """A fresh backbone on ``device``, its pseudo-label head (without a layer until the first
+    clustering) and the body optimiser (SGD with momentum)."""
+    torch.manual_seed(config.seed)
+    model = model_from_config(config)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return model, ClassifierHead.for_backbone(model), optimizer
+
+
+def head_group(head: ClassifierHead, config: Config) -> dict:
+    """The head's optimiser for an epoch, as a parameter group beside the body's: plain SGD
+    (no momentum: the head is new every epoch) at ``head_lr`` (default ``lr``), not scheduled."""
+    return {"params": list(head.parameters()), "lr": config.head_lr or config.lr, "momentum": 0.0,
+            "dampening": 0.0, "nesterov": False, "weight_decay": config.weight_decay, "fixed_lr": True}
+
+
+class OneCrop(nn.Module):
+    """v1's training network in the loop's terms: ``[images] -> (None, [logits])``, one crop
+    through the backbone and the one head."""
+
+    def __init__(self, model: Backbone, head: ClassifierHead) -> None:
+        super().__init__()
+        self.network = WithHead(model, head)
+
+    def forward(self, crops: list[torch.Tensor]) -> tuple[None, list[torch.Tensor]]:
+        return None, [self.network(crops[0])]
+
+
+def pseudo_label_loader(source: ImageSource, plan: Plan | np.ndarray, config: Config, epoch: int,
+                        device: torch.device) -> DataLoader:
+    """An epoch of ``(image, pseudo-label, image index)`` batches: with the ``uniform``
+    sampler each non-empty cluster gets the same share of the epoch (the paper's defence
+    against trivial solutions); random-resized-crop and flip views."""
+    assignments = plan.assignments if isinstance(plan, Plan) else plan
+    usable = int((assignments >= 0).sum())
+    rng = np.random.default_rng(derived_seed(config.seed, epoch, STREAM_SAMPLER))
+    if config.sampler == "uniform":
+        indices = uniform_cluster_sample(assignments, usable, rng)
+    else:
+        indices = rng.permutation(np.flatnonzero(assignments >= 0))
+    # Drawn alike on every process, then cut into equal shares (no process waits in DDP for
+    # one with a step more); each sample keeps its position in the whole list for its crop.
+    indices, positions = distributed.equal_shard(indices)
+    transform = RandomResizedCropFlip(config.crop, (config.crop_scale_min, 1.0), flip=config.hflip,
+                                      color=color_jitter(config.color_jitter, config.grayscale_prob))
+    dataset = PseudoLabelDataset(source, indices, assignments, transform, config.seed, epoch,
+                                 positions if distributed.is_distributed() else None)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False,
+                      **loader_kwargs(config.workers, device))
+
+
+def size_problem(config: Config, n_images: int) -> str | None:
+    """What the data cannot satisfy of the settings, in one line (None: nothing): a k-means
+    with more clusters than images."""
+    if config.clustering == "kmeans" and config.n_clusters > n_images:
+        return (f"setting 'n_clusters' is {config.n_clusters} but the data has only {n_images} "
+                f"images; choose at most {n_images}")
+    return None
+
+
+def notes(config: Config, n_images: int) -> list[str]:
+    """Warnings before the first epoch: a PCA too wide for the data."""
+    if config.pca_dim <= pca_dim_for(config.pca_dim, n_images):
+        return []
+    return [f"deepcluster: warning: {plural(n_images, 'image')} are too few for pca_dim {config.pca_dim} "
+            f"(whitened to N - 1 dimensions or more, the points are all equally far apart and k-means is "
+            f"arbitrary); using {pca_dim_for(config.pca_dim, n_images)}"]
+
+
+def clustering_text(config: Config) -> str:
+    """How a v1 run clusters, in a few words."""
+    if config.clustering == "kmeans":
+        return f"{config.clustering}, k = {config.n_clusters}, PCA {config.pca_dim}"
+    return f"{config.clustering}, PCA {config.pca_dim}"
+
+
+METHOD = Method(name="v1", build=build, planner=V1Planner, loader=pseudo_label_loader, network=OneCrop,
+                temperature=lambda config: 1.0, head_group=head_group, size_problem=size_problem,
+                # v1's batch_size is per process
+                global_batch=lambda config, processes: config.batch_size * processes,
+                sync_batchnorm=False,  # the paper trained on one GPU
+                describe=lambda config: f"k={config.n_clusters}", notes=notes, logs_heads=False,
+                clustering_text=clustering_text,
+                n_clusters=lambda config: config.n_clusters if config.clustering == "kmeans" else 0,
+                cluster_settings=lambda config: {"n_clusters": config.n_clusters, "prototypes": None},
+                assigns_by_prototypes=False)
+
+
+__all__ = ["METHOD", "Partition", "Plan", "ReducedFeatures", "TooFewDecoded", "V1Planner", "build", "size_problem",
+           "cluster_points", "clustering_device", "head_sample", "init_head_from_clusters", "pca_dim_for",
+           "previous_centroids", "pseudo_label_loader", "reduce_features"]

@@ -1,4 +1,4 @@
-"""DeepCluster-v2's planner and training pass (SwAV paper; DEEPCLUSTER.md section 5).
+"""DeepCluster-v2's planner, multi-crop data and network (SwAV paper; DEEPCLUSTER.md section 5).
 
 Each epoch:
 
@@ -9,10 +9,11 @@ Each epoch:
    its prototypes are overwritten by the centroids and its assignments are the epoch's targets.
 2. **Multi-crop data** (``multi_crop_loader``): a plain shuffle of the images (or uniform over
    head 0's clusters); each gives 2 large + V small crops, every crop carrying its targets.
-3. **Training** (``V2Planner.train_one_epoch``): the backbone once per crop size, the
-   projection, the prototypes' scores / temperature, cross-entropy averaged over heads; SGD
-   or LARS at the step's rate of the warm-up + cosine schedule; the two large crops'
-   embeddings go into the bank for the next epoch's clustering.
+3. **Training** (the one loop, ``deepcluster.train.train_one_epoch``): the backbone once per
+   crop size, the projection, the prototypes' scores / temperature, cross-entropy averaged
+   over heads; SGD or LARS at the step's rate of the warm-up + cosine schedule; the two large
+   crops' embeddings go into the bank (``deepcluster.memory_bank``) for the next epoch's
+   clustering.
 
 The memory bank and the prototypes travel in the checkpoint, so a resumed run equals an
 uninterrupted one.
@@ -23,36 +24,31 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from deepcluster import distributed
-from deepcluster.checkpoint import CheckpointError
 from deepcluster.clustering import cluster_sizes, nmi
 from deepcluster.clustering.spherical import spherical_kmeans
-from deepcluster.config import Config, ConfigError
 from deepcluster.data import ImageSource, Normalize, decode_problem, uniform_cluster_sample
 from deepcluster.data.multicrop import UNREADABLE, CropGroup, MultiCrop, MultiCropDataset
 from deepcluster.data.transforms import color_jitter
-from deepcluster.features import autocast, compute_features, loader_kwargs, local_features
-from deepcluster.health import check_features, check_loss, cluster_warnings
-from deepcluster.losses import per_head_losses
-from deepcluster.methods import (STREAM_BANK_VIEWS, STREAM_CLUSTERING, STREAM_SAMPLER, STREAM_SCORES, Plan,
-                                 derived_seed)
-from deepcluster.methods.v1 import Partition, TooFewDecoded
+from deepcluster.features import Keep, autocast, loader_kwargs, local_features
+from deepcluster.health import check_features, cluster_warnings
+from deepcluster.memory_bank import BANK_CROPS, MemoryBank
+from deepcluster.methods import STREAM_BANK_VIEWS, STREAM_CLUSTERING, STREAM_SAMPLER, Method, Plan, derived_seed
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHead
-from deepcluster.monitor import KnnMonitor, label_scores, measures_body
-from deepcluster.optim import LARS, epoch_learning_rates, set_lr
+from deepcluster.optim import LARS
+from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress, track
 from deepcluster.runfolder import SKIPPED_NAME
 
-BANK_CROPS = 2  # the memory bank keeps the embeddings of the first two (large) crops
-
+if TYPE_CHECKING:
+    from deepcluster.config import Config
 
 def build(config: Config, device: torch.device) -> tuple[Backbone, PrototypeHead, torch.optim.Optimizer]:
     """A fresh backbone, its projection and prototypes (``PrototypeHead``) on ``device``, and
@@ -87,97 +83,6 @@ def multi_crop(config: Config) -> MultiCrop:
 def head_seed(seed: int, epoch: int, head: int) -> int:
     """The spherical k-means seed of head ``head`` at epoch ``epoch``."""
     return int(np.random.SeedSequence([seed, epoch, STREAM_CLUSTERING, head]).generate_state(1)[0])
-
-
-@dataclass
-class MemoryBank:
-    """The embeddings the clustering reads, each process holding its share of the images
-    (every ``world_size``-th image from its rank; all of them in one process).
-
-    Attributes:
-        embeddings: ``(2, n, dim)`` float32 (CPU): the L2-normalised embedding of the first
-            and second crop of each image held, as last written.
-        decoded: ``(n,)`` bool, the images held that decoded when the bank was filled (the
-            others have no embedding and get no target).
-        rows: ``(n,)`` the image indices held, ascending.
-        n_images: images in the run.
-    """
-
-    embeddings: torch.Tensor
-    decoded: np.ndarray
-    rows: np.ndarray
-    n_images: int
-    outbox: list[tuple[np.ndarray, torch.Tensor]] = dataclasses.field(default_factory=list)
-
-    @classmethod
-    def empty(cls, n_images: int, dim: int) -> MemoryBank:
-        rows = distributed.shard(np.arange(n_images))
-        return cls(torch.zeros(BANK_CROPS, len(rows), dim), np.zeros(len(rows), dtype=bool), rows, n_images)
-
-    @classmethod
-    def from_full(cls, embeddings: torch.Tensor, decoded: np.ndarray) -> MemoryBank:
-        """This process's share of a whole ``(2, N, dim)`` bank (a checkpoint's)."""
-        rows = distributed.shard(np.arange(embeddings.shape[1]))
-        index = torch.from_numpy(rows)
-        return cls(embeddings[:, index].clone(), decoded[rows].copy(), rows, embeddings.shape[1])
-
-    @staticmethod
-    def positions(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which of the images ``rows`` this process holds (``(len(rows),)`` bool) and where
-        in its share they are."""
-        rows = np.asarray(rows, dtype=np.int64)
-        held = rows % distributed.world_size() == distributed.rank()
-        return held, rows[held] // distributed.world_size()
-
-    def _store(self, rows: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
-        """Put the embeddings of the images held in place; returns the mask of the others."""
-        held, where = self.positions(rows)
-        self.embeddings[:, torch.from_numpy(where)] = embeddings if held.all() else embeddings[:, torch.from_numpy(held)]
-        return ~held
-
-    def write(self, rows: np.ndarray, embeddings: torch.Tensor) -> None:
-        """Store ``(2, len(rows), dim)`` embeddings of the images ``rows``: those of images
-        this process holds in place, the others for ``synchronise`` to hand over."""
-        rows, embeddings = np.asarray(rows, dtype=np.int64), embeddings.float().cpu()
-        others = self._store(rows, embeddings)
-        if others.any():
-            self.outbox.append((rows[others], embeddings[:, torch.from_numpy(others)]))
-
-    def synchronise(self) -> None:
-        """With several processes, hand each process what the others wrote of its images:
-        each process in turn broadcasts its outbox and the others keep their rows, so no
-        process holds more than its share and one outbox. No-op alone."""
-        outbox, self.outbox = self.outbox, []
-        if not distributed.is_distributed():
-            return
-        rows = np.concatenate([r for r, _ in outbox]) if outbox else np.zeros(0, dtype=np.int64)
-        dim = self.embeddings.shape[2]
-        embeddings = torch.cat([e for _, e in outbox], dim=1) if outbox else torch.zeros(BANK_CROPS, 0, dim)
-        for source, count in enumerate(distributed.all_gather_ints(len(rows))):
-            if count == 0:
-                continue
-            mine = source == distributed.rank()
-            sent_rows = distributed.broadcast(torch.from_numpy(rows) if mine else torch.zeros(count, dtype=torch.int64),
-                                              source).numpy()
-            sent = distributed.broadcast(embeddings.contiguous() if mine else torch.zeros(BANK_CROPS, count, dim),
-                                         source)
-            if not mine:
-                self._store(sent_rows, sent)
-
-    def all_decoded(self) -> np.ndarray:
-        """``(N,)`` bool, the images of every process's share that decoded."""
-        return distributed.gather_in_order(self.decoded.astype(np.uint8), self.rows, self.n_images).astype(bool)
-
-    def full(self) -> tuple[torch.Tensor, np.ndarray] | None:
-        """The whole ``(2, N, dim)`` bank and ``(N,)`` decoded flags on the main process (for
-        its checkpoint), None on the others."""
-        if not distributed.is_distributed():
-            return self.embeddings, self.decoded
-        gathered = distributed.gather_to_main(self.embeddings.transpose(0, 1).numpy(), self.rows)
-        flags = distributed.gather_to_main(self.decoded, self.rows)
-        if gathered is None or flags is None:
-            return None
-        return torch.from_numpy(np.ascontiguousarray(gathered[0].transpose(1, 0, 2))), flags[0]
 
 
 @torch.no_grad()
@@ -270,12 +175,13 @@ def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int
     return BankClustering(targets, centroids, objective, n_empty, n_split, time.perf_counter() - start)
 
 
-def multi_crop_loader(source: ImageSource, targets: np.ndarray, config: Config, epoch: int,
+def multi_crop_loader(source: ImageSource, plan: Plan | np.ndarray, config: Config, epoch: int,
                       device: torch.device) -> DataLoader:
     """An epoch of ``([crop batch, ...], (B, n_heads) targets, image index)`` batches: a plain
     shuffle of the images with targets (``sampler: shuffle``, the reference) or draws uniform
     over head 0's clusters; the last incomplete batch is dropped, as the reference does (a
     batch of one cannot pass the projection's BatchNorm)."""
+    targets = plan.targets if isinstance(plan, Plan) else plan
     usable = targets[0] >= 0
     rng = np.random.default_rng(derived_seed(config.seed, epoch, STREAM_SAMPLER))
     if config.sampler == "uniform":
@@ -288,49 +194,45 @@ def multi_crop_loader(source: ImageSource, targets: np.ndarray, config: Config, 
                       drop_last=True, **loader_kwargs(config.workers, device))
 
 
-def check_sizes(config: Config, n_images: int) -> None:
-    """Refuse, with one line, settings the data cannot satisfy.
-
-    Raises:
-        ConfigError: a head with more prototypes than images, a batch larger than the data,
-            or a batch that does not split evenly over the processes.
-    """
+def size_problem(config: Config, n_images: int) -> str | None:
+    """What the data cannot satisfy of the settings, in one line (None: nothing): a head with
+    more prototypes than images, a batch larger than the data, or a batch that does not split
+    evenly over the processes."""
     largest = max(config.prototypes)
     if largest > n_images:
-        raise ConfigError(f"setting 'prototypes' asks for {largest} prototypes in a head but the data has only "
-                          f"{n_images} images; choose at most {n_images} per head")
+        return (f"setting 'prototypes' asks for {largest} prototypes in a head but the data has only "
+                f"{n_images} images; choose at most {n_images} per head")
     if config.batch_size > n_images:
-        raise ConfigError(f"setting 'batch_size' is {config.batch_size} but the data has only {n_images} images; v2 "
-                          f"drops an epoch's last incomplete batch (as the reference), so choose at most {n_images}")
+        return (f"setting 'batch_size' is {config.batch_size} but the data has only {n_images} images; v2 "
+                f"drops an epoch's last incomplete batch (as the reference), so choose at most {n_images}")
     if config.batch_size % distributed.world_size():
-        raise ConfigError(f"setting 'batch_size' ({config.batch_size}) is the global batch and must split evenly over "
-                          f"the {distributed.world_size()} processes")
+        return (f"setting 'batch_size' ({config.batch_size}) is the global batch and must split evenly over "
+                f"the {distributed.world_size()} processes")
+    return None
 
 
 class V2Planner:
-    """Plans and trains the epochs of a v2 run, and holds its memory bank.
+    """Plans the epochs of a v2 run, and holds its memory bank (which the training pass writes).
 
     Args:
         config: the run's settings.
         device: where the network runs.
         source: the training images.
-        monitor: the online kNN, or None.
+        unused: not read (the online kNN, once held here, runs in the loop after the plan).
         head: the run's ``PrototypeHead`` (its projection makes the final clustering's embeddings).
 
     Attributes:
         reduce, cluster: the bank's first filling and the per-epoch clustering
             (``faults.instrument`` wraps them).
         bank: the memory bank (None until filled or restored).
-        training_numbers: the last training pass's numbers for the log (loss per head, lr).
     """
 
-    def __init__(self, config: Config, device: torch.device, source: ImageSource, monitor: KnnMonitor | None,
-                 head: PrototypeHead) -> None:
-        self.config, self.device, self.source, self.monitor, self.head = config, device, source, monitor, head
+    def __init__(self, config: Config, device: torch.device, source: ImageSource, unused: None = None,
+                 head: PrototypeHead | None = None) -> None:
+        self.config, self.device, self.source, self.head = config, device, source, head
         self.reduce: Callable[..., MemoryBank] = fill_bank
         self.cluster: Callable[..., BankClustering] = cluster_bank
         self.bank: MemoryBank | None = None
-        self.training_numbers: dict[str, Any] = {}
 
     @property
     def clustering_device(self) -> torch.device:
@@ -351,17 +253,10 @@ class V2Planner:
         Raises:
             CheckpointError: it is missing or does not fit the run.
         """
-        bank, decoded = saved.get("bank"), saved.get("bank_decoded")
-        shape = (BANK_CROPS, len(self.source), self.config.projection_dim)
-        if not (isinstance(bank, torch.Tensor) and tuple(bank.shape) == shape and bank.dtype == torch.float32
-                and isinstance(decoded, torch.Tensor) and decoded.dtype == torch.bool
-                and tuple(decoded.shape) == shape[1:2]):
-            raise CheckpointError(f"the checkpoint holds no memory bank of shape {shape} (entries 'bank' and "
-                                  "'bank_decoded'); it is not a resumable v2 checkpoint of this run")
-        self.bank = MemoryBank.from_full(bank, decoded.numpy())  # this process's share
+        self.bank = MemoryBank.from_checkpoint(saved, len(self.source), self.config.projection_dim)  # this process's share
 
     def plan(self, model: Backbone, head: PrototypeHead, epoch: int, previous: np.ndarray | None,
-             skipped: dict[str, str]) -> Plan:
+             skipped: dict[str, str], keep: Keep | None = None) -> Plan:
         """Epoch ``epoch``'s (0-based) plan: the bank (filled first at the start of a run)
         clustered per head, the prototypes set to the centroids, and the numbers of both.
 
@@ -397,97 +292,20 @@ class V2Planner:
                       n_nonempty=sizes.n_nonempty, largest_cluster_share=sizes.largest_share,
                       nmi_prev=nmi(previous, assignments) if previous is not None else None,
                       warnings=cluster_warnings(assignments))
-        tick = time.perf_counter()
         # With several processes no one holds every embedding: the scores of the assignments remain.
         points = None if distributed.is_distributed() else self.bank.embeddings[0].numpy()
-        record.update(label_scores(assignments, source.labels, points,
-                                   derived_seed(config.seed, epoch, STREAM_SCORES), config.kmeans_backend))
-        monitor = self.monitor
-        if monitor is not None and (epoch % config.val_every == 0 or epoch == config.epochs - 1):
-            record.update(self.knn_scores(model))
-        record["time_monitor"] = time.perf_counter() - tick
-        return Plan(assignments, record, clustering.targets)
+        return Plan(assignments, record, clustering.targets, points=points)
 
-    def knn_scores(self, model: Backbone) -> dict[str, float]:
-        """Online kNN of the validation images on the backbone's pooled features (what
-        ``deepcluster eval`` reads), against a feature pass of the training images (each
-        process holds its share of them)."""
-        monitor, config = self.monitor, self.config
-        body = measures_body(model, config, monitor)
-        val_features, val_decoded, val_body = compute_features(model, monitor.val, config, self.device, body=body)
-        if monitor.memory is None:
-            return monitor.score_with_body((val_features, val_body), val_decoded, None, None, self.device)
-        features, rows, decoded, pooled = local_features(model, self.source, config, self.device,
-                                                         np.flatnonzero(monitor.memory), body=body)
-        return monitor.score_with_body((val_features, val_body), val_decoded,
-                                       (features[decoded], None if pooled is None else pooled[decoded]),
-                                       monitor.train_labels[rows[decoded]], self.device)
-
-    def train_one_epoch(self, model: Backbone, head: PrototypeHead, optimizer: torch.optim.Optimizer,
-                        loader: DataLoader, config: Config, epoch: int, device: torch.device,
-                        unreadable: set[int] | None = None,
-                        loss_fn: Callable[..., torch.Tensor] | None = None) -> tuple[float, int]:
-        """One multi-crop pass; returns (mean loss, images trained on) and leaves the loss of
-        each head and the last rate in ``training_numbers``.
-
-        ``loss_fn(scores per head, (n_heads, B) targets, temperature)`` gives each head's
-        loss (``losses.per_head_losses``); the step minimises their mean. An image that
-        cannot be read any more is left out of the loss and of the bank, and added to
-        ``unreadable``.
-
-        Raises:
-            TrainingDiverged: a batch's loss is NaN or infinite (before its step).
-        """
-        loss_fn = loss_fn or per_head_losses
-        network: nn.Module = MultiCropModel(model, head.projection, head.prototypes)
-        if distributed.is_distributed():
-            network = nn.parallel.DistributedDataParallel(network)
-        network.train()
-        normalize = Normalize(config.mean, config.std)
-        rates = epoch_learning_rates(config, len(loader), epoch)
-        head_totals = np.zeros(len(config.prototypes))
-        total_loss, seen, rate = 0.0, 0, float("nan")
-        bar = Progress(len(loader) * loader.batch_size, f"epoch {epoch + 1} training", unit="img")
-        for step, (crops, targets, image_indices) in enumerate(loader):
-            failed = targets[:, 0] == UNREADABLE
-            n_readable = len(image_indices) - int(failed.sum())
-            if n_readable < len(image_indices) and unreadable is not None:
-                unreadable.update(int(index) for index in image_indices[failed])
-            rate = float(rates[step])
-            set_lr(optimizer, rate)
-            with autocast(device, config.precision == "bf16"):
-                embeddings, scores = network([normalize(crop, device, config.channels_last) for crop in crops])
-            head_losses = loss_fn([s.float() for s in scores], targets.T.to(device), config.temperature)
-            loss = head_losses.mean()
-            loss_value = loss.item()
-            check_loss(loss_value, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # The bank for the next epoch: the two large crops' embeddings, as computed here.
-            batch = len(image_indices)
-            large = embeddings.detach()[:BANK_CROPS * batch].view(BANK_CROPS, batch, -1)
-            kept = ~failed
-            self.bank.write(image_indices[kept].numpy(), large[:, kept.to(large.device)])
-            head_totals += head_losses.detach().double().cpu().numpy() * n_readable
-            total_loss += loss_value * n_readable
-            seen += n_readable
-            bar.update(batch, note=f"loss {total_loss / max(seen, 1):.4f}")
-        bar.close()
-        self.bank.synchronise()
-        if distributed.is_distributed():  # the epoch's numbers over every process's share
-            totals = distributed.all_reduce_sum(torch.from_numpy(np.concatenate([[total_loss, seen], head_totals])))
-            total_loss, seen, head_totals = float(totals[0]), int(round(float(totals[1]))), totals[2:].numpy()
-        self.training_numbers = {"train_loss_per_head": (head_totals / max(seen, 1)).tolist(), "lr": rate}
-        return total_loss / max(seen, 1), seen
-
-    def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None) -> tuple[Partition, dict]:
+    def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None,
+                         keep: Keep | None = None) -> tuple[Partition, dict, Plan]:
         """The trained network's clustering after ``epochs`` epochs: THE feature pass (centre
         view, eval mode) through backbone and projection, then head 0's spherical k-means
-        (seeded as an epoch ``epochs`` would be), and its numbers for ``final.json``.
+        (seeded as an epoch ``epochs`` would be), its numbers for ``final.json`` and its plan
+        (for the monitor).
 
         Args:
             last: the last epoch's head-0 assignments (for ``nmi_last_epoch``), or None.
+            keep: not used (the monitor makes its own pass of the training images).
         """
         config, source = self.config, self.source
         start = time.perf_counter()
@@ -517,12 +335,30 @@ class V2Planner:
                    "n_clusters": count, "n_empty": result.n_empty, "n_nonempty": sizes.n_nonempty,
                    "largest_cluster_share": sizes.largest_share,
                    "nmi_last_epoch": None if last is None else nmi(last, assignments),
-                   **label_scores(assignments, source.labels, None if distributed.is_distributed() else embeddings,
-                                  derived_seed(config.seed, epochs, STREAM_SCORES), config.kmeans_backend),
-                   **({} if self.monitor is None else self.knn_scores(model)),
                    "time_features": time_features, "time_clustering": time_kmeans}
-        return final, summary
+        return final, summary, Plan(assignments, summary, points=None if distributed.is_distributed() else embeddings)
 
 
-__all__ = ["BANK_CROPS", "BankClustering", "MemoryBank", "V2Planner", "build", "check_sizes", "cluster_bank",
+def clusters_text(config: Config) -> str:
+    """The clusters a v2 run makes, in a few words."""
+    return f"v2 with prototypes {','.join(map(str, config.prototypes))}"
+
+
+METHOD = Method(name="v2", build=build, planner=lambda config, device, source, head: V2Planner(config, device, source,
+                                                                                               head=head),
+                loader=multi_crop_loader,
+                network=lambda model, head: MultiCropModel(model, head.projection, head.prototypes), temperature=lambda config: config.temperature,
+                head_group=lambda head, config: None, size_problem=size_problem,
+                global_batch=lambda config, processes: config.batch_size,  # v2's batch_size is already global
+                sync_batchnorm=True,  # as SwAV's and solo-learn's multi-GPU runs
+                describe=clusters_text, notes=lambda config, n_images: [], logs_heads=True,
+                clustering_text=lambda config: (
+                    f"v2: spherical k-means of the memory bank, heads of {','.join(map(str, config.prototypes))} "
+                    f"prototypes on {config.projection_dim}-d embeddings (the clusters shown: head 0)"),
+                n_clusters=lambda config: config.prototypes[0],
+                cluster_settings=lambda config: {"n_clusters": None, "prototypes": list(config.prototypes)},
+                assigns_by_prototypes=True)
+
+
+__all__ = ["BANK_CROPS", "BankClustering", "METHOD", "MemoryBank", "V2Planner", "build", "size_problem", "cluster_bank",
            "fill_bank", "head_seed", "multi_crop", "multi_crop_loader"]

@@ -118,20 +118,17 @@ LABEL_SCORES = (("knn_top1", "kNN top-1 %"), ("knn_body_top1", "kNN top-1 %, con
 
 def clustering_summary(config) -> str:
     """How the run clusters, in a few words."""
-    if config.method == "v2":
-        return (f"v2: spherical k-means of the memory bank, heads of {','.join(map(str, config.prototypes))} "
-                f"prototypes on {config.projection_dim}-d embeddings (the clusters shown: head 0)")
-    if config.clustering == "kmeans":
-        return f"{config.clustering}, k = {config.n_clusters}, PCA {config.pca_dim}"
-    return f"{config.clustering}, PCA {config.pca_dim}"
+    from deepcluster.methods.registry import METHODS
+
+    return METHODS[config.method].clustering_text(config)
 
 
 def configured_clusters(config) -> int:
     """The number of clusters a run's settings ask for (0 when the method finds its own):
     v1 k-means' k, v2's prototypes of head 0."""
-    if config.method == "v2":
-        return config.prototypes[0]
-    return config.n_clusters if config.clustering == "kmeans" else 0
+    from deepcluster.methods.registry import METHODS
+
+    return METHODS[config.method].n_clusters(config)
 
 
 def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:

@@ -1,0 +1,140 @@
+"""DeepCluster-v2's memory bank: the embeddings the next epoch's clustering reads.
+
+For every image, the L2-normalised embeddings of its two large crops as the training pass
+computed them (the first filling is a pass of its own before epoch 0). With several
+processes each holds its share of the images (every ``world_size``-th image from its rank)
+and what one process computes of another's images is handed over once per epoch
+(``synchronise``), so no process ever holds more than its share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deepcluster import distributed
+from deepcluster.checkpoint import CheckpointError
+
+BANK_CROPS = 2  # the memory bank keeps the embeddings of the first two (large) crops
+
+
+@dataclass
+class MemoryBank:
+    """The embeddings the clustering reads, each process holding its share of the images
+    (every ``world_size``-th image from its rank; all of them in one process).
+
+    Attributes:
+        embeddings: ``(2, n, dim)`` float32 (CPU): the L2-normalised embedding of the first
+            and second crop of each image held, as last written.
+        decoded: ``(n,)`` bool, the images held that decoded when the bank was filled (the
+            others have no embedding and get no target).
+        rows: ``(n,)`` the image indices held, ascending.
+        n_images: images in the run.
+    """
+
+    embeddings: torch.Tensor
+    decoded: np.ndarray
+    rows: np.ndarray
+    n_images: int
+    outbox: list[tuple[np.ndarray, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_images: int, dim: int) -> MemoryBank:
+        rows = distributed.shard(np.arange(n_images))
+        return cls(torch.zeros(BANK_CROPS, len(rows), dim), np.zeros(len(rows), dtype=bool), rows, n_images)
+
+    @classmethod
+    def from_full(cls, embeddings: torch.Tensor, decoded: np.ndarray) -> MemoryBank:
+        """This process's share of a whole ``(2, N, dim)`` bank (a checkpoint's)."""
+        rows = distributed.shard(np.arange(embeddings.shape[1]))
+        index = torch.from_numpy(rows)
+        return cls(embeddings[:, index].clone(), decoded[rows].copy(), rows, embeddings.shape[1])
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, n_images: int, dim: int) -> MemoryBank:
+        """This process's share of the bank a checkpoint holds (entries ``bank``, ``bank_decoded``).
+
+        Raises:
+            CheckpointError: it is missing or does not fit a run of ``n_images`` images and
+                ``dim``-dimensional embeddings.
+        """
+        bank, decoded = saved.get("bank"), saved.get("bank_decoded")
+        shape = (BANK_CROPS, n_images, dim)
+        if not (isinstance(bank, torch.Tensor) and tuple(bank.shape) == shape and bank.dtype == torch.float32
+                and isinstance(decoded, torch.Tensor) and decoded.dtype == torch.bool
+                and tuple(decoded.shape) == shape[1:2]):
+            raise CheckpointError(f"the checkpoint holds no memory bank of shape {shape} (entries 'bank' and "
+                                  "'bank_decoded'); it is not a resumable v2 checkpoint of this run")
+        return cls.from_full(bank, decoded.numpy())
+
+    @staticmethod
+    def positions(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of the images ``rows`` this process holds (``(len(rows),)`` bool) and where
+        in its share they are."""
+        rows = np.asarray(rows, dtype=np.int64)
+        held = rows % distributed.world_size() == distributed.rank()
+        return held, rows[held] // distributed.world_size()
+
+    def _store(self, rows: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
+        """Put the embeddings of the images held in place; returns the mask of the others."""
+        held, where = self.positions(rows)
+        self.embeddings[:, torch.from_numpy(where)] = embeddings if held.all() else embeddings[:, torch.from_numpy(held)]
+        return ~held
+
+    def write(self, rows: np.ndarray, embeddings: torch.Tensor) -> None:
+        """Store ``(2, len(rows), dim)`` embeddings of the images ``rows``: those of images
+        this process holds in place, the others for ``synchronise`` to hand over."""
+        rows, embeddings = np.asarray(rows, dtype=np.int64), embeddings.float().cpu()
+        others = self._store(rows, embeddings)
+        if others.any():
+            self.outbox.append((rows[others], embeddings[:, torch.from_numpy(others)]))
+
+    def write_batch(self, image_indices: torch.Tensor, kept: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """Store a training batch's two large crops: ``embeddings`` are the ``(n_crops * B, dim)``
+        rows of the batch's ``B`` images crop by crop (large crops first); only the images
+        ``kept`` (``(B,)`` bool: those that could be read) are written."""
+        batch = len(image_indices)
+        large = embeddings.detach()[:BANK_CROPS * batch].view(BANK_CROPS, batch, -1)
+        self.write(image_indices[kept].numpy(), large[:, kept.to(large.device)])
+
+    def synchronise(self) -> None:
+        """With several processes, hand each process what the others wrote of its images:
+        each process in turn broadcasts its outbox and the others keep their rows, so no
+        process holds more than its share and one outbox. No-op alone."""
+        outbox, self.outbox = self.outbox, []
+        if not distributed.is_distributed():
+            return
+        rows = np.concatenate([r for r, _ in outbox]) if outbox else np.zeros(0, dtype=np.int64)
+        dim = self.embeddings.shape[2]
+        embeddings = torch.cat([e for _, e in outbox], dim=1) if outbox else torch.zeros(BANK_CROPS, 0, dim)
+        for source, count in enumerate(distributed.all_gather_ints(len(rows))):
+            if count == 0:
+                continue
+            mine = source == distributed.rank()
+            sent_rows = distributed.broadcast(torch.from_numpy(rows) if mine else torch.zeros(count, dtype=torch.int64),
+                                              source).numpy()
+            sent = distributed.broadcast(embeddings.contiguous() if mine else torch.zeros(BANK_CROPS, count, dim),
+                                         source)
+            if not mine:
+                self._store(sent_rows, sent)
+
+    def all_decoded(self) -> np.ndarray:
+        """``(N,)`` bool, the images of every process's share that decoded."""
+        return distributed.gather_in_order(self.decoded.astype(np.uint8), self.rows, self.n_images).astype(bool)
+
+    def full(self) -> tuple[torch.Tensor, np.ndarray] | None:
+        """The whole ``(2, N, dim)`` bank and ``(N,)`` decoded flags on the main process (for
+        its checkpoint), None on the others."""
+        if not distributed.is_distributed():
+            return self.embeddings, self.decoded
+        gathered = distributed.gather_to_main(self.embeddings.transpose(0, 1).numpy(), self.rows)
+        flags = distributed.gather_to_main(self.decoded, self.rows)
+        if gathered is None or flags is None:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(gathered[0].transpose(1, 0, 2))), flags[0]
+
+
+__all__ = ["BANK_CROPS", "MemoryBank"]
