@@ -62,9 +62,9 @@ def test_train_only_scores_and_input_checks():
     x, y = blobs(10, 3, seed=0)
     result = kmeans_clustering_scores(x, y, seeds=(0,))
     assert result.val is None and result.val_std is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="30 training rows but 29 labels"):
         kmeans_clustering_scores(x, y[:-1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="give both val_features and val_labels"):
         kmeans_clustering_scores(x, y, val_features=x)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one k-means seed"):
         kmeans_clustering_scores(x, y, seeds=())
