@@ -87,7 +87,7 @@ MUTANTS = [
            "centroids[filled] = sums[filled].float()", ("tests/test_clustering.py", "tests/test_kmeans_backends.py"),
            what="k-means centroids are sums, not means"),
     Mutant("sampler-ignored", "train.py", "        indices = uniform_cluster_sample(assignments, usable, rng)",
-           "        indices = rng.permutation(np.flatnonzero(assignments >= 0))", (CORE, "tests/test_train.py"),
+           "        indices = rng.permutation(np.flatnonzero(assignments >= 0))", (CORE,),
            what="v1's loader ignores the uniform sampler (a plain shuffle)"),
     Mutant("sampler-quota", "data/pseudo.py", "quota = n_samples // len(members) + 1",
            "quota = max(1, n_samples // len(members) // 2)", (CORE, "tests/test_data.py"),

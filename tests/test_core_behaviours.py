@@ -87,13 +87,21 @@ def observed_v1(image_folder, tmp_path_factory):
         epoch[0] += 1
         return False
 
+    datasets = []  # every DataLoader's dataset, in order (the training pass's are the pseudo-labelled ones)
+    original_init = torch.utils.data.DataLoader.__init__
+
+    def recording_init(loader, dataset, *args, **kwargs):
+        datasets.append((epoch[0], dataset))
+        original_init(loader, dataset, *args, **kwargs)
+
     threads = torch.get_num_threads()
     try:
-        with watching_sgd(lambda: epoch[0]) as seen:
+        with watching_sgd(lambda: epoch[0]) as seen, \
+                mock.patch.object(torch.utils.data.DataLoader, "__init__", recording_init):
             run(config, log=lambda _: None, stop=after_epoch)
     finally:
         torch.set_num_threads(threads)
-    return {"out": out, "sgd": seen, "checkpoints": checkpoints, "config": config}
+    return {"out": out, "sgd": seen, "checkpoints": checkpoints, "config": config, "datasets": datasets}
 
 
 def test_the_logged_nmi_between_epochs_is_the_nmi_of_the_saved_assignments(observed_v1):
@@ -139,6 +147,25 @@ def test_each_epoch_starts_a_fresh_head_from_n_0_001_with_zero_bias(observed_v1,
     assert torch.count_nonzero(old_bias) > 0
     # and no momentum is carried into the new head's optimiser
     assert all(buffer is None for buffer in sgd[(epoch, "head")]["first"]["momentum"])
+
+
+def test_each_epoch_trains_on_equal_shares_of_its_clusters(observed_v1):
+    """The training pass draws uniformly over the epoch's clusters (not a plain shuffle of the
+    images, which would give each cluster its size)."""
+    out = observed_v1["out"]
+    training = [(e, d) for e, d in observed_v1["datasets"] if hasattr(d, "indices") and hasattr(d, "assignments")]
+    assert [e for e, _ in training] == [0, 1, 2]
+    for epoch, dataset in training:
+        assignments = np.load(out / "assignments" / f"epoch_{epoch + 1:04d}.npy")
+        assert np.array_equal(dataset.assignments, assignments)
+        indices = np.asarray(dataset.indices)
+        sizes = np.bincount(assignments, minlength=6)
+        nonempty = int((sizes > 0).sum())
+        shares = np.bincount(assignments[indices], minlength=6)[sizes > 0]
+        quota = 36 // nonempty + 1
+        assert len(indices) == 36 and shares.max() <= quota and shares.min() >= quota - (quota * nonempty - 36)
+    # the test means something: some epoch's clusters are of unequal sizes
+    assert any(np.ptp(np.bincount(np.load(out / "assignments" / f"epoch_{e:04d}.npy"))) > 2 for e in (1, 2, 3))
 
 
 # ---------------------------------------------------------------- the empty-cluster donor rule
