@@ -28,6 +28,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_train_on_a_folder_from_the_command_line(image_folder, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "deepcluster", "train", "--recipe", "small", "--data", str(image_folder),
@@ -45,7 +46,7 @@ def test_train_help_lists_every_setting_from_the_config_itself(capsys):
 
     from deepcluster.config import Config
 
-    with pytest.raises(SystemExit) as done:
+    with pytest.raises(SystemExit, match="^0$") as done:
         main(["train", "--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # unwrapped
@@ -60,7 +61,7 @@ def test_train_help_lists_every_setting_from_the_config_itself(capsys):
 def test_version(capsys):
     from deepcluster import __version__
 
-    with pytest.raises(SystemExit) as done:
+    with pytest.raises(SystemExit, match="^0$") as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"deepcluster {__version__}\n"
 

@@ -43,6 +43,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(name, cli, imag
         assert "resuming after epoch 1" in out and (run / "log.jsonl").read_text().count("\n") == 2
 
 
+@pytest.mark.slow
 def test_a_real_file_size_limit_fails_the_write_and_keeps_the_checkpoint(cli, image_folder, tmp_path):
     """No simulation: the resumed process runs under RLIMIT_FSIZE smaller than a checkpoint,
     so the kernel itself refuses the write halfway (EFBIG, as a full disk refuses with ENOSPC)."""

@@ -1,6 +1,5 @@
 """k-means on a real gloo process group (a world of two) equals the run in a world of one."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +91,7 @@ def distributed_results(tmp_path_factory) -> list[dict]:
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_two_processes_give_the_single_process_result(distributed_results, case):
     backend, init, n_clusters = case
@@ -136,11 +136,7 @@ def test_shard_true_without_a_process_group_is_a_world_of_one():
         assert np.array_equal(a.assignments, b.assignments) and a.objective == b.objective
 
 
-def test_spawned_workers_see_the_test_module():
-    # mp.spawn pickles ``worker`` by reference: it must be importable from a fresh process.
-    assert worker.__module__ == __name__ and os.path.exists(__file__)
-
-
+@pytest.mark.slow
 def test_streaming_pca_fits_one_pca_on_every_process_sample(distributed_results):
     features = wide_features()
     bounds = shard_bounds(len(features))

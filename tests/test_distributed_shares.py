@@ -86,6 +86,7 @@ def shares(tmp_path_factory):
     return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", K_VALUES)
 def test_sharded_knn_votes_equal_one_process(shares, k):
     memory, labels, queries = knn_data()
@@ -95,6 +96,7 @@ def test_sharded_knn_votes_equal_one_process(shares, k):
         torch.testing.assert_close(result["votes"][k], single, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_each_process_holds_its_share_of_the_bank(shares):
     expected = expected_bank()
     for rank, result in enumerate(shares):
@@ -106,6 +108,7 @@ def test_each_process_holds_its_share_of_the_bank(shares):
         assert result["all_decoded"].all() and len(result["all_decoded"]) == N_IMAGES
 
 
+@pytest.mark.slow
 def test_the_checkpoint_bank_is_whole_on_the_main_process_only(shares):
     embeddings, decoded = shares[0]["full"]
     assert torch.equal(embeddings, expected_bank()) and decoded.all()

@@ -73,7 +73,7 @@ def test_blocks_are_sized_by_memory_not_by_a_fixed_count(n_query, n_train):
 
 def test_bad_arguments_raise():
     train, train_y = separable(2, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="temperature must be positive"):
         knn_scores(train, train_y, train, 2, temperature=0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one training image"):
         nearest_neighbors(train[:0], train, k=3)

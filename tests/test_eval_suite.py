@@ -40,10 +40,12 @@ def test_unknown_validation_class_is_a_data_error(image_folder, tmp_path):
         open_labelled_splits(train, image_folder)
 
 
-@pytest.mark.parametrize("bad", [dict(protocols=("knn", "magic")), dict(probe_mode="slow"), dict(knn_k=0),
-                                 dict(knn_temperature=0.0), dict(retrieval_ks=(0,)), dict(feature_layers=())])
-def test_bad_settings_are_config_errors(bad):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(protocols=("knn", "magic")), "unknown protocol"), (dict(probe_mode="slow"), "probe mode 'slow'"),
+    (dict(knn_k=0), "knn k must be a positive integer"), (dict(knn_temperature=0.0), "knn temperature must be positive"),
+    (dict(retrieval_ks=(0,)), "retrieval cut-offs must be positive"), (dict(feature_layers=()), "at least one feature layer")])
+def test_bad_settings_are_config_errors(bad, message):
+    with pytest.raises(ConfigError, match=message):
         check_settings(EvalSettings(**bad))
 
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -36,13 +37,14 @@ TIMING_KEYS = ("time_features", "time_pca", "time_kmeans", "time_clustering", "t
 
 
 def train(data: Path, out: Path, fault: str | None = None, resume: bool = False,
-          start_only: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+          start_only: bool = False, threads: int = 1) -> subprocess.CompletedProcess | subprocess.Popen:
     """``deepcluster train`` in a fresh Python process (the test's PYTHONPATH is kept)."""
     env = {key: value for key, value in os.environ.items() if key != ENV_VAR}
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = str(threads)
     if fault:
         env[ENV_VAR] = fault
-    args = [sys.executable, "-m", "deepcluster", "train", "--data", str(data), "--out", str(out), *TINY]
+    args = [sys.executable, "-m", "deepcluster", "train", "--data", str(data), "--out", str(out), *TINY,
+            "--threads", str(threads)]
     if resume:
         args.append("--resume")
     if start_only:
@@ -97,6 +99,34 @@ def assert_killed(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
 
 
+def epoch_lines(stdout: str) -> list[int]:
+    """The epochs a run's output reports training, in order."""
+    return [int(number) for number in re.findall(r"^epoch +(\d+)/\d+ ", stdout, re.M)]
+
+
+@pytest.mark.slow
+def test_at_two_threads_a_run_killed_mid_epoch_resumes_to_the_same_run_without_repeating_an_epoch(
+        image_folder, tmp_path):
+    """The promise holds at any thread count: two threads here (the reference run too, since
+    floats depend on the thread count). The resumed run trains epochs 2 and 3 once each and
+    never epoch 1 again."""
+    reference = tmp_path / "reference"
+    result = train(image_folder, reference, threads=2)
+    assert result.returncode == 0, result.stderr
+    assert epoch_lines(result.stdout) == [1, 2, 3]
+    run = tmp_path / "run"
+    assert_killed(train(image_folder, run, "kill:training:3", threads=2))  # epoch 1's third batch
+    assert not (run / "checkpoint.pt").exists()
+    result = train(image_folder, run, "kill:training:8", resume=True, threads=2)  # epoch 2, third batch
+    assert_killed(result)
+    assert epoch_lines(result.stdout) == [1]
+    result = train(image_folder, run, resume=True, threads=2)
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch 1" in result.stdout and epoch_lines(result.stdout) == [2, 3]
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
 def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(image_folder, reference, tmp_path):
     run = tmp_path / "run"
 
@@ -139,6 +169,7 @@ def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(image_fo
     assert_same_run(run, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_from_outside_at_an_arbitrary_moment_then_resume(image_folder, reference, tmp_path):
     """The kill comes from another process, some milliseconds into the second epoch, with no
     hook involved; where exactly it lands varies, the resumed result must not."""
@@ -165,6 +196,7 @@ def test_sigkill_from_outside_at_an_arbitrary_moment_then_resume(image_folder, r
 INTERRUPTED = "deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)\n"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_as_ctrl_c_does_and_resume_goes_on(image_folder, tmp_path, capsys):
     """Was: a silent stop with status -15. SIGTERM (``kill PID``, a scheduler), here halfway
     through writing epoch 2's checkpoint, now prints Ctrl-C's line, exits 143 and keeps the
@@ -184,6 +216,7 @@ def test_sigterm_stops_as_ctrl_c_does_and_resume_goes_on(image_folder, tmp_path,
     assert [r["epoch"] for r in log_records(run)] == [1, 2, 3] and temp_files(run) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_the_same_line(cli, image_folder, tmp_path, monkeypatch):
     from deepcluster import train as train_module
 
@@ -195,6 +228,7 @@ def test_ctrl_c_prints_the_same_line(cli, image_folder, tmp_path, monkeypatch):
     assert code == 130 and err == INTERRUPTED
 
 
+@pytest.mark.slow
 def test_resume_of_a_folder_that_never_started_is_a_clear_error(tmp_path, image_folder, capsys):
     from deepcluster.cli import main
 
@@ -205,6 +239,7 @@ def test_resume_of_a_folder_that_never_started_is_a_clear_error(tmp_path, image_
     assert "nothing to resume" in err and "checkpoint.pt" in err
 
 
+@pytest.mark.slow
 def test_resume_cleans_up_what_a_kill_can_leave(cli, image_folder, tmp_path):
     """The leftovers of kills at unlucky moments, planted by hand: temporary files of torn
     writes, assignments of an epoch the checkpoint does not hold, a duplicated and a torn log
@@ -230,6 +265,7 @@ def test_resume_cleans_up_what_a_kill_can_leave(cli, image_folder, tmp_path):
     assert np.array_equal(latest, saved["assignments"].numpy())
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_folder_in_use_stops_and_a_killed_run_leaves_no_stale_lock(image_folder, reference,
                                                                                       tmp_path, capsys):
     from deepcluster.cli import main
@@ -257,6 +293,7 @@ def test_a_second_run_on_a_folder_in_use_stops_and_a_killed_run_leaves_no_stale_
     assert_same_run(run, reference)
 
 
+@pytest.mark.slow
 def test_a_run_folder_that_counted_epochs_from_0_is_renumbered_on_resume(cli, image_folder, tmp_path):
     """Runs written before epochs counted from 1 (log ``epoch: 0``, ``epoch_0000.npy``) are
     read by ``report`` from 1 and renumbered by ``--resume``, which then goes on exactly as
@@ -315,13 +352,13 @@ def test_renumbering_goes_on_after_an_interruption_at_any_step(tmp_path, monkeyp
                 if Path(args[0]).parent == run / "assignments" and not Path(args[0]).name.startswith(".."):
                     steps.append(args)
                     if len(steps) == stop_at + 1:
-                        raise Killed  # a kill at this moment
+                        raise Killed("killed")  # a kill at this moment
                 return real(*args, **kwargs)
             return step
 
         monkeypatch.setattr(runfolder.os, "replace", counted(real_replace))
         monkeypatch.setattr(runfolder, "atomic_write_bytes", counted(real_write))
-        with pytest.raises(Killed) if stop_at < 7 else contextlib.nullcontext():
+        with pytest.raises(Killed, match="killed") if stop_at < 7 else contextlib.nullcontext():
             runfolder.count_from_one(run, [{"epoch": e} for e in range(3)])
         assert len(steps) == min(stop_at + 1, 7)
         monkeypatch.undo()

@@ -56,7 +56,7 @@ def test_allocation_failures_are_recognised_and_other_errors_are_not():
     from deepcluster.cli import out_of_memory
 
     with address_space_limit(2**30):
-        with pytest.raises(MemoryError) as numpy_error:
+        with pytest.raises(MemoryError, match="Unable to allocate") as numpy_error:
             np.empty((2**20, 2**20), dtype=np.float32)  # 4 TiB
     assert out_of_memory(numpy_error.value).startswith("Unable to allocate 4.00 TiB")
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total)\nmore")

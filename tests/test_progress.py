@@ -104,6 +104,7 @@ def test_missing_tensorboard_with_the_default_notice_goes_to_stderr(tmp_path, mo
     assert captured.out == "" and captured.err.count("\n") == 1 and "not installed" in captured.err
 
 
+@pytest.mark.slow
 def test_bars_reach_a_forced_terminal_but_never_stdout(tiny_run, image_folder, tmp_path):
     """A command's stdout stays clean lines; bars go to stderr, and only when asked for."""
     import os

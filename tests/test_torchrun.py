@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.slow  # torchrun launches processes
 import torch
 from PIL import Image
 
@@ -253,3 +255,38 @@ def test_leave_returns_the_code_where_this_process_made_no_group():
 
     assert not distributed._created
     assert distributed.leave(0) == 0 and distributed.leave(2) == 2
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "v2 under torchrun does not take one process's crops: MultiCropDataset seeds each sample's views by its "
+    "position in this process's share (v1's PseudoLabelDataset is given the global positions), in the memory "
+    "bank's first fill and in the training pass, so the first clustering already differs (measured: NMI 0.22 "
+    "between the epoch-1 assignments of 1 and 2 processes, 36 images, global batch 8, SyncBatchNorm on)"))
+def test_v2_two_processes_equal_one_process_with_the_same_global_batch(even_images, tmp_path):
+    """As v1's (above): one epoch, the same global batch, SyncBatchNorm; the clusters the same
+    up to their numbering, the weights and losses to float tolerance."""
+    from deepcluster.clustering import nmi
+
+    script = tmp_path / "no_dropout.py"
+    script.write_text(NO_DROPOUT)
+    v2 = ["--recipe", "v2-cifar", "--arch", "smallnet", "--stem", "imagenet", "--feature_dim", "32", "--resize", "24",
+          "--crop", "24", "--crop_sizes", "24,16", "--crop_counts", "2,2", "--crop_min_scales", "0.3,0.1",
+          "--crop_max_scales", "1,0.3", "--prototypes", "6,6,4", "--projection_hidden", "32", "--projection_dim",
+          "16", "--epochs", "1", "--batch_size", "8", "--feature_batch_size", "16", "--workers", "0", "--threads",
+          "1", "--warmup_epochs", "1", "--tensorboard", "false", "--device", "cpu", "--final_clustering", "false",
+          "--sync_batchnorm", "on"]
+    common = ["train", "--data", str(even_images), *v2]
+    one = single([*common, "--out", str(tmp_path / "one")], script)
+    assert one.returncode == 0, one.stderr
+    two = torchrun([*common, "--out", str(tmp_path / "two")], script=script)
+    assert two.returncode == 0, two.stdout + two.stderr
+    name = "assignments/epoch_0001.npy"
+    assert nmi(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)) == pytest.approx(1.0, abs=1e-9)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    for part in ("model", "head"):
+        for key, value in a[part].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(b[part][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    np.testing.assert_allclose([r["train_loss"] for r in records(tmp_path / "two")],
+                               [r["train_loss"] for r in records(tmp_path / "one")], rtol=1e-4)

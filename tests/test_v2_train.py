@@ -78,7 +78,11 @@ def test_a_three_epoch_v2_run_lowers_its_loss_and_logs_v1s_keys_plus_each_heads_
         for key in ("nmi_labels", "n_nonempty", "largest_cluster_share", "time_clustering", "time_training",
                     "knn_top1", "n_empty"):
             assert key in record, key
-    assert logged[0]["nmi_prev"] is None and logged[1]["nmi_prev"] is not None
+    saved = [np.load(v2_run / "assignments" / f"epoch_{e:04d}.npy") for e in (1, 2, 3)]
+    from deepcluster.clustering import nmi
+    assert logged[0]["nmi_prev"] is None
+    assert [r["nmi_prev"] for r in logged[1:]] == pytest.approx([nmi(saved[0], saved[1]), nmi(saved[1], saved[2])],
+                                                              abs=1e-12)
     # Warm-up then cosine: the last step's rate is near final_lr.
     assert logged[-1]["lr"] < logged[0]["lr"]
 
