@@ -70,6 +70,9 @@ class Config:
                                    "connected layer before its ReLU (the paper) | body, the convolutional output "
                                    "pooled to the classifier's grid (the fc layers then act only as a head); v2: what "
                                    "feeds the projection (a ResNet's pooled output either way)")
+    init: str | None = setting(None, "start from these weights instead of random ones: a .safetensors file or a "
+                                     "saved state dict of resnet18/resnet50 in torchvision's names (its fc is left "
+                                     "out; set sobel false), or a deepcluster checkpoint or export; never downloaded")
     fc_init: str = setting("reference", "reference: fc weights and heads from N(0, 0.01), the authors' | width: "
                                         "N(0, 0.01*sqrt(4096/fan_in)), the reference's 4096-wide gain at any width")
     # -- image views
@@ -492,6 +495,8 @@ def validate(config: Config) -> Config:
     validate_v2(config)
     if not config.out_dir or "\0" in config.out_dir:
         raise ConfigError(f"setting 'out_dir' must be a folder path, got {config.out_dir!r}")
+    if config.init is not None and (not config.init or "\0" in config.init):
+        raise ConfigError(f"setting 'init' must be a file path, got {config.init!r}")
     if config.data is not None and "\0" in config.data:
         raise ConfigError(f"setting 'data' must be a folder path, got {config.data!r}")
     return config

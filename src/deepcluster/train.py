@@ -44,6 +44,7 @@ from deepcluster.data.pseudo import UNREADABLE
 from deepcluster.devices import keep_freed_memory, resolve_device
 from deepcluster.features import autocast, loader_kwargs
 from deepcluster.health import check_loss
+from deepcluster.initial_weights import load_initial_weights
 from deepcluster.messages import final_line, format_line, plural
 from deepcluster.methods import STREAM_SAMPLER, Plan, derived_seed, v2
 from deepcluster.methods.v1 import TooFewDecoded, V1Planner, pca_dim_for
@@ -227,6 +228,8 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
             raise ConfigError(f"setting 'n_clusters' is {config.n_clusters} but the data has only {len(source)} "
                               f"images; choose at most {len(source)}")
         model, head, optimizer = build(config, device)
+        if config.init is not None and not resume:  # the run starts from these weights (``initial_weights``)
+            say(f"deepcluster: start: {config.init} ({load_initial_weights(model, config.init)})")
         state = folder.restore(model, head, optimizer, source) if resume else RunState()
         for item in getattr(source, "skipped", []):
             state.skipped[item.path] = item.reason
