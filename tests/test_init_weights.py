@@ -161,3 +161,33 @@ def test_train_with_init_starts_from_the_file_and_says_so(image_folder, tmp_path
     code, out, err = run_cli(*args[:-1], tmp_path / "missing.pt", "--out", tmp_path / "run2")
     assert code == 2 and err.count("\n") == 1 and "missing.pt" in err and "does not exist" in err
     assert not (tmp_path / "run2").exists()
+
+
+def test_eval_compares_with_the_init_weights_not_random_ones(image_folder, tmp_path, run_cli):
+    import json
+
+    from deepcluster.checkpoint import save_checkpoint
+    from deepcluster.config import resolve
+    from deepcluster.models import model_from_config
+
+    config = resolve("small", overrides={"data": str(image_folder), "out_dir": str(tmp_path / "run"), "epochs": 1,
+                                         "init": str(tmp_path / "start.pt"), "feature_dim": 32})
+    torch.manual_seed(11)
+    start = model_from_config(config)
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    torch.manual_seed(12)
+    trained = model_from_config(config)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", {"config": config.to_dict(), "arch": config.arch, "epoch": 1,
+                                                          "model": trained.state_dict()})
+    code, out, err = run_cli("eval", tmp_path / "run", "--train", image_folder, "--val", image_folder, "--protocols",
+                             "knn", "--workers", "0", "--batch-size", "16", "--threads", "1")
+    assert code == 0, err
+    assert f"[baseline: the run's start, {tmp_path / 'start.pt'}]" in out and "start: the weights the run" in out
+    report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert report["start"] == str(tmp_path / "start.pt")
+    from deepcluster.cli_eval import start_backbone
+
+    baseline = start_backbone(config, None, None, "cpu")
+    for name, tensor in start.state_dict().items():
+        assert torch.equal(baseline.state_dict()[name], tensor), name

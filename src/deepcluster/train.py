@@ -336,8 +336,7 @@ def clusters_text(config: Config) -> str:
 def start_lines(config: Config, source: ImageSource, state: RunState, resume: bool, device: torch.device,
                 monitor: KnnMonitor | None, removed: list, model: torch.nn.Module | None = None) -> list[str]:
     """What a run says before its first epoch: the data, the network, the notes."""
-    lines = [f"deepcluster: {plural(len(source), 'image')}"
-             + (f" ({len(state.skipped)} unreadable file(s) skipped, listed in skipped.tsv)" if state.skipped else "")
+    lines = [f"deepcluster: {plural(len(source) + len(getattr(source, 'skipped', [])), 'image file')}"
              + f", {config.arch}{' + sobel' if config.sobel else ''}, {clusters_text(config)}, "
              f"{plural(config.epochs, 'epoch')}, device {device}, run folder {config.run_dir}"
              + (f", resuming after epoch {state.epoch}" if resume else "")
