@@ -386,39 +386,8 @@ def cmd_assign(args: argparse.Namespace) -> int:
     return 0
 
 
-def clustered_layer(model) -> str:
-    """The true name of what a backbone's run clusters: ``fc`` (the last fully connected
-    layer) or ``body`` (the pooled convolutional output: ``clustered: body``, and a ResNet's)."""
-    return "fc" if model.separate_body else "body"
-
-
-def feature_layer(model, asked: str | None, pca: bool) -> tuple[str, str]:
-    """``(name, tap)``: the true name of the layer ``features`` writes (``asked``, default the
-    clustered one) and the tap ``write_features`` reads; for ``fc`` / ``body`` the backbone's
-    clustered output is switched to that layer. A ResNet has no fc: ``fc`` means its body.
-
-    Raises:
-        ConfigError: an unknown layer, or ``pca`` with a layer that is not the clustered one.
-    """
-    own = clustered_layer(model)
-    resnet = hasattr(model, "stem_kind")
-    name = asked or own
-    if resnet and name == "fc":
-        name = "body"
-    known = (["body"] if resnet else ["fc", "body"]) + list(model.taps())
-    if name not in known:
-        raise ConfigError(f"unknown layer {name!r}; {model.arch} has {', '.join(known)}")
-    if pca and name != own:
-        raise ConfigError(f"--pca applies to the clustered layer only ({own}: the space k-means clustered in)")
-    if name in ("fc", "body"):
-        if not resnet:
-            model.clustered = name
-        return name, "fc"
-    return name, name
-
-
 def cmd_features(args: argparse.Namespace) -> int:
-    from deepcluster.inference import load_cluster_model, write_features
+    from deepcluster.inference import clustered_layer, feature_layer, load_cluster_model, write_features
     from deepcluster.checkpoint import load_backbone
 
     device = _setup(args)
@@ -464,6 +433,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from deepcluster.inference import clustered_layer
     from deepcluster.checkpoint import load_checkpoint
     from deepcluster.models.export import BackboneMetadata, save_backbone_safetensors
     from deepcluster.checkpoint import load_backbone
