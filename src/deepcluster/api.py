@@ -196,7 +196,7 @@ class Run:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "features.npy"
             write_features(model, config, source, path, tap, None, None, batch_size, workers, device)
-            rows = np.load(path)
+            rows = np.load(path, allow_pickle=False)
         return rows, list(source.paths)
 
 
