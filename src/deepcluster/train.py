@@ -229,7 +229,8 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
                               f"images; choose at most {len(source)}")
         model, head, optimizer = build(config, device)
         if config.init is not None and not resume:  # the run starts from these weights (``initial_weights``)
-            say(f"deepcluster: start: {config.init} ({load_initial_weights(model, config.init)})")
+            kind = load_initial_weights(model, config.init)
+            say(f"deepcluster: start: {config.init} ({kind}); epoch 1's scores are this start's")
         state = folder.restore(model, head, optimizer, source) if resume else RunState()
         for item in getattr(source, "skipped", []):
             state.skipped[item.path] = item.reason
