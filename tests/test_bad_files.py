@@ -157,7 +157,8 @@ def test_training_on_a_folder_mixing_good_and_bad_files(cli, tmp_path, unreadabl
     run = tmp_path / "run"
     code, out, err = cli("train", "--data", data, "--out", run, "--epochs", "2")
     assert code == 0, err
-    lines = (run / "skipped.tsv").read_text().splitlines()
+    assert (run / "skipped.tsv").read_text().startswith("path\treason\n")  # a header line, then the files
+    lines = (run / "skipped.tsv").read_text().splitlines()[1:]
     listed = {Path(line.split("\t")[0]).name: line.split("\t")[1] for line in lines}
     assert sorted(listed) == sorted(expected) and len(lines) == len(expected)
     for name, word in expected.items():
@@ -200,7 +201,7 @@ def test_a_folder_with_nothing_usable_is_an_error_before_training(cli, tmp_path,
     assert code == 2 and err.count("\n") == 1
     assert "only 0 of 8 images could be decoded" in err and "skipped.tsv" in err
     assert "epoch   1/" not in out and not (run / "checkpoint.pt").exists()
-    assert len((run / "skipped.tsv").read_text().splitlines()) == 8
+    assert len((run / "skipped.tsv").read_text().splitlines()[1:]) == 8
 
 
 def test_a_file_that_breaks_after_the_feature_pass_is_left_out_of_training(cli, tmp_path, monkeypatch):
@@ -229,7 +230,7 @@ def test_a_file_that_breaks_after_the_feature_pass_is_left_out_of_training(cli, 
     code, out, err = cli("train", "--data", data, "--out", run, "--epochs", "2", "--n_clusters", "3")
     assert code == 0, err
     assert out.count("good_05.png could not be read in the training pass") == 1
-    lines = dict(line.split("\t") for line in (run / "skipped.tsv").read_text().splitlines())
+    lines = dict(line.split("\t") for line in (run / "skipped.tsv").read_text().splitlines()[1:])
     assert list(lines) == [str(victim)]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["n_skipped"] for r in records] == [1, 1]

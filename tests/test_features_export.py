@@ -66,7 +66,7 @@ def test_conv_layer_and_pca_options(tiny_run, image_folder, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--layer", "conv99"], "unknown layer 'conv99'"),
-    (["--layer", "conv1", "--pca"], "applies to the fc features only"),
+    (["--layer", "conv1", "--pca"], "applies to the clustered layer only"),
     (["--batch-size", "0"], "--batch-size must be positive"),
 ])
 def test_features_bad_input_exits_2(extra, message, tiny_run, image_folder, tmp_path, capsys):

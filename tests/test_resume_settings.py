@@ -62,7 +62,7 @@ def test_a_run_stopped_in_its_first_epoch_restarts_with_its_own_settings(cli, im
 
     code, out, err = plain_main(capsys, "train", "--out", run, "--resume")
     assert code == 0, err
-    assert "starting from the beginning" in out and "36 images" in out
+    assert "starting from the beginning" in out and "36 image files" in out
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 2 and saved["config"]["data"] == str(image_folder)
     assert saved["config"]["n_clusters"] == 6 and saved["config"]["arch"] == "smallnet"

@@ -169,7 +169,9 @@ def test_the_terminal_says_what_was_skipped_and_when_nothing_is_left(image_folde
     code, out, err = cli("train", "--data", data, "--out", tmp_path / "run")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("deepcluster: 36 images (1 unreadable file(s) skipped, listed in skipped.tsv)")
+    assert lines[0].startswith("deepcluster: 37 image files, ")  # the unreadable count is the log's, said per epoch
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert (record["n_images"], record["n_skipped"]) == (36, 1) and "images 36 (1 unreadable, in skipped.tsv)" in lines[2]
     assert ", 1 epoch, " in lines[0]
     assert lines[1].startswith("deepcluster: the data folder has classes: add --val FOLDER")
     assert lines[2].startswith("epoch   1/1  objective ") and "time features " in lines[2]

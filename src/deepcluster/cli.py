@@ -2,6 +2,8 @@
 
     deepcluster train [--recipe NAME] [--config FILE] [--data FOLDER] [--out DIR]
                       [--resume] [--KEY VALUE ...]
+    deepcluster train ... --print-config      (the resolved settings; no training)
+    deepcluster recipes [NAME]                (the recipes; the settings of one)
     deepcluster eval | report | assign | features | export ...   (``cli_eval``, ``cli_tools``)
 
 Any setting of ``deepcluster.config.Config`` can be given as ``--key value`` (dashes or
@@ -34,10 +36,9 @@ import textwrap
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Sequence
 
-from deepcluster.config import RECIPES, ConfigError, resolve, resolve_resume, run_folder, settings_help
+from deepcluster.config import RECIPES, ConfigError, config_text, default_recipe, recipe_line, resolve, settings_help
 
 EXIT_USAGE = 2
 # A process other than the first, failing a check every process fails alike, leaves the saying to
@@ -60,7 +61,7 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-TRAIN_OPTIONS = ("recipe", "config", "data", "out", "resume")  # the options of `train` besides the settings
+TRAIN_OPTIONS = ("recipe", "config", "data", "out", "resume", "print-config")  # the options of `train` besides the settings
 
 
 def unknown_option(name: str) -> str:
@@ -133,6 +134,13 @@ def build_parser() -> Parser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out with its saved settings (RUN/config.yaml); settings given "
                             "as well may only change epochs, workers, threads, device and the like")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings (as RUN/config.yaml would hold them) and stop: no training, "
+                            "no run folder")
+    recipes = commands.add_parser("recipes", help="list the recipes, or print the settings one resolves to",
+                                  description="Without NAME: one line per recipe. With NAME: every setting that "
+                                              "recipe resolves to, the ones it sets marked.")
+    recipes.add_argument("name", nargs="?", metavar="NAME", help="a recipe: " + ", ".join(RECIPES))
     from deepcluster.cli_eval import add_eval_parser
 
     add_eval_parser(commands)
@@ -143,20 +151,33 @@ def build_parser() -> Parser:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from deepcluster import runfolder
+    from deepcluster.api import training_settings
     from deepcluster.train import run
 
     overrides = parse_overrides(extra)
     for key in ("data", "out_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    if args.resume:  # the run's own settings, changed only where the command line says so
-        run_dir = run_folder(args.config, overrides)
-        saved = runfolder.saved_settings(Path(run_dir))
-        config = resolve_resume(saved, run_dir, args.recipe, args.config, overrides)
-    else:
-        config = resolve(args.recipe, args.config, overrides)
+    # with --resume, the run's own settings, changed only where the command line says so
+    config = training_settings(args.recipe, args.config, overrides, args.resume)
+    if args.print_config:
+        print(config_text(config, args.recipe or default_recipe(config.data)))
+        return 0
     run(config, resume=args.resume, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """``deepcluster recipes [NAME]``."""
+    if args.name is None:
+        for name in RECIPES:
+            print(recipe_line(name))
+        return 0
+    if args.name not in RECIPES:
+        raise UsageError(f"unknown recipe {args.name!r}; choose one of: {', '.join(RECIPES)}")
+    config = resolve(args.name, overrides={} if args.name == "digits" else {"data": "FOLDER"})
+    print(f"# {recipe_line(args.name)}")
+    print(config_text(config, args.name))
     return 0
 
 
@@ -231,6 +252,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return EXIT_USAGE
         if args.command == "train":
             return cmd_train(args, extra)
+        if args.command == "recipes":
+            return cmd_recipes(parser.parse_args(argv))
         if args.command == "eval":
             from deepcluster.cli_eval import cmd_eval
 

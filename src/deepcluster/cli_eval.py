@@ -139,8 +139,9 @@ def fingerprint(config: Config, splits: LabelledSplits, settings: EvalSettings, 
         "crop": config.crop, "mean": list(config.mean), "std": list(config.std), "init_seed": config.seed,
         "pca_dim": config.pca_dim, "n_train": len(splits.train), "n_val": len(splits.val),
         "classes": list(splits.class_names), "settings": settings.result_defining(),
-        # absent at 1: older reports stay comparable
+        # absent at 1 (and without init): older reports stay comparable
         **{name: getattr(config, name) for name in SCALINGS if getattr(config, name) != 1},
+        **({"init": os.path.abspath(config.init)} if config.init else {}),
     }
 
 
@@ -164,6 +165,20 @@ def reusable_baseline(path: Path, prints: dict[str, Any]) -> dict[str, Any] | No
     return saved["results"].get("random_init")
 
 
+def start_backbone(config: Config, splits: LabelledSplits, settings: EvalSettings, device):
+    """The baseline column's network: the weights the run started from. Random ones (the
+    suite's ``baseline_backbone``), or for a run with ``init`` that file's weights, as they
+    were (their own BatchNorm statistics)."""
+    from deepcluster.evaluation.suite import baseline_backbone, random_init_backbone
+    from deepcluster.initial_weights import load_initial_weights
+
+    if not config.init:
+        return baseline_backbone(config, splits, settings, device)
+    model = random_init_backbone(config)
+    load_initial_weights(model, config.init)
+    return model.to(device).eval()
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``deepcluster eval``; returns the exit code (bad input raises, see ``cli.main``)."""
     import torch
@@ -171,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deepcluster.checkpoint import load_checkpoint
     from deepcluster.cli_tools import out_folder, resolve_run
     from deepcluster.evaluation import report as reporting
-    from deepcluster.evaluation.suite import baseline_backbone, evaluate_backbone, open_labelled_splits, remove_dir
+    from deepcluster.evaluation.suite import evaluate_backbone, open_labelled_splits, remove_dir
     from deepcluster.checkpoint import load_backbone
     from deepcluster.devices import resolve_device
 
@@ -207,13 +222,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "fingerprint": prints,
         "results": {"trained": None, "random_init": None},
         "gain": None,
+        **({"start": config.init} if config.init else {}),
     }
     log(f"deepcluster eval: {config.arch}, {len(splits.train)} train / {len(splits.val)} val images, "
         f"{splits.n_classes} classes, protocols {', '.join(settings.protocols)}, device {device}, report in {out_dir}")
 
     def evaluate(which: str):
-        network = baseline_backbone(config, splits, settings, device) if which == "random_init" else model
-        log(f"[{which.replace('_', ' ')}]")
+        network = start_backbone(config, splits, settings, device) if which == "random_init" else model
+        log(f"[{which.replace('_', ' ')}]" if which != "random_init" or not config.init else
+            f"[baseline: the run's start, {config.init}]")
         # One folder per process: two evaluations writing into one report folder never collide.
         work_dir = out_dir / "features" / f"{which}-{os.getpid()}"
         try:

@@ -1,8 +1,8 @@
 """Commands that look at and use a trained run. They parse and wire; the library works.
 
     deepcluster report RUN [--out DIR] [--max-clusters 100] [--layer conv5] [--device auto] ...
-    deepcluster assign RUN --data FOLDER --out DIR [--format csv,parquet]
-    deepcluster features RUN --data FOLDER --out DIR [--layer fc|convN] [--pca]
+    deepcluster assign RUN --data FOLDER [--out DIR] [--into DIR [--copy]] [--format csv,parquet]
+    deepcluster features RUN --data FOLDER --out DIR [--layer fc|body|convN] [--pca]
     deepcluster export RUN --out FILE.safetensors
 
 ``RUN`` is the same in every command, ``eval`` included: a run folder (``train --out``) or a
@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import shlex
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -133,7 +134,11 @@ def add_tool_parsers(subparsers: Any) -> None:
                     "distance (Euclidean, in the whitened normalised space) and, with class folders, class.")
     add_run_argument(assign)
     assign.add_argument("--data", required=True, help="image folder (any layout; class sub-folders add a column)")
-    assign.add_argument("--out", dest="out_dir", required=True, help="output folder")
+    assign.add_argument("--out", dest="out_dir", help="folder for the tables (default: the --into folder)")
+    assign.add_argument("--into", help="also sort the images into folders, one per cluster: INTO/cluster_0007/<file> "
+                                       "as symbolic links, unreadable files in INTO/unreadable/ (a new or empty "
+                                       "folder)")
+    assign.add_argument("--copy", action="store_true", help="with --into: copy the files instead of linking them")
     assign.add_argument("--format", dest="formats", type=_formats, default=None,
                         help="csv, parquet or both (default: both, or csv alone when pyarrow is not installed)")
     _common(assign, None, "images per forward pass (default: the run's feature_batch_size, which reproduces its "
@@ -146,9 +151,11 @@ def add_tool_parsers(subparsers: Any) -> None:
     add_run_argument(features)
     features.add_argument("--data", required=True, help="image folder")
     features.add_argument("--out", dest="out_dir", required=True, help="output folder")
-    features.add_argument("--layer", default="fc",
-                          help="fc: what DeepCluster clusters, before PCA (default); convN: that layer after its "
-                               "ReLU, average-pooled to about --pool-dim numbers as the linear probes do")
+    features.add_argument("--layer", default=None,
+                          help="fc: the last fully connected layer, before its ReLU; body: the pooled convolutional "
+                               "output (a ResNet's only one); default: the one the run clusters (its 'clustered' "
+                               "setting), before PCA; convN: that layer after its ReLU, average-pooled to about "
+                               "--pool-dim numbers as the linear probes do")
     features.add_argument("--pca", action="store_true",
                           help="apply the checkpoint's PCA-whitening and L2 normalisation (fc only): the space "
                                "k-means clusters in")
@@ -196,6 +203,21 @@ def out_folder(path: str) -> Path:
     except OSError as error:
         raise ConfigError(f"cannot create output folder {path!r}: {error.strerror or error}") from None
     return folder
+
+
+@contextmanager
+def removed_if_failed(*paths: str | None):
+    """Folders a command may create: each one that did not exist before and is still empty
+    when the command fails is removed again, so a failure leaves no empty ``--out`` behind."""
+    new = [Path(path) for path in paths if path is not None and not os.path.lexists(path)]
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            with suppress(OSError):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
 
 
 def _writing(path: Path):
@@ -252,8 +274,8 @@ def open_every_file(folder: str):
 
 
 def _found(source) -> str:
-    skipped = f" ({len(source.skipped)} unreadable from their header)" if source.skipped else ""
-    return plural(len(source), "image file") + skipped
+    """The files found; how many are unreadable is said once, at the end of the command."""
+    return plural(len(source), "image file")
 
 
 def problems(source, ok) -> list[str]:
@@ -304,6 +326,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
     import numpy as np
 
     from deepcluster.inference import assign_images, load_cluster_model
+    from deepcluster.sorting import UNREADABLE_DIR, check_into, remember, sort_into_folders
 
     device = _setup(args)
     formats = args.formats
@@ -318,9 +341,15 @@ def cmd_assign(args: argparse.Namespace) -> int:
                   "for Parquet too)")
             formats = ("csv",)
     formats = formats or FORMATS
+    if args.out_dir is None and args.into is None:
+        raise ConfigError("give --out DIR (the tables) and/or --into DIR (the images sorted into one folder per "
+                          "cluster)")
+    if args.copy and args.into is None:
+        raise ConfigError("--copy applies to --into DIR (copies instead of links); add --into")
     cluster_model = load_cluster_model(args.checkpoint)
     source = open_every_file(args.data)
-    out_dir = out_folder(args.out_dir)
+    into = None if args.into is None else check_into(args.into)
+    out_dir = out_folder(args.out_dir or args.into)
     which = (f"the final clustering (after epoch {cluster_model.epoch})" if cluster_model.final else
              f"the clustering epoch {cluster_model.epoch} trained on (no final clustering saved: centroids older "
              "than the weights by one epoch of training)")
@@ -348,11 +377,17 @@ def cmd_assign(args: argparse.Namespace) -> int:
                   "weights trained one more epoch after that clustering, so features moved)")
     for path in written:
         print(f"wrote {path}")
+    if into is not None:
+        done = sort_into_folders(into, args.data, source.relative_files(), assignment.clusters, args.copy)
+        remember(args.run_dir, done, args.data)
+        print(f"sorted into {into}: {plural(done.placed, 'image')} {'copied' if done.copied else 'linked'} into "
+              f"{plural(done.clusters, 'cluster folder')} (cluster_NNNN/)"
+              + (f", {done.unreadable} unreadable in {into / UNREADABLE_DIR}" if done.unreadable else ""))
     return 0
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from deepcluster.inference import load_cluster_model, write_features
+    from deepcluster.inference import clustered_layer, feature_layer, load_cluster_model, write_features
     from deepcluster.checkpoint import load_backbone
 
     device = _setup(args)
@@ -366,13 +401,14 @@ def cmd_features(args: argparse.Namespace) -> int:
         model, config, pca = cluster_model.model, cluster_model.config, cluster_model.pca
     else:
         (model, config), pca = load_backbone(args.checkpoint), None
+    layer, tap = feature_layer(model, args.layer, pca is not None)
     source = open_every_file(args.data)
     out_dir = out_folder(args.out_dir)
-    print(f"deepcluster features: {_found(source)}, layer {args.layer}{' + PCA' if args.pca else ''}, "
+    print(f"deepcluster features: {_found(source)}, layer {layer}{' + PCA' if args.pca else ''}, "
           f"{config.arch}, device {device}", flush=True)
     features_path = out_dir / "features.npy"
     with _writing(features_path):
-        result = write_features(model, config, source, features_path, args.layer, pca, args.pool_dim,
+        result = write_features(model, config, source, features_path, tap, pca, args.pool_dim,
                                 args.batch_size, args.workers, device)
     classes = _class_column(source)
     table = out_dir / "paths.tsv"
@@ -381,7 +417,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         for row, (path, reason) in enumerate(zip(source.paths, problems(source, result.ok))):
             cells = [str(row), path, str(int(result.ok[row]))] + ([classes[row]] if classes else []) + [reason]
             handle.write("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in cells) + "\n")
-    meta = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data), "layer": result.layer,
+    meta = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data), "layer": layer,
+            "clustered": clustered_layer(model) if tap == "fc" else None,
             "dim": result.dim, "n_images": len(source), "n_unreadable": int((~result.ok).sum()),
             "pooling": result.pooling, "pca_whitened_l2": result.whitened, "arch": config.arch, "sobel": config.sobel,
             "image_size": config.crop, "resize": config.resize, "mean": list(config.mean), "std": list(config.std),
@@ -396,6 +433,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from deepcluster.inference import clustered_layer
     from deepcluster.checkpoint import load_checkpoint
     from deepcluster.models.export import BackboneMetadata, save_backbone_safetensors
     from deepcluster.checkpoint import load_backbone
@@ -407,25 +445,28 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out!r} is a folder; give a file name such as backbone.safetensors")
     metadata = BackboneMetadata(model.arch, model.sobel is not None, model.feature_dim, config.crop, config.resize,
                                 tuple(config.mean), tuple(config.std), epoch, os.path.abspath(args.checkpoint),
-                                config.stem, config.width, config.depth)
+                                config.stem, config.width, config.depth, config.clustered)
     with _writing(out):
         save_backbone_safetensors(model, out, metadata)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({config.arch}, {n_params:,} parameters, epoch {epoch}); load it with "
-          f"deepcluster.models.load_backbone_safetensors({str(out)!r})")
+    print(f"wrote {out} ({config.arch}, {n_params:,} parameters, epoch {epoch}, clusters its "
+          f"{clustered_layer(model)}); load it with deepcluster.models.load_backbone_safetensors({str(out)!r}), "
+          "then forward_clustered(images)")
     return 0
 
 
 def run_tool(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Dispatch one of ``COMMANDS``."""
     resolve_run(args)
-    if args.command == "report":
-        return cmd_report(args, argv)
-    if args.command == "assign":
-        return cmd_assign(args)
-    if args.command == "features":
-        return cmd_features(args)
-    return cmd_export(args)
+    default_report = str(Path(args.run_dir) / "report") if args.command == "report" else None
+    with removed_if_failed(getattr(args, "out_dir", None) or default_report, getattr(args, "into", None)):
+        if args.command == "report":
+            return cmd_report(args, argv)
+        if args.command == "assign":
+            return cmd_assign(args)
+        if args.command == "features":
+            return cmd_features(args)
+        return cmd_export(args)
 
 
 __all__ = ["COMMANDS", "add_tool_parsers", "run_tool", "write_assignment_tables"]

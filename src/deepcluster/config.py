@@ -70,6 +70,9 @@ class Config:
                                    "connected layer before its ReLU (the paper) | body, the convolutional output "
                                    "pooled to the classifier's grid (the fc layers then act only as a head); v2: what "
                                    "feeds the projection (a ResNet's pooled output either way)")
+    init: str | None = setting(None, "start from these weights instead of random ones: a .safetensors file or a "
+                                     "saved state dict of resnet18/resnet50 in torchvision's names (its fc is left "
+                                     "out; set sobel false), or a deepcluster checkpoint or export; never downloaded")
     fc_init: str = setting("reference", "reference: fc weights and heads from N(0, 0.01), the authors' | width: "
                                         "N(0, 0.01*sqrt(4096/fan_in)), the reference's 4096-wide gain at any width")
     # -- image views
@@ -252,6 +255,44 @@ RECIPES: dict[str, dict[str, Any]] = {
 # 10,000 the embeddings crowded together: §7); for fewer, lower `prototypes`.
 RECIPES["v2-small"] = {**RECIPES["v2-cifar"], "arch": "smallnet", "stem": "imagenet", "clustered": "body",
                        "epochs": 11, "warmup_epochs": 1}
+
+# One line per recipe, for `deepcluster recipes` and `train --help`.
+RECIPE_ABOUT: dict[str, str] = {
+    "paper": "DeepCluster as the paper trained it on ImageNet (the defaults)",
+    "small": "32-96 px images (CIFAR, STL) on a CPU: the small net, clustering its pooled conv output",
+    "digits": "the built-in 8x8 digits, about a minute on a CPU",
+    "v2-imagenet": "DeepCluster-v2, the reference ImageNet run (SwAV's script)",
+    "v2-cifar": "DeepCluster-v2 on CIFAR (solo-learn's recipe)",
+    "v2-small": "DeepCluster-v2 for 32-96 px images on a CPU: v2-cifar on the small net, 11 epochs",
+}
+
+
+def recipe_line(name: str) -> str:
+    """``name``, what it is for, and its main settings, on one line."""
+    config = apply_overrides(Config(), RECIPES[name])
+    clusters = (f"prototypes {','.join(map(str, config.prototypes))}" if config.method == "v2"
+                else f"k={config.n_clusters}")
+    return (f"{name:<12} {RECIPE_ABOUT.get(name, '')} ({config.method}, {config.arch}"
+            f"{' + sobel' if config.sobel else ''}, {config.crop} px, {clusters}, {config.epochs} epochs)")
+
+
+def config_text(config: Config, recipe: str | None = None) -> str:
+    """The settings as the YAML a run saves (``RUN/config.yaml``); with ``recipe``, the keys
+    that recipe sets are marked ``# recipe NAME`` and those set otherwise (a file, the command
+    line) ``# set``."""
+    marked = set(RECIPES.get(recipe or "", {}))
+    base = apply_overrides(Config(), RECIPES[recipe]).to_dict() if recipe in RECIPES else None
+    lines = []
+    for key, value in config.to_dict().items():
+        text = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=True, width=10**6).strip()
+        text = text[1:-1] if text.startswith("{") else text  # one line: key: value
+        if base is not None and value != base[key]:
+            text += "  # set"
+        elif key in marked:
+            text += f"  # recipe {recipe}"
+        lines.append(text)
+    return "\n".join(lines)
+
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "arch": tuple(ARCHITECTURES),
@@ -492,6 +533,8 @@ def validate(config: Config) -> Config:
     validate_v2(config)
     if not config.out_dir or "\0" in config.out_dir:
         raise ConfigError(f"setting 'out_dir' must be a folder path, got {config.out_dir!r}")
+    if config.init is not None and (not config.init or "\0" in config.init):
+        raise ConfigError(f"setting 'init' must be a file path, got {config.init!r}")
     if config.data is not None and "\0" in config.data:
         raise ConfigError(f"setting 'data' must be a folder path, got {config.data!r}")
     return config
@@ -676,6 +719,6 @@ def from_dict(values: dict[str, Any]) -> Config:
     return validate(apply_overrides(Config(), values))
 
 
-__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RESUMABLE", "V1_ONLY", "V2_ONLY", "apply_overrides",
+__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RECIPE_ABOUT", "config_text", "recipe_line", "RESUMABLE", "V1_ONLY", "V2_ONLY", "apply_overrides",
            "check_unchanged", "coerce", "default_recipe", "from_dict", "load_yaml", "resolve", "resolve_resume",
            "run_folder", "settings_help", "validate", "validate_v2"]

@@ -269,6 +269,39 @@ def feature_layers(model: Backbone) -> list[str]:
     return [FC_LAYER, *model.taps()]
 
 
+def clustered_layer(model) -> str:
+    """The true name of what a backbone's run clusters: ``fc`` (the last fully connected
+    layer) or ``body`` (the pooled convolutional output: ``clustered: body``, and a ResNet's)."""
+    return "fc" if model.separate_body else "body"
+
+
+def feature_layer(model, asked: str | None, pca: bool) -> tuple[str, str]:
+    """``(name, tap)``: the true name of the layer ``features`` writes (``asked``, default the
+    clustered one) and the tap ``write_features`` reads; for ``fc`` / ``body`` the backbone's
+    clustered output is switched to that layer. A ResNet has no fc: ``fc`` means its body.
+
+    Raises:
+        ConfigError: an unknown layer, or ``pca`` with a layer that is not the clustered one.
+    """
+    from deepcluster.config import ConfigError
+
+    own = clustered_layer(model)
+    resnet = hasattr(model, "stem_kind")
+    name = asked or own
+    if resnet and name == "fc":
+        name = "body"
+    known = (["body"] if resnet else ["fc", "body"]) + list(model.taps())
+    if name not in known:
+        raise ConfigError(f"unknown layer {name!r}; {model.arch} has {', '.join(known)}")
+    if pca and name != own:
+        raise ConfigError(f"--pca applies to the clustered layer only ({own}: the space k-means clustered in)")
+    if name in ("fc", "body"):
+        if not resnet:
+            model.clustered = name
+        return name, "fc"
+    return name, name
+
+
 def write_features(model: Backbone, config: Config, source: ImageSource, path: str | Path, layer: str = "fc",
                    pca: PCA | None = None, pool_dim: int | None = None, batch_size: int = 256, workers: int = 0,
                    device: torch.device | str = "cpu") -> FeatureFile:
@@ -340,4 +373,4 @@ def write_features(model: Backbone, config: Config, source: ImageSource, path: s
 
 
 __all__ = ["Assignment", "CHUNK_IMAGES", "ClusterModel", "FeatureFile", "assign_features", "assign_images",
-           "feature_layers", "load_cluster_model", "pca_from_checkpoint", "write_features"]
+           "clustered_layer", "feature_layer", "feature_layers", "load_cluster_model", "pca_from_checkpoint", "write_features"]

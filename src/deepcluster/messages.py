@@ -39,6 +39,8 @@ def format_line(record: dict, epochs: int) -> str:
     parts.extend(format_scores(record))
     if record.get("nmi_prev") is not None:
         parts.append(f"nmi(t-1,t) {record['nmi_prev']:.3f}")
+    if record.get("n_skipped"):  # the log's counts, said once per epoch
+        parts.append(f"images {record['n_images']} ({record['n_skipped']} unreadable, in skipped.tsv)")
     parts.append(f"clusters {record['n_nonempty']} (largest {100 * record['largest_cluster_share']:.1f}%)")
     parts.append(f"time features {record['time_features']:.1f}s clustering {record['time_clustering']:.1f}s "
                  f"training {record['time_training']:.1f}s ({record['train_images_per_s']:.0f} img/s)")

@@ -3,7 +3,7 @@
 Files of a run (``RUN = config.out_dir``)::
 
     RUN/config.yaml                the resolved settings
-    RUN/skipped.tsv                files left out: path<TAB>reason
+    RUN/skipped.tsv                files left out: path<TAB>reason (a header line first)
     RUN/assignments/epoch_NNNN.npy pseudo-labels of epoch NNNN (counted from 1), int32
     RUN/checkpoint.pt              the state after the last completed epoch
     RUN/log.jsonl                  one JSON record per completed epoch
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 SKIPPED_NAME = "skipped.tsv"
+SKIPPED_HEADER = "path\treason\n"  # the first line of skipped.tsv
 CONFIG_NAME = "config.yaml"
 ASSIGNMENTS_DIR = "assignments"
 LOCK_NAME = ".lock"
@@ -210,12 +211,13 @@ def json_record(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def skipped_text(skipped: dict[str, str]) -> str:
-    """The skipped list, one ``path<TAB>reason`` line per file, sorted by path. Tabs and
-    line breaks inside a path or reason become spaces, so every file stays one line."""
+    """The skipped list: a ``path<TAB>reason`` header line, then one such line per file,
+    sorted by path. Tabs and line breaks inside a path or reason become spaces, so every file
+    stays one line."""
     def clean(text: str) -> str:
         return re.sub(r"[\t\r\n]", " ", text)
 
-    return "".join(f"{clean(path)}\t{clean(reason)}\n" for path, reason in sorted(skipped.items()))
+    return SKIPPED_HEADER + "".join(f"{clean(path)}\t{clean(reason)}\n" for path, reason in sorted(skipped.items()))
 
 
 def read_log(path: Path, strict: bool = False) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from deepcluster.checkpoint import CheckpointError
 from deepcluster.config import Config, ConfigError
 from deepcluster.data import DataError, ImageSource
 from deepcluster.devices import keep_freed_memory, resolve_device
+from deepcluster.initial_weights import load_initial_weights
 from deepcluster.messages import final_line, format_line, plural
 from deepcluster.methods.registry import METHODS
 from deepcluster.monitor import KNN_BODY_MAX_BYTES, KnnMonitor, Monitor, body_memory_bytes, digits_verdict, measures_body
@@ -90,8 +91,7 @@ def clusters_text(config: Config) -> str:
 def start_lines(config: Config, source: ImageSource, state: RunState, resume: bool, device: torch.device,
                 monitor: KnnMonitor | None, removed: list, model: torch.nn.Module | None = None) -> list[str]:
     """What a run says before its first epoch: the data, the network, the notes."""
-    lines = [f"deepcluster: {plural(len(source), 'image')}"
-             + (f" ({len(state.skipped)} unreadable file(s) skipped, listed in skipped.tsv)" if state.skipped else "")
+    lines = [f"deepcluster: {plural(len(source) + len(getattr(source, 'skipped', [])), 'image file')}"
              + f", {config.arch}{' + sobel' if config.sobel else ''}, {clusters_text(config)}, "
              f"{plural(config.epochs, 'epoch')}, device {device}, run folder {config.run_dir}"
              + (f", resuming after epoch {state.epoch}" if resume else "")
@@ -153,6 +153,9 @@ def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device
         if problem is not None:
             raise ConfigError(problem)
         model, head, optimizer = method.build(config, device)
+        if config.init is not None and not resume:  # the run starts from these weights (``initial_weights``)
+            kind = load_initial_weights(model, config.init)
+            folder.log(f"deepcluster: start: {config.init} ({kind}); epoch 1's scores are this start's")
         state = folder.restore(model, head, optimizer, source) if resume else RunState()
         for item in getattr(source, "skipped", []):
             state.skipped[item.path] = item.reason

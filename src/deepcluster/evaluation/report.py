@@ -129,7 +129,7 @@ def format_table(report: dict[str, Any]) -> str:
     gain = gains(trained, random_init) or {}
     columns = []
     if random_init is not None:
-        columns.append(("random init", random_values, False))
+        columns.append(("start" if report.get("start") else "random init", random_values, False))
     if trained is not None:
         columns.append(("trained", trained_values, False))
     if gain:
@@ -148,7 +148,10 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def baseline_note(report: dict[str, Any]) -> str:
-    """What the random-init column measured: its BatchNorm statistics."""
+    """What the random-init column measured: its BatchNorm statistics (or, for a run started
+    from a file, ``init``, that file's weights)."""
+    if report.get("start"):
+        return f"start: the weights the run started from, {report['start']}, with their own BatchNorm statistics"
     if (report.get("settings") or {}).get("baseline_batchnorm", "init") == "data":
         return ("random init: the run's random weights with BatchNorm statistics of the training images "
                 "(--baseline-batchnorm data)")

@@ -10,7 +10,7 @@ the checkpoint nor its configuration:
     model = load_backbone_safetensors("backbone.safetensors")    # eval mode, on the CPU
     info = read_backbone_metadata("backbone.safetensors")
     images = preprocess_images(["a.jpg", "b.png"], info)          # as the run fed its network
-    features = model.forward_features(images)                     # (B, feature_dim)
+    features = model.forward_clustered(images)                    # what the run clustered (info.clustered)
 
 safetensors stores raw tensors only, so loading a file cannot run code.
 """
@@ -47,6 +47,10 @@ class BackboneMetadata:
         stem: a ResNet's first layers (``imagenet`` or ``cifar``).
         width: the small net's channel multiplier (1 for every other architecture).
         depth: the small net's conv layer repeats (1 for every other architecture).
+        clustered: what the run clustered, and what ``forward_clustered`` of the loaded
+            backbone returns: ``fc`` (the last fully connected layer, ``feature_dim`` wide) or
+            ``body`` (the pooled convolutional output; a ResNet's only output). Files written
+            before this entry existed read as ``fc``.
     """
 
     arch: str
@@ -61,13 +65,15 @@ class BackboneMetadata:
     stem: str = "imagenet"
     width: int = 1
     depth: int = 1
+    clustered: str = "fc"
 
     def to_strings(self) -> dict[str, str]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": self.arch,
                 "sobel": json.dumps(self.sobel), "feature_dim": str(self.feature_dim),
                 "image_size": str(self.image_size), "resize": str(self.resize), "mean": json.dumps(list(self.mean)),
                 "std": json.dumps(list(self.std)), "epoch": str(self.epoch), "source": self.source,
-                "stem": self.stem, "width": str(self.width), "depth": str(self.depth)}
+                "stem": self.stem, "width": str(self.width), "depth": str(self.depth),
+                "clustered": self.clustered}
 
     @staticmethod
     def from_strings(values: dict[str, str], where: str = "file") -> "BackboneMetadata":
@@ -82,7 +88,7 @@ class BackboneMetadata:
                 std=tuple(float(v) for v in json.loads(values["std"])),  # type: ignore[arg-type]
                 epoch=int(values.get("epoch", "0")), source=values.get("source", ""),
                 stem=values.get("stem", "imagenet"), width=int(values.get("width", "1")),
-                depth=int(values.get("depth", "1")))
+                depth=int(values.get("depth", "1")), clustered=values.get("clustered", "fc"))
         except (KeyError, ValueError, TypeError) as error:
             raise ExportError(f"{where} has damaged backbone metadata ({type(error).__name__}: {error})") from None
 
@@ -161,7 +167,8 @@ def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cp
 
     Its input: RGB images resized (shorter side ``resize``), centre-cropped to ``image_size``,
     scaled to [0, 1] and normalised with ``mean`` / ``std``, which :func:`preprocess_images` does;
-    ``forward_features`` gives the features DeepCluster clustered, ``forward_body`` the conv map.
+    ``forward_clustered`` gives the features DeepCluster clustered (``clustered`` of the
+    metadata), ``forward_features`` the last fully connected layer, ``forward_body`` the conv map.
 
     Raises:
         ExportError: missing or foreign file, or weights that do not fit the architecture.
@@ -173,7 +180,7 @@ def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cp
     info = read_backbone_metadata(path)
     try:
         model = create_model(info.arch, sobel=info.sobel, feature_dim=info.feature_dim, stem=info.stem,
-                             width=info.width, depth=info.depth)
+                             width=info.width, depth=info.depth, clustered=info.clustered)
     except ValueError as error:
         raise ExportError(f"{str(path)!r}: {error}") from None
     try:

@@ -10,6 +10,11 @@ For v1, what is clustered is the globally average-pooled output of the last stag
 (512 values for ResNet-18, 2,048 for ResNet-50), PCA-whitened as usual; there are no fully
 connected layers between it and the pseudo-label head. The taps a probe or the report can
 read are the stem and the four stages.
+
+With the imagenet stem and no Sobel filter, every tensor has exactly one counterpart of the same
+shape in torchvision's ``resnet18`` / ``resnet50`` (``conv1`` is ``features.stem.conv``,
+``layer2.0.downsample.0`` is ``features.layer2.0.shortcut.0``, ...): ``torchvision_layout``
+maps the names, so a run can start from torchvision weights (the ``init`` setting).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch
 from deepcluster.checkpoint import atomic_write_bytes
 from deepcluster.config import ConfigError
 from deepcluster.data import CenterView, Normalize
+from deepcluster.sorting import sorted_folders_text
 from deepcluster.report import page
 from deepcluster.report.clusters import choose_clusters, sample_members, size_statistics, summarize_clusters
 from deepcluster.report.plots import epoch_curves, size_distribution
@@ -140,6 +141,11 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
             ("network", f"{config.arch}{' + Sobel' if config.sobel else ''}, input {config.crop} px"),
             ("clustering", clustering_summary(config)),
             ("epochs", f"{epochs_done} of {config.epochs}")]
+    if config.init:
+        rows.insert(2, ("start", config.init))
+    sorted_into = sorted_folders_text(run.run_dir)
+    if sorted_into:
+        rows.append(("sorted into", sorted_into))
     if run.records:
         last = run.records[-1]
         parts = [f"loss {last['train_loss']:.3f}"] if isinstance(last.get("train_loss"), (int, float)) else []
