@@ -1,5 +1,5 @@
 """What the benchmarks say about the machine they ran on, and how much memory a process
-tree holds. Every speed figure in BENCHMARKS.md is printed beside these."""
+tree holds. Every speed figure in docs/notebook/ is printed beside these."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ clusters) and not (0), and with L2 normalisation only:
 ``--train digits`` uses the built-in digits (the demo's data). ``--bn-recalibration`` also
 prints the trained network's kNN top-1 on ``--val`` with its running BatchNorm statistics
 (from augmented training batches) and with statistics recalibrated on the training images'
-centre views, as the baseline's are (docs/learning.md §15).
+centre views, as the baseline's are (docs/notebook/2026-11-30.md).
 """
 
 from __future__ import annotations

@@ -17,13 +17,13 @@ def test_every_recipe_resolves():
 
 
 def test_small_and_digits_train_without_flips_as_measured():
-    # docs/learning.md §16: flips cost 3.4 kNN points on MNIST-5k and 2.4 on CIFAR-10 (10,000 images).
+    # docs/notebook/2026-11-30.md: flips cost 3.4 kNN points on MNIST-5k and 2.4 on CIFAR-10 (10,000 images).
     assert resolve("small").hflip is False and resolve("digits").hflip is False
     assert resolve("paper").hflip is True and resolve("v2-cifar").hflip is True
 
 
 def test_v2_small_is_v2_cifar_on_the_small_net_as_measured():
-    """The settings of docs/learning.md §11's run (`v2-cifar` with these five changed)."""
+    """The settings of the 2026-11-29 notebook run (`v2-cifar` with these five changed)."""
     small, cifar = resolve("v2-small").to_dict(), resolve("v2-cifar").to_dict()
     changed = {key: small[key] for key in small if small[key] != cifar[key]}
     assert changed == {"arch": "smallnet", "stem": "imagenet", "clustered": "body", "epochs": 11, "warmup_epochs": 1}

@@ -2,7 +2,7 @@
 
 The OpenBLAS 0.3.15 inside the faiss-cpu wheel predates AMD Zen 5 (CPU family 26) and falls
 back to its SSE3 kernels there, which makes faiss's k-means about 2x slower
-(BENCHMARKS.md, "OpenBLAS core type"). OpenBLAS reads ``OPENBLAS_CORETYPE`` when it loads,
+(docs/notebook/2026-11-23.md, "OpenBLAS core type"). OpenBLAS reads ``OPENBLAS_CORETYPE`` when it loads,
 so this must run before faiss is imported; a value the user set is never changed.
 """
 

@@ -184,7 +184,7 @@ class Config:
 
 # Recipes: named sets of overrides on top of the defaults.
 # Where the small-image recipes leave the paper's loop (every key named in the README's recipe
-# table; measured in docs/learning.md).
+# table; measured in docs/notebook/).
 SMALL_IMAGES_LEARN: dict[str, Any] = {
     "sobel": False, "clustered": "body", "fc_init": "width", "kmeans_init": "previous", "head_reset": False,
 }
@@ -194,13 +194,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Small images (32-96 px: CIFAR, STL). Not in the paper: the small VGG-style net;
     # k = 100, well above the ~10 classes such sets have (k = 10 does not learn, see the
     # README); crops down to 20% of the area (8% leaves a few pixels of a 32 px image).
-    # Measured on CIFAR-10 (docs/learning.md): the paper's loop barely moves kNN (34 -> 37%
+    # Measured on CIFAR-10 (docs/notebook/): the paper's loop barely moves kNN (34 -> 37%
     # in 10 epochs); clustering the pooled convolutional output, colour instead of Sobel with
     # colour jitter and grayscale views, k-means started from last epoch's clusters and a head
     # that is kept, and the fc gain of the reference's 4096 width take it from 42 to 51% in
     # two hours here. No flips: without them the kNN ended 3.4 points higher on MNIST-5k
     # (a mirrored digit is no digit) and 2.4 higher on 10,000 CIFAR-10 images, with a
-    # smaller dip on both (docs/learning.md §16; the figures above were measured with flips).
+    # smaller dip on both (docs/notebook/2026-11-30.md; the figures above were measured with flips).
     "small": {
         "arch": "smallnet", "resize": 32, "crop": 32, "n_clusters": 100, "crop_scale_min": 0.2,
         "pca_dim": 128, "epochs": 30, "batch_size": 128, **SMALL_IMAGES_LEARN,
@@ -251,7 +251,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # ResNet-18) whose pooled body feeds the projection, and a schedule short enough for hours on
 # a CPU: 11 epochs, one of warm-up. On CIFAR-10 with two CPU cores: 102 minutes, kNN top-1
 # 48.5% (random weights, the data's BatchNorm statistics) -> 53.6%, clustering ACC (k = 10)
-# 28.1% (docs/learning.md §11). 3 x 3,000 prototypes want tens of thousands of images (on
+# 28.1% (docs/notebook/2026-11-29.md). 3 x 3,000 prototypes want tens of thousands of images (on
 # 10,000 the embeddings crowded together: §7); for fewer, lower `prototypes`.
 RECIPES["v2-small"] = {**RECIPES["v2-cifar"], "arch": "smallnet", "stem": "imagenet", "clustered": "body",
                        "epochs": 11, "warmup_epochs": 1}

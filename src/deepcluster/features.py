@@ -203,7 +203,7 @@ def batchnorm_statistics_of(model: Backbone, source: ImageSource, settings: Pass
 
     Any training, even one that learns nothing, leaves the data's statistics in a network; a
     random network measured with the statistics it was initialised with (mean 0, variance 1)
-    is a weaker baseline than that (on CIFAR-10, six kNN points weaker: docs/learning.md §8).
+    is a weaker baseline than that (on CIFAR-10, six kNN points weaker: docs/findings.md).
     """
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [layer.momentum for layer in layers]

@@ -96,7 +96,7 @@ def unwhitened(points: np.ndarray | None, pca: PCA | None) -> np.ndarray | None:
     What the k = number of classes accuracy is measured on: whitening gives every one of
     the ``d`` directions the same weight, which serves DeepCluster's many balanced clusters
     but, at k = classes, lets the many low-variance directions drown the few that separate
-    the classes (docs/learning.md §15). None (no points) passes through.
+    the classes (docs/notebook/2026-11-30.md). None (no points) passes through.
     """
     if points is None or pca is None or pca.whiten_power == 0:
         return points

@@ -70,7 +70,7 @@ def knn_graph(points: np.ndarray, n_neighbors: int, backend: str = "faiss", devi
         else:
             n_lists = int(min(4 * math.sqrt(n_points), n_points // 39))
             # The coarse quantizer only has to spread the lists: our k-means (faster than
-            # faiss's own training here, see BENCHMARKS.md), 10 iterations on at most 64
+            # faiss's own training here, see docs/notebook/2026-11-23.md), 10 iterations on at most 64
             # points per list instead of faiss's 25 iterations on 256.
             rng = np.random.default_rng(seed)
             sample = points[np.sort(rng.choice(n_points, min(n_points, 64 * n_lists), replace=False))]

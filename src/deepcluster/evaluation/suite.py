@@ -60,7 +60,7 @@ class EvalSettings:
             reduces only, -0.5 whitens as DeepCluster does before its own k-means. Not
             whitened by default: at k = number of classes whitening lets the many
             low-variance directions outweigh the few that separate classes, and the accuracy
-            then swings with the PCA width more than with training (docs/learning.md §15).
+            then swings with the PCA width more than with training (docs/notebook/2026-11-30.md).
         cluster_seeds: k-means restarts (seeds 0..n-1), averaged.
         cluster_iters: Lloyd iterations per restart.
         retrieval_ks: cut-offs of precision@k.
