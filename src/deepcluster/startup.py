@@ -137,8 +137,10 @@ class Setup:
     resume: bool
 
 
-def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device) -> Setup:
-    """Every process sets up (or resumes) the run; if one fails, all stop (``distributed.agree``).
+def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device,
+           build: Callable[[Config, torch.device], tuple]) -> Setup:
+    """Every process sets up (or resumes) the run, its network from ``build``; if one fails,
+    all stop (``distributed.agree``).
 
     Raises:
         ConfigError, DataError, CheckpointError, RunFolderError, OSError: bad settings,
@@ -152,7 +154,7 @@ def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device
         problem = method.size_problem(config, len(source))
         if problem is not None:
             raise ConfigError(problem)
-        model, head, optimizer = method.build(config, device)
+        model, head, optimizer = build(config, device)
         if config.init is not None and not resume:  # the run starts from these weights (``initial_weights``)
             kind = load_initial_weights(model, config.init)
             folder.log(f"deepcluster: start: {config.init} ({kind}); epoch 1's scores are this start's")

@@ -190,7 +190,7 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     then cluster the trained network once more."""
     folder.log = say = log if distributed.is_main_process() else (lambda _: None)  # one process speaks
     method = METHODS[config.method]
-    run_ = set_up(config, folder, resume, device)
+    run_ = set_up(config, folder, resume, device, build)
     model, head, optimizer, source, state, monitor = (run_.model, run_.head, run_.optimizer, run_.source,
                                                       run_.state, run_.monitor)
     planner, loss_fn = instrument(method.planner(config, device, source, head), method.loss)
