@@ -1,6 +1,7 @@
 # `make demo`: set up, then train on the built-in digits (about 2 minutes on 2 CPU cores, once set up).
 # `make test`: set up, then run the test suite (a few minutes on 2 CPU cores).
-.PHONY: setup demo test
+# `make test-fast`: the tests that start no process (the loop while developing).
+.PHONY: setup demo test test-fast
 
 setup:
 	./scripts/setup.sh
@@ -10,3 +11,6 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow"

@@ -93,7 +93,7 @@ MUTANTS = [
            "quota = max(1, n_samples // len(members) // 2)", (CORE, "tests/test_data.py"),
            what="clusters get half their share (the epoch padded by repetition)"),
     Mutant("same-seed-every-epoch", "methods/v1.py", "derived_seed(config.seed, epoch, STREAM_CLUSTERING),",
-           "derived_seed(config.seed, 0, STREAM_CLUSTERING),", ("tests/test_train.py", CORE),
+           "derived_seed(config.seed, 0, STREAM_CLUSTERING),", (CORE,),
            what="k-means seeded alike every epoch"),
     Mutant("v2-one-crop", "methods/v2.py", "points = bank.embeddings[head % BANK_CROPS, held].to(device)",
            "points = bank.embeddings[0, held].to(device)", (CORE, "tests/test_v2_train.py"),

@@ -345,3 +345,39 @@ def test_v2_training_writes_every_trained_images_two_crops_to_the_bank(observed_
         assert int(changed[0].sum()) == 36 // batch * batch
         # the two crops are different views, not one embedding written twice
         assert not torch.allclose(new[0], new[1])
+
+
+# ---------------------------------------------------------------- a resumed run
+
+
+def test_a_resumed_run_makes_one_feature_pass_per_epoch_left_and_none_for_finished_ones(image_folder, tmp_path):
+    """Stopped after epoch 1 of 3 and resumed: the resumed run passes over the images for
+    epochs 2 and 3 and the final clustering (3 feature passes), trains 2 epochs, and never
+    epoch 1 again."""
+    from deepcluster.config import resolve
+    from deepcluster.train import run
+
+    config = resolve("small", overrides={
+        "data": str(image_folder), "out_dir": str(tmp_path / "run"), "n_clusters": 6, "epochs": 3, "batch_size": 8,
+        "feature_batch_size": 16, "workers": 0, "pca_dim": 8, "kmeans_iters": 5, "feature_dim": 32, "threads": 1,
+        "tensorboard": False, **REFERENCE_LOOP})
+    threads = torch.get_num_threads()
+    passes = []
+    original_init = torch.utils.data.DataLoader.__init__
+
+    def recording_init(loader, dataset, *args, **kwargs):
+        # a feature pass visits every image once, in its centre view (no pseudo-labels)
+        passes.append("training" if hasattr(dataset, "assignments") else "features")
+        original_init(loader, dataset, *args, **kwargs)
+
+    try:
+        first = run(config, log=lambda _: None, stop=lambda record: record["epoch"] == 1)
+        assert [r["epoch"] for r in first] == [1]
+        with mock.patch.object(torch.utils.data.DataLoader, "__init__", recording_init):
+            resumed = run(config, resume=True, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["epoch"] for r in resumed] == [2, 3]
+    assert passes == ["features", "training", "features", "training", "features"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -186,9 +185,8 @@ def test_bad_setting_or_data_ends_every_process_with_one_line(odd_images, tmp_pa
     data = str(tmp_path / "missing") if case == "unreadable-folder" else str(odd_images)
     extra = {"setting": ["--n_clusters", "0"], "setting-for-the-data": ["--n_clusters", "99"],
              "unreadable-folder": []}[case]
-    start = time.monotonic()
+    # a process left waiting in a collective would hang: torchrun's timeout fails the test
     result = torchrun(["train", "--data", data, "--out", str(tmp_path / "run"), "--batch_size", "4", *TINY, *extra])
-    assert time.monotonic() - start < 60
     assert result.returncode != 0
     lines = our_lines(result.stdout + result.stderr)
     assert len(lines) == 1 and lines[0].startswith("deepcluster: error: "), result.stdout + result.stderr
@@ -209,9 +207,8 @@ def test_a_failure_on_one_process_only_stops_the_other(odd_images, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("12345\n")
         held.flush()
-        start = time.monotonic()
+        # process 1 left waiting in a collective would hang: torchrun's timeout fails the test
         result = torchrun(["train", "--data", str(odd_images), "--out", str(run), "--batch_size", "4", *TINY])
-    assert time.monotonic() - start < 60
     lines = our_lines(result.stdout + result.stderr)
     assert len(lines) == 1 and "is being written by another deepcluster run" in lines[0], result.stderr
     assert "]: Traceback" not in result.stdout + result.stderr
