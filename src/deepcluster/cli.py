@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
+from deepcluster.messages import one_line, shown_path
 from deepcluster.config import RECIPES, ConfigError, resolve, resolve_resume, run_folder, settings_help
 
 EXIT_USAGE = 2
@@ -153,10 +154,16 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.resume:  # the run's own settings, changed only where the command line says so
         run_dir = run_folder(args.config, overrides)
         saved = runfolder.saved_settings(Path(run_dir))
-        config = resolve_resume(saved, run_dir, args.recipe, args.config, overrides)
+        if saved is None:  # stopped while starting, before it saved its settings: start it now
+            print(f"deepcluster: {run_dir!r} holds no saved settings yet (the run stopped while starting); "
+                  "starting it from the beginning", flush=True)
+            args.resume = False
+            config = resolve(args.recipe, args.config, overrides)
+        else:
+            config = resolve_resume(saved, run_dir, args.recipe, args.config, overrides)
     else:
         config = resolve(args.recipe, args.config, overrides)
-    run(config, resume=args.resume, log=lambda line: print(line, flush=True))
+    run(config, resume=args.resume, log=lambda line: print(shown_path(line), flush=True))
     return 0
 
 
@@ -195,7 +202,7 @@ def out_of_memory(error: BaseException) -> str | None:
         match = re.search(r"tried to allocate (\d+) bytes", message)
         if match:
             return f"an allocation of {int(match.group(1)) / 2**30:.1f} GiB failed"
-        return message[:200]
+        return one_line(message, 200)
     return None
 
 
@@ -243,7 +250,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except PeerFailed as error:  # another process's setup failed: the main process says it once
         erase_bars()
         if error.args and error.args[0]:
-            print(f"deepcluster: error: {error.args[0]}", file=sys.stderr)
+            print(f"deepcluster: error: {one_line(error.args[0])}", file=sys.stderr)
         return EXIT_USAGE
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
         erase_bars()
@@ -252,15 +259,15 @@ def _main(argv: Sequence[str] | None) -> int:
             # launcher ends this one (SIGTERM, a silent Terminated) once the first has exited.
             time.sleep(SILENT_RANK_WAIT_S)
             return EXIT_USAGE
-        print(f"deepcluster: error: {error}", file=sys.stderr)
+        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as error:
         erase_bars()
-        print(f"deepcluster: error: {error}", file=sys.stderr)
+        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
         return EXIT_DIVERGED
     except RunFolderError as error:
         erase_bars()
-        print(f"deepcluster: error: {error}", file=sys.stderr)
+        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
         return EXIT_WRITE
     except (MemoryError, RuntimeError) as error:
         reason = out_of_memory(error)
