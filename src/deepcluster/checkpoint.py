@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,9 +155,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file can look like another pickle protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every failure means the same to the user
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if first_line.startswith("Weights only load failed"):  # torch's advice to load unsafely: not ours
+            first_line = "a pickled object other than tensors and plain values"
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded safely: it is truncated, corrupt or holds "
                               f"objects other than tensors ({one_line(first_line, 160)})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:

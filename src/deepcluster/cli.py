@@ -33,6 +33,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
@@ -151,6 +152,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     for key in ("data", "out_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    global _train_folder
+    _train_folder = Path(run_folder(args.config, overrides))
     if args.resume:  # the run's own settings, changed only where the command line says so
         run_dir = run_folder(args.config, overrides)
         saved = runfolder.saved_settings(Path(run_dir))
@@ -165,6 +168,19 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         config = resolve(args.recipe, args.config, overrides)
     run(config, resume=args.resume, log=lambda line: print(shown_path(line), flush=True))
     return 0
+
+
+_train_folder: Path | None = None  # the run folder of this `train` command, once known
+
+
+def interrupted_line(command: str | None) -> str:
+    """What an interrupted command prints: for ``train``, whether a checkpoint is kept."""
+    if command != "train":
+        return "deepcluster: interrupted"
+    if _train_folder is not None and (_train_folder / "checkpoint.pt").is_file():
+        return "deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)"
+    return "deepcluster: interrupted before the first epoch was completed, so there is no checkpoint yet (--resume " \
+           "starts the run over)"
 
 
 class Terminated(KeyboardInterrupt):
@@ -208,7 +224,10 @@ def out_of_memory(error: BaseException) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit code (see the module docstring)."""
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), warnings.catch_warnings():
+        # torch's advice to use fewer loader workers than cores, once per loader and process:
+        # noise around the run's own lines (the workers setting is the user's choice).
+        warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes")
         try:
             code = _main(argv)
         except Terminated:
@@ -283,8 +302,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_MEMORY
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
         erase_bars()
-        kept = "; the last completed epoch's checkpoint is kept (use --resume)" if command == "train" else ""
-        print(f"deepcluster: interrupted{kept}", file=sys.stderr)
+        print(interrupted_line(command), file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
 
 
