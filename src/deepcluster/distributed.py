@@ -146,14 +146,16 @@ STREAM_RANK = 0x52414E4B
 
 
 @contextmanager
-def rank_stream(seed: int, epoch: int) -> Iterator[None]:
+def rank_stream(seed: int, epoch: int, *modules: torch.nn.Module) -> Iterator[None]:
     """Inside the block (an epoch's training pass), each process draws from torch's global
     generator on a stream of its own (dropout masks, the loader's worker seeds): process 0
     goes on with the run's stream, exactly as a single process does, and process ``r > 0``
     with one seeded by ``(seed, epoch, r)``. Without it every process would draw the same
     dropout masks for different images. When the block ends normally, every process takes
     process 0's generator state again, so the clustering and the next epoch draw alike on
-    all of them, and the checkpoint (process 0's state) resumes every process exactly.
+    all of them, and the checkpoint (process 0's state) resumes every process exactly; so do
+    the buffers of ``modules`` (BatchNorm statistics, which each process updated last with
+    its own batch): the next feature pass of every process uses those the checkpoint holds.
     A single process: nothing changes."""
     if not is_distributed():
         yield
@@ -163,6 +165,10 @@ def rank_stream(seed: int, epoch: int) -> Iterator[None]:
         torch.manual_seed(int(key[0]) << 32 | int(key[1]))
     yield
     torch.set_rng_state(broadcast(torch.get_rng_state(), 0))
+    with torch.no_grad():
+        for module in modules:
+            for buffer in module.buffers():
+                buffer.copy_(broadcast(buffer.detach().clone(), 0))
 
 
 def barrier() -> None:

@@ -136,6 +136,10 @@ def lock(run_dir: Path) -> Iterator[None]:
     try:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Earlier versions held an ``flock`` instead: a run of one of those is refused too
+            # (tried and released at once: an ``flock`` would be inherited by loader workers).
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
         except OSError as error:
             if error.errno not in (errno.EACCES, errno.EAGAIN):
                 raise write_failure("the run file", path, error) from None

@@ -254,7 +254,7 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
             loader = make_loader(source, plan.assignments if plan.targets is None else plan.targets, config, epoch,
                                  device)
             start, unreadable = time.perf_counter(), set()
-            with distributed.rank_stream(config.seed, epoch):  # each process its own dropout masks
+            with distributed.rank_stream(config.seed, epoch, model, head):  # each process its own dropout masks
                 loss, seen = train_pass(model, head, optimizer, loader, config, epoch, device, unreadable, loss_fn)
             note_unreadable(source, unreadable, epoch, state.skipped, say)
             record = epoch_record(plan, loss, seen, time.perf_counter() - start, state, planner.training_numbers)
