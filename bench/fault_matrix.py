@@ -161,14 +161,15 @@ def random_kill(args: list[str], delay: float) -> int:
 def matrix(method: str, data: Path, scratch: Path, epochs: int, n_random: int, processes: int,
            rng: random.Random) -> tuple[int, int]:
     label = method if processes == 1 else f"{method}, {processes} processes"
-    reference = scratch / f"{method}-{processes}-reference"
-    args = command(method, data, reference, epochs, processes)
+    # Every run uses the same folder (its path is one of the settings a run stores): the
+    # uninterrupted one is moved aside once done.
+    out = scratch / f"{method}-{processes}-run"
+    args = command(method, data, out, epochs, processes)
     started = time.monotonic()
     total = count_renames(args, scratch / f"{method}-{processes}-renames.log", processes)
     duration = time.monotonic() - started
+    reference = out.rename(scratch / f"{method}-{processes}-reference")
     print(f"{label}: {total} renames in an uninterrupted run of {duration:.0f} s", flush=True)
-    out = scratch / f"{method}-{processes}-trial"
-    args = command(method, data, out, epochs, processes)
     survived = tried = 0
     for when in range(1, total + 1):
         inject = ["-e", f"inject={RENAMES}:signal=SIGKILL:when={when}"]

@@ -18,10 +18,10 @@ import fault_matrix  # noqa: E402
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_kills_at_commit_points_then_resume_give_the_uninterrupted_run_file_by_file(tmp_path):
     data = fault_matrix.images(tmp_path / "images")
-    reference = tmp_path / "reference"
-    total = fault_matrix.count_renames(fault_matrix.command("v1", data, reference, 2, 1), tmp_path / "renames.log", 1)
-    out = tmp_path / "trial"
+    out = tmp_path / "run"
     args = fault_matrix.command("v1", data, out, 2, 1)
+    total = fault_matrix.count_renames(args, tmp_path / "renames.log", 1)
+    reference = out.rename(tmp_path / "reference")
     for when in (total // 2, total):
         inject = ["-e", f"inject={fault_matrix.RENAMES}:signal=SIGKILL:when={when}"]
         assert fault_matrix.trial(f"rename {when}", lambda: fault_matrix.strace(args, inject).returncode, args,
