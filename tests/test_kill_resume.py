@@ -220,11 +220,15 @@ def test_sigterm_stops_as_ctrl_c_does_and_resume_goes_on(image_folder, tmp_path,
 def test_ctrl_c_prints_the_same_line(cli, image_folder, tmp_path, monkeypatch):
     from deepcluster import train as train_module
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    trained = train_module.train_one_epoch
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in epoch 2, once epoch 1's checkpoint is written
+        if args[5] == 1:
+            raise KeyboardInterrupt
+        return trained(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "run")
+    code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "run", "--epochs", "2")
     assert code == 130 and err == INTERRUPTED
 
 

@@ -7,15 +7,18 @@ A checkpoint holds only tensors, numbers, strings, lists and dicts, and is loade
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from deepcluster.faults import fault_point
+from deepcluster.messages import one_line
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
@@ -90,10 +93,50 @@ def remove_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+CHECKSUM_KEY = "checksum"
+
+
+def tensor_digest(tensor: torch.Tensor, digest: Any) -> None:
+    """Feed ``tensor``'s dtype, shape and raw bytes into ``digest`` (a hashlib object)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    digest.update(f"T{flat.dtype}{tuple(tensor.shape)}:".encode())
+    digest.update(flat.view(torch.uint8).numpy())
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """SHA-256 of everything in a checkpoint (tensors byte for byte, plain values by their
+    ``repr``), in order, leaving out ``format_version`` and the checksum itself: a bit that
+    changes on disk after the write changes it."""
+    digest = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor_digest(value, digest)
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                digest.update(repr(key).encode("utf-8", "surrogatepass") + b":")
+                walk(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                walk(item)
+                digest.update(b",")
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode("utf-8", "surrogatepass") + b";")
+
+    walk({key: value for key, value in state.items() if key not in ("format_version", CHECKSUM_KEY)})
+    return "sha256:" + digest.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Serialise ``state`` (tensors and plain containers only) and write it atomically."""
+    """Serialise ``state`` (tensors and plain containers only) with its checksum
+    (``state_checksum``) and write it atomically."""
     buffer = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    state = {key: value for key, value in state.items() if key not in ("format_version", CHECKSUM_KEY)}
+    torch.save({"format_version": FORMAT_VERSION, **state, CHECKSUM_KEY: state_checksum(state)}, buffer)
     atomic_write_bytes(path, buffer.getvalue(), fault="checkpoint")
 
 
@@ -101,7 +144,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint``, checking its layout.
 
     Only tensors, numbers, strings and plain containers can come out: a file that holds any
-    other pickled object (which could run code when unpickled) is refused, not executed.
+    other pickled object (which could run code when unpickled) is refused, not executed. The
+    checksum written with it is verified (a file from before checksums has none) and left
+    out of the returned state.
 
     Raises:
         CheckpointError: missing, truncated or tampered file, or not a deepcluster checkpoint.
@@ -110,13 +155,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file can look like another pickle protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every failure means the same to the user
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if first_line.startswith("Weights only load failed"):  # torch's advice to load unsafely: not ours
+            first_line = "a pickled object other than tensors and plain values"
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded safely: it is truncated, corrupt or holds "
-                              f"objects other than tensors ({first_line[:160]})") from None
+                              f"objects other than tensors ({one_line(first_line, 160)})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} is not a deepcluster checkpoint (format {FORMAT_VERSION})")
+    stored = state.pop(CHECKSUM_KEY, None)
+    if stored is not None and stored != state_checksum(state):
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its content does not match the checksum written "
+                              "with it (a bit changed on disk or in a copy); restore it from a copy of the run folder")
     problem = _layout_problem(state, BACKBONE_LAYOUT)
     if problem:
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged or tampered with: {problem}")

@@ -35,10 +35,13 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Sequence
 
-from deepcluster.config import RECIPES, ConfigError, config_text, default_recipe, recipe_line, resolve, settings_help
+from deepcluster.config import RECIPES, ConfigError, config_text, default_recipe, recipe_line, resolve, run_folder, settings_help
+from deepcluster.messages import one_line, shown_path
 
 EXIT_USAGE = 2
 # A process other than the first, failing a check every process fails alike, leaves the saying to
@@ -151,6 +154,7 @@ def build_parser() -> Parser:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from deepcluster import runfolder
     from deepcluster.api import training_settings
     from deepcluster.train import run
 
@@ -158,12 +162,19 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     for key in ("data", "out_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    global _train_folder
+    _train_folder = Path(run_folder(args.config, overrides))
+    if args.resume and runfolder.saved_settings(_train_folder) is None:
+        # stopped while starting, before it saved its settings: start it now
+        print(f"deepcluster: {str(_train_folder)!r} holds no saved settings yet (the run stopped while starting); "
+              "starting it from the beginning", flush=True)
+        args.resume = False
     # with --resume, the run's own settings, changed only where the command line says so
     config = training_settings(args.recipe, args.config, overrides, args.resume)
     if args.print_config:
         print(config_text(config, args.recipe or default_recipe(config.data)))
         return 0
-    run(config, resume=args.resume, log=lambda line: print(line, flush=True))
+    run(config, resume=args.resume, log=lambda line: print(shown_path(line), flush=True))
     return 0
 
 
@@ -179,6 +190,19 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     print(f"# {recipe_line(args.name)}")
     print(config_text(config, args.name))
     return 0
+
+
+_train_folder: Path | None = None  # the run folder of this `train` command, once known
+
+
+def interrupted_line(command: str | None) -> str:
+    """What an interrupted command prints: for ``train``, whether a checkpoint is kept."""
+    if command != "train":
+        return "deepcluster: interrupted"
+    if _train_folder is not None and (_train_folder / "checkpoint.pt").is_file():
+        return "deepcluster: interrupted; the last completed epoch's checkpoint is kept (use --resume)"
+    return "deepcluster: interrupted before the first epoch was completed, so there is no checkpoint yet (--resume " \
+           "starts the run over)"
 
 
 class Terminated(KeyboardInterrupt):
@@ -216,13 +240,16 @@ def out_of_memory(error: BaseException) -> str | None:
         match = re.search(r"tried to allocate (\d+) bytes", message)
         if match:
             return f"an allocation of {int(match.group(1)) / 2**30:.1f} GiB failed"
-        return message[:200]
+        return one_line(message, 200)
     return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit code (see the module docstring)."""
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), warnings.catch_warnings():
+        # torch's advice to use fewer loader workers than cores, once per loader and process:
+        # noise around the run's own lines (the workers setting is the user's choice).
+        warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes")
         try:
             code = _main(argv)
         except Terminated:
@@ -266,7 +293,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except PeerFailed as error:  # another process's setup failed: the main process says it once
         erase_bars()
         if error.args and error.args[0]:
-            print(f"deepcluster: error: {error.args[0]}", file=sys.stderr)
+            print(f"deepcluster: error: {one_line(error.args[0])}", file=sys.stderr)
         return EXIT_USAGE
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
         erase_bars()
@@ -275,15 +302,15 @@ def _main(argv: Sequence[str] | None) -> int:
             # launcher ends this one (SIGTERM, a silent Terminated) once the first has exited.
             time.sleep(SILENT_RANK_WAIT_S)
             return EXIT_USAGE
-        print(f"deepcluster: error: {error}", file=sys.stderr)
+        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as error:
         erase_bars()
-        print(f"deepcluster: error: {error}", file=sys.stderr)
+        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
         return EXIT_DIVERGED
     except RunFolderError as error:
         erase_bars()
-        print(f"deepcluster: error: {error}", file=sys.stderr)
+        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
         return EXIT_WRITE
     except (MemoryError, RuntimeError) as error:
         reason = out_of_memory(error)
@@ -299,8 +326,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_MEMORY
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
         erase_bars()
-        kept = "; the last completed epoch's checkpoint is kept (use --resume)" if command == "train" else ""
-        print(f"deepcluster: interrupted{kept}", file=sys.stderr)
+        print(interrupted_line(command), file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
 
 

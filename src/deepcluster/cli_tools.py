@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deepcluster.config import ConfigError
-from deepcluster.messages import plural
+from deepcluster.messages import plural, shown_path
 
 COMMANDS = ("report", "assign", "features", "export")
 FORMATS = ("csv", "parquet")
@@ -235,6 +235,7 @@ def _writing(path: Path):
 
 
 def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from deepcluster.data import DataError
     from deepcluster.report import ReportSettings, build_report
 
     device = _setup(args)
@@ -249,6 +250,10 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     command = "deepcluster " + " ".join(shlex.quote(a) for a in argv)
     with _writing(Path(args.out_dir or args.run_dir)):
         result = build_report(args.run_dir, args.out_dir, settings, command=command)
+    if result.clusters_shown == 0 or result.thumbnails == 0:  # a page without clusters or images is no success
+        reason = next((note for note in result.notes if "not shown" in note), "nothing to show")
+        raise DataError(f"the report of {str(args.run_dir)!r} shows no clusters or images ({reason}); the page "
+                        f"written to {str(result.path)!r} holds only what the log has")
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {result.path} ({result.size_bytes / 1e6:.1f} MB, {plural(result.clusters_shown, 'cluster')} "
@@ -259,7 +264,7 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _class_column(source) -> list[str] | None:
     if source.labels is None or not source.class_names:
         return None
-    return [source.class_names[label] for label in source.labels]
+    return [shown_path(source.class_names[label]) for label in source.labels]
 
 
 def open_every_file(folder: str):
@@ -280,7 +285,7 @@ def _found(source) -> str:
 
 def problems(source, ok) -> list[str]:
     """Why each image that did not decode (``ok`` False) cannot be used; ``""`` for the others."""
-    return ["" if good else source.problem(index) for index, good in enumerate(ok)]
+    return ["" if good else shown_path(source.problem(index)) for index, good in enumerate(ok)]
 
 
 def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes: list[str] | None,
@@ -297,12 +302,12 @@ def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes
     written = []
     if "csv" in formats:
         path = out_dir / "assignments.csv"
-        with _writing(path), open(path, "w", newline="") as handle:
+        with _writing(path), open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "cluster", "distance"] + (["class"] if classes else []) + ["problem"])
             for row, name in enumerate(paths):
                 distance = assignment.distances[row]
-                cells = [name, int(assignment.clusters[row]), "" if np.isnan(distance) else f"{distance:.6f}"]
+                cells = [shown_path(name), int(assignment.clusters[row]), "" if np.isnan(distance) else f"{distance:.6f}"]
                 writer.writerow(cells + ([classes[row]] if classes else []) + [reasons[row]])
         written.append(path)
     if "parquet" in formats:
@@ -310,7 +315,7 @@ def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes
         import pyarrow.parquet as pq
 
         path = out_dir / "assignments.parquet"
-        columns = {"path": pa.array(paths, pa.string()),
+        columns = {"path": pa.array([shown_path(name) for name in paths], pa.string()),
                    "cluster": pa.array(assignment.clusters.astype(np.int32)),
                    "distance": pa.array(assignment.distances, pa.float32(), mask=np.isnan(assignment.distances))}
         if classes:
@@ -412,13 +417,13 @@ def cmd_features(args: argparse.Namespace) -> int:
                                 args.batch_size, args.workers, device)
     classes = _class_column(source)
     table = out_dir / "paths.tsv"
-    with _writing(table), open(table, "w") as handle:
+    with _writing(table), open(table, "w", encoding="utf-8") as handle:
         handle.write("row\tpath\treadable" + ("\tclass" if classes else "") + "\tproblem\n")
         for row, (path, reason) in enumerate(zip(source.paths, problems(source, result.ok))):
-            cells = [str(row), path, str(int(result.ok[row]))] + ([classes[row]] if classes else []) + [reason]
+            cells = [str(row), shown_path(path), str(int(result.ok[row]))] + ([classes[row]] if classes else []) + [reason]
             handle.write("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in cells) + "\n")
-    meta = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data), "layer": layer,
-            "clustered": clustered_layer(model) if tap == "fc" else None,
+    meta = {"checkpoint": shown_path(os.path.abspath(args.checkpoint)), "data": shown_path(os.path.abspath(args.data)),
+            "layer": layer, "clustered": clustered_layer(model) if tap == "fc" else None,
             "dim": result.dim, "n_images": len(source), "n_unreadable": int((~result.ok).sum()),
             "pooling": result.pooling, "pca_whitened_l2": result.whitened, "arch": config.arch, "sobel": config.sobel,
             "image_size": config.crop, "resize": config.resize, "mean": list(config.mean), "std": list(config.std),

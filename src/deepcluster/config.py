@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -433,6 +434,11 @@ class SettingType:
 TYPES = {name: SettingType.of(hint) for name, hint in typing.get_type_hints(Config).items()}
 
 
+# Folders a run reads, stored as absolute paths (the run folder itself is named anew by
+# every command that uses it).
+FOLDER_SETTINGS = ("data", "val")
+
+
 def coerce(key: str, value: Any) -> Any:
     """Convert ``value`` (from YAML or a command-line string) to the type of ``key``.
 
@@ -442,9 +448,27 @@ def coerce(key: str, value: Any) -> Any:
     if key not in FIELDS:
         raise ConfigError(_unknown_key_message(key))
     try:
-        return TYPES[key].parse(value)
+        parsed = TYPES[key].parse(value)
+        if key in FOLDER_SETTINGS and parsed and "\0" not in parsed:
+            # Stored absolute: the run reads the same folder from wherever it is resumed or
+            # reported, and the folder typed relatively or absolutely is the same setting.
+            parsed = os.path.abspath(parsed)
+        return parsed
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"setting {key!r} must be {TYPES[key].describe()}, got {value!r}") from None
+        raise ConfigError(f"setting {key!r} must be {TYPES[key].describe()}, got {short_repr(value)}") from None
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` bounded in size and in the work it takes (nested containers are cut
+    after a few items and levels), for error messages."""
+    import reprlib
+
+    bounded = reprlib.Repr()
+    bounded.maxstring = bounded.maxother = limit
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = 4
+    bounded.maxlevel = 3
+    text = bounded.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # Integers go to C code (torch, faiss, the data loader) that holds them in 32 bits.
@@ -454,6 +478,10 @@ MAX_THREADS = 1024
 # --crop 4000 would upscale each image to gigabytes of tensors before anything is printed.
 # The paper uses 224/256; 1024 leaves room for high-resolution experiments.
 MAX_IMAGE_SIDE = 1024
+# Counts of passes: far above any real run (the paper: 500 epochs, v2: 800), low enough that
+# a typo such as --epochs 1e9 is refused before a run folder exists.
+MAX_COUNT = 100_000
+COUNT_LIMITS = ("epochs", "warmup_epochs", "kmeans_iters", "val_every", "reassign_every")
 
 
 def validate(config: Config) -> Config:
@@ -471,6 +499,10 @@ def validate(config: Config) -> Config:
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"setting {key!r} must be a positive integer, got {getattr(config, key)}")
+    for key in COUNT_LIMITS:
+        if (getattr(config, key) or 0) > MAX_COUNT:
+            raise ConfigError(f"setting {key!r} must be at most {MAX_COUNT:,}, got {getattr(config, key):,} (the "
+                              "paper trains 500 epochs, DeepCluster-v2 800)")
     for key in ("crop", "resize"):
         if getattr(config, key) > MAX_IMAGE_SIDE:
             raise ConfigError(f"setting {key!r} must be at most {MAX_IMAGE_SIDE} pixels, got {getattr(config, key)} "
@@ -603,16 +635,38 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     return dataclasses.replace(config, **{key: coerce(key, value) for key, value in overrides.items()})
 
 
+# A settings file is a flat mapping of a few dozen lines; anything far larger is a mistake.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _refuse_aliases(text: str, path: Path) -> None:
+    """Raise ``ConfigError`` at the first YAML alias (``*name``): nested aliases expand
+    exponentially (a 1.5 KB file can stand for gigabytes once printed or walked), and a
+    settings file never needs one."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"config file {str(path)!r} uses a YAML alias (*{event.anchor[:40]}) at line "
+                              f"{event.start_mark.line + 1}; write each value out instead")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of settings; a clear ``ConfigError`` for any problem."""
+    """Read a YAML mapping of settings; a clear ``ConfigError`` for any problem (aliases
+    and files over ``MAX_CONFIG_BYTES`` are refused)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror or error}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; a settings "
+                          "file is a short mapping of setting: value")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
     try:
+        _refuse_aliases(text, path)
         content = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
@@ -645,7 +699,7 @@ def _read_given(recipe: str | None, config_file: str | Path | None,
     file_recipe = from_file.pop("recipe", None)
     for name in (recipe, file_recipe):  # a bad recipe in the file is an error even when overridden
         if name is not None and (not isinstance(name, str) or name not in RECIPES):
-            raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+            raise ConfigError(f"unknown recipe {short_repr(name)}; choose one of: {', '.join(RECIPES)}")
     return recipe or file_recipe, {**from_file, **(overrides or {})}
 
 

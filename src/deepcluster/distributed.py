@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -137,6 +139,36 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+# Mixed into the seed of a process's own stream (``rank_stream``), apart from every other stream.
+STREAM_RANK = 0x52414E4B
+
+
+@contextmanager
+def rank_stream(seed: int, epoch: int, *modules: torch.nn.Module) -> Iterator[None]:
+    """Inside the block (an epoch's training pass), each process draws from torch's global
+    generator on a stream of its own (dropout masks, the loader's worker seeds): process 0
+    goes on with the run's stream, exactly as a single process does, and process ``r > 0``
+    with one seeded by ``(seed, epoch, r)``. Without it every process would draw the same
+    dropout masks for different images. When the block ends normally, every process takes
+    process 0's generator state again, so the clustering and the next epoch draw alike on
+    all of them, and the checkpoint (process 0's state) resumes every process exactly; so do
+    the buffers of ``modules`` (BatchNorm statistics, which each process updated last with
+    its own batch): the next feature pass of every process uses those the checkpoint holds.
+    A single process: nothing changes."""
+    if not is_distributed():
+        yield
+        return
+    if rank() > 0:
+        key = np.random.SeedSequence([seed, epoch, STREAM_RANK, rank()]).generate_state(2)
+        torch.manual_seed(int(key[0]) << 32 | int(key[1]))
+    yield
+    torch.set_rng_state(broadcast(torch.get_rng_state(), 0))
+    with torch.no_grad():
+        for module in modules:
+            for buffer in module.buffers():
+                buffer.copy_(broadcast(buffer.detach().clone(), 0))
 
 
 def barrier() -> None:

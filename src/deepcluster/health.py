@@ -44,14 +44,27 @@ def check_loss(loss: float, epoch: int, step: int) -> None:
                                f"{_kept(epoch)}. To go on, {ADVICE}")
 
 
+# Largest feature magnitude accepted: the PCA sums squares of features in float32 (max
+# 3.4e38), so with up to 2**31 images a feature above sqrt(3.4e38 / 2**33) ~ 2e14 could make
+# the covariance infinite while every feature is finite. A healthy network is far below.
+FEATURE_LIMIT = 1e14
+
+
 def check_features(features: np.ndarray, epoch: int, block: int = 65536) -> None:
-    """Raise ``TrainingDiverged`` when the ``(N, D)`` features hold a NaN or an infinity
-    (weights blown up by the previous epoch: k-means on them would be meaningless).
-    Checked ``block`` rows at a time, so the test needs little memory beside the features."""
+    """Raise ``TrainingDiverged`` when the ``(N, D)`` features hold a NaN or an infinity, or
+    a value above ``FEATURE_LIMIT`` (weights blown up by the previous epoch: the PCA's
+    covariance would overflow, and k-means on them would be meaningless). Checked ``block``
+    rows at a time, so the test needs little memory beside the features."""
     for start in range(0, len(features), block):
-        if not np.isfinite(features[start:start + block]).all():
+        part = features[start:start + block]
+        if not np.isfinite(part).all():
             raise TrainingDiverged(f"the network's features became NaN or infinite at epoch {epoch + 1}; stopped, "
                                    f"{_kept(epoch)}. To go on, {ADVICE}")
+        largest = float(np.abs(part).max()) if part.size else 0.0
+        if largest > FEATURE_LIMIT:
+            raise TrainingDiverged(f"the network's features became too large at epoch {epoch + 1} (|value| up to "
+                                   f"{largest:.1e}: their PCA covariance would overflow); stopped, {_kept(epoch)}. "
+                                   f"To go on, {ADVICE}")
 
 
 def cluster_warnings(assignments: np.ndarray) -> list[str]:

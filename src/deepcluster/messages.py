@@ -2,6 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import re
+
+# Longest error message printed: a message never carries a whole expanded value.
+MAX_MESSAGE = 600
+
+
+def shown_path(name: str) -> str:
+    """A file name as every output of the package writes it (``skipped.tsv``, ``assign``'s
+    CSV and Parquet, ``features``' ``paths.tsv``, the report, the terminal lines): the name's
+    bytes as UTF-8, each byte that is not part of valid UTF-8 written as ``\\xNN``. Python
+    hands such bytes over as lone surrogates (``os.fsdecode``), which no UTF-8 file accepts;
+    valid names come out unchanged. (A name with a literal ``\\x`` in it reads the same.)"""
+    if name.isascii():
+        return name
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name's bytes
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters: line breaks
+    become spaces, undecodable file-name bytes are escaped (``shown_path``), and a longer
+    text is cut at a word boundary with `` ...`` appended."""
+    text = shown_path(re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[:cut if cut > limit // 2 else limit].rstrip(" ,;:(") + " ..."
+
 
 def plural(count: int, word: str) -> str:
     """``plural(1, "epoch") == "1 epoch"``, ``plural(1797, "image") == "1,797 images"`` (regular nouns)."""
@@ -58,4 +90,4 @@ def final_line(summary: dict, last_epoch: int) -> str:
     return "  ".join(parts)
 
 
-__all__ = ["final_line", "format_line", "format_scores", "plural"]
+__all__ = ["MAX_MESSAGE", "final_line", "format_line", "format_scores", "one_line", "plural", "shown_path"]

@@ -32,24 +32,35 @@ def learning_rates(config: Config, steps_per_epoch: int) -> np.ndarray:
 def epoch_learning_rates(config: Config, steps_per_epoch: int, epoch: int) -> np.ndarray:
     """``(steps_per_epoch,)``: the rates of epoch ``epoch``'s steps (0-based) in
     :func:`learning_rates`, the schedule both methods set at every step."""
-    return learning_rates(config, steps_per_epoch)[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]
+    final = config.lr if config.final_lr is None else config.final_lr
+    return warmup_cosine(config.lr, final, config.epochs, steps_per_epoch, config.warmup_epochs,
+                         config.warmup_start_lr, steps=(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch))
 
 
 def warmup_cosine(base_lr: float, final_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,
-                  start_warmup: float = 0.0) -> np.ndarray:
+                  start_warmup: float = 0.0, steps: tuple[int, int] | None = None) -> np.ndarray:
     """Learning rate of every step: linear from ``start_warmup`` to ``base_lr`` over the
     warm-up epochs, then half a cosine from ``base_lr`` down to ``final_lr``.
 
+    Args:
+        steps: ``(first, stop)``: only the rates of these steps (an epoch's), computed
+            without the whole schedule (whose size grows with ``epochs``); the same values.
+
     Returns:
-        ``(epochs * steps_per_epoch,)`` float64.
+        ``(epochs * steps_per_epoch,)`` float64, or ``(stop - first,)`` with ``steps``.
     """
     warmup_steps = min(warmup_epochs, epochs) * steps_per_epoch
     total = epochs * steps_per_epoch
-    warmup = np.linspace(start_warmup, base_lr, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
-    decay_steps = np.arange(total - warmup_steps)
+    first, stop = steps if steps is not None else (0, total)
+    index = np.arange(max(first, 0), min(stop, total))
+    rates = np.empty(len(index), dtype=np.float64)
+    warm = index < warmup_steps
+    # np.linspace(start_warmup, base_lr, warmup_steps, endpoint=False), element by element
+    rates[warm] = index[warm] * ((base_lr - start_warmup) / max(warmup_steps, 1)) + start_warmup
     span = max(total - warmup_steps, 1)
-    cosine = final_lr + 0.5 * (base_lr - final_lr) * (1.0 + np.cos(math.pi * decay_steps / span))
-    return np.concatenate([warmup, cosine])
+    decay_steps = index[~warm] - warmup_steps
+    rates[~warm] = final_lr + 0.5 * (base_lr - final_lr) * (1.0 + np.cos(math.pi * decay_steps / span))
+    return rates
 
 
 class LARS(torch.optim.SGD):

@@ -16,11 +16,12 @@ clustering read that list instead of scanning the folder again. Files added to t
 later are not used; files that went missing are skipped when they fail to load. The row of
 an image in every assignments file therefore always means the same image.
 
-Only one run may write a folder at a time: ``lock`` takes an exclusive ``flock`` on
-``RUN/.lock`` for the whole run, so a second ``train`` (or ``--resume``) on the same folder
-stops at once with a clear error instead of mixing its epochs into the first one's. The
-operating system releases the lock when the process ends, however it ends, so a killed
-run never leaves a stale lock behind.
+Only one run may write a folder at a time: ``lock`` takes an exclusive POSIX record lock
+(``lockf``) on ``RUN/.lock`` for the whole run, so a second ``train`` (or ``--resume``) on
+the same folder stops at once with a clear error instead of mixing its epochs into the first
+one's. The lock belongs to the process alone (forked loader workers do not inherit it) and
+the operating system releases it when the process ends, however it ends, so a killed run
+never leaves a stale lock behind.
 
 The checkpoint is the single source of truth. At the end of an epoch the files are
 written in the order assignments, skipped list, checkpoint, log line; each file except the
@@ -56,6 +57,7 @@ from deepcluster.config import Config, ConfigError, check_unchanged, from_dict, 
 from deepcluster.data import FolderSource, ImageSource, load_digits_source, walk_relative
 from deepcluster.data.sources import DataError
 from deepcluster.faults import fault_point
+from deepcluster.messages import shown_path
 from deepcluster.models.heads import ClassifierHead
 from deepcluster.scalars import ScalarLog
 
@@ -106,10 +108,16 @@ def check_out_folder(path: Path) -> None:
 def lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's exclusive lock inside the block (creating the folder).
 
+    The lock is a POSIX record lock (``lockf``), which belongs to this process alone: a
+    forked child (a DataLoader worker) does not inherit it, so the moment this process dies,
+    however it dies, the folder is free again (an ``flock`` would live on in the workers
+    until they notice). The descriptor is closed on ``exec``.
+
     Raises:
         ConfigError: another process holds the lock (names its process id), or the folder
             is a file.
-        RunFolderError: the folder or its lock file cannot be created.
+        RunFolderError: the folder or its lock file cannot be created or written (full disk);
+            nothing is left behind.
     """
     try:
         import fcntl
@@ -119,30 +127,50 @@ def lock(run_dir: Path) -> Iterator[None]:
     check_out_folder(run_dir)
     path = run_dir / LOCK_NAME
     created = not run_dir.exists()
+    existed = path.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as error:
+        _remove_new(run_dir, created, existed)
         raise write_failure("the run file", path, error) from None
     try:
         try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Earlier versions held an ``flock`` instead: a run of one of those is refused too
+            # (tried and released at once: an ``flock`` would be inherited by loader workers).
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise write_failure("the run file", path, error) from None
             holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
             raise ConfigError(f"run folder {str(run_dir)!r} is being written by another deepcluster run "
                               f"(process {holder}); wait for it to end or choose another --out") from None
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+        try:
+            holder = f"{os.getpid()}\n".encode()
+            os.pwrite(handle, holder, 0)
+            os.ftruncate(handle, len(holder))
+        except OSError as error:  # a full disk, before anything else was written
+            _remove_new(run_dir, created, existed)
+            raise write_failure("the run file", path, error) from None
         try:
             yield
         finally:
             if created and [entry.name for entry in run_dir.iterdir()] == [LOCK_NAME]:
                 # Stopped before writing anything (bad settings): leave no folder behind.
-                path.unlink(missing_ok=True)
-                run_dir.rmdir()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+                _remove_new(run_dir, created, existed)
     finally:
-        os.close(handle)
+        os.close(handle)  # releases the lock
+
+
+def _remove_new(run_dir: Path, created: bool, existed: bool) -> None:
+    """Remove the lock file and the folder that ``lock`` created (best effort)."""
+    with contextlib.suppress(OSError):
+        if not existed:
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+        if created:
+            run_dir.rmdir()
 
 
 def write_images(run_dir: Path, root: str, files: list[str]) -> None:
@@ -186,9 +214,10 @@ def started_run(run_dir: Path) -> bool:
     return (run_dir / CONFIG_NAME).is_file() or (run_dir / LOG_NAME).is_file()
 
 
-def saved_settings(run_dir: Path) -> dict[str, Any]:
+def saved_settings(run_dir: Path) -> dict[str, Any] | None:
     """The settings a run saved when it started (``config.yaml``; the checkpoint's when that
-    file is gone), for ``--resume``.
+    file is gone), for ``--resume``; ``None`` when a run took the folder (its ``.lock``) but
+    was stopped before it saved anything: there is nothing to lose, it starts afresh.
 
     Raises:
         CheckpointError: no run ever started in ``run_dir``, or its checkpoint is unreadable.
@@ -200,6 +229,8 @@ def saved_settings(run_dir: Path) -> dict[str, Any]:
         saved = load_checkpoint(run_dir / CHECKPOINT_NAME).get("config")
         if isinstance(saved, dict):
             return saved
+    elif (run_dir / LOCK_NAME).is_file():
+        return None
     raise CheckpointError(f"nothing to resume: {str(run_dir)!r} holds no run ({CONFIG_NAME} and {CHECKPOINT_NAME} "
                           "are missing); start it without --resume, or give the run folder with --out")
 
@@ -213,9 +244,10 @@ def json_record(record: dict[str, Any]) -> dict[str, Any]:
 def skipped_text(skipped: dict[str, str]) -> str:
     """The skipped list: a ``path<TAB>reason`` header line, then one such line per file,
     sorted by path. Tabs and line breaks inside a path or reason become spaces, so every file
-    stays one line."""
+    stays one line, and bytes of a name that are not UTF-8 are written as ``\xNN``
+    (``messages.shown_path``)."""
     def clean(text: str) -> str:
-        return re.sub(r"[\t\r\n]", " ", text)
+        return re.sub(r"[\t\r\n]", " ", shown_path(text))
 
     return SKIPPED_HEADER + "".join(f"{clean(path)}\t{clean(reason)}\n" for path, reason in sorted(skipped.items()))
 
@@ -412,8 +444,9 @@ FINAL_SUMMARY = "final.json"
 
 
 def save_final(run_dir: Path, assignments: np.ndarray, checkpoint: dict[str, Any], summary: str) -> None:
-    """Write the final clustering: ``assignments/final.npy``, the checkpoint that holds it,
-    then its summary; each atomically.
+    """Write the final clustering: ``assignments/final.npy``, its summary ``final.json``,
+    then the checkpoint that holds it (the commit point: a run whose checkpoint holds the
+    final clustering has both files); each atomically.
 
     Raises:
         RunFolderError: naming the file that could not be written; the trained checkpoint
@@ -422,10 +455,10 @@ def save_final(run_dir: Path, assignments: np.ndarray, checkpoint: dict[str, Any
     path = run_dir / ASSIGNMENTS_DIR / FINAL_ASSIGNMENTS
     try:
         save_assignments(path, assignments)
-        path = run_dir / CHECKPOINT_NAME
-        save_checkpoint(path, checkpoint)
         path = run_dir / FINAL_SUMMARY
         atomic_write_bytes(path, summary.encode())
+        path = run_dir / CHECKPOINT_NAME
+        save_checkpoint(path, checkpoint)
     except OSError as error:
         raise write_failure("final clustering", path, error, "the trained checkpoint is kept; --resume retries it") from None
 
@@ -625,10 +658,12 @@ class RunFolder:
             self.scalars.close()
 
     def final_is_current(self, epoch: int) -> bool:
-        """Whether the checkpoint already holds the final clustering of ``epoch`` epochs."""
+        """Whether the checkpoint already holds the final clustering of ``epoch`` epochs and
+        both files made from it are there (a missing one is made again)."""
         final = load_checkpoint(self.checkpoint_path).get("final")
-        return (final is not None and int(final["epoch"]) == epoch
-                and (self.path / ASSIGNMENTS_DIR / FINAL_ASSIGNMENTS).is_file())
+        return (isinstance(final, dict) and final.get("epoch") == epoch
+                and (self.path / ASSIGNMENTS_DIR / FINAL_ASSIGNMENTS).is_file()
+                and (self.path / FINAL_SUMMARY).is_file())
 
     def save_final(self, epoch: int, partition: Partition, summary: dict[str, Any]) -> None:
         """Add the final clustering to the checkpoint, ``assignments/final.npy`` and

@@ -204,9 +204,10 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
             scores = monitor(model, plan, epoch)
             loader = method.loader(source, plan, config, epoch, device)
             start, unreadable = time.perf_counter(), set()
-            trained = Trained(*train_one_epoch(method.network(model, head), loader, optimizer, loss_fn, config, epoch, device,
-                                              method.temperature(config), method.head_group(head, config),
-                                              planner.bank, unreadable))
+            with distributed.rank_stream(config.seed, epoch, model, head):  # each process its own dropout masks
+                trained = Trained(*train_one_epoch(method.network(model, head), loader, optimizer, loss_fn, config, epoch,
+                                                  device, method.temperature(config), method.head_group(head, config),
+                                                  planner.bank, unreadable))
             note_unreadable(source, unreadable, epoch, state.skipped, say)
             record = epoch_record(plan, scores, trained, time.perf_counter() - start, state, method.logs_heads)
             if distributed.is_distributed():

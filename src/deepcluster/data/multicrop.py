@@ -79,20 +79,25 @@ class MultiCropDataset(Dataset):
             function of where it is, as for v1, so workers and resumes do not matter).
         stream: a further number mixed into that seed, for passes other than training
             (the memory bank's first filling).
+        positions: ``(n,)`` position of each sample in the epoch's whole list (a process's
+            share under ``torchrun``), used instead of its place in ``indices``, so that each
+            image gets the crops it gets in a single-process run (default: its place).
 
     An image that fails to decode yields black crops and targets ``UNREADABLE``.
     """
 
     def __init__(self, source: ImageSource, indices: np.ndarray, targets: np.ndarray, transform: MultiCrop,
-                 seed: int, epoch: int, stream: int | None = None) -> None:
+                 seed: int, epoch: int, stream: int | None = None, positions: np.ndarray | None = None) -> None:
         self.source, self.indices, self.targets = source, indices, targets
         self.transform, self.seed, self.epoch, self.stream = transform, seed, epoch, stream
+        self.positions = positions
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int):
         index = int(self.indices[position])
+        position = position if self.positions is None else int(self.positions[position])
         key = (self.seed, self.epoch, position) if self.stream is None else (self.seed, self.epoch, position,
                                                                              self.stream)
         try:

@@ -188,8 +188,9 @@ def multi_crop_loader(source: ImageSource, plan: Plan | np.ndarray, config: Conf
         indices = uniform_cluster_sample(targets[0], int(usable.sum()), rng)
     else:
         indices = rng.permutation(np.flatnonzero(usable))
-    indices, _ = distributed.equal_shard(indices)  # every process the same number of steps
-    dataset = MultiCropDataset(source, indices, targets, multi_crop(config), config.seed, epoch)
+    indices, positions = distributed.equal_shard(indices)  # every process the same number of steps
+    dataset = MultiCropDataset(source, indices, targets, multi_crop(config), config.seed, epoch,
+                               positions=positions if distributed.is_distributed() else None)
     return DataLoader(dataset, batch_size=config.batch_size // distributed.world_size(), shuffle=False,
                       drop_last=True, **loader_kwargs(config.workers, device))
 

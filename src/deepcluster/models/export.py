@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from deepcluster.messages import one_line
+
 FORMAT = "deepcluster-backbone"
 FORMAT_VERSION = "1"
 
@@ -98,16 +100,35 @@ def backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
 
 
+CHECKSUM_KEY = "sha256"  # metadata entry: SHA-256 of every tensor, in name order
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order."""
+    import hashlib
+
+    from deepcluster.checkpoint import tensor_digest
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode("utf-8", "surrogatepass") + b"=")
+        tensor_digest(tensors[name], digest)
+    return digest.hexdigest()
+
+
 def save_backbone_safetensors(model: torch.nn.Module, path: str | Path, metadata: BackboneMetadata) -> Path:
-    """Write the backbone ``model`` and ``metadata`` to ``path``, atomically and
-    with the usual file mode (``safetensors.save_file`` creates its files 0600)."""
+    """Write the backbone ``model`` and ``metadata`` (with the tensors' checksum) to
+    ``path``, atomically and with the usual file mode (``safetensors.save_file`` creates its
+    files 0600)."""
     from safetensors.torch import save
 
     from deepcluster.checkpoint import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save(backbone_tensors(model), metadata=metadata.to_strings()))
+    tensors = backbone_tensors(model)
+    strings = {**metadata.to_strings(), CHECKSUM_KEY: tensors_checksum(tensors)}
+    atomic_write_bytes(path, save(tensors, metadata=strings))
     return path
 
 
@@ -126,9 +147,16 @@ def read_backbone_metadata(path: str | Path) -> BackboneMetadata:
         with safe_open(str(path), framework="pt") as handle:
             values = handle.metadata() or {}
     except Exception as error:  # noqa: BLE001 - any parse failure means the same to the user
-        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        detail = one_line(str(error).splitlines()[0], 200) if str(error) else type(error).__name__
         raise ExportError(f"{str(path)!r} is not a readable safetensors file ({detail})") from None
     return BackboneMetadata.from_strings(values, repr(str(path)))
+
+
+def _stored_checksum(path: str | Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get(CHECKSUM_KEY)
 
 
 def preprocess_images(images, info: BackboneMetadata) -> torch.Tensor:
@@ -184,10 +212,18 @@ def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cp
     except ValueError as error:
         raise ExportError(f"{str(path)!r}: {error}") from None
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
+        tensors = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - a damaged file, whatever the parser says
+        raise ExportError(f"{str(path)!r} is not a readable safetensors file ({one_line(str(error), 200)})") from None
+    expected = _stored_checksum(path)
+    if expected is not None and expected != tensors_checksum(tensors):
+        raise ExportError(f"{str(path)!r} is damaged: its weights do not match the checksum written with them (a bit "
+                          "changed on disk or in a copy); export it again")
+    try:
+        model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
         detail = " ".join(line.strip() for line in str(error).splitlines()[1:2]) or str(error)
-        raise ExportError(f"{str(path)!r} does not fit architecture {info.arch!r}: {detail[:300]}") from None
+        raise ExportError(f"{str(path)!r} does not fit architecture {info.arch!r}: {one_line(detail, 300)}") from None
     return model.to(device).eval()
 
 

@@ -19,6 +19,7 @@ import torch
 
 from deepcluster.checkpoint import atomic_write_bytes
 from deepcluster.config import ConfigError
+from deepcluster.messages import shown_path
 from deepcluster.data import CenterView, Normalize
 from deepcluster.sorting import sorted_folders_text
 from deepcluster.report import page
@@ -210,7 +211,7 @@ def _clusters_section(run: RunData, assignments: np.ndarray, which: str, setting
                 image = run.source.load(int(index))
             except Exception:  # noqa: BLE001 - a file that vanished or broke since training
                 continue
-            title = os.path.basename(run.source.name(int(index)))
+            title = shown_path(os.path.basename(run.source.name(int(index))))
             if labels is not None and names:
                 title += f" ({names[labels[index]]})"
             pictures.append(page.Thumb(page.thumbnail_uri(image, settings.thumb_size), title))
@@ -302,7 +303,7 @@ def _filters_sections(run: RunData, settings: ReportSettings,
             indices, scores = responses.top_images(channel, settings.top_images)
             for index, score in zip(indices, scores):
                 image = run.source.load(int(index))
-                title = f"{os.path.basename(run.source.name(int(index)))}: response {score:.2f}"
+                title = f"{shown_path(os.path.basename(run.source.name(int(index))))}: response {score:.2f}"
                 if run.labels is not None and run.class_names:
                     title += f" ({run.class_names[run.labels[index]]})"
                 top.append(page.Thumb(page.thumbnail_uri(image, settings.thumb_size), title))
@@ -338,7 +339,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
     sections = [("curves", "Training curves", _curves_section(run))]
     clusters_shown = thumbnails = 0
     if settings.epoch is None and run.final_file is not None:
-        assignments = np.load(run.final_file, allow_pickle=False).astype(np.int64)
+        assignments = run.final_assignments()
         which = f"the final clustering (trained network after epoch {epochs_done})"
     elif run.assignment_files:
         epoch = max(run.assignment_files) if settings.epoch is None else settings.epoch

@@ -12,7 +12,8 @@ import numpy as np
 
 from deepcluster.config import Config, ConfigError, from_dict, load_yaml
 from deepcluster.data import DataError, ImageSource
-from deepcluster.runfolder import open_source, read_log
+from deepcluster.messages import one_line
+from deepcluster.runfolder import open_source, read_images, read_log
 
 ASSIGNMENT_FILE = re.compile(r"^epoch_(\d{4,})\.npy$")
 
@@ -40,6 +41,8 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     final_file: Path | None = None
     final: dict[str, Any] | None = None
+    n_images: int | None = None  # rows every assignments file must have, when known
+
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -54,8 +57,61 @@ class RunData:
         return self.run_dir / "checkpoint.pt"
 
     def assignments(self, epoch: int) -> np.ndarray:
-        """``(N,)`` int64 pseudo-labels of ``epoch`` (counted from 1)."""
-        return np.load(self.assignment_files[epoch], allow_pickle=False).astype(np.int64)
+        """``(N,)`` int64 pseudo-labels of ``epoch`` (counted from 1).
+
+        Raises:
+            DataError: the file is damaged (see ``read_assignments``).
+        """
+        return read_assignments(self.assignment_files[epoch], self.n_images)
+
+    def final_assignments(self) -> np.ndarray:
+        """``(N,)`` int64 final clustering (``assignments/final.npy``)."""
+        return read_assignments(self.final_file, self.n_images)
+
+
+def read_assignments(path: Path, n_images: int | None = None) -> np.ndarray:
+    """An assignments file as ``(N,)`` int64, checked: a 1-d integer array (no pickle) of
+    cluster ids >= -1, with ``n_images`` rows when given.
+
+    Raises:
+        DataError: one line naming the file and what is wrong with it.
+    """
+    def damaged(why: str) -> DataError:
+        return DataError(f"assignments file {str(path)!r} is damaged ({why}); restore it from a copy of the run "
+                         "folder")
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise damaged(f"not a readable .npy file: {one_line(first, 120)}") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype.kind not in "iu":
+        raise damaged(f"holds a {getattr(array, 'dtype', type(array).__name__)} array of shape "
+                      f"{getattr(array, 'shape', '?')}, not one integer per image")
+    if n_images is not None and len(array) != n_images:
+        raise damaged(f"{len(array)} rows for the run's {n_images} images")
+    if len(array) and int(array.min()) < -1:
+        raise damaged(f"cluster id {int(array.min())} is below -1")
+    return array.astype(np.int64)
+
+
+def read_final_summary(path: Path) -> dict[str, Any] | None:
+    """``final.json``'s numbers, ``None`` when there is none.
+
+    Raises:
+        DataError: the file is there but not a JSON object.
+    """
+    if not path.is_file():
+        return None
+    try:
+        final = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{str(path)!r} is damaged ({one_line(str(error).splitlines()[0], 120)}); delete it and run "
+                        "`deepcluster train --out RUN --resume` to make it again") from None
+    if not isinstance(final, dict):
+        raise DataError(f"{str(path)!r} is damaged (not a JSON object); delete it and run "
+                        "`deepcluster train --out RUN --resume` to make it again")
+    return final
 
 
 def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
@@ -93,28 +149,25 @@ def load_run(run_dir: str | Path, data: str | None = None) -> RunData:
         files = {epoch + 1: path for epoch, path in files.items()}
     notes: list[str] = []
     final_file = folder / "final.npy"
-    final = None
-    if (run_dir / "final.json").is_file():
-        try:
-            final = json.loads((run_dir / "final.json").read_text())
-        except (json.JSONDecodeError, OSError):
-            final = None
+    final = read_final_summary(run_dir / "final.json")
+    stored = read_images(run_dir)
     source: ImageSource | None
     try:
         source = open_source(config, run_dir, data)
     except DataError as error:
         source = None
         notes.append(f"images not shown: {error} (pass --data FOLDER if they moved)")
+    n_images = len(stored) if stored is not None else (len(source) if config.data is None and source else None)
     if source is not None and source.unlabelled:
         notes.append(f"no class labels, so no purity or scores against them: {source.unlabelled}")
     if source is not None and files:
-        n_assigned = len(np.load(final_file if final_file.is_file() else files[max(files)], mmap_mode="r",
-                                 allow_pickle=False))
+        n_assigned = len(read_assignments(final_file if final_file.is_file() else files[max(files)], n_images))
         if n_assigned != len(source):
             notes.append(f"images not shown: the folder now holds {len(source)} readable images but the run "
                          f"assigned {n_assigned}; pass --data with the folder the run was trained on")
             source = None
-    return RunData(run_dir, config, records, files, source, notes, final_file if final_file.is_file() else None, final)
+    return RunData(run_dir, config, records, files, source, notes, final_file if final_file.is_file() else None, final,
+                   n_images)
 
 
-__all__ = ["RunData", "load_run"]
+__all__ = ["RunData", "load_run", "read_assignments", "read_final_summary"]
