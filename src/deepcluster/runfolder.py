@@ -244,7 +244,7 @@ def json_record(record: dict[str, Any]) -> dict[str, Any]:
 def skipped_text(skipped: dict[str, str]) -> str:
     """The skipped list: a ``path<TAB>reason`` header line, then one such line per file,
     sorted by path. Tabs and line breaks inside a path or reason become spaces, so every file
-    stays one line, and bytes of a name that are not UTF-8 are written as ``\xNN``
+    stays one line, and bytes of a name that are not UTF-8 are written as ``\\xNN``
     (``messages.shown_path``)."""
     def clean(text: str) -> str:
         return re.sub(r"[\t\r\n]", " ", shown_path(text))
