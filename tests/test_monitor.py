@@ -249,7 +249,8 @@ def test_a_run_with_a_centroids_head(cli, image_folder, tmp_path):
 
 def test_previous_init_keeps_cluster_ids_across_epochs():
     from deepcluster.config import resolve
-    from deepcluster.methods.v1 import cluster_points, previous_centroids
+    from deepcluster.clustering import labelling_centroids
+    from deepcluster.methods.v1 import cluster_points
 
     rng = np.random.default_rng(0)
     centres = np.eye(6, 8, dtype=np.float32)
@@ -257,7 +258,7 @@ def test_previous_init_keeps_cluster_ids_across_epochs():
     points = centres[truth] + rng.normal(0, 0.05, (300, 8)).astype(np.float32)
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     previous = np.argsort(rng.permutation(6))[truth]  # last epoch's ids: a permutation of the truth
-    starts = previous_centroids(points, previous, 6, seed=0)
+    starts = labelling_centroids(points, previous, 6, seed=0)
     assert (np.argmax(points @ starts.T, axis=1) == previous).all()
     config = resolve("small", overrides={"n_clusters": 6, "kmeans_init": "previous", "kmeans_iters": 5})
     ok = np.ones(300, dtype=bool)

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from deepcluster.clustering import nmi
-from deepcluster.clustering.spherical import spherical_kmeans
+from deepcluster.clustering import kmeans, nmi
 from deepcluster.data.multicrop import CropGroup, MultiCrop
 from deepcluster.losses import IGNORE, pseudo_label_loss
+from deepcluster.methods.v2 import EMPTY_RULE
 from deepcluster.models.projection import MultiCropModel, ProjectionHead, Prototypes, crop_groups
 from deepcluster.models.resnet import ResNet18, ResNet50
 from deepcluster.optim import LARS, warmup_cosine
@@ -44,17 +44,23 @@ def unit_blobs(n_per: int, n_blobs: int, dim: int, noise: float, seed: int) -> t
     return F.normalize(points, dim=1), labels
 
 
+def spherical_kmeans(points: torch.Tensor, n_clusters: int, n_iter: int = 10, seed: int = 0, empty: str = "keep"):
+    """The k-means v2 runs (``methods.v2.cluster_and_gather``), for one process."""
+    return kmeans(points, n_clusters, n_iter, seed, backend="torch", init="randperm", metric="cosine",
+                  empty=EMPTY_RULE[empty], shard=True)
+
+
 def test_spherical_kmeans_keeps_unit_centroids_never_worsens_and_finds_blobs():
     points, labels = unit_blobs(50, 6, 16, 0.05, seed=2)
     result = spherical_kmeans(points, 6, n_iter=10, seed=3)
-    assert torch.allclose(result.centroids.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert np.allclose(np.linalg.norm(result.centroids, axis=1), 1.0, atol=1e-5)
     assert all(b >= a - 1e-6 for a, b in zip(result.objective, result.objective[1:]))
     assert len(result.objective) == 11
     # Random starts can put two centroids in one blob; the best of a few restarts finds them all.
     best = max((spherical_kmeans(points, 6, n_iter=10, seed=seed) for seed in range(8)), key=lambda r: r.objective[-1])
-    assert nmi(labels, best.assignments.numpy()) > 0.99
+    assert nmi(labels, best.assignments) > 0.99
     # The final assignments are the nearest (largest dot product) final centroids.
-    assert torch.equal(result.assignments, (points @ result.centroids.T).argmax(dim=1))
+    assert np.array_equal(result.assignments, (points @ torch.from_numpy(result.centroids).T).argmax(dim=1).numpy())
 
 
 def test_spherical_kmeans_empty_clusters_kept_or_split():
@@ -64,7 +70,7 @@ def test_spherical_kmeans_empty_clusters_kept_or_split():
     assert kept.n_empty == 3 and kept.n_split == 0
     assert split.n_split > 0
     with pytest.raises(ValueError, match="empty-cluster policy"):
-        spherical_kmeans(points, 3, empty="drop")
+        kmeans(points, 3, backend="torch", metric="cosine", empty="drop")
     with pytest.raises(ValueError, match="between 1 and the number of points"):
         spherical_kmeans(points[:2], 3)
 

@@ -36,7 +36,6 @@ import torch
 from deepcluster.checkpoint import CheckpointError, load_checkpoint
 from deepcluster.clustering import nearest_centroid
 from deepcluster.clustering.pca import PCA
-from deepcluster.clustering.spherical import nearest_centroids
 from deepcluster.config import Config
 from deepcluster.data import ImageSource
 from deepcluster.models import Backbone
@@ -178,10 +177,9 @@ def assign_features(features: np.ndarray, ok: np.ndarray, pca: PCA | None, centr
     clusters = np.full(len(features), -1, dtype=np.int64)
     distances = np.full(len(features), np.nan, dtype=np.float32)
     if ok.any() and pca is None:  # v2: unit embeddings, the centroid of largest dot product
-        labels, cosines = nearest_centroids(torch.from_numpy(np.ascontiguousarray(features[ok])),
-                                            torch.from_numpy(centroids))
-        clusters[ok] = labels.numpy()
-        distances[ok] = np.sqrt(np.maximum(2.0 - 2.0 * cosines.numpy(), 0.0))
+        labels, cosines = nearest_centroid(features[ok], centroids, backend="torch", metric="cosine")
+        clusters[ok] = labels
+        distances[ok] = np.sqrt(np.maximum(2.0 - 2.0 * cosines, 0.0))
     elif ok.any():
         points = pca.project(features[ok])
         labels, squared = nearest_centroid(points, centroids, backend=backend, device=device)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepcluster import distributed
-from deepcluster.clustering import cluster_sizes, kmeans, nmi
+from deepcluster.clustering import kmeans, labelling_centroids
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca_sharded
 from deepcluster.clustering.pic import pic
 from deepcluster.clustering.search import faiss_has_gpu
@@ -34,14 +34,14 @@ from deepcluster.data import (ImageSource, PseudoLabelDataset, RandomResizedCrop
                               uniform_cluster_sample)
 from deepcluster.data.transforms import color_jitter
 from deepcluster.features import Keep, Keeper, Kept, PassSettings, feature_pass, loader_kwargs
-from deepcluster.health import check_features, cluster_warnings
+from deepcluster.health import check_features
 from deepcluster.messages import plural
 from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM_HEAD_SAMPLE, STREAM_SAMPLER, Method,
                                  Plan, derived_seed)
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.heads import ClassifierHead, WithHead
 from deepcluster.methods.head_init import centroids_head, head_sample, init_head_from_clusters, with_rows
-from deepcluster.methods.previous import previous_centroids, sharded_previous_centroids
+from deepcluster.methods.records import epoch_record, final_record
 from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress
 from deepcluster.runfolder import SKIPPED_NAME
@@ -62,64 +62,34 @@ def clustering_device(config: Config, device: torch.device) -> str:
 
 def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int,
                    device: str = "cpu", previous: np.ndarray | None = None, start: int = 0) -> Partition:
-    """k-means (or PIC) of the reduced ``(N, pca_dim)`` unit rows whose ``decoded`` is true.
+    """k-means (or PIC) of the reduced unit rows whose ``decoded`` is true; one process is a
+    world of one.
 
-    ``previous`` (last epoch's assignments) seeds k-means when ``kmeans_init`` is
-    ``previous``; without it (the first epoch) that init falls back to random points.
-    ``pca`` is only stored with the result (the projection that made ``points``).
-
-    With several processes, ``points`` are this process's block of rows, from image
-    ``start`` on (``decoded`` and ``previous`` cover all ``N``): k-means runs in its sharded
-    mode (sums and sizes all-reduced; every backend), PIC on the gathered points, and every
-    process gets all ``N`` assignments."""
-    if distributed.is_distributed():
-        return _cluster_sharded(points, decoded, pca, config, seed, device, previous, start)
-    start = time.perf_counter()
-    usable = points[decoded] if not decoded.all() else points
-    init = config.kmeans_init
-    if init == "previous":
-        init = ("random" if previous is None
-                else previous_centroids(usable, previous[decoded], config.n_clusters, seed))
-    if config.clustering == "pic":
-        with Progress(None, "PIC"):
-            found = pic(usable, knn_backend=config.kmeans_backend, device=device, seed=seed)
-        labels, n_clusters, centroids, objective, n_split = (found.assignments, found.n_clusters, found.centroids,
-                                                             None, 0)
-    else:
-        with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
-            result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed,
-                            backend=config.kmeans_backend, init=init, device=device,
-                            on_iteration=lambda _: bar.update())
-        labels, n_clusters, centroids, objective, n_split = (result.assignments, config.n_clusters, result.centroids,
-                                                             result.objective[-1], result.n_split)
-    time_kmeans = time.perf_counter() - start
-    assignments = np.full(len(points), -1, dtype=np.int64)
-    assignments[decoded] = labels
-    return Partition(assignments, n_clusters, centroids, objective, n_split, pca, 0.0, time_kmeans)
-
-
-def _cluster_sharded(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int, device: str,
-                     previous: np.ndarray | None, start: int) -> Partition:
-    """``cluster_points`` over a process group (see there)."""
+    ``points`` are this process's block of rows, from image ``start`` on (all ``N`` rows in
+    one process); ``decoded`` and ``previous`` cover all ``N`` images. k-means runs sharded
+    (sums and sizes all-reduced; every backend), PIC on the gathered points, and every
+    process gets all ``N`` assignments. ``previous`` (last epoch's assignments) seeds
+    k-means when ``kmeans_init`` is ``previous``; without it (the first epoch) that init
+    falls back to random points. ``pca`` is only stored with the result (the projection
+    that made ``points``)."""
     began = time.perf_counter()
     local = decoded[start:start + len(points)]
-    usable = points[local]
+    usable = points if local.all() else points[local]  # no copy of the points when every image decoded
     if config.clustering == "pic":
-        everything = distributed.all_gather_rows(usable)
         with Progress(None, "PIC"):
-            found = pic(everything, knn_backend=config.kmeans_backend, device=device, seed=seed)
+            found = pic(distributed.all_gather_rows(usable), knn_backend=config.kmeans_backend, device=device,
+                        seed=seed)
         labels, n_clusters, centroids, objective, n_split = (found.assignments, found.n_clusters, found.centroids,
                                                              None, 0)
     else:
         init = config.kmeans_init
         if init == "previous":
-            init = ("random" if previous is None else sharded_previous_centroids(
-                usable, previous[start:start + len(points)][local], config.n_clusters, seed))
+            init = ("random" if previous is None else labelling_centroids(
+                usable, previous[start:start + len(points)][local], config.n_clusters, seed, shard=True))
         with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
-            result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed,
-                            backend=config.kmeans_backend, init=init, device=device,
-                            on_iteration=lambda _: bar.update(), shard=True)
-        labels = distributed.all_gather_rows(np.asarray(result.assignments, dtype=np.int64))
+            result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed, backend=config.kmeans_backend,
+                            init=init, device=device, on_iteration=lambda _: bar.update(), shard=True)
+        labels = distributed.all_gather_rows(result.assignments)
         n_clusters, centroids, objective, n_split = (config.n_clusters, result.centroids, result.objective[-1],
                                                      result.n_split)
     assignments = np.full(len(decoded), -1, dtype=np.int64)
@@ -327,10 +297,8 @@ class V1Planner:
             TooFewDecoded: fewer images decoded than clusters are needed.
         """
         config = self.config
-        record: dict[str, Any] = {"epoch": epoch + 1}  # counted from 1 wherever a person reads it
         recluster = previous is None or epoch % config.reassign_every == 0
-        record.update(time_features=0.0, time_pca=0.0, time_kmeans=0.0, n_split=0)
-        reduced, assignments = None, previous
+        reduced, assignments, times, n_split = None, previous, (0.0, 0.0, 0.0), 0
         if recluster:
             head_rows = (head_sample(len(self.source), config.n_clusters,
                                      derived_seed(config.seed, epoch, STREAM_HEAD_SAMPLE))
@@ -341,18 +309,10 @@ class V1Planner:
                 head.reset(self.partition.n_clusters, self.device)
             if head_rows is not None:
                 centroids_head(head, reduced, assignments, head_rows, keep)
-            record.update(time_features=reduced.time_network, time_pca=self.partition.time_pca,
-                          time_kmeans=self.partition.time_kmeans, n_split=self.partition.n_split)
-        record["time_clustering"] = record["time_pca"] + record["time_kmeans"]
-        sizes = cluster_sizes(assignments, int(assignments.max()) + 1)
-        record.update(
-            clustering_objective=None if self.partition is None else self.partition.objective,
-            n_nonempty=sizes.n_nonempty,
-            largest_cluster_share=sizes.largest_share,
-            # Stability: only meaningful when a new clustering replaced the previous one.
-            nmi_prev=nmi(previous, assignments) if recluster and previous is not None else None,
-            warnings=cluster_warnings(assignments),
-        )
+            times = (reduced.time_network, self.partition.time_pca, self.partition.time_kmeans)
+            n_split = self.partition.n_split
+        record = epoch_record(epoch, assignments, int(assignments.max()) + 1, previous if recluster else None, times,
+                              n_split, None if self.partition is None else self.partition.objective)
         return monitored(Plan(assignments, record, fresh=recluster), reduced)
 
     def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None,
@@ -368,11 +328,7 @@ class V1Planner:
         """
         previous = last if self.config.kmeans_init == "previous" else None
         reduced, final = self.cluster_images(model, epochs, previous, keep)
-        sizes = cluster_sizes(final.assignments, final.n_clusters)
-        summary = {"epoch": epochs, "clustering_objective": final.objective, "n_clusters": final.n_clusters,
-                   "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
-                   "nmi_last_epoch": None if last is None else nmi(last, final.assignments),
-                   "time_features": reduced.time_network, "time_clustering": final.time_pca + final.time_kmeans}
+        summary = final_record(epochs, final, last, reduced.time_network)
         return final, summary, monitored(Plan(final.assignments, summary), reduced)
 
 
@@ -479,4 +435,4 @@ METHOD = Method(name="v1", build=build, planner=V1Planner, loader=pseudo_label_l
 
 __all__ = ["METHOD", "Partition", "Plan", "ReducedFeatures", "TooFewDecoded", "V1Planner", "build", "size_problem",
            "cluster_points", "clustering_device", "head_sample", "init_head_from_clusters", "pca_dim_for",
-           "previous_centroids", "pseudo_label_loader", "reduce_features"]
+           "pseudo_label_loader", "reduce_features"]

@@ -31,15 +31,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from deepcluster import distributed
-from deepcluster.clustering import cluster_sizes, nmi
-from deepcluster.clustering.spherical import spherical_kmeans
+from deepcluster.clustering import KMeansResult, kmeans
 from deepcluster.data import ImageSource, Normalize, decode_problem, uniform_cluster_sample
 from deepcluster.data.multicrop import UNREADABLE, CropGroup, MultiCrop, MultiCropDataset
 from deepcluster.data.transforms import color_jitter
 from deepcluster.features import Keep, autocast, loader_kwargs, local_features
-from deepcluster.health import check_features, cluster_warnings
+from deepcluster.health import check_features
 from deepcluster.memory_bank import BANK_CROPS, MemoryBank
 from deepcluster.methods import STREAM_BANK_VIEWS, STREAM_CLUSTERING, STREAM_SAMPLER, Method, Plan, derived_seed
+from deepcluster.methods.records import epoch_record, final_record
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHead
 from deepcluster.optim import LARS
@@ -49,6 +49,10 @@ from deepcluster.runfolder import SKIPPED_NAME
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
+
+# v2's setting ``empty_clusters`` -> the k-means' empty-cluster rule
+EMPTY_RULE = {"keep": "keep", "split": "nudge"}
+
 
 def build(config: Config, device: torch.device) -> tuple[Backbone, PrototypeHead, torch.optim.Optimizer]:
     """A fresh backbone, its projection and prototypes (``PrototypeHead``) on ``device``, and
@@ -148,6 +152,25 @@ class BankClustering:
     seconds: float
 
 
+def cluster_and_gather(points: torch.Tensor, local: np.ndarray, rows: np.ndarray, n_images: int, n_clusters: int,
+                       n_iter: int, seed: int, empty: str) -> tuple[np.ndarray, KMeansResult]:
+    """Spherical k-means of the unit ``points`` this process holds (those of images
+    ``local``; one process is a world of one: with several, sums and sizes are all-reduced),
+    then every process's labels gathered: ``(n_images,)`` assignments, -1 outside ``rows``
+    (the images with a point on some process), and the k-means' result.
+
+    Args:
+        empty: v2's setting ``empty_clusters``: ``keep`` (the reference) or ``split`` (the
+            ``nudge`` rule of :mod:`deepcluster.clustering.empty`).
+    """
+    result = kmeans(points, n_clusters, n_iter, seed, backend="torch", init="randperm", device=points.device,
+                    metric="cosine", empty=EMPTY_RULE[empty], shard=True)
+    labels = distributed.gather_rows(result.assignments, local, n_images)
+    assignments = np.full(n_images, -1, dtype=np.int64)
+    assignments[rows] = labels[rows]
+    return assignments, result
+
+
 def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int, epoch: int, empty: str = "keep",
                  device: torch.device | str = "cpu") -> BankClustering:
     """Spherical k-means of the bank for every head: head h clusters the embeddings of crop
@@ -155,19 +178,17 @@ def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int
     processes each clusters the rows it holds (sums and sizes all-reduced) and every
     process gets all assignments."""
     start = time.perf_counter()
-    n_images = bank.n_images
     rows = np.flatnonzero(bank.all_decoded())
     held = torch.from_numpy(np.flatnonzero(bank.decoded))
     local = bank.rows[bank.decoded]
-    targets = np.full((len(counts), n_images), -1, dtype=np.int64)
+    targets = np.full((len(counts), bank.n_images), -1, dtype=np.int64)
     centroids, objective, n_empty, n_split = [], [], [], []
     with Progress(len(counts), f"spherical k-means, {len(counts)} head(s)") as bar:
         for head, count in enumerate(counts):
             points = bank.embeddings[head % BANK_CROPS, held].to(device)
-            result = spherical_kmeans(points, count, n_iter, seed=head_seed(seed, epoch, head), empty=empty)
-            labels = distributed.gather_rows(result.assignments.cpu().numpy(), local, n_images)
-            targets[head, rows] = labels[rows]
-            centroids.append(result.centroids.cpu())
+            targets[head], result = cluster_and_gather(points, local, rows, bank.n_images, count, n_iter,
+                                                       head_seed(seed, epoch, head), empty)
+            centroids.append(torch.from_numpy(result.centroids))
             objective.append(result.objective[-1])
             n_empty.append(result.n_empty)
             n_split.append(result.n_split)
@@ -265,7 +286,6 @@ class V2Planner:
             TooFewDecoded: fewer images decoded than a head has prototypes.
         """
         config, source = self.config, self.source
-        record: dict[str, Any] = {"epoch": epoch + 1}
         time_features = 0.0
         if self.bank is None:
             start = time.perf_counter()
@@ -285,14 +305,9 @@ class V2Planner:
         for index, centroids in enumerate(clustering.centroids):
             head.prototypes.set(index, centroids)
         assignments = clustering.targets[0]
-        sizes = cluster_sizes(assignments, config.prototypes[0])
-        record.update(time_features=time_features, time_pca=0.0, time_kmeans=clustering.seconds,
-                      n_split=sum(clustering.n_split), time_clustering=clustering.seconds,
-                      clustering_objective=None,  # v1's is a squared distance; v2's a cosine, below
-                      spherical_objective=clustering.objective, n_empty=clustering.n_empty,
-                      n_nonempty=sizes.n_nonempty, largest_cluster_share=sizes.largest_share,
-                      nmi_prev=nmi(previous, assignments) if previous is not None else None,
-                      warnings=cluster_warnings(assignments))
+        record = epoch_record(epoch, assignments, config.prototypes[0], previous,
+                              (time_features, 0.0, clustering.seconds), sum(clustering.n_split), None,
+                              {"spherical_objective": clustering.objective, "n_empty": clustering.n_empty})
         # With several processes no one holds every embedding: the scores of the assignments remain.
         points = None if distributed.is_distributed() else self.bank.embeddings[0].numpy()
         return Plan(assignments, record, clustering.targets, points=points)
@@ -315,28 +330,19 @@ class V2Planner:
                                                       self.device)
         time_features = time.perf_counter() - start
         rows = np.flatnonzero(distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)))
-        local = indices[decoded]
         count = config.prototypes[0]
         if len(rows) < count:
             raise TooFewDecoded(f"only {len(rows)} of {len(source)} images could be decoded for the final clustering, "
                                 f"fewer than the {count} prototypes of head 0")
         tick = time.perf_counter()
         with Progress(None, f"spherical k-means k={count}"):
-            result = spherical_kmeans(torch.from_numpy(embeddings[decoded]).to(self.clustering_device), count,
-                                      config.kmeans_iters, seed=head_seed(config.seed, epochs, 0),
-                                      empty=config.empty_clusters)
-        labels = distributed.gather_rows(result.assignments.cpu().numpy(), local, len(source))
-        assignments = np.full(len(source), -1, dtype=np.int64)
-        assignments[rows] = labels[rows]
-        time_kmeans = time.perf_counter() - tick
-        final = Partition(assignments, count, result.centroids.cpu().numpy(), None, result.n_split, None, 0.0,
-                          time_kmeans)
-        sizes = cluster_sizes(assignments, count)
-        summary = {"epoch": epochs, "clustering_objective": None, "spherical_objective": result.objective[-1],
-                   "n_clusters": count, "n_empty": result.n_empty, "n_nonempty": sizes.n_nonempty,
-                   "largest_cluster_share": sizes.largest_share,
-                   "nmi_last_epoch": None if last is None else nmi(last, assignments),
-                   "time_features": time_features, "time_clustering": time_kmeans}
+            assignments, result = cluster_and_gather(
+                torch.from_numpy(embeddings[decoded]).to(self.clustering_device), indices[decoded], rows,
+                len(source), count, config.kmeans_iters, head_seed(config.seed, epochs, 0), config.empty_clusters)
+        final = Partition(assignments, count, result.centroids, None, result.n_split, None, 0.0,
+                          time.perf_counter() - tick)
+        summary = final_record(epochs, final, last, time_features,
+                               {"spherical_objective": result.objective[-1], "n_empty": result.n_empty})
         return final, summary, Plan(assignments, summary, points=None if distributed.is_distributed() else embeddings)
 
 
@@ -362,4 +368,4 @@ METHOD = Method(name="v2", build=build, planner=lambda config, device, source, h
 
 
 __all__ = ["BANK_CROPS", "BankClustering", "METHOD", "MemoryBank", "V2Planner", "build", "size_problem", "cluster_bank",
-           "fill_bank", "head_seed", "multi_crop", "multi_crop_loader"]
+           "cluster_and_gather", "fill_bank", "head_seed", "multi_crop", "multi_crop_loader"]

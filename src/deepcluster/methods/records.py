@@ -1,0 +1,53 @@
+"""The numbers every method logs of its clustering: one epoch's record, and the final one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from deepcluster.clustering import cluster_sizes, nmi
+from deepcluster.health import cluster_warnings
+from deepcluster.partition import Partition
+
+
+def epoch_record(epoch: int, assignments: np.ndarray, n_clusters: int, previous: np.ndarray | None,
+                 times: tuple[float, float, float], n_split: int, objective: float | None,
+                 spherical: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Epoch ``epoch``'s (0-based) numbers of its clustering, in the order ``log.jsonl``
+    shows them.
+
+    Args:
+        assignments: ``(N,)`` the epoch's pseudo-labels (head 0's for v2).
+        n_clusters: the clusters they may use.
+        previous: the labels a fresh clustering replaced (``nmi_prev``), or None.
+        times: seconds in the feature pass, the PCA and the k-means.
+        n_split: empty clusters re-seeded.
+        objective: v1's k-means objective (a squared distance), or None.
+        spherical: v2's per-head numbers (``spherical_objective``, ``n_empty``), or None.
+    """
+    time_features, time_pca, time_kmeans = times
+    sizes = cluster_sizes(assignments, n_clusters)
+    return {"epoch": epoch + 1,  # counted from 1 wherever a person reads it
+            "time_features": time_features, "time_pca": time_pca, "time_kmeans": time_kmeans, "n_split": n_split,
+            "time_clustering": time_pca + time_kmeans, "clustering_objective": objective, **(spherical or {}),
+            "n_nonempty": sizes.n_nonempty, "largest_cluster_share": sizes.largest_share,
+            # Stability: only meaningful when a new clustering replaced the previous one.
+            "nmi_prev": None if previous is None else nmi(previous, assignments),
+            "warnings": cluster_warnings(assignments)}
+
+
+def final_record(epochs: int, final: Partition, last: np.ndarray | None, time_features: float,
+                 spherical: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The numbers of the trained network's clustering ``final`` after ``epochs`` epochs
+    (``final.json``); ``last``: the last epoch's assignments (``nmi_last_epoch``), or None;
+    ``spherical``: as for :func:`epoch_record`."""
+    sizes = cluster_sizes(final.assignments, final.n_clusters)
+    return {"epoch": epochs, "clustering_objective": final.objective, **(spherical or {}),
+            "n_clusters": final.n_clusters, "n_nonempty": sizes.n_nonempty,
+            "largest_cluster_share": sizes.largest_share,
+            "nmi_last_epoch": None if last is None else nmi(last, final.assignments),
+            "time_features": time_features, "time_clustering": final.time_pca + final.time_kmeans}
+
+
+__all__ = ["epoch_record", "final_record"]
