@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -123,8 +124,12 @@ def test_a_built_wheel_holds_the_recipe_files(tmp_path):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(Path(__file__).parents[1]), "--no-deps",
-                    "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    root, source = Path(__file__).parents[1], tmp_path / "source"  # built from a copy: no build/ left behind
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, cwd=tmp_path)
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert {f"deepcluster/recipes/{name}.yaml" for name in RECIPES} <= set(names)
 
