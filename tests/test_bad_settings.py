@@ -3,6 +3,7 @@ allowed, exit code 2, no traceback; the command line and YAML files are fuzzed."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -11,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepcluster import train as train_module
 from deepcluster.cli import main
 from deepcluster.config import FIELDS, RECIPES, validate
+from deepcluster.methods.registry import METHODS
 from deepcluster.models import ARCHITECTURES, create_model
 from conftest import one_epoch
 
@@ -141,7 +142,9 @@ def sandbox(tmp_path, monkeypatch):
     def stop(config, device):
         raise ReachedTraining(config)
 
-    monkeypatch.setattr(train_module, "build", stop)
+    # the network is built in startup.set_up, through the method's build
+    for name, method in METHODS.items():
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(method, build=stop))
     threads = torch.get_num_threads()
     yield cwd
     torch.set_num_threads(threads)

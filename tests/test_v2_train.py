@@ -126,8 +126,8 @@ def test_a_v2_run_stopped_mid_epoch_and_resumed_equals_an_uninterrupted_one(imag
     (["--batch_size", "64"], "drops an epoch's last incomplete batch"),
     (["--crop_counts", "1,2"], "the first (large) group at least 2"),
     (["--crop_sizes", "24"], "one value per crop group"),
-    (["--clustering", "pic"], "'clustering' applies to method v1 only"),
-    (["--method", "v1"], "'optimizer' applies to method v2 only"),
+    (["--clustering", "pic"], "'clustering' is a v1 setting; this run is v2"),
+    (["--method", "v1"], "is a v2 setting; this run is v1"),
 ])
 def test_bad_v2_settings_fail_with_one_line(image_folder, tmp_path, run_cli, settings, words):
     code, _, err = run_cli("train", "--data", image_folder, "--out", tmp_path / "run", *TINY_V2, *settings)

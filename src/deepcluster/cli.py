@@ -40,7 +40,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
-from deepcluster.config import RECIPES, ConfigError, config_text, default_recipe, recipe_line, resolve, run_folder, settings_help
+from deepcluster.config import (RECIPE_PROVENANCE, RECIPES, ConfigError, config_text, default_recipe, recipe_line,
+                                resolve, run_folder, settings_help)
 from deepcluster.messages import one_line, shown_path
 
 EXIT_USAGE = 2
@@ -117,8 +118,9 @@ def build_parser() -> Parser:
         "train", help="train DeepCluster on a folder of images or the built-in digits",
         description=textwrap.fill("Train DeepCluster. Every setting below can be given as --key value (or key: "
                                   "value in a --config file); the command line wins.", width),
-        epilog=textwrap.fill("settings, with the paper recipe's defaults (--recipe small and digits change some, see "
-                             "the README):", width) + "\n" + settings_help(width - 2),
+        epilog=textwrap.fill("settings by section, with the paper recipe's defaults (deepcluster recipes NAME shows "
+                             "what a recipe changes); a run refuses the settings of the other method's section:",
+                             width) + "\n\n" + settings_help(width - 2),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                        help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' "
@@ -188,6 +190,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown recipe {args.name!r}; choose one of: {', '.join(RECIPES)}")
     config = resolve(args.name, overrides={} if args.name == "digits" else {"data": "FOLDER"})
     print(f"# {recipe_line(args.name)}")
+    print(f"# from: {RECIPE_PROVENANCE[args.name]}")
     print(config_text(config, args.name))
     return 0
 

@@ -1,9 +1,13 @@
 """One source of defaults: the run configuration, its recipes, and how users override it.
 
 Precedence, lowest first: the dataclass defaults (the paper's ImageNet settings), the
-chosen recipe, a YAML file, ``--key value`` pairs on the command line. Unknown keys are an
-error that names them; the resolved configuration is written into the run folder and into
-every checkpoint.
+chosen recipe (``deepcluster/recipes/NAME.yaml``), a YAML file, ``--key value`` pairs on the
+command line. Unknown keys are an error that names them; the resolved configuration is
+written into the run folder and into every checkpoint.
+
+Every setting belongs to one section (``SECTIONS``); the ``v1`` and ``v2`` sections hold
+what only that method reads, and a setting of the other method's section given explicitly
+(command line, file, ``overrides``) is refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from deepcluster import recipes as recipe_files
 from deepcluster.models import ARCHITECTURES, CLUSTERED, FC_INITS, SCALINGS, STEMS, scalable_archs
 
 
@@ -27,9 +32,29 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names it and says what is allowed."""
 
 
-def setting(default: Any, help: str) -> Any:
-    """A ``Config`` field with its one line of advice (``--help`` lists them, ``settings_help``)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+# The sections of the settings, in the order ``train --help`` lists them, each with its line.
+# Every setting belongs to one; ``v1`` and ``v2`` hold what only that method reads, and a
+# run of the other method refuses them when they are set explicitly.
+SECTIONS: dict[str, str] = {
+    "data": "what to train on",
+    "run": "the method, the run folder, how long, and the machinery",
+    "model": "the network",
+    "views": "the images the network sees",
+    "optim": "the training steps",
+    "monitor": "the online kNN measured while training",
+    "kmeans": "the clustering both methods run (v1: k-means, v2: spherical k-means per head)",
+    "v1": "DeepCluster (method v1) only",
+    "v2": "DeepCluster-v2 (method v2) only",
+}
+METHOD_SECTIONS = ("v1", "v2")  # the sections named after a method (``method``'s values)
+
+
+def setting(default: Any, help: str, section: str) -> Any:
+    """A ``Config`` field of ``section`` with its one line of advice (``--help`` lists them,
+    ``settings_help``)."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section {section!r}")
+    return dataclasses.field(default=default, metadata={"help": help, "section": section})
 
 
 @dataclass
@@ -38,144 +63,164 @@ class Config:
 
     Deviations from the paper are options with the paper's value as default, except
     where a recipe says otherwise (see ``RECIPES``). Each field carries its advice in
-    ``metadata["help"]``: the one source of ``deepcluster train --help``.
+    ``metadata["help"]`` and its section (``SECTIONS``) in ``metadata["section"]``: the one
+    source of ``deepcluster train --help``. ``config.section("optim")`` gives one section's
+    values.
     """
 
-    # -- what to train on, where to write
     data: str | None = setting(None, "image folder (classes, for scores only: its top-level sub-folders); "
-                                     "none = the built-in digits")
+                                     "none = the built-in digits", section="data")
     val: str | None = setting(None, "labelled folder (FOLDER/<class>/<image>, e.g. a test split): every val_every "
-                                    "epochs its images are classified by kNN on the training images' features")
-    val_every: int = setting(1, "epochs between online kNN measurements (the last epoch is always measured)")
+                                    "epochs its images are classified by kNN on the training images' features",
+                              section="monitor")
+    val_every: int = setting(1, "epochs between online kNN measurements (the last epoch is always measured)",
+                             section="monitor")
     knn_body: bool = setting(True, "when the fc features are clustered (the paper), also measure the online kNN on "
                                    "the pooled conv body, the layers the paper transfers (knn_body_top1; costs the "
                                    "body's width in memory per training image: 9,216 floats for AlexNet; left out, "
-                                   "with a line, above 4 GiB per process)")
+                                   "with a line, above 4 GiB per process)", section="monitor")
     out_dir: str = setting("runs/deepcluster", "run folder: log, assignments, checkpoint (runs/digits for the "
-                                               "built-in digits)")
-    # -- method
+                                               "built-in digits)", section="run")
     method: str = setting("v1", "v1: DeepCluster (Caron et al. 2018): feature pass, PCA, k-means, a new classifier "
                                 "every epoch | v2: DeepCluster-v2 (SwAV paper): spherical k-means of a memory bank "
-                                "of embeddings, prototype heads, multi-crop (the v2-* recipes)")
-    # -- network
-    arch: str = setting("alexnet", " | ".join(f"{name} ({spec.about})" for name, spec in ARCHITECTURES.items()))
-    sobel: bool = setting(True, "fixed grayscale + Sobel filter in front of the first conv (the paper's)")
+                                "of embeddings, prototype heads, multi-crop (the v2-* recipes)", section="run")
+    arch: str = setting("alexnet", " | ".join(f"{name} ({spec.about})" for name, spec in ARCHITECTURES.items()),
+                        section="model")
+    sobel: bool = setting(True, "fixed grayscale + Sobel filter in front of the first conv (the paper's)",
+                          section="model")
     stem: str = setting("imagenet", "a ResNet's first layers: imagenet (7x7 stride-2 conv, max-pool) | cifar (3x3 "
-                                    "stride-1 conv, no max-pool: for 32-96 px images)")
-    feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's")
+                                    "stride-1 conv, no max-pool: for 32-96 px images)", section="model")
+    feature_dim: int | None = setting(None, "width of the fc layers; none = the architecture's", section="model")
     width: int = setting(1, "smallnet only: its conv channels (32-32-64-64-128-128-256) times this; 1 = the small "
-                            "net as designed")
+                            "net as designed", section="model")
     depth: int = setting(1, "smallnet only: each of its 7 conv layers repeated this many times (2: 14 conv "
-                            "layers, each stage twice as deep); 1 = the small net as designed")
+                            "layers, each stage twice as deep); 1 = the small net as designed", section="model")
     clustered: str = setting("fc", "what is clustered and what the online kNN measures: fc, the last fully "
                                    "connected layer before its ReLU (the paper) | body, the convolutional output "
                                    "pooled to the classifier's grid (the fc layers then act only as a head); v2: what "
-                                   "feeds the projection (a ResNet's pooled output either way)")
+                                   "feeds the projection (a ResNet's pooled output either way)", section="model")
     init: str | None = setting(None, "start from these weights instead of random ones: a .safetensors file or a "
                                      "saved state dict of resnet18/resnet50 in torchvision's names (its fc is left "
-                                     "out; set sobel false), or a deepcluster checkpoint or export; never downloaded")
+                                     "out; set sobel false), or a deepcluster checkpoint or export; never downloaded",
+                               section="model")
     fc_init: str = setting("reference", "reference: fc weights and heads from N(0, 0.01), the authors' | width: "
-                                        "N(0, 0.01*sqrt(4096/fan_in)), the reference's 4096-wide gain at any width")
-    # -- image views
-    resize: int = setting(256, "feature pass: shorter side resized to this many pixels (at most 1024)")
-    crop: int = setting(224, "then centre-cropped to this; also the training crop size (at most 1024)")
+                                        "N(0, 0.01*sqrt(4096/fan_in)), the reference's 4096-wide gain at any width",
+                           section="model")
+    resize: int = setting(256, "feature pass: shorter side resized to this many pixels (at most 1024)", section="views")
+    crop: int = setting(224, "then centre-cropped to this; also the training crop size (at most 1024)", section="views")
     crop_scale_min: float = setting(0.08, "random resized crop: smallest share of the image area; raise it for "
-                                          "small images (0.2 at 32 px)")
+                                          "small images (0.2 at 32 px)", section="v1")
     hflip: bool = setting(True, "random horizontal flips in training (the paper; off in the small and digits "
-                                "recipes: a flip changes a digit, and it did not help on CIFAR-10 either)")
+                                "recipes: a flip changes a digit, and it did not help on CIFAR-10 either)",
+                          section="views")
     color_jitter: float = setting(0.0, "colour jitter of training views (not in the paper): with probability 0.8 "
-                                       "brightness, contrast, saturation x U[1-s, 1+s], hue +-s/4; 0 = off")
-    grayscale_prob: float = setting(0.0, "probability that a training view turns gray (not in the paper)")
-    mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "per-channel mean of RGB in [0, 1]")
-    std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "per-channel standard deviation")
-    # -- clustering
+                                       "brightness, contrast, saturation x U[1-s, 1+s], hue +-s/4; 0 = off",
+                                  section="views")
+    grayscale_prob: float = setting(0.0, "probability that a training view turns gray (not in the paper)",
+                                    section="views")
+    mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "per-channel mean of RGB in [0, 1]",
+                                               section="data")
+    std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "per-channel standard deviation", section="data")
     clustering: str = setting("kmeans", "kmeans (the paper) | pic (power iteration clustering on a 5-NN graph; "
-                                        "finds its own number of clusters)")
+                                        "finds its own number of clusters)", section="v1")
     n_clusters: int = setting(10000, "k of k-means: well above the number of classes (ImageNet: 10x; with k = "
-                                     "10 on CIFAR-10 NMI stays below 0.1)")
-    pca_dim: int = setting(256, "PCA dimensions before clustering")
+                                     "10 on CIFAR-10 NMI stays below 0.1)", section="v1")
+    pca_dim: int = setting(256, "PCA dimensions before clustering", section="v1")
     pca_sample_size: int | None = setting(None, "fit the PCA on this many images and project the rest as they "
-                                                "come (bounded memory); none = all, as the reference")
-    whiten_power: float = setting(-0.5, "-0.5 whitens, 0 only reduces")
+                                                "come (bounded memory); none = all, as the reference", section="v1")
+    whiten_power: float = setting(-0.5, "-0.5 whitens, 0 only reduces", section="v1")
     kmeans_iters: int = setting(20, "k-means iterations per clustering (v2: of each head's spherical k-means; "
-                                    "the reference 10)")
-    kmeans_backend: str = setting("faiss", "faiss | torch (a PyTorch search: GPU too, sharded over processes)")
+                                    "the reference 10)", section="kmeans")
+    kmeans_backend: str = setting("faiss", "faiss | torch (a PyTorch search: GPU too, sharded over processes)",
+                                  section="kmeans")
     kmeans_init: str = setting("random", "random (the paper) | kmeans++ | previous: start from the means of last "
                                          "epoch's clusters, so cluster ids carry over (lets head_reset false keep "
-                                         "the head)")
+                                         "the head)", section="v1")
     clustering_device: str = setting("auto", "where k-means and PIC search: auto (the training device) | cpu | "
-                                             "cuda[:N]")
-    reassign_every: int = setting(1, "epochs between clusterings (the reference's --reassign)")
-    # -- training
-    epochs: int = setting(500, "training epochs")
+                                             "cuda[:N]", section="kmeans")
+    reassign_every: int = setting(1, "epochs between clusterings (the reference's --reassign)", section="v1")
+    epochs: int = setting(500, "training epochs", section="run")
     batch_size: int = setting(256, "training batch (v1: of each process, so the global batch is batch_size x "
-                                   "processes; v2: the global batch, split over the processes)")
+                                   "processes; v2: the global batch, split over the processes)", section="optim")
     sync_batchnorm: str = setting("auto", "with several processes, BatchNorm statistics over the global batch: on | "
-                                          "off | auto (on for v2, as the references; off for v1)")
-    lr: float = setting(0.05, "SGD learning rate of the body")
-    momentum: float = setting(0.9, "SGD momentum of the body; it persists across epochs")
-    weight_decay: float = setting(1e-5, "SGD weight decay")
+                                          "off | auto (on for v2, as the references; off for v1)", section="run")
+    lr: float = setting(0.05, "SGD learning rate of the body", section="optim")
+    momentum: float = setting(0.9, "SGD momentum of the body; it persists across epochs", section="optim")
+    weight_decay: float = setting(1e-5, "SGD weight decay", section="optim")
     head_lr: float | None = setting(None, "learning rate of the top layer, re-created each epoch; none = lr "
-                                          "(the reference)")
+                                          "(the reference)", section="v1")
     head_init: str = setting("random", "random: each new head from N(0, 0.01) (the reference) | centroids: a "
-                                       "nearest-cluster-mean classifier of the epoch's features")
+                                       "nearest-cluster-mean classifier of the epoch's features", section="v1")
     head_reset: bool = setting(True, "a new head after every clustering (the reference: ids are arbitrary); false "
-                                     "keeps it, only with kmeans_init previous")
+                                     "keeps it, only with kmeans_init previous", section="v1")
     sampler: str = setting("uniform", "uniform: every non-empty cluster gets the same share of an epoch (the "
-                                      "paper's defence against trivial solutions) | shuffle: a plain pass")
+                                      "paper's defence against trivial solutions) | shuffle: a plain pass",
+                           section="optim")
     optimizer: str = setting("sgd", "sgd (v1: the only one) | lars: SGD with layer-wise adaptive rates (v2's "
-                                    "reference; large batches)")
-    lars_trust: float = setting(0.001, "LARS trust coefficient (SwAV: 0.001; solo-learn's CIFAR recipe: 0.02)")
-    lars_clip: bool = setting(False, "LARS: cap each layer's adaptive rate at lr (solo-learn: true; SwAV: false)")
+                                    "reference; large batches)", section="v2")
+    lars_trust: float = setting(0.001, "LARS trust coefficient (SwAV: 0.001; solo-learn's CIFAR recipe: 0.02)",
+                                section="v2")
+    lars_clip: bool = setting(False, "LARS: cap each layer's adaptive rate at lr (solo-learn: true; SwAV: false)",
+                              section="v2")
     lars_exclude_1d: bool = setting(False, "LARS: biases and BatchNorm weights keep plain SGD, without weight decay "
-                                           "(solo-learn: true; SwAV: false)")
+                                           "(solo-learn: true; SwAV: false)", section="v2")
     warmup_epochs: int = setting(0, "epochs of linear warm-up from warmup_start_lr to lr, then half a cosine "
                                     "down to final_lr, set at every step (v2: SwAV 10, solo-learn CIFAR 11; v1: "
-                                    "not in the paper, the body only, the head keeps head_lr)")
-    warmup_start_lr: float = setting(0.0, "learning rate of the first step (SwAV ImageNet: 0.3)")
+                                    "not in the paper, the body only, the head keeps head_lr)", section="optim")
+    warmup_start_lr: float = setting(0.0, "learning rate of the first step (SwAV ImageNet: 0.3)", section="optim")
     final_lr: float | None = setting(None, "learning rate the cosine ends at (SwAV: 0.0048, solo-learn CIFAR: "
-                                           "0.0006); none = lr all along (no schedule)")
+                                           "0.0006); none = lr all along (no schedule)", section="optim")
     precision: str = setting("fp32", "fp32 (the paper) | bf16 autocast: 1.9x faster on one CPU with bf16 units "
                                      "(Zen 5), 1.2x slower on another (a Xeon without AMX); measure yours with "
-                                     "bench/epoch_cost.py")
-    channels_last: bool = setting(True, "memory layout only (same numbers); 2x faster convolutions on CPU")
-    # -- DeepCluster-v2 (method v2)
+                                     "bench/epoch_cost.py", section="run")
+    channels_last: bool = setting(True, "memory layout only (same numbers); 2x faster convolutions on CPU",
+                                  section="run")
     prototypes: tuple[int, ...] = setting((3000, 3000, 3000), "v2: prototypes of each head, comma-separated (the "
-                                                              "reference: 3000,3000,3000); each at most the images")
+                                                              "reference: 3000,3000,3000); each at most the images",
+                                          section="v2")
     temperature: float = setting(0.1, "v2: the prototype scores (cosines) are divided by it before the "
-                                      "cross-entropy (the reference: 0.1)")
+                                      "cross-entropy (the reference: 0.1)", section="v2")
     projection_hidden: int = setting(2048, "v2: hidden width of the projection MLP (Linear, BatchNorm, ReLU, "
-                                           "Linear); 0 = one linear layer")
-    projection_dim: int = setting(128, "v2: width of the L2-normalised embedding that is clustered")
+                                           "Linear); 0 = one linear layer", section="v2")
+    projection_dim: int = setting(128, "v2: width of the L2-normalised embedding that is clustered", section="v2")
     crop_sizes: tuple[int, ...] = setting((224, 96), "v2: side (px) of each crop group, large first; the first "
-                                                     "group's first two crops fill the memory bank")
-    crop_counts: tuple[int, ...] = setting((2, 6), "v2: crops per group (the reference 2,6; the first at least 2)")
+                                                     "group's first two crops fill the memory bank", section="v2")
+    crop_counts: tuple[int, ...] = setting((2, 6), "v2: crops per group (the reference 2,6; the first at least 2)",
+                                           section="v2")
     crop_min_scales: tuple[float, ...] = setting((0.14, 0.05), "v2: smallest share of the image area of each "
-                                                               "group's crops")
+                                                               "group's crops", section="v2")
     crop_max_scales: tuple[float, ...] = setting((1.0, 0.14), "v2: largest share of the image area of each "
-                                                              "group's crops")
-    blur_prob: float = setting(0.5, "v2: probability of a Gaussian blur (radius 0.1-2 px) of each crop")
+                                                              "group's crops", section="v2")
+    blur_prob: float = setting(0.5, "v2: probability of a Gaussian blur (radius 0.1-2 px) of each crop", section="v2")
     empty_clusters: str = setting("keep", "v2: an empty cluster keeps its previous centroid (the reference) | split: "
-                                          "re-seeded next to a large one, as v1; the count is logged either way")
-    # -- machinery
-    seed: int = setting(31, "seed of every random choice (a resumed run equals an uninterrupted one)")
-    device: str = setting("auto", "auto (a GPU when present) | cpu | cuda | cuda:N")
-    workers: int = setting(2, "data-loading processes (0 = load in the main process)")
-    feature_batch_size: int = setting(256, "batch of the feature pass")
-    threads: int | None = setting(None, "torch CPU threads; none = torch's default")
+                                          "re-seeded next to a large one, as v1; the count is logged either way",
+                                  section="v2")
+    seed: int = setting(31, "seed of every random choice (a resumed run equals an uninterrupted one)", section="run")
+    device: str = setting("auto", "auto (a GPU when present) | cpu | cuda | cuda:N", section="run")
+    workers: int = setting(2, "data-loading processes (0 = load in the main process)", section="run")
+    feature_batch_size: int = setting(256, "batch of the feature pass", section="run")
+    threads: int | None = setting(None, "torch CPU threads; none = torch's default", section="run")
     keep_freed_memory: bool = setting(True, "keep the memory a batch frees for the next one (glibc: malloc's mmap and "
                                             "trim thresholds at 1 GiB, for the whole process): the same numbers, "
                                             "no page faults per batch, epochs 7-13% faster here, but the paper "
-                                            "recipe's peak memory 1.5 GiB higher; false = glibc's defaults")
+                                            "recipe's peak memory 1.5 GiB higher; false = glibc's defaults",
+                                      section="run")
     tensorboard: bool = setting(True, "also write the per-epoch numbers to RUN/tensorboard (when the tensorboard "
-                                      "package is installed)")
+                                      "package is installed)", section="run")
     final_clustering: bool = setting(True, "after the last epoch, cluster the trained network once more, so the "
                                            "saved centroids fit the saved weights (what assign uses; not in the "
-                                           "paper)")
+                                           "paper)", section="run")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The values of the settings of section ``name`` (one of ``SECTIONS``), by name."""
+        if name not in SECTIONS:
+            raise KeyError(f"unknown section {name!r}; choose one of: {', '.join(SECTIONS)}")
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)
+                if item.metadata["section"] == name}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (list settings as lists), for YAML and checkpoints."""
@@ -183,89 +228,23 @@ class Config:
                 for key, value in dataclasses.asdict(self).items()}
 
 
-# Recipes: named sets of overrides on top of the defaults.
-# Where the small-image recipes leave the paper's loop (every key named in the README's recipe
-# table; measured in docs/notebook/).
-SMALL_IMAGES_LEARN: dict[str, Any] = {
-    "sobel": False, "clustered": "body", "fc_init": "width", "kmeans_init": "previous", "head_reset": False,
-}
-RECIPES: dict[str, dict[str, Any]] = {
-    # DEEPCLUSTER.md section 2: the ImageNet settings, which are the defaults.
-    "paper": {},
-    # Small images (32-96 px: CIFAR, STL). Not in the paper: the small VGG-style net;
-    # k = 100, well above the ~10 classes such sets have (k = 10 does not learn, see the
-    # README); crops down to 20% of the area (8% leaves a few pixels of a 32 px image).
-    # Measured on CIFAR-10 (docs/notebook/): the paper's loop barely moves kNN (34 -> 37%
-    # in 10 epochs); clustering the pooled convolutional output, colour instead of Sobel with
-    # colour jitter and grayscale views, k-means started from last epoch's clusters and a head
-    # that is kept, and the fc gain of the reference's 4096 width take it from 42 to 51% in
-    # two hours here. No flips: without them the kNN ended 3.4 points higher on MNIST-5k
-    # (a mirrored digit is no digit) and 2.4 higher on 10,000 CIFAR-10 images, with a
-    # smaller dip on both (docs/notebook/2026-11-30.md; the figures above were measured with flips).
-    "small": {
-        "arch": "smallnet", "resize": 32, "crop": 32, "n_clusters": 100, "crop_scale_min": 0.2,
-        "pca_dim": 128, "epochs": 30, "batch_size": 128, **SMALL_IMAGES_LEARN,
-        "color_jitter": 0.4, "grayscale_prob": 0.2, "hflip": False,
-    },
-    # The built-in 8x8 digits (1,797 images), sized to finish in about a minute here.
-    # Light augmentation: flips turn digits into other digits, and small crops of an 8x8
-    # image keep too little. k = 50 for 10 classes. The loop of `small` (no colour to jitter).
-    # PCA 64, not 128: whitening 128 directions of 1,797 images lifts noise (random-init NMI
-    # 0.647 at 128, 0.682 at 64, 0.671 at 32; trained runs peak at 0.692, 0.711, 0.696).
-    "digits": {
-        "arch": "smallnet", "resize": 32, "crop": 32, "n_clusters": 50, "crop_scale_min": 0.9,
-        "hflip": False, "pca_dim": 64, "epochs": 10, "batch_size": 32, "workers": 0, **SMALL_IMAGES_LEARN,
-    },
-    # DeepCluster-v2, the reference ImageNet run (SwAV's scripts/deepclusterv2_800ep_pretrain.sh):
-    # ResNet-50, 2 x 224 + 6 x 96 crops, 3 x 3000 prototypes, LARS (trust 0.001, no clip),
-    # lr 4.8 at a global batch of 4096 (64 GPUs x 64) with 10 warm-up epochs from 0.3, then
-    # a cosine to 0.0048, weight decay 1e-6, 800 epochs. The reference trains in mixed
-    # precision with synchronised BatchNorm; here precision stays fp32 unless asked (bf16).
-    "v2-imagenet": {
-        "method": "v2", "arch": "resnet50", "stem": "imagenet", "sobel": False, "resize": 256, "crop": 224,
-        "crop_sizes": (224, 96), "crop_counts": (2, 6), "crop_min_scales": (0.14, 0.05),
-        "crop_max_scales": (1.0, 0.14), "color_jitter": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.5,
-        "prototypes": (3000, 3000, 3000), "temperature": 0.1, "projection_hidden": 2048, "projection_dim": 128,
-        "kmeans_iters": 10, "empty_clusters": "keep", "sampler": "shuffle", "optimizer": "lars",
-        "lars_trust": 0.001, "lars_clip": False, "lars_exclude_1d": False, "lr": 4.8, "final_lr": 0.0048,
-        "warmup_epochs": 10, "warmup_start_lr": 0.3, "weight_decay": 1e-6, "momentum": 0.9, "batch_size": 4096,
-        "epochs": 800,
-    },
-    # DeepCluster-v2 on CIFAR (solo-learn's scripts/pretrain/cifar/deepclusterv2.yaml and its
-    # symmetric augmentations): ResNet-18 with the CIFAR stem, 2 x 32 px crops over 8-100% of
-    # the image, LARS (eta 0.02, clipped, biases and norms excluded), lr 0.6 at batch 256, 11
-    # warm-up epochs from 0, cosine to 0.0006, weight decay 1e-6, 1000 epochs, CIFAR's mean/std.
-    "v2-cifar": {
-        "method": "v2", "arch": "resnet18", "stem": "cifar", "sobel": False, "resize": 32, "crop": 32,
-        "mean": (0.4914, 0.4822, 0.4465), "std": (0.247, 0.243, 0.261),
-        "crop_sizes": (32,), "crop_counts": (2,), "crop_min_scales": (0.08,), "crop_max_scales": (1.0,),
-        "color_jitter": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.5,
-        "prototypes": (3000, 3000, 3000), "temperature": 0.1, "projection_hidden": 2048, "projection_dim": 128,
-        "kmeans_iters": 10, "empty_clusters": "keep", "sampler": "shuffle", "optimizer": "lars",
-        "lars_trust": 0.02, "lars_clip": True, "lars_exclude_1d": True, "lr": 0.6, "final_lr": 0.0006,
-        "warmup_epochs": 11, "warmup_start_lr": 0.0, "weight_decay": 1e-6, "momentum": 0.9, "batch_size": 256,
-        "epochs": 1000,
-    },
-}
-# DeepCluster-v2 for 32-96 px images on a CPU (not a reference recipe): `v2-cifar`'s crops,
-# prototypes, temperature and optimiser on the small net (12.6x fewer FLOPs per crop than
-# ResNet-18) whose pooled body feeds the projection, and a schedule short enough for hours on
-# a CPU: 11 epochs, one of warm-up. On CIFAR-10 with two CPU cores: 102 minutes, kNN top-1
-# 48.5% (random weights, the data's BatchNorm statistics) -> 53.6%, clustering ACC (k = 10)
-# 28.1% (docs/notebook/2026-11-29.md). 3 x 3,000 prototypes want tens of thousands of images (on
-# 10,000 the embeddings crowded together: §7); for fewer, lower `prototypes`.
-RECIPES["v2-small"] = {**RECIPES["v2-cifar"], "arch": "smallnet", "stem": "imagenet", "clustered": "body",
-                       "epochs": 11, "warmup_epochs": 1}
+def load_recipe(name: str) -> tuple[dict[str, Any], str, str]:
+    """Recipe ``name`` from its file (``deepcluster/recipes/NAME.yaml``): its settings, checked
+    as a ``--config`` file's are (known keys, values of their type, only its own method's
+    section, a valid whole), its line for ``deepcluster recipes`` and its provenance.
 
-# One line per recipe, for `deepcluster recipes` and `train --help`.
-RECIPE_ABOUT: dict[str, str] = {
-    "paper": "DeepCluster as the paper trained it on ImageNet (the defaults)",
-    "small": "32-96 px images (CIFAR, STL) on a CPU: the small net, clustering its pooled conv output",
-    "digits": "the built-in 8x8 digits, about a minute on a CPU",
-    "v2-imagenet": "DeepCluster-v2, the reference ImageNet run (SwAV's script)",
-    "v2-cifar": "DeepCluster-v2 on CIFAR (solo-learn's recipe)",
-    "v2-small": "DeepCluster-v2 for 32-96 px images on a CPU: v2-cifar on the small net, 11 epochs",
-}
+    Raises:
+        ConfigError: the file cannot be read or holds a bad setting.
+    """
+    try:
+        content = recipe_files.read(name)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ConfigError(f"recipe {name!r} cannot be read ({error})") from None
+    settings = {key: coerce(key, value) for key, value in content["settings"].items()}
+    config = apply_overrides(Config(), settings)
+    refuse_other_method(config, settings, settings)
+    validate(config)
+    return settings, str(content["about"]), str(content["provenance"])
 
 
 def recipe_line(name: str) -> str:
@@ -316,8 +295,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def settings_help(width: int = 100) -> str:
-    """Every setting with its default (the paper recipe's) and advice, one block per line, for
-    ``deepcluster train --help``; generated from the fields' ``metadata["help"]``."""
+    """Every setting with its default (the paper recipe's) and advice, one block per line,
+    under a heading per section (``SECTIONS``, in that order), for ``deepcluster train
+    --help``; generated from the fields' ``metadata``."""
     import textwrap
 
     def shown(value: Any) -> str:
@@ -330,13 +310,17 @@ def settings_help(width: int = 100) -> str:
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     lines = []
-    for item in dataclasses.fields(Config):
-        name = "--out" if item.name == "out_dir" else f"--{item.name}"
-        head = f"  {name:<21} {shown(item.default):<18} "
-        advice = item.metadata.get("help", "")
-        lines += textwrap.wrap(advice, width, initial_indent=head, subsequent_indent=" " * len(head),
-                               break_on_hyphens=False) or [head]
-    return "\n".join(lines)
+    for section, about in SECTIONS.items():
+        lines += ["", *textwrap.wrap(f"{section}: {about}", width)]
+        for item in dataclasses.fields(Config):
+            if item.metadata["section"] != section:
+                continue
+            name = "--out" if item.name == "out_dir" else f"--{item.name}"
+            head = f"  {name:<21} {shown(item.default):<18} "
+            advice = item.metadata.get("help", "")
+            lines += textwrap.wrap(advice, width, initial_indent=head, subsequent_indent=" " * len(head),
+                                   break_on_hyphens=False) or [head]
+    return "\n".join(lines[1:])
 
 
 def _unknown_key_message(key: str) -> str:
@@ -713,6 +697,34 @@ def run_folder(config_file: str | Path | None = None, overrides: dict[str, Any] 
     return Config.out_dir if data is not None else DIGITS_OUT_DIR
 
 
+def section_of(key: str) -> str:
+    """The section (``SECTIONS``) of setting ``key``."""
+    return FIELDS[key].metadata["section"]
+
+
+def refuse_other_method(config: Config, given: dict[str, Any], overrides: dict[str, Any] | None) -> None:
+    """Refuse a setting of the other method's section (``v1`` in a v2 run and the reverse)
+    that ``given`` states explicitly: it would be silently ignored. A config file may hold
+    such a key at its default, as the files a run or ``--print-config`` writes hold every
+    setting; the command line and ``overrides`` may not hold it at all.
+
+    Raises:
+        ConfigError: one line naming the key, its section and the run's method.
+    """
+    if config.method not in METHOD_SECTIONS:
+        return  # ``validate`` names the bad method
+    for key, value in given.items():
+        section = section_of(key)
+        if section not in METHOD_SECTIONS or section == config.method:
+            continue
+        from_file = key not in (overrides or {})
+        if from_file and coerce(key, value) == FIELDS[key].default:
+            continue
+        where = " of the config file" if from_file else ""
+        raise ConfigError(f"setting {key!r} is a {section} setting; this run is {config.method} (method "
+                          f"{config.method}): leave it out{where}, or set method: {section}")
+
+
 def resolve(recipe: str | None = None, config_file: str | Path | None = None,
             overrides: dict[str, Any] | None = None) -> Config:
     """Build a validated ``Config`` from a recipe, a YAML file and explicit overrides.
@@ -725,6 +737,7 @@ def resolve(recipe: str | None = None, config_file: str | Path | None = None,
     data = coerce("data", given["data"]) if "data" in given else None
     config = apply_overrides(Config(), RECIPES[named or default_recipe(data)])
     config = apply_overrides(config, given)
+    refuse_other_method(config, given, overrides)
     if config.data is None and "out_dir" not in given:
         config.out_dir = DIGITS_OUT_DIR
     return validate(config)
@@ -763,7 +776,9 @@ def resolve_resume(saved: dict[str, Any], run_dir: str | Path, recipe: str | Non
         raise ConfigError(f"the saved settings of {str(run_dir)!r} are invalid ({error})") from None
     named, given = _read_given(recipe, config_file, overrides)
     config = apply_overrides(base, RECIPES[named] if named else {})
-    config = validate(apply_overrides(config, {**given, "out_dir": str(run_dir)}))
+    config = apply_overrides(config, {**given, "out_dir": str(run_dir)})
+    refuse_other_method(config, given, overrides)
+    config = validate(config)
     check_unchanged(base, config)
     return config
 
@@ -773,6 +788,14 @@ def from_dict(values: dict[str, Any]) -> Config:
     return validate(apply_overrides(Config(), values))
 
 
-__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RECIPE_ABOUT", "config_text", "recipe_line", "RESUMABLE", "V1_ONLY", "V2_ONLY", "apply_overrides",
-           "check_unchanged", "coerce", "default_recipe", "from_dict", "load_yaml", "resolve", "resolve_resume",
-           "run_folder", "settings_help", "validate", "validate_v2"]
+# Recipes: named sets of overrides on top of the defaults, read from their files.
+_LOADED = {name: load_recipe(name) for name in recipe_files.NAMES}
+RECIPES: dict[str, dict[str, Any]] = {name: loaded[0] for name, loaded in _LOADED.items()}
+RECIPE_ABOUT: dict[str, str] = {name: loaded[1] for name, loaded in _LOADED.items()}  # one line each
+RECIPE_PROVENANCE: dict[str, str] = {name: loaded[2] for name, loaded in _LOADED.items()}
+
+
+__all__ = ["CHOICES", "Config", "ConfigError", "RECIPES", "RECIPE_ABOUT", "RECIPE_PROVENANCE", "SECTIONS",
+           "load_recipe", "refuse_other_method", "section_of", "config_text", "recipe_line", "RESUMABLE", "V1_ONLY",
+           "V2_ONLY", "apply_overrides", "check_unchanged", "coerce", "default_recipe", "from_dict", "load_yaml",
+           "resolve", "resolve_resume", "run_folder", "settings_help", "validate", "validate_v2"]
