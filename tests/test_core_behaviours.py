@@ -48,19 +48,27 @@ def watching_sgd(epoch_of):
     seen: dict[tuple[int, str], dict] = {}
     original = torch.optim.SGD.step
 
-    def snapshot(optimizer):
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+    def snapshot(optimizer, groups):
+        params = [p for group in groups for p in group["params"]]
         return {"params": [p.detach().clone() for p in params],
                 "momentum": [None if optimizer.state.get(p, {}).get("momentum_buffer") is None
                              else optimizer.state[p]["momentum_buffer"].clone() for p in params]}
 
+    def by_kind(optimizer):
+        # the head may be its own optimiser or a momentum-free parameter group of the body's
+        kinds = {"body": [g for g in optimizer.param_groups if g["momentum"] > 0],
+                 "head": [g for g in optimizer.param_groups if g["momentum"] == 0]}
+        return {kind: groups for kind, groups in kinds.items() if groups}
+
     def step(optimizer, *args, **kwargs):
-        kind = "body" if optimizer.param_groups[0]["momentum"] > 0 else "head"
-        entry = seen.setdefault((epoch_of(), kind), {})
-        if "first" not in entry:
-            entry["first"] = snapshot(optimizer)
+        kinds = by_kind(optimizer)
+        for kind, groups in kinds.items():
+            entry = seen.setdefault((epoch_of(), kind), {})
+            if "first" not in entry:
+                entry["first"] = snapshot(optimizer, groups)
         result = original(optimizer, *args, **kwargs)
-        entry["last"] = snapshot(optimizer)
+        for kind, groups in kinds.items():
+            seen[(epoch_of(), kind)]["last"] = snapshot(optimizer, groups)
         return result
 
     with mock.patch.object(torch.optim.SGD, "step", step):
@@ -172,7 +180,7 @@ def test_each_epoch_trains_on_equal_shares_of_its_clusters(observed_v1):
 
 
 def test_a_cluster_of_one_never_gives_a_point_to_an_empty_cluster():
-    choose_donors = find_in_package("deepcluster.clustering", "_choose_donors")
+    choose_donors = find_in_package("deepcluster.clustering", "choose_donors")
     rng = np.random.default_rng(0)
     for _ in range(2000):
         targets, donors = choose_donors(np.array([1, 0, 2, 1, 0, 1, 3]), rng)
@@ -183,7 +191,7 @@ def test_a_cluster_of_one_never_gives_a_point_to_an_empty_cluster():
 
 
 def test_donors_are_drawn_in_proportion_to_size_minus_one():
-    choose_donors = find_in_package("deepcluster.clustering", "_choose_donors")
+    choose_donors = find_in_package("deepcluster.clustering", "choose_donors")
     counts = np.array([0, 2, 5, 11, 1])
     expected = np.array([0, 1, 4, 10, 0]) / 15  # size - 1 (in proportion to size: 2, 5, 11, 1 of 19)
     rng = np.random.default_rng(12345)
