@@ -152,14 +152,43 @@ def trial(name: str, kill: callable, args: list[str], reference: Path, out: Path
     return problem is None
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so
+    they are not in its process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
 def random_kill(args: list[str], delay: float) -> int:
+    """Kill the run and every process it started at once, as a scheduler ends a job (SLURM kills
+    the job's whole cgroup): killing the torchrun launcher alone leaves its workers running, and
+    their run folder rightly refuses a resume while they write it."""
     process = subprocess.Popen(args, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
         process.wait(timeout=delay)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the run and, under torchrun, all its processes
+        victims = [process.pid, *descendants(process.pid)]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         process.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in victims[1:]) and time.monotonic() < deadline:
+            time.sleep(0.1)  # orphans are reaped by init
     return process.returncode
 
 

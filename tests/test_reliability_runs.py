@@ -126,6 +126,22 @@ def test_resume_of_a_run_killed_before_it_saved_its_settings_starts_it(cli, imag
     assert (run / "checkpoint.pt").is_file() and (run / "config.yaml").is_file()
 
 
+def test_resume_of_a_run_killed_before_it_took_its_lock_starts_it(cli, image_folder, tmp_path):
+    """A kill between the folder's creation and its ``.lock`` (a window torchrun's start-up
+    widens) leaves an empty folder. Was: ``--resume`` refused it ("nothing to resume")."""
+    run = tmp_path / "run"
+    run.mkdir()
+    code, out, err = cli("train", "--data", image_folder, "--out", run, "--resume")
+    assert code == 0, err
+    assert "starting it from the beginning" in out
+    assert (run / "checkpoint.pt").is_file() and (run / "config.yaml").is_file()
+
+
+def test_resume_of_a_folder_that_does_not_exist_is_still_refused(cli, image_folder, tmp_path):
+    code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "typo", "--resume")
+    assert code == 2 and "nothing to resume" in err
+
+
 # -- item: paths as typed ---------------------------------------------------------------------
 
 def test_a_run_started_with_a_relative_data_folder_works_from_anywhere(cli, run_cli, image_folder, tmp_path,

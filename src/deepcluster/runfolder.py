@@ -216,8 +216,8 @@ def started_run(run_dir: Path) -> bool:
 
 def saved_settings(run_dir: Path) -> dict[str, Any] | None:
     """The settings a run saved when it started (``config.yaml``; the checkpoint's when that
-    file is gone), for ``--resume``; ``None`` when a run took the folder (its ``.lock``) but
-    was stopped before it saved anything: there is nothing to lose, it starts afresh.
+    file is gone), for ``--resume``; ``None`` when a run made the folder (empty, or with its
+    ``.lock`` only) but was stopped before it saved anything: nothing to lose, it starts afresh.
 
     Raises:
         CheckpointError: no run ever started in ``run_dir``, or its checkpoint is unreadable.
@@ -229,8 +229,8 @@ def saved_settings(run_dir: Path) -> dict[str, Any] | None:
         saved = load_checkpoint(run_dir / CHECKPOINT_NAME).get("config")
         if isinstance(saved, dict):
             return saved
-    elif (run_dir / LOCK_NAME).is_file():
-        return None
+    elif (run_dir / LOCK_NAME).is_file() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return None  # killed while starting: after its lock, or after making the folder and before its lock
     raise CheckpointError(f"nothing to resume: {str(run_dir)!r} holds no run ({CONFIG_NAME} and {CHECKPOINT_NAME} "
                           "are missing); start it without --resume, or give the run folder with --out")
 
