@@ -340,27 +340,7 @@ def write_features(model: Backbone, config: Config, source: ImageSource, path: s
                                      Normalize(config.mean, config.std), pools, include_fc=layer == FC_LAYER,
                                      batch_size=batch_size, workers=workers, device=device,
                                      storage_dir=scratch, prefix="")
-        raw = extracted.layers[layer]
-        if pca is None:
-            del raw
-            extracted.layers.clear()
-            os.replace(scratch / f"{layer}.npy", path)
-            written = np.load(path, mmap_mode="r+", allow_pickle=False)
-            dim = int(written.shape[1])
-            if not extracted.ok.all():  # rows of unreadable images hold the features of a black image
-                written[~extracted.ok] = 0.0
-                written.flush()
-            del written
-        else:
-            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(raw), pca.n_components))
-            step = 65536
-            for start in range(0, len(raw), step):
-                out[start:start + step] = pca.project(np.asarray(raw[start:start + step]))
-            out[~extracted.ok] = 0.0
-            out.flush()
-            dim = pca.n_components
-            del out, raw
-            extracted.layers.clear()
+        dim = _finish_feature_file(extracted, layer, scratch, path, pca)
     finally:
         for leftover in scratch.glob("*.npy") if scratch.is_dir() else []:
             leftover.unlink()
@@ -368,6 +348,33 @@ def write_features(model: Backbone, config: Config, source: ImageSource, path: s
             scratch.rmdir()
     pooling = None if layer == FC_LAYER else pools[layer].describe()
     return FeatureFile(path, layer, dim, extracted.ok, pooling, pca is not None)
+
+
+def _finish_feature_file(extracted, layer: str, scratch: Path, path: Path, pca: PCA | None) -> int:
+    """Turn the memory-mapped features of ``layer`` in ``scratch`` into ``path``: moved there
+    as they are, or projected by ``pca`` (in bounded chunks) into a new file; rows of
+    unreadable images become zero. Releases ``extracted``'s arrays; returns the row width."""
+    raw = extracted.layers[layer]
+    if pca is None:
+        del raw
+        extracted.layers.clear()
+        os.replace(scratch / f"{layer}.npy", path)
+        written = np.load(path, mmap_mode="r+", allow_pickle=False)
+        dim = int(written.shape[1])
+        if not extracted.ok.all():  # rows of unreadable images hold the features of a black image
+            written[~extracted.ok] = 0.0
+            written.flush()
+        del written
+        return dim
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(raw), pca.n_components))
+    step = 65536
+    for start in range(0, len(raw), step):
+        out[start:start + step] = pca.project(np.asarray(raw[start:start + step]))
+    out[~extracted.ok] = 0.0
+    out.flush()
+    del out, raw
+    extracted.layers.clear()
+    return pca.n_components
 
 
 __all__ = ["Assignment", "CHUNK_IMAGES", "ClusterModel", "FeatureFile", "assign_features", "assign_images",

@@ -58,27 +58,12 @@ def knn_graph(points: np.ndarray, n_neighbors: int, backend: str = "faiss", devi
         ValueError: unknown backend, or ``n_neighbors`` not in ``[1, N - 1]``.
     """
     points = np.ascontiguousarray(points, dtype=np.float32)
-    n_points, dim = points.shape
+    n_points, _ = points.shape
     if not 1 <= n_neighbors <= n_points - 1:
         raise ValueError(f"n_neighbors must be between 1 and the number of points minus one ({n_points - 1}), "
                          f"got {n_neighbors}")
     if backend == "faiss":
-        import faiss
-
-        if n_points <= exact_max_points:
-            index = faiss.IndexFlatL2(dim)
-        else:
-            n_lists = int(min(4 * math.sqrt(n_points), n_points // 39))
-            # The coarse quantizer only has to spread the lists: our k-means (faster than
-            # faiss's own training here, see docs/notebook/2026-11-23.md), 10 iterations on at most 64
-            # points per list instead of faiss's 25 iterations on 256.
-            rng = np.random.default_rng(seed)
-            sample = points[np.sort(rng.choice(n_points, min(n_points, 64 * n_lists), replace=False))]
-            quantizer = faiss.IndexFlatL2(dim)
-            quantizer.add(kmeans(sample, n_lists, n_iter=10, seed=seed, backend="faiss").centroids)
-            index = faiss.IndexIVFFlat(quantizer, dim, n_lists)
-            index.is_trained = True
-            index.nprobe = n_probe
+        index = _faiss_index(points, exact_max_points, n_probe, seed)
         index.add(points)
         distances, neighbors = index.search(points, n_neighbors + 1)
         distances = np.maximum(distances, 0.0)
@@ -92,6 +77,28 @@ def knn_graph(points: np.ndarray, n_neighbors: int, backend: str = "faiss", devi
         neighbors = np.where(missing, np.arange(n_points)[:, None], neighbors)
         distances = np.where(missing, np.inf, distances).astype(np.float32)
     return _drop_self(neighbors.astype(np.int64), distances.astype(np.float32), n_neighbors)
+
+
+def _faiss_index(points: np.ndarray, exact_max_points: int, n_probe: int, seed: int):
+    """An empty faiss index for ``points``: exhaustive (``IndexFlatL2``) up to
+    ``exact_max_points`` points, else an inverted file whose lists are already trained."""
+    import faiss
+
+    n_points, dim = points.shape
+    if n_points <= exact_max_points:
+        return faiss.IndexFlatL2(dim)
+    n_lists = int(min(4 * math.sqrt(n_points), n_points // 39))
+    # The coarse quantizer only has to spread the lists: our k-means (faster than
+    # faiss's own training here, see docs/notebook/2026-11-23.md), 10 iterations on at most 64
+    # points per list instead of faiss's 25 iterations on 256.
+    rng = np.random.default_rng(seed)
+    sample = points[np.sort(rng.choice(n_points, min(n_points, 64 * n_lists), replace=False))]
+    quantizer = faiss.IndexFlatL2(dim)
+    quantizer.add(kmeans(sample, n_lists, n_iter=10, seed=seed, backend="faiss").centroids)
+    index = faiss.IndexIVFFlat(quantizer, dim, n_lists)
+    index.is_trained = True
+    index.nprobe = n_probe
+    return index
 
 
 def _torch_knn(points: np.ndarray, n_results: int, device: torch.device,

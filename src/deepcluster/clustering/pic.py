@@ -145,6 +145,18 @@ def merge_singletons(labels: np.ndarray, neighbors: np.ndarray) -> tuple[np.ndar
     return labels, int(movable.sum())
 
 
+def _check_settings(points: np.ndarray, n_neighbors: int, sigma: float, alpha: float, n_iter: int) -> None:
+    """Raise ``ValueError`` for points that are not ``(N, d)`` with ``N > n_neighbors``, or a
+    setting out of its range."""
+    if points.ndim != 2:
+        raise ValueError(f"points must be a 2-d array (N, d), got shape {points.shape}")
+    if len(points) < n_neighbors + 1:
+        raise ValueError(f"PIC needs more points than n_neighbors ({n_neighbors}), got {len(points)}")
+    if sigma <= 0 or n_neighbors < 1 or n_iter < 0 or not 0 < alpha < 1:
+        raise ValueError(f"PIC needs sigma > 0, n_neighbors >= 1, n_iter >= 0 and 0 < alpha < 1; got sigma={sigma}, "
+                         f"n_neighbors={n_neighbors}, n_iter={n_iter}, alpha={alpha}")
+
+
 def pic(points: np.ndarray, n_neighbors: int = 5, sigma: float = 0.2, alpha: float = 0.001, n_iter: int = 200,
         merge_singleton_clusters: bool = True, knn_backend: str = "faiss", device: str = "cpu",
         exact_max_points: int = 50_000, seed: int = 0) -> PICResult:
@@ -170,13 +182,7 @@ def pic(points: np.ndarray, n_neighbors: int = 5, sigma: float = 0.2, alpha: flo
         ValueError: fewer than ``n_neighbors + 1`` points, or a non-positive setting.
     """
     points = np.ascontiguousarray(points, dtype=np.float32)
-    if points.ndim != 2:
-        raise ValueError(f"points must be a 2-d array (N, d), got shape {points.shape}")
-    if len(points) < n_neighbors + 1:
-        raise ValueError(f"PIC needs more points than n_neighbors ({n_neighbors}), got {len(points)}")
-    if sigma <= 0 or n_neighbors < 1 or n_iter < 0 or not 0 < alpha < 1:
-        raise ValueError(f"PIC needs sigma > 0, n_neighbors >= 1, n_iter >= 0 and 0 < alpha < 1; got sigma={sigma}, "
-                         f"n_neighbors={n_neighbors}, n_iter={n_iter}, alpha={alpha}")
+    _check_settings(points, n_neighbors, sigma, alpha, n_iter)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 

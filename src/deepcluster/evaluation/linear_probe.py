@@ -292,28 +292,10 @@ def train_probes_augmented(model: Backbone, train_source: ImageSource, train_lab
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(settings.seed + epoch))
         loader = DataLoader(torch.utils.data.Subset(train_data, order.tolist()), batch_size=settings.batch_size,
                             shuffle=False, num_workers=workers)
-        losses = {name: 0.0 for name in pools}
-        correct = {name: 0 for name in pools}
-        for images, labels in loader:
-            labels = labels.to(device)
-            with torch.no_grad():
-                activations = forward_layers(model, normalize(images, device), pools)
-            lr = probe_learning_rate(settings.lr, settings.weight_decay, step)
-            for name, probe in probes.items():
-                loss, hits = sgd_step(probe, optimizers[name], activations[name], labels, lr)
-                losses[name] += loss
-                correct[name] += hits
-            step += 1
-        hits1 = {name: 0 for name in pools}
-        hits5 = {name: 0 for name in pools}
-        with torch.no_grad():
-            for images, labels in val_loader:
-                labels = labels.to(device)
-                activations = forward_layers(model, normalize(images, device), pools)
-                for name, probe in probes.items():
-                    logits = probe(activations[name])
-                    hits1[name] += top_k_correct(logits, labels, 1)
-                    hits5[name] += top_k_correct(logits, labels, 5)
+        losses, correct, step = _train_probes_epoch(model, probes, optimizers, loader, pools, normalize,
+                                                    settings, device, step)
+        lr = probe_learning_rate(settings.lr, settings.weight_decay, step - 1)  # that of the epoch's last step
+        hits1, hits5 = _validate_probes(model, probes, val_loader, pools, normalize, device)
         n_train, n_val = max(len(train_data), 1), max(len(val_data), 1)
         for name in pools:
             histories[name].append({"epoch": epoch + 1, "loss": losses[name] / n_train,
@@ -325,6 +307,48 @@ def train_probes_augmented(model: Backbone, train_source: ImageSource, train_lab
             log(f"    epoch {epoch + 1}/{settings.epochs}: val top-1 {summary}")
     seconds = time.perf_counter() - start
     return {name: summarize(history, seconds) for name, history in histories.items()}
+
+
+def _train_probes_epoch(model: Backbone, probes: dict[str, nn.Linear], optimizers: dict[str, torch.optim.SGD],
+                        loader: DataLoader, pools: dict[str, PoolSpec], normalize: Normalize,
+                        settings: ProbeSettings, device: torch.device,
+                        step: int) -> tuple[dict[str, float], dict[str, int], int]:
+    """One epoch of every probe on the frozen backbone's activations of ``loader``'s batches,
+    from global step ``step``.
+
+    Returns:
+        Summed loss and correct top-1 per layer, and the next step.
+    """
+    losses = {name: 0.0 for name in pools}
+    correct = {name: 0 for name in pools}
+    for images, labels in loader:
+        labels = labels.to(device)
+        with torch.no_grad():
+            activations = forward_layers(model, normalize(images, device), pools)
+        lr = probe_learning_rate(settings.lr, settings.weight_decay, step)
+        for name, probe in probes.items():
+            loss, hits = sgd_step(probe, optimizers[name], activations[name], labels, lr)
+            losses[name] += loss
+            correct[name] += hits
+        step += 1
+    return losses, correct, step
+
+
+@torch.no_grad()
+def _validate_probes(model: Backbone, probes: dict[str, nn.Linear], val_loader: DataLoader,
+                     pools: dict[str, PoolSpec], normalize: Normalize,
+                     device: torch.device) -> tuple[dict[str, int], dict[str, int]]:
+    """Correct top-1 and top-5 of every probe over the validation batches."""
+    hits1 = {name: 0 for name in pools}
+    hits5 = {name: 0 for name in pools}
+    for images, labels in val_loader:
+        labels = labels.to(device)
+        activations = forward_layers(model, normalize(images, device), pools)
+        for name, probe in probes.items():
+            logits = probe(activations[name])
+            hits1[name] += top_k_correct(logits, labels, 1)
+            hits5[name] += top_k_correct(logits, labels, 5)
+    return hits1, hits5
 
 
 __all__ = ["LabelledViews", "ProbeResult", "ProbeSettings", "RandomCropFlipView", "evaluate_probe",

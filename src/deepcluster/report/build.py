@@ -201,6 +201,23 @@ def _clusters_section(run: RunData, assignments: np.ndarray, which: str, setting
         return "".join(parts), 0, 0
     min_size = max(2, min(settings.images_per_cluster, int(stats.get("median", 2))))
     shown = choose_clusters(summaries, settings.max_clusters, min_size_for_purity=min_size)
+    cards, thumbs = _cluster_cards(run, assignments, labels, shown, settings)
+    chosen = (f"the {len(shown)} largest" if labels is None else
+              f"{len(shown)} clusters: the largest and the purest (purity: share of the majority class; "
+              f"clusters of at least {min_size} images)")
+    parts.append(f'<p class="hint">Showing {chosen} of {len(summaries):,} non-empty clusters of {which}, '
+                 f'{settings.images_per_cluster} random images each. Hover an image for its file name.</p>')
+    parts.append(_cluster_controls(labels is not None, run.class_names))
+    parts.append(f'<div id="cluster-grid" data-page="{settings.page_size}">'
+                 + "".join(page.card_html(card) for card in cards) + "</div>")
+    parts.append('<div class="controls"><button id="more">show more clusters</button></div>')
+    return "".join(parts), len(shown), thumbs
+
+
+def _cluster_cards(run: RunData, assignments: np.ndarray, labels: np.ndarray | None, shown: list,
+                   settings: ReportSettings) -> tuple[list[page.ClusterCard], int]:
+    """A card of random member thumbnails for each cluster of ``shown``; also the number of
+    thumbnails (images that no longer load are left out)."""
     members = sample_members(assignments, [s.cluster for s in shown], settings.images_per_cluster, settings.seed)
     names = run.class_names
     cards, thumbs = [], 0
@@ -218,30 +235,25 @@ def _clusters_section(run: RunData, assignments: np.ndarray, which: str, setting
         thumbs += len(pictures)
         majority = None if summary.majority is None or not names else names[summary.majority]
         cards.append(page.ClusterCard(summary.cluster, summary.size, majority, summary.purity, pictures))
-    chosen = (f"the {len(shown)} largest" if labels is None else
-              f"{len(shown)} clusters: the largest and the purest (purity: share of the majority class; "
-              f"clusters of at least {min_size} images)")
-    parts.append(f'<p class="hint">Showing {chosen} of {len(summaries):,} non-empty clusters of {which}, '
-                 f'{settings.images_per_cluster} random images each. Hover an image for its file name.</p>')
+    return cards, thumbs
+
+
+def _cluster_controls(labelled: bool, names: list[str] | None) -> str:
+    """The sort buttons of the cluster grid, and with class names the majority-class filter."""
     controls = ['<div class="controls"><span>Sort:</span><button data-sort="size" class="on">largest first</button>']
-    if labels is not None:
+    if labelled:
         controls.append('<button data-sort="purity">purest first</button>')
         if names:
             options = "".join(f'<option value="{page.esc(n)}">{page.esc(n)}</option>' for n in names)
             controls.append(f'<span>Majority class:</span><select id="class-filter"><option value="">all</option>'
                             f"{options}</select>")
     controls.append('<span id="count" class="hint"></span></div>')
-    parts.append("".join(controls))
-    parts.append(f'<div id="cluster-grid" data-page="{settings.page_size}">'
-                 + "".join(page.card_html(card) for card in cards) + "</div>")
-    parts.append('<div class="controls"><button id="more">show more clusters</button></div>')
-    return "".join(parts), len(shown), thumbs
+    return "".join(controls)
 
 
 def _filters_sections(run: RunData, settings: ReportSettings,
                       notes: list[str]) -> tuple[list[tuple[str, str, str]], int]:
     """The first-layer filters and the chosen layer's filters (top images, gradient ascent)."""
-    from deepcluster.report import visuals
     from deepcluster.checkpoint import load_backbone
 
     if not run.checkpoint.is_file():
@@ -250,7 +262,16 @@ def _filters_sections(run: RunData, settings: ReportSettings,
     model, config = load_backbone(run.checkpoint)
     device = torch.device(settings.device)
     model = model.to(device).eval()
-    sections = []
+    first = _first_filters_section(model)
+    units, thumbs = _units_section(run, model, config, settings, device)
+    return [first, units], thumbs
+
+
+def _first_filters_section(model) -> tuple[str, str, str]:
+    """The first conv layer's filters as one image (composed with the Sobel kernels when the
+    network has them)."""
+    from deepcluster.report import visuals
+
     grid = visuals.filter_grid(visuals.effective_first_filters(model))
     conv = model.first_conv()
     if model.sobel is not None:
@@ -259,9 +280,44 @@ def _filters_sections(run: RunData, settings: ReportSettings,
                "the grayscale image (weights composed with the fixed Sobel kernels)")
     else:
         how = f"{conv.out_channels} RGB filters of {conv.kernel_size[0]}x{conv.kernel_size[1]}"
-    sections.append(("conv1", "First-layer filters", page.figure_html(
+    return ("conv1", "First-layer filters", page.figure_html(
         page.png_uri(grid), "conv1", how + "; grey is 0, each filter scaled to its own range, largest norm first. "
-        "Trained filters look like oriented edge and blob detectors; random ones like noise.", wide=True, pixel=True)))
+        "Trained filters look like oriented edge and blob detectors; random ones like noise.", wide=True, pixel=True))
+
+
+def _units_section(run: RunData, model, config, settings: ReportSettings,
+                   device: torch.device) -> tuple[tuple[str, str, str], int]:
+    """What the chosen layer's filters respond to: their top images among a random sample,
+    and inputs made by gradient ascent; also the number of thumbnails."""
+    from deepcluster.report import visuals
+
+    layer, n_channels = _chosen_layer(model, settings)
+    responses = _sample_responses(run, model, config, layer, settings, device)
+    channels, how_chosen = _chosen_filters(settings, responses, n_channels)
+    ascent_images = None
+    if settings.ascent_steps > 0 and channels:
+        ascent = visuals.AscentSettings(size=settings.ascent_size or min(config.crop, 128),
+                                        steps=settings.ascent_steps, seed=settings.seed)
+        ascent_images = visuals.gradient_ascent(model, layer, channels, config.mean, config.std, ascent, device)
+    rows, thumbs = _filter_rows(run, responses, channels, ascent_images, settings)
+    sample = "" if responses is None else (f"Top {settings.top_images} of a random sample of "
+                                           f"{len(responses.image_indices):,} images by the filter's strongest "
+                                           "response (spatial maximum after the ReLU). ")
+    ascent_text = "" if ascent_images is None else (
+        f"Left: an input optimised by {settings.ascent_steps} steps of gradient ascent on the filter's mean response "
+        "(from grey noise, with random jitter, L2 decay and blur; a Sobel network is blind to colour, so it is grey). ")
+    intro = (f'<p class="hint">{n_channels} filters in {layer}; shown: {len(channels)}, {how_chosen}. '
+             f"{ascent_text}{sample}</p>")
+    return ("units", f"What {layer} filters respond to", intro + "".join(page.unit_html(r) for r in rows)), thumbs
+
+
+def _chosen_layer(model, settings: ReportSettings) -> tuple[str, int]:
+    """The layer asked for (default the last conv layer) and its number of filters.
+
+    Raises:
+        ConfigError: not a conv layer of ``model``, or a ``--filters`` number beyond its filters.
+    """
+    from deepcluster.report import visuals
 
     taps = model.taps()
     layer = settings.layer or taps[-1]
@@ -272,30 +328,42 @@ def _filters_sections(run: RunData, settings: ReportSettings,
         bad = [f for f in settings.filters if f >= n_channels]
         if bad:
             raise ConfigError(f"--filters {bad[0]} is out of range: {layer} has filters 0 to {n_channels - 1}")
+    return layer, n_channels
+
+
+def _sample_responses(run: RunData, model, config, layer: str, settings: ReportSettings, device: torch.device):
+    """The filters' responses on a seeded random sample of the run's images (centre view);
+    None when the images are not available."""
+    from deepcluster.report import visuals
+
+    if run.source is None:
+        return None
     view = CenterView(config.resize, config.crop)
     normalize = Normalize(config.mean, config.std)
-    responses = None
-    if run.source is not None:
-        rng = np.random.default_rng(settings.seed)
-        count = min(settings.activation_sample, len(run.source))
-        indices = np.sort(rng.choice(len(run.source), count, replace=False))
-        responses = visuals.filter_responses(model, run.source, indices, layer, view, normalize, device,
-                                             settings.batch_size, settings.workers)
+    rng = np.random.default_rng(settings.seed)
+    count = min(settings.activation_sample, len(run.source))
+    indices = np.sort(rng.choice(len(run.source), count, replace=False))
+    return visuals.filter_responses(model, run.source, indices, layer, view, normalize, device,
+                                    settings.batch_size, settings.workers)
+
+
+def _chosen_filters(settings: ReportSettings, responses, n_channels: int) -> tuple[list[int], str]:
+    """The filters shown, and how they were chosen, in words."""
+    from deepcluster.report import visuals
+
     if settings.filters is not None:
-        channels = list(settings.filters)
-        how_chosen = "chosen with --filters"
-    elif responses is not None and len(responses.scores):
+        return list(settings.filters), "chosen with --filters"
+    if responses is not None and len(responses.scores):
         channels = visuals.pick_filters(responses.scores, settings.n_filters, settings.top_images)
-        how_chosen = ("the most selective (highest ratio of their response on their top images to their mean "
-                      "response)")
-    else:
-        channels = list(range(min(settings.n_filters, n_channels)))
-        how_chosen = "the first ones (no images to rank them)"
-    ascent_images = None
-    if settings.ascent_steps > 0 and channels:
-        ascent = visuals.AscentSettings(size=settings.ascent_size or min(config.crop, 128),
-                                        steps=settings.ascent_steps, seed=settings.seed)
-        ascent_images = visuals.gradient_ascent(model, layer, channels, config.mean, config.std, ascent, device)
+        return channels, ("the most selective (highest ratio of their response on their top images to their mean "
+                          "response)")
+    return list(range(min(settings.n_filters, n_channels))), "the first ones (no images to rank them)"
+
+
+def _filter_rows(run: RunData, responses, channels: list[int], ascent_images: np.ndarray | None,
+                 settings: ReportSettings) -> tuple[list[page.FilterRow], int]:
+    """A row per filter: its gradient-ascent image and its top images; also the number of
+    thumbnails."""
     rows, thumbs = [], 0
     for position, channel in enumerate(channels):
         top = []
@@ -310,16 +378,7 @@ def _filters_sections(run: RunData, settings: ReportSettings,
         thumbs += len(top)
         uri = None if ascent_images is None else page.png_uri(ascent_images[position])
         rows.append(page.FilterRow(channel, uri, top))
-    sample = "" if responses is None else (f"Top {settings.top_images} of a random sample of "
-                                           f"{len(responses.image_indices):,} images by the filter's strongest "
-                                           "response (spatial maximum after the ReLU). ")
-    ascent_text = "" if ascent_images is None else (
-        f"Left: an input optimised by {settings.ascent_steps} steps of gradient ascent on the filter's mean response "
-        "(from grey noise, with random jitter, L2 decay and blur; a Sobel network is blind to colour, so it is grey). ")
-    intro = (f'<p class="hint">{n_channels} filters in {layer}; shown: {len(channels)}, {how_chosen}. '
-             f"{ascent_text}{sample}</p>")
-    sections.append(("units", f"What {layer} filters respond to", intro + "".join(page.unit_html(r) for r in rows)))
-    return sections, thumbs
+    return rows, thumbs
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
