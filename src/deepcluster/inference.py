@@ -142,8 +142,8 @@ def _load_v2(path: str | Path, backbone: Backbone, config: Config, saved: dict,
                               "embeddings; it must come from a v2 run that finished at least one epoch")
     embedder = Embedder(backbone, projection).eval()
     return ClusterModel(embedder.to(device), config, None, centroids.numpy().astype(np.float32),
-                        int(saved.get("epoch", 0)), None if assignments is None else assignments.numpy().astype(np.int64),
-                        final is not None)
+                        int(saved.get("epoch", 0)),
+                        None if assignments is None else assignments.numpy().astype(np.int64), final is not None)
 
 
 @dataclass
@@ -378,4 +378,5 @@ def _finish_feature_file(extracted, layer: str, scratch: Path, path: Path, pca: 
 
 
 __all__ = ["Assignment", "CHUNK_IMAGES", "ClusterModel", "FeatureFile", "assign_features", "assign_images",
-           "clustered_layer", "feature_layer", "feature_layers", "load_cluster_model", "pca_from_checkpoint", "write_features"]
+           "clustered_layer", "feature_layer", "feature_layers", "load_cluster_model", "pca_from_checkpoint",
+           "write_features"]
