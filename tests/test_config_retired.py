@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from deepcluster import recipes as recipe_files
-from deepcluster.config import (FIELDS, RETIRED, SECTION_CHECKS, SECTIONS, Config, ConfigError, from_dict,
+from deepcluster.config import (FIELDS, RETIRED, SECTION_CHECKS, SECTIONS, Config, ConfigError, coerce, from_dict,
                                 load_recipe, resolve)
 from deepcluster.settings.retired import convert
 
@@ -76,6 +76,11 @@ def test_the_old_pair_previous_and_a_kept_head_becomes_carry_clusters():
 ])
 def test_a_retired_setting_without_a_meaning_today_is_refused_in_one_line(overrides, message):
     refusal(message, **overrides)
+
+
+def test_a_retired_setting_read_on_its_own_says_what_replaced_it():
+    with pytest.raises(ConfigError, match="^setting 'head_reset' was removed \\(replaced by carry_clusters: "):
+        coerce("head_reset", "false")
 
 
 def test_retired_settings_at_their_one_value_left_are_dropped():

@@ -20,7 +20,8 @@ RETIRED: dict[str, str] = {
                  "used it; every new head is drawn from N(0, 0.01), the old head_init random",
     "width": "a wider small net gained nothing measured; smallnet has its one width, the old width 1",
     "depth": "a deeper small net gained nothing measured; smallnet has its one depth, the old depth 1",
-    "head_reset": "replaced by carry_clusters",
+    "head_reset": "replaced by carry_clusters: kmeans_init previous with head_reset false is now carry_clusters "
+                  "true",
 }
 # The retired settings whose one value left is today's behaviour: at it they are dropped.
 HARMLESS: dict[str, Any] = {"head_init": "random", "width": 1, "depth": 1}

@@ -16,6 +16,10 @@ from deepcluster.settings.schema import FIELDS, Config, ConfigError
 
 
 def unknown_key_message(key: str) -> str:
+    from deepcluster.settings.retired import RETIRED
+
+    if key in RETIRED:
+        return f"setting {key!r} was removed ({RETIRED[key]})"
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown setting {key!r}{hint}"
