@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from deepcluster.config import coerce, resolve
+from deepcluster.settings.retired import convert
 from deepcluster.train import run
 from machine import cpu_flags, cpu_model
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                              "and count against the budget")
     args = parser.parse_args(argv)
 
-    overrides = dict(item.split("=", 1) for item in args.set)
+    overrides = convert(dict(item.split("=", 1) for item in args.set))  # retired settings converted
     overrides = {key: coerce(key, value) for key, value in overrides.items()}
     out = args.out or f"/tmp/deepcluster-learning/{args.name}"
     overrides.update(data=args.train, val=args.val, out_dir=out, tensorboard=False)

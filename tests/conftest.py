@@ -43,7 +43,7 @@ def image_folder(tmp_path_factory) -> Path:
 # settings that learn on small images. Tests of the loop's machinery pin it, so that a recipe
 # change does not change what they guard.
 REFERENCE_LOOP = {"sobel": True, "clustered": "fc", "fc_init": "reference", "kmeans_init": "random",
-                  "head_reset": True, "color_jitter": 0.0, "grayscale_prob": 0.0, "hflip": True}
+                  "carry_clusters": False, "color_jitter": 0.0, "grayscale_prob": 0.0, "hflip": True}
 REFERENCE_LOOP_ARGS = [item for key, value in REFERENCE_LOOP.items()
                        for item in (f"--{key}", str(value).lower() if isinstance(value, bool) else str(value))]
 

@@ -87,7 +87,7 @@ def observed_v1(image_folder, tmp_path_factory):
     config = resolve("small", overrides={
         "data": str(image_folder), "out_dir": str(out), "n_clusters": 6, "epochs": 3, "batch_size": 8,
         "feature_batch_size": 16, "workers": 0, "pca_dim": 8, "kmeans_iters": 5, "feature_dim": 32, "threads": 1,
-        "tensorboard": False, **REFERENCE_LOOP, "head_init": "random"})
+        "tensorboard": False, **REFERENCE_LOOP})
     epoch, checkpoints = [0], []
 
     def after_epoch(record):

@@ -151,18 +151,15 @@ def test_every_command_writes_its_files_with_the_usual_mode(tiny_run, image_fold
     assert len(modes) >= 7 and set(modes.values()) == {"0o644"}, modes
 
 
-def test_a_wider_deeper_small_net_trains_exports_and_loads_back(cli, image_folder, tmp_path):
-    """``width`` and ``depth`` travel from the settings through the checkpoint into the exported file."""
-    run, path = tmp_path / "wide", tmp_path / "wide.safetensors"
-    code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "1", "--width", "2", "--depth", "2")
-    assert code == 0, err
-    assert main(["export", str(run), "--out", str(path)]) == 0
-    assert (read_backbone_metadata(path).width, read_backbone_metadata(path).depth) == (2, 2)
-    exported = load_backbone_safetensors(path)
-    original, config = load_backbone(run / "checkpoint.pt")
-    assert (config.width, config.depth) == (2, 2)
-    assert exported.body_dim == original.body_dim == 2 * create_model("smallnet").body_dim
-    assert len(exported.taps()) == len(original.taps()) == 2 * len(create_model("smallnet").taps())
-    images = torch.randn(3, 3, config.crop, config.crop, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(exported.forward_features(images), original.forward_features(images))
+def test_an_export_of_a_retired_wider_small_net_is_refused_in_one_line(tmp_path):
+    """Exports record width and depth (always 1 now); a file from a run with the retired
+    width or depth settings names the shape instead of failing on its tensors."""
+    from deepcluster.models import BackboneMetadata, save_backbone_safetensors
+
+    model, path = create_model("smallnet", sobel=False, feature_dim=32), tmp_path / "wide.safetensors"
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    save_backbone_safetensors(model, path, BackboneMetadata("smallnet", False, 32, 32, 32, mean, std, width=2))
+    with pytest.raises(ExportError, match="a smallnet of width 2 and depth 1, shapes this version no longer builds"):
+        load_backbone_safetensors(path)
+    save_backbone_safetensors(model, path, BackboneMetadata("smallnet", False, 32, 32, 32, mean, std))
+    assert read_backbone_metadata(path).width == 1 and load_backbone_safetensors(path).feature_dim == 32

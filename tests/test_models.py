@@ -89,34 +89,12 @@ def test_forward_taps_reads_any_layers_in_one_pass_and_their_pre_activation_maps
     assert model.first_conv().in_channels == 2
 
 
-def test_smallnet_width_multiplies_its_conv_channels_and_nothing_else():
-    def conv_channels(model):
-        return [m.out_channels for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
-
-    narrow, wide = create_model("smallnet", clustered="body"), create_model("smallnet", width=2, clustered="body")
-    assert conv_channels(narrow) == [32, 32, 64, 64, 128, 128, 256]
-    assert conv_channels(wide) == [2 * c for c in conv_channels(narrow)]
-    assert (wide.body_dim, wide.feature_dim) == (2 * narrow.body_dim, narrow.feature_dim)
-    images = torch.randn(2, 3, 32, 32)
+def test_smallnet_has_its_one_shape():
+    """Seven conv layers of 32 ... 256 channels (the width and depth settings were retired)."""
+    model = create_model("smallnet", clustered="body")
+    assert [m.out_channels for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        32, 32, 64, 64, 128, 128, 256]
     with torch.no_grad():
-        assert wide.eval().forward_clustered(images).shape == (2, 2048)
-        assert wide.forward_features(images).shape == (2, 512)
-    with pytest.raises(ValueError, match="width 2 applies to smallnet only"):
-        create_model("alexnet", width=2)
-
-
-def test_smallnet_depth_repeats_each_conv_layer_and_keeps_the_outputs():
-    def convs(model):
-        return [(m.in_channels, m.out_channels) for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
-
-    shallow, deep = create_model("smallnet", clustered="body"), create_model("smallnet", depth=2, clustered="body")
-    assert len(convs(deep)) == 2 * len(convs(shallow)) == 14
-    assert [out for _, out in convs(deep)] == [out for _, out in convs(shallow) for _ in range(2)]
-    assert all(c_in == c_out for c_in, c_out in convs(deep)[1::2])  # each repeat keeps its stage's channels
-    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in deep.features) == 4
-    assert (deep.body_dim, deep.feature_dim) == (shallow.body_dim, shallow.feature_dim)
-    assert len(deep.taps()) == 2 * len(shallow.taps())
-    with torch.no_grad():
-        assert deep.eval().forward_clustered(torch.randn(2, 3, 32, 32)).shape == (2, shallow.body_dim)
-    with pytest.raises(ValueError, match="depth 3 applies to smallnet only; resnet18 has a fixed depth"):
-        create_model("resnet18", depth=3)
+        assert model.eval().forward_clustered(torch.randn(2, 3, 32, 32)).shape == (2, model.body_dim)
+    with pytest.raises(TypeError):
+        create_model("smallnet", width=2)

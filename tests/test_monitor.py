@@ -221,33 +221,7 @@ def test_width_scaled_fc_init_keeps_the_reference_for_4096_wide_layers():
         create_model("smallnet", fc_init="nope")
 
 
-def test_a_centroids_head_predicts_the_pseudo_labels_from_its_first_step():
-    from deepcluster.methods.v1 import head_sample, init_head_from_clusters
-
-    rng = np.random.default_rng(0)
-    centres = rng.normal(0, 1, (5, 32))
-    assignments = rng.integers(0, 5, 400)
-    features = (centres[assignments] + rng.normal(0, 0.3, (400, 32))).astype(np.float32)
-    head = torch.nn.Linear(32, 6)  # cluster 5 has no image: its row stays as it was
-    before = head.weight[5].clone()
-    init_head_from_clusters(head, features, assignments)
-    logits = head(torch.relu(torch.from_numpy(features)))
-    assert (logits[:, :5].argmax(dim=1).numpy() == assignments).mean() > 0.95
-    assert torch.equal(head.weight[5], before)
-    loss = torch.nn.functional.cross_entropy(logits[:, :5], torch.from_numpy(assignments))
-    assert loss.item() < math.log(5) / 2
-    assert head_sample(100, 10, seed=0).all() and head_sample(10**6, 10, seed=0).sum() == 50_000
-
-
-def test_a_run_with_a_centroids_head(cli, image_folder, tmp_path):
-    code, out, err = cli("train", "--data", image_folder, "--out", tmp_path / "run", "--head_init", "centroids",
-                         "--epochs", "2")
-    assert code == 0, err
-    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r["train_loss"]) for r in records)
-
-
-def test_previous_init_keeps_cluster_ids_across_epochs():
+def test_carried_clusters_keep_their_ids_across_epochs():
     from deepcluster.config import resolve
     from deepcluster.clustering import labelling_centroids
     from deepcluster.methods.v1 import cluster_points
@@ -260,7 +234,7 @@ def test_previous_init_keeps_cluster_ids_across_epochs():
     previous = np.argsort(rng.permutation(6))[truth]  # last epoch's ids: a permutation of the truth
     starts = labelling_centroids(points, previous, 6, seed=0)
     assert (np.argmax(points @ starts.T, axis=1) == previous).all()
-    config = resolve("small", overrides={"n_clusters": 6, "kmeans_init": "previous", "kmeans_iters": 5})
+    config = resolve("small", overrides={"n_clusters": 6, "carry_clusters": True, "kmeans_iters": 5})
     ok = np.ones(300, dtype=bool)
     again = cluster_points(points, ok, None, config, seed=3, previous=previous)
     assert (again.assignments == previous).all()  # same ids, not a fresh permutation
@@ -268,16 +242,16 @@ def test_previous_init_keeps_cluster_ids_across_epochs():
     assert first.assignments.shape == (300,)
 
 
-def test_keeping_the_head_needs_previous_ids():
+def test_carrying_the_clusters_needs_k_means():
     from deepcluster.config import ConfigError, resolve
 
-    with pytest.raises(ConfigError, match="kmeans_init: previous"):
-        resolve("small", overrides={"head_reset": False, "kmeans_init": "random"})
-    assert resolve("small", overrides={"head_reset": False, "kmeans_init": "previous"}).head_reset is False
+    with pytest.raises(ConfigError, match="'carry_clusters' needs clustering: kmeans"):
+        resolve("small", overrides={"clustering": "pic"})
+    assert resolve("small", overrides={"clustering": "pic", "carry_clusters": False}).clustering == "pic"
 
 
 def test_a_run_that_keeps_its_head_resumes_bit_identically(cli, image_folder, tmp_path):
-    settings = ("--kmeans_init", "previous", "--head_reset", "false", "--epochs", "3")
+    settings = ("--carry_clusters", "true", "--epochs", "3")
     code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "full", *settings)
     assert code == 0, err
     code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "cut", *settings[:-1], "2")

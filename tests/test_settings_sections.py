@@ -18,6 +18,7 @@ from deepcluster import recipes as recipe_files
 from deepcluster.cli import main
 from deepcluster.config import (FIELDS, METHOD_SECTIONS, RECIPE_ABOUT, RECIPE_PROVENANCE, RECIPES, SECTIONS, Config,
                                 ConfigError, apply_overrides, from_dict, resolve, section_of, settings_help)
+from deepcluster.settings.retired import convert
 from conftest import one_epoch
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -26,8 +27,8 @@ V2_KEYS = [key for key in FIELDS if section_of(key) == "v2"]
 # A value of each method's setting other than its default (and valid for its own method).
 NON_DEFAULT = {
     "clustering": "pic", "n_clusters": "100", "pca_dim": "64", "pca_sample_size": "1000", "whiten_power": "0",
-    "kmeans_init": "kmeans++", "reassign_every": "2", "head_lr": "0.1", "head_init": "centroids",
-    "head_reset": "false", "crop_scale_min": "0.2",
+    "kmeans_init": "kmeans++", "reassign_every": "2", "head_lr": "0.1", "carry_clusters": "true",
+    "crop_scale_min": "0.2",
     "prototypes": "100,100", "temperature": "0.2", "projection_hidden": "0", "projection_dim": "64",
     "crop_sizes": "32", "crop_counts": "2", "crop_min_scales": "0.1", "crop_max_scales": "0.9", "blur_prob": "0",
     "empty_clusters": "split", "optimizer": "lars", "lars_trust": "0.02", "lars_clip": "true",
@@ -39,7 +40,7 @@ def test_every_setting_has_one_known_section_and_the_method_sections_are_the_met
     assert all(item.metadata["section"] in SECTIONS for item in dataclasses.fields(Config))
     assert set(METHOD_SECTIONS) == {"v1", "v2"} and set(NON_DEFAULT) == set(V1_KEYS) | set(V2_KEYS)
     # the settings the docs name as silently ignored by the other method before
-    assert {"n_clusters", "pca_dim", "whiten_power", "kmeans_init", "head_reset", "crop_scale_min"} <= set(V1_KEYS)
+    assert {"n_clusters", "pca_dim", "whiten_power", "kmeans_init", "carry_clusters", "crop_scale_min"} <= set(V1_KEYS)
     assert {"prototypes", "temperature", "crop_sizes", "blur_prob", "empty_clusters"} <= set(V2_KEYS)
     # read by both methods: not method-specific
     for key in ("kmeans_iters", "sampler", "hflip", "color_jitter", "batch_size", "lr", "precision"):
@@ -62,8 +63,7 @@ def test_a_v2_run_refuses_a_v1_setting_given_explicitly(key):
             resolve("v2-small", overrides={key: value})
         assert str(error.value).startswith(f"setting {key!r} is a v1 setting; this run is v2 (method v2)")
         assert "\n" not in str(error.value)
-    assert getattr(resolve("paper", overrides={key: NON_DEFAULT[key], "clustered": "fc", "kmeans_init": "previous"}
-                           if key == "head_reset" else {key: NON_DEFAULT[key]}), key) is not None
+    assert getattr(resolve("paper", overrides={key: NON_DEFAULT[key]}), key) is not None
 
 
 @pytest.mark.parametrize("key", V2_KEYS)
@@ -97,13 +97,13 @@ def test_recipes_set_only_their_own_methods_settings():
 
 
 def test_recipe_files_equal_the_recipes_they_replaced():
-    """The dicts of config.py and what they resolved to, recorded before the move."""
+    """The dicts of config.py and what they resolved to, recorded before the move (and read
+    as settings recorded then are read now: the retired ones converted)."""
     before = json.loads((FIXTURES / "recipes_before_files.json").read_text())
     assert list(RECIPES) == list(before) == list(recipe_files.NAMES)
     for name, recorded in before.items():
-        settings = {key: list(value) if isinstance(value, tuple) else value for key, value in RECIPES[name].items()}
-        assert settings == recorded["keys"], name
-        assert apply_overrides(Config(), RECIPES[name]).to_dict() == recorded["resolved"], name
+        resolved = apply_overrides(Config(), RECIPES[name]).to_dict()
+        assert resolved == apply_overrides(Config(), recorded["keys"]).to_dict() == convert(recorded["resolved"]), name
         assert RECIPE_ABOUT[name] == recorded["about"]
         assert RECIPE_PROVENANCE[name] and "\n" not in RECIPE_PROVENANCE[name]
 
@@ -170,8 +170,8 @@ def test_train_help_lists_the_settings_by_section_shortest_first(capsys):
 def test_a_config_yaml_written_before_the_sections_loads(name, method):
     settings = yaml.safe_load((FIXTURES / name).read_text())
     config = from_dict(settings)
-    # the data folder is stored resolved, as every run stores it now
-    expected = {**settings, "out_dir": "RUN_FOLDER", "data": str(Path(settings["data"]).resolve())}
+    # the data folder is stored resolved, as every run stores it now; retired settings converted
+    expected = {**convert(settings), "out_dir": "RUN_FOLDER", "data": str(Path(settings["data"]).resolve())}
     assert config.method == method and config.to_dict() == expected
 
 

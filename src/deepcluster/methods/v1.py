@@ -36,11 +36,10 @@ from deepcluster.data.transforms import color_jitter
 from deepcluster.features import Keep, Keeper, Kept, PassSettings, feature_pass, loader_kwargs
 from deepcluster.health import check_features
 from deepcluster.messages import plural
-from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM_HEAD_SAMPLE, STREAM_SAMPLER, Method,
+from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM_SAMPLER, Method,
                                  Plan, derived_seed)
 from deepcluster.models import Backbone, model_from_config
 from deepcluster.models.heads import ClassifierHead, WithHead
-from deepcluster.methods.head_init import centroids_head, head_sample, init_head_from_clusters, with_rows
 from deepcluster.methods.records import epoch_record, final_record
 from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress
@@ -69,8 +68,8 @@ def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Co
     one process); ``decoded`` and ``previous`` cover all ``N`` images. k-means runs sharded
     (sums and sizes all-reduced; every backend), PIC on the gathered points, and every
     process gets all ``N`` assignments. ``previous`` (last epoch's assignments) seeds
-    k-means when ``kmeans_init`` is ``previous``; without it (the first epoch) that init
-    falls back to random points. ``pca`` is only stored with the result (the projection
+    k-means when ``carry_clusters`` is set; without it (the first epoch) ``kmeans_init``
+    does. ``pca`` is only stored with the result (the projection
     that made ``points``)."""
     began = time.perf_counter()
     local = decoded[start:start + len(points)]
@@ -83,9 +82,9 @@ def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Co
                                                              None, 0)
     else:
         init = config.kmeans_init
-        if init == "previous":
-            init = ("random" if previous is None else labelling_centroids(
-                usable, previous[start:start + len(points)][local], config.n_clusters, seed, shard=True))
+        if config.carry_clusters and previous is not None:
+            init = labelling_centroids(usable, previous[start:start + len(points)][local], config.n_clusters, seed,
+                                       shard=True)
         with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
             result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed, backend=config.kmeans_backend,
                             init=init, device=device, on_iteration=lambda _: bar.update(), shard=True)
@@ -258,7 +257,7 @@ class V1Planner:
         """Features -> PCA-whitening -> L2 -> k-means (or PIC) of every image, seeded by ``epoch``.
 
         Args:
-            previous: last epoch's assignments (``kmeans_init: previous``).
+            previous: last epoch's assignments (``carry_clusters``).
             keep: raw features the pass keeps as well.
             skipped: path -> reason; images that did not decode are added.
 
@@ -300,15 +299,10 @@ class V1Planner:
         recluster = previous is None or epoch % config.reassign_every == 0
         reduced, assignments, times, n_split = None, previous, (0.0, 0.0, 0.0), 0
         if recluster:
-            head_rows = (head_sample(len(self.source), config.n_clusters,
-                                     derived_seed(config.seed, epoch, STREAM_HEAD_SAMPLE))
-                         if config.head_init == "centroids" else None)
-            reduced, self.partition = self.cluster_images(model, epoch, previous, with_rows(keep, head_rows), skipped)
+            reduced, self.partition = self.cluster_images(model, epoch, previous, keep, skipped)
             assignments = self.partition.assignments
-            if config.head_reset or head.n_outputs != self.partition.n_clusters:
+            if not config.carry_clusters or head.n_outputs != self.partition.n_clusters:
                 head.reset(self.partition.n_clusters, self.device)
-            if head_rows is not None:
-                centroids_head(head, reduced, assignments, head_rows, keep)
             times = (reduced.time_network, self.partition.time_pca, self.partition.time_kmeans)
             n_split = self.partition.n_split
         record = epoch_record(epoch, assignments, int(assignments.max()) + 1, previous if recluster else None, times,
@@ -318,7 +312,7 @@ class V1Planner:
     def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None,
                          keep: Keep | None = None) -> tuple[Partition, dict, Plan]:
         """The trained network's clustering after ``epochs`` epochs (the same chain, seeded
-        as an epoch ``epochs`` would be; with ``kmeans_init: previous`` started, as the epochs
+        as an epoch ``epochs`` would be; with ``carry_clusters`` started, as the epochs
         are, from the last epoch's clusters), its numbers for ``final.json`` and its plan (for
         the monitor).
 
@@ -326,7 +320,7 @@ class V1Planner:
             last: the last epoch's assignments (for ``nmi_last_epoch``), or None.
             keep: what the monitor asks the feature pass to keep.
         """
-        previous = last if self.config.kmeans_init == "previous" else None
+        previous = last if self.config.carry_clusters else None
         reduced, final = self.cluster_images(model, epochs, previous, keep)
         summary = final_record(epochs, final, last, reduced.time_network)
         return final, summary, monitored(Plan(final.assignments, summary), reduced)
@@ -434,5 +428,5 @@ METHOD = Method(name="v1", build=build, planner=V1Planner, loader=pseudo_label_l
 
 
 __all__ = ["METHOD", "Partition", "Plan", "ReducedFeatures", "TooFewDecoded", "V1Planner", "build", "size_problem",
-           "cluster_points", "clustering_device", "head_sample", "init_head_from_clusters", "pca_dim_for",
+           "cluster_points", "clustering_device", "pca_dim_for",
            "pseudo_label_loader", "reduce_features"]

@@ -26,8 +26,6 @@ class Architecture:
             (measured by a forward pass; tests/test_bad_settings.py checks it).
         about: one line for ``--help``.
         stems: the first layers it offers (``stem`` setting); empty = one fixed design.
-        scalable: takes a ``width`` (its conv channels times an integer) and a ``depth`` (each
-            conv layer repeated that many times).
     """
 
     module: str
@@ -35,21 +33,21 @@ class Architecture:
     min_crop: int
     about: str
     stems: tuple[str, ...] = ()
-    scalable: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "alexnet": Architecture("deepcluster.models.alexnet", "AlexNet", 63, "with BatchNorm, as the reference"),
     "vgg16": Architecture("deepcluster.models.vgg", "VGG16", 32, "with BatchNorm, as the reference"),
-    "smallnet": Architecture("deepcluster.models.small", "SmallNet", 16, "7 conv layers, for 32-96 px images",
-                             scalable=True),
+    "smallnet": Architecture("deepcluster.models.small", "SmallNet", 16, "7 conv layers, for 32-96 px images"),
     "resnet18": Architecture("deepcluster.models.resnet", "ResNet18", 1, "stem imagenet or cifar",
                              ("imagenet", "cifar")),
     "resnet50": Architecture("deepcluster.models.resnet", "ResNet50", 1, "stem imagenet or cifar",
                              ("imagenet", "cifar")),
 }
 STEMS = ("imagenet", "cifar")
-SCALINGS = ("width", "depth")  # the settings a ``scalable`` architecture takes
+# The retired shape settings: every network has its one shape, which exports and evaluation
+# reports still record (``Config.width`` and ``Config.depth`` are always 1).
+SCALINGS = ("width", "depth")
 FC_INITS = ("reference", "width")
 CLUSTERED = ("fc", "body")
 
@@ -66,14 +64,8 @@ def backbone_class(arch: str) -> type[Backbone]:
     return getattr(importlib.import_module(spec.module), spec.class_name)
 
 
-def scalable_archs() -> str:
-    """The architectures that take a ``width`` and a ``depth``, for messages."""
-    return ", ".join(name for name, spec in ARCHITECTURES.items() if spec.scalable)
-
-
 def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, fc_init: str = "reference",
-                 clustered: str = "fc", stem: str = "imagenet", width: int = 1,
-                 depth: int = 1) -> Backbone:
+                 clustered: str = "fc", stem: str = "imagenet") -> Backbone:
     """Build a backbone by its ``ARCHITECTURES`` name.
 
     Args:
@@ -89,8 +81,6 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
             (``Backbone.forward_clustered``).
         stem: a ResNet's first layers: ``imagenet`` (7x7/2 conv and max-pool) or ``cifar``
             (3x3/1 conv, no max-pool, for 32-96 px images); other architectures have one.
-        width: the small net's conv channels times this (other architectures: 1 only).
-        depth: the small net's conv layers each repeated this many times (others: 1 only).
 
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
@@ -105,11 +95,6 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
         kwargs["stem"] = stem
     elif stem != "imagenet":
         raise ValueError(f"stem {stem!r} applies to the ResNets only; {arch} has one fixed design")
-    for name, value in (("width", width), ("depth", depth)):
-        if value != 1:
-            if not ARCHITECTURES[arch].scalable:
-                raise ValueError(f"{name} {value} applies to {scalable_archs()} only; {arch} has a fixed {name}")
-            kwargs[name] = value
     model = cls(sobel=sobel, **kwargs)
     if fc_init == "width":
         model.scale_fc_init()
@@ -122,8 +107,7 @@ def create_model(arch: str, sobel: bool = True, feature_dim: int | None = None, 
 def model_from_config(config: Config) -> Backbone:
     """The backbone a run's settings describe (fresh weights, drawn from torch's generator)."""
     return create_model(config.arch, sobel=config.sobel, feature_dim=config.feature_dim, fc_init=config.fc_init,
-                        clustered=config.clustered, stem=config.stem, width=config.width,
-                        depth=config.depth)
+                        clustered=config.clustered, stem=config.stem)
 
 
 # Loaded on first use (PEP 562), so that importing the registry does not import torch.
@@ -142,4 +126,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "SCALINGS", "STEMS", "backbone_class",
-           "create_model", "model_from_config", "scalable_archs", *_LAZY]
+           "create_model", "model_from_config", *_LAZY]

@@ -206,9 +206,12 @@ def load_backbone_safetensors(path: str | Path, device: torch.device | str = "cp
     from deepcluster.models import create_model
 
     info = read_backbone_metadata(path)
+    if (info.width, info.depth) != (1, 1):
+        raise ExportError(f"{str(path)!r} holds a {info.arch} of width {info.width} and depth {info.depth}, shapes "
+                          "this version no longer builds (the width and depth settings were removed)")
     try:
         model = create_model(info.arch, sobel=info.sobel, feature_dim=info.feature_dim, stem=info.stem,
-                             width=info.width, depth=info.depth, clustered=info.clustered)
+                             clustered=info.clustered)
     except ValueError as error:
         raise ExportError(f"{str(path)!r}: {error}") from None
     try:

@@ -21,16 +21,13 @@ class SmallNet(Backbone):
     Args:
         sobel: put the fixed grayscale + Sobel filter in front.
         feature_dim: width of the two fully connected layers.
-        width: multiplies every conv layer's channels (1: 32 ... 256; 2: 64 ... 512).
-        depth: repeats every conv layer (1: 7 convolutions; 2: 14, each stage twice as deep).
     """
 
     arch = "smallnet"
 
-    def __init__(self, sobel: bool = True, feature_dim: int = 512, width: int = 1, depth: int = 1) -> None:
+    def __init__(self, sobel: bool = True, feature_dim: int = 512) -> None:
         super().__init__(sobel)
-        layers = [item for spec in SMALL_LAYERS for item in (["M"] if spec == "M" else [spec * width] * depth)]
-        self.features, channels = vgg_body(layers, self.in_channels)
+        self.features, channels = vgg_body(SMALL_LAYERS, self.in_channels)
         self.pool = nn.AdaptiveAvgPool2d((2, 2))
         self.feature_dim = feature_dim
         self.classifier = fc_classifier(channels * 2 * 2, feature_dim)
