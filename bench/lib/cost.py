@@ -153,22 +153,22 @@ def cost(args) -> int:
             print("cost: measuring the limits ...", flush=True)
             result["summary"]["limits"] = limits(Path(args.data).resolve() if args.data else None,
                                                  args.threads or os.cpu_count() or 1)
-    for side in sides:
-        got = rounds[side["label"]]
-        records = [r for one in got for r in one["records"]]
-        result["runs"].append(schema.new_run(
-            side["label"], side["tree_name"], recipe=side["recipe"], settings=side["settings"],
-            processes=side["processes"], threads=side["threads"], records=got[0]["records"],
-            rounds=[{"wall_s": g["wall_s"], "records": g["records"], "memory": g["memory"]} for g in got],
-            wall_s=float(np.mean([g["wall_s"] for g in got])), mean=mean_stages(got[0]["records"]) if len(got) == 1
-            else _mean_rounds(got), images=n_images,
-            memory={"peak_pss_gib": max(g["memory"]["peak_pss_gib"] for g in got),
-                    "per_process": got[-1]["memory"]["per_process"]}))
-        result["runs"][-1]["labels_rounds"] = got
+    result["runs"] = [run_of(side, rounds[side["label"]], n_images) for side in sides]
     finish(result, against is not None or bool(args.also))
     print(result["table"])
     print(f"wrote {schema.write(result)}")
     return 0
+
+
+def run_of(side: dict, got: list[dict], n_images: int) -> dict:
+    """A side's run of the result: its first round's records, every round, the means."""
+    return schema.new_run(
+        side["label"], side["tree_name"], recipe=side["recipe"], settings=side["settings"],
+        processes=side["processes"], threads=side["threads"], records=got[0]["records"],
+        rounds=[{"wall_s": g["wall_s"], "records": g["records"], "memory": g["memory"]} for g in got],
+        wall_s=float(np.mean([g["wall_s"] for g in got])), mean=_mean_rounds(got), images=n_images,
+        memory={"peak_pss_gib": max(g["memory"]["peak_pss_gib"] for g in got),
+                "per_process": got[-1]["memory"]["per_process"]}, labels_rounds=got)
 
 
 def _mean_rounds(got: list[dict]) -> dict:

@@ -111,7 +111,7 @@ def plot_bars(result: dict, path: Path) -> None:
     rows = [(run["label"], run.get("mean") or {}) if key == "stages" else
             (run["label"], {k: v.get("peak_rss_gib") or 0.0 for k, v in (run["memory"].get("stages") or {}).items()})
             for run in result["runs"]]
-    names = sorted({name for _, values in rows for name in values if name != "epoch"})
+    names = list(dict.fromkeys(name for _, values in rows for name in values if name != "epoch"))  # in order
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * max(1, len(names)) / 2), 4.5))
     width = 0.8 / max(1, len(rows))
     for index, (label, values) in enumerate(rows):
