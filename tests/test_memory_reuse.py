@@ -1,6 +1,6 @@
 """``keep_freed_memory``: glibc keeps the blocks a batch frees for the next batch instead of
 returning them to the kernel. Its effect on page faults is measured by
-``bench/memory_reuse.py`` (a measurement, not a test: the machine adds noise)."""
+``bench/run.py memory --page-faults`` (a measurement, not a test: the machine adds noise)."""
 
 import ctypes.util
 import platform

@@ -30,7 +30,7 @@ TINY = ["--recipe", "small", "--epochs", str(EPOCHS), "--n_clusters", "4", "--fe
         # Pinned as the recipe was when the equality tests were written: with flips off
         # (the `small` recipe since 2026-11-30) this tiny run's rounding already grows past
         # their tolerance in the first epoch, for one process with 2 threads as much as for
-        # two processes (bench/torchrun_drift.py --epochs 1: 6.6e-4 on features.8.weight both).
+        # two processes (bench/run.py drift --tiny --epochs 1: 6.6e-4 on features.8.weight both).
         "--hflip", "true"]
 # Runs the command line with every Dropout replaced by an identity: dropout masks come from
 # each process's own generator, so with dropout no split of the batch can equal one process.
@@ -133,7 +133,7 @@ def test_sync_batchnorm_two_processes_equal_one_process_with_the_same_global_bat
     by this tiny net, not a wrong split: the same single-process run with 2 threads instead of
     1 drifts from itself as far after two epochs (BatchNorm bias 6.0e-2 vs 5.6e-2 relative
     for 1 vs 2 processes; epoch-2 loss 1.45340 and 1.45129 against 1.45246; measured
-    2026-11-29 by bench/torchrun_drift.py). One epoch, where rounding has not grown yet, is what
+    2026-11-29 by bench/run.py drift --tiny). One epoch, where rounding has not grown yet, is what
     equality can vouch for.
     """
     script = tmp_path / "no_dropout.py"

@@ -152,9 +152,8 @@ class Config:
     warmup_start_lr: float = setting(0.0, "learning rate of the first step (SwAV ImageNet: 0.3)", section="optim")
     final_lr: float | None = setting(None, "learning rate the cosine ends at (SwAV: 0.0048, solo-learn CIFAR: "
                                            "0.0006); none = lr all along (no schedule)", section="optim")
-    precision: str = setting("fp32", "fp32 (the paper) | bf16 autocast: 1.9x faster on one CPU with bf16 units "
-                                     "(Zen 5), 1.2x slower on another (a Xeon without AMX); measure yours with "
-                                     "bench/epoch_cost.py", section="run")
+    precision: str = setting("fp32", "fp32 (the paper) | bf16 autocast: faster on CPUs with bf16 units, slower "
+                                     "on some without; measure yours with bench/run.py cost", section="run")
     channels_last: bool = setting(True, "memory layout only (same numbers); 2x faster convolutions on CPU",
                                   section="run")
     prototypes: tuple[int, ...] = setting((3000, 3000, 3000), "v2: prototypes of each head, comma-separated (the "

@@ -1,0 +1,73 @@
+"""``bench/run.py`` writes its one result schema, and ``bench/plot.py`` reads it and the result
+files of the older scripts that the documentation cites."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+from lib import result as schema  # noqa: E402
+
+RUN_KEYS = {"label", "tree", "recipe", "settings", "processes", "records", "final", "wall_s", "memory"}
+TOP_KEYS = {"schema", "kind", "name", "command", "created", "tree", "machine", "settings", "baselines", "runs",
+            "summary", "table"}
+
+
+def test_bench_holds_at_most_eight_scripts():
+    assert len(list(BENCH.glob("*.py"))) <= 8
+
+
+@pytest.mark.parametrize("name", ["learning_v2_small_28ep.json", "sweep_mnist10.json", "epoch_cost_cifar10_10k.json",
+                                  "vs_reference_imagenette1500.json"])
+def test_older_result_files_read_into_the_schema(name):
+    result = schema.load(BENCH / "results" / name)
+    assert TOP_KEYS <= set(result) and result["schema"] == schema.SCHEMA and result["runs"]
+    assert all(RUN_KEYS <= set(run) for run in result["runs"])
+
+
+def test_plot_draws_older_learning_files_together(tmp_path):
+    out = tmp_path / "compare.png"
+    done = subprocess.run([sys.executable, str(BENCH / "plot.py"), "v1_small_1core", "v2_smallnet_1core", "--out",
+                           str(out), "--epoch-minutes", "v2_smallnet_1core=9.6,7.2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 0
+
+
+def test_a_variant_needs_a_label():
+    from lib.learning import parse_variant
+
+    assert parse_variant("k300: n_clusters=300 pca_dim=64") == ("k300", ["n_clusters=300", "pca_dim=64"])
+    with pytest.raises(ValueError):
+        parse_variant(": n_clusters=300")
+
+
+@pytest.mark.slow
+def test_learning_one_epoch_on_the_digits_writes_the_schema(tmp_path):
+    results = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "learning", "--epochs", "1", "--name", "toy",
+                           "--out", str(tmp_path / "run"), "--results", str(results), "--raw-baseline"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((results / "learning_toy.json").read_text())
+    assert TOP_KEYS <= set(result)
+    assert result["schema"] == schema.SCHEMA and result["kind"] == "learning" and result["name"] == "toy"
+    assert {"cpu", "cpu_flags", "torch", "threads"} <= set(result["machine"])
+    assert result["settings"]["recipe"] == "digits" and result["settings"]["budget"]["epochs"] == 1
+    assert {"cluster_acc", "cluster_nmi"} <= set(result["baselines"]["raw_pixels"])
+    (run,) = result["runs"]
+    assert RUN_KEYS <= set(run) and len(run["records"]) == 1
+    record = run["records"][0]
+    assert record["epoch"] == 1 and 0.0 <= record["cluster_acc"] <= 1.0
+    assert record["time_budget"] == pytest.approx(record["time_features"] + record["time_clustering"]
+                                                  + record["time_training"])
+    assert run["final"] is not None and "cluster_acc" in run["final"]
+    assert result["summary"]["variants"][0]["epochs"] == 1
+    assert (results / "learning_toy.png").stat().st_size > 0
