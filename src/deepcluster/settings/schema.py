@@ -154,7 +154,7 @@ class Config:
                                            "0.0006); none = lr all along (no schedule)", section="optim")
     precision: str = setting("fp32", "fp32 (the paper) | bf16 autocast: faster on CPUs with bf16 units, slower "
                                      "on some without; measure yours with bench/run.py cost", section="run")
-    channels_last: bool = setting(True, "memory layout only (same numbers); 2x faster convolutions on CPU",
+    channels_last: bool = setting(True, "memory layout only (same numbers); faster convolutions on most CPUs",
                                   section="run")
     prototypes: tuple[int, ...] = setting((3000, 3000, 3000), "v2: prototypes of each head, comma-separated (the "
                                                               "reference: 3000,3000,3000); each at most the images",
