@@ -44,7 +44,7 @@ from deepcluster.methods.head_init import centroids_head, head_sample, init_head
 from deepcluster.methods.records import epoch_record, final_record
 from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress
-from deepcluster.runfolder import SKIPPED_NAME
+from deepcluster.run_files import SKIPPED_NAME
 
 if TYPE_CHECKING:
     from deepcluster.config import Config

@@ -45,7 +45,7 @@ from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHea
 from deepcluster.optim import LARS
 from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress, track
-from deepcluster.runfolder import SKIPPED_NAME
+from deepcluster.run_files import SKIPPED_NAME
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
