@@ -33,8 +33,8 @@ scores, and the run folder's file writing below ``RunFolder.commit_epoch``.
 
 A function counts its lines from its ``def`` line to its last line (decorators left out;
 docstrings and comments in). ``name#loop`` counts only the first ``for epoch``
-statement in the function's body (inside a ``try`` or ``with`` too) (the epoch loop of a ``fit`` that also sets the run up
-and makes the final clustering). The layout used is the first whose names all resolve
+statement in the function's body, inside a ``try`` or ``with`` too (the epoch loop of a
+``fit`` that also sets the run up and makes the final clustering). The layout used is the first whose names all resolve
 (else the one with the fewest missing, which are listed). Both the total and the total
 without docstrings are printed.
 """

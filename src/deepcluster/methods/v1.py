@@ -159,18 +159,12 @@ def streaming_pca(model: Backbone, config: Config, n_images: int, n_local: int, 
 def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
                     seed: int, epoch: int = 0, keep: Keep | None = None,
                     before_batch: Callable[[], object] | None = None) -> ReducedFeatures:
-    """The feature pass streamed into PCA-whitening and L2 normalisation.
-
-    Only ``(N, pca_dim)`` is kept for k-means. With ``pca_sample_size`` unset the PCA is
-    fitted on every image's features, as the reference does (holding ``N x D`` until the
-    fit); with it set, the images are visited in a seeded random order, the PCA is fitted on
-    the first ``pca_sample_size`` of them and every later batch is projected on arrival,
-    so memory stays bounded (ImageNet: 1.6 GB of sample instead of 21 GB).
-
-    Args:
-        keep: raw features (and pooled body) to keep as well, e.g. the online kNN's memory.
-        before_batch: called before the network sees each batch (``faults.instrument``
-            injects its ``features`` point here).
+    """THE feature pass (``features.feature_pass``) streamed into PCA-whitening and L2
+    normalisation: only ``(N, pca_dim)`` is kept for k-means, besides what ``keep`` asks for
+    (the online kNN's raw features). The PCA is fitted on every image's features, as the
+    reference does, or with ``pca_sample_size`` on that many seeded draws, every later batch
+    projected on arrival (ImageNet: 1.6 GB of sample instead of 21 GB).
+    ``before_batch``: called before each batch (``faults.instrument``'s ``features`` point).
 
     Raises:
         TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
@@ -239,6 +233,7 @@ class V1Planner:
         self.reduce: Callable[..., ReducedFeatures] = reduce_features
         self.cluster: Callable[..., Partition] = cluster_points
         self.partition: Partition | None = None
+        self.clustering_device = clustering_device(config, device)
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """What the checkpoint keeps of the clustering in effect: its centroids and PCA (what
@@ -255,12 +250,8 @@ class V1Planner:
     def cluster_images(self, model: Backbone, epoch: int, previous: np.ndarray | None = None,
                        keep: Keep | None = None, skipped: dict[str, str] | None = None
                        ) -> tuple[ReducedFeatures, Partition]:
-        """Features -> PCA-whitening -> L2 -> k-means (or PIC) of every image, seeded by ``epoch``.
-
-        Args:
-            previous: last epoch's assignments (``kmeans_init: previous``).
-            keep: raw features the pass keeps as well.
-            skipped: path -> reason; images that did not decode are added.
+        """Features -> PCA-whitening -> L2 -> k-means (or PIC) of every image, seeded by
+        ``epoch``; the images that did not decode are added to ``skipped``.
 
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
@@ -278,20 +269,16 @@ class V1Planner:
                                 f"{str(config.run_dir / SKIPPED_NAME)!r}")
         partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
                                  derived_seed(config.seed, epoch, STREAM_CLUSTERING),
-                                 clustering_device(config, self.device), previous, start=reduced.start)
+                                 self.clustering_device, previous, start=reduced.start)
         partition.time_pca = reduced.time_pca
         return reduced, partition
 
     def plan(self, model: Backbone, head: ClassifierHead, epoch: int, previous: np.ndarray | None,
              skipped: dict[str, str], keep: Keep | None = None) -> Plan:
         """Epoch ``epoch``'s (0-based) plan: a fresh clustering (every ``reassign_every``
-        epochs, and always when there is no ``previous``), a head reset to its clusters,
-        and the numbers of both.
-
-        Args:
-            previous: the last epoch's assignments, or None.
-            skipped: path -> reason of the files left out; this epoch's undecodable ones are added.
-            keep: what the monitor asks the feature pass to keep.
+        epochs, and always when there is no ``previous``: the last epoch's assignments), a
+        head reset to its clusters, and the numbers of both; ``keep``: what the monitor asks
+        the feature pass to keep.
 
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
@@ -373,12 +360,12 @@ class OneCrop(nn.Module):
         return None, [self.network(crops[0])]
 
 
-def pseudo_label_loader(source: ImageSource, plan: Plan | np.ndarray, config: Config, epoch: int,
+def pseudo_label_loader(source: ImageSource, plan: Plan, config: Config, epoch: int,
                         device: torch.device) -> DataLoader:
     """An epoch of ``(image, pseudo-label, image index)`` batches: with the ``uniform``
     sampler each non-empty cluster gets the same share of the epoch (the paper's defence
     against trivial solutions); random-resized-crop and flip views."""
-    assignments = plan.assignments if isinstance(plan, Plan) else plan
+    assignments = plan.assignments
     usable = int((assignments >= 0).sum())
     rng = np.random.default_rng(derived_seed(config.seed, epoch, STREAM_SAMPLER))
     if config.sampler == "uniform":

@@ -196,13 +196,13 @@ def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int
     return BankClustering(targets, centroids, objective, n_empty, n_split, time.perf_counter() - start)
 
 
-def multi_crop_loader(source: ImageSource, plan: Plan | np.ndarray, config: Config, epoch: int,
+def multi_crop_loader(source: ImageSource, plan: Plan, config: Config, epoch: int,
                       device: torch.device) -> DataLoader:
     """An epoch of ``([crop batch, ...], (B, n_heads) targets, image index)`` batches: a plain
     shuffle of the images with targets (``sampler: shuffle``, the reference) or draws uniform
     over head 0's clusters; the last incomplete batch is dropped, as the reference does (a
     batch of one cannot pass the projection's BatchNorm)."""
-    targets = plan.targets if isinstance(plan, Plan) else plan
+    targets = plan.targets
     usable = targets[0] >= 0
     rng = np.random.default_rng(derived_seed(config.seed, epoch, STREAM_SAMPLER))
     if config.sampler == "uniform":
