@@ -60,8 +60,9 @@ EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
     "reshaped (one run_epoch)": {
         "v1": [
             "train:run_epoch", "train:train_one_epoch", "train:epoch_record",
+            "startup:note_unreadable", "startup:epoch_lines",
             "methods.v1:V1Planner.plan", "methods.v1:V1Planner.cluster_images", "methods.v1:reduce_features",
-            "methods.v1:cluster_points", "methods.v1:V1Planner.checkpoint_entries",
+            "methods.v1:pca_stream", "methods.v1:cluster_points", "methods.v1:monitored", "methods.v1:V1Planner.checkpoint_entries",
             "methods.v1:pseudo_label_loader", "methods.v1:OneCrop.__init__", "methods.v1:OneCrop.forward",
             "methods.v1:head_group",
             "methods.records:epoch_record", "losses:per_head_losses",
@@ -70,10 +71,12 @@ EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
         ],
         "v2": [
             "train:run_epoch", "train:train_one_epoch", "train:epoch_record",
+            "startup:note_unreadable", "startup:epoch_lines",
             "methods.v2:V2Planner.plan", "methods.v2:fill_bank", "methods.v2:cluster_bank",
-            "methods.v2:cluster_and_gather", "methods.v2:V2Planner.checkpoint_entries",
-            "methods.v2:multi_crop_loader", "methods.v2:multi_crop",
-            "memory_bank:MemoryBank.write_batch", "memory_bank:MemoryBank.write", "memory_bank:MemoryBank.synchronise",
+            "methods.v2:cluster_and_gather", "methods.v2:head_seed", "methods.v2:V2Planner.clustering_device",
+            "methods.v2:V2Planner.checkpoint_entries", "methods.v2:multi_crop_loader", "methods.v2:multi_crop",
+            "memory_bank:MemoryBank.write_batch", "memory_bank:MemoryBank.write", "memory_bank:MemoryBank._store",
+            "memory_bank:MemoryBank.synchronise",
             "methods.records:epoch_record", "losses:per_head_losses",
             "monitor:Monitor.request", "monitor:Monitor.due", "monitor:Monitor.__call__",
             "runfolder:RunFolder.commit_epoch", "runfolder:checkpoint_state",

@@ -129,30 +129,24 @@ class ReducedFeatures:
     kept: Kept | None = None
 
 
-def visiting_order(n_images: int, config: Config, seed: int) -> tuple[np.ndarray, int, int, bool]:
-    """The images this process visits, in order, its block ``start .. stop - 1`` and whether
-    the PCA is fitted on a sample (``pca_sample_size``: then in a seeded random order)."""
+def pca_stream(model: Backbone, config: Config, n_images: int, seed: int) -> tuple[np.ndarray, int, StreamingPCA]:
+    """The images this process visits, in order, the first image of its block, and the
+    PCA-whitening the feature pass streams into. Each process visits a contiguous block of
+    the images and keeps its rows (k-means' sharded mode clusters them there); with
+    ``pca_sample_size`` in a seeded random order, the PCA fitted on the first that many."""
     bounded = config.pca_sample_size is not None and config.pca_sample_size < n_images
-    # Each process visits a contiguous block of the images (in the seeded order when the
-    # PCA is fitted on a sample) and keeps its rows: k-means' sharded mode clusters them there.
     start, stop = distributed.block(n_images)
+    indices = np.arange(start, stop)
     if bounded:
         order = np.random.default_rng(seed).permutation(n_images)
-        return order[(order >= start) & (order < stop)], start, stop, True
-    return np.arange(start, stop), start, stop, False
-
-
-def streaming_pca(model: Backbone, config: Config, n_images: int, n_local: int, n_visited: int,
-                  bounded: bool) -> StreamingPCA:
-    """The PCA-whitening the feature pass streams into (fitted over the processes when
-    there are several)."""
-    share = -(-config.pca_sample_size // distributed.world_size()) if bounded else n_visited
-    n_components = pca_dim_for(config.pca_dim, n_images)
-    sharded = distributed.is_distributed()
-    return StreamingPCA(n_local, n_components, config.whiten_power, sample_size=max(share, 2),
-                        gather_sample=distributed.all_gather_rows if sharded and bounded else None,
-                        fit=(lambda local: fit_pca_sharded(local, model.clustered_dim, n_components,
-                                                           config.whiten_power)) if sharded and not bounded else None)
+        indices = order[(order >= start) & (order < stop)]
+    share = -(-config.pca_sample_size // distributed.world_size()) if bounded else len(indices)
+    n_components, sharded = pca_dim_for(config.pca_dim, n_images), distributed.is_distributed()
+    return indices, start, StreamingPCA(
+        stop - start, n_components, config.whiten_power, sample_size=max(share, 2),
+        gather_sample=distributed.all_gather_rows if sharded and bounded else None,
+        fit=(lambda local: fit_pca_sharded(local, model.clustered_dim, n_components, config.whiten_power))
+        if sharded and not bounded else None)
 
 
 @torch.no_grad()
@@ -170,8 +164,7 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
     """
     model.eval()
-    indices, start, stop, bounded = visiting_order(len(source), config, seed)
-    reducer = streaming_pca(model, config, len(source), stop - start, len(indices), bounded)
+    indices, start, reducer = pca_stream(model, config, len(source), seed)
     local_decoded = np.zeros(len(indices), dtype=bool)
     keeper = None if keep is None else Keeper(keep, indices, model.clustered_dim, model.body_dim)
     body = keep is not None and keep.body
@@ -200,15 +193,13 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
-        return ReducedFeatures(np.zeros((stop - start, 0), dtype=np.float32), mask, None,
+        return ReducedFeatures(np.zeros((reducer.n_rows, 0), dtype=np.float32), mask, None,
                                time.perf_counter() - began, time_pca, start, kept)
     tick = time.perf_counter()
     with Progress(None, "PCA-whitening"):
         reduced, pca = reducer.finish()
     time_pca += time.perf_counter() - tick
     return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, start, kept)
-
-
 
 
 class V1Planner:
@@ -250,8 +241,12 @@ class V1Planner:
     def cluster_images(self, model: Backbone, epoch: int, previous: np.ndarray | None = None,
                        keep: Keep | None = None, skipped: dict[str, str] | None = None
                        ) -> tuple[ReducedFeatures, Partition]:
-        """Features -> PCA-whitening -> L2 -> k-means (or PIC) of every image, seeded by
-        ``epoch``; the images that did not decode are added to ``skipped``.
+        """Features -> PCA-whitening -> L2 -> k-means (or PIC) of every image, seeded by ``epoch``.
+
+        Args:
+            previous: last epoch's assignments (``kmeans_init: previous``).
+            keep: raw features the pass keeps as well.
+            skipped: path -> reason; images that did not decode are added.
 
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
