@@ -1,7 +1,8 @@
 """The DeepCluster loop: plan -> monitor -> pseudo-labelled data -> training -> commit.
 
 One loop for every method; what differs is the method's entry in ``methods.registry.METHODS``.
-Each epoch of v1 (``methods.v1``), as the paper has it:
+:func:`run_epoch` is one epoch, top to bottom. Each epoch of v1 (``methods.v1``), as the paper
+has it:
 
 1. **Plan** (``V1Planner.plan``): the body, in eval mode, maps the centre view of every
    image to its features; PCA-whitening, L2 normalisation and k-means with a fresh seed give
@@ -23,7 +24,7 @@ the training pass scores the embeddings against H heads at temperature T, steps 
 warm-up + cosine schedule and writes the next memory bank.
 
 The loop does no file I/O and injects no faults: the run folder and ``faults.instrument``
-(wrapped around the planner and the loss by ``startup``) do, around it.
+(wrapped around the planner and the loss by ``startup.set_up``) do, around it.
 """
 
 from __future__ import annotations
