@@ -240,7 +240,6 @@ class V2Planner:
         config: the run's settings.
         device: where the network runs.
         source: the training images.
-        unused: not read (the online kNN, once held here, runs in the loop after the plan).
         head: the run's ``PrototypeHead`` (its projection makes the final clustering's embeddings).
 
     Attributes:
@@ -249,8 +248,7 @@ class V2Planner:
         bank: the memory bank (None until filled or restored).
     """
 
-    def __init__(self, config: Config, device: torch.device, source: ImageSource, unused: None = None,
-                 head: PrototypeHead | None = None) -> None:
+    def __init__(self, config: Config, device: torch.device, source: ImageSource, head: PrototypeHead) -> None:
         self.config, self.device, self.source, self.head = config, device, source, head
         self.reduce: Callable[..., MemoryBank] = fill_bank
         self.cluster: Callable[..., BankClustering] = cluster_bank
@@ -351,9 +349,7 @@ def clusters_text(config: Config) -> str:
     return f"v2 with prototypes {','.join(map(str, config.prototypes))}"
 
 
-METHOD = Method(name="v2", build=build, planner=lambda config, device, source, head: V2Planner(config, device, source,
-                                                                                               head=head),
-                loader=multi_crop_loader,
+METHOD = Method(name="v2", build=build, planner=V2Planner, loader=multi_crop_loader,
                 network=lambda model, head: MultiCropModel(model, head.projection, head.prototypes), temperature=lambda config: config.temperature,
                 head_group=lambda head, config: None, size_problem=size_problem,
                 global_batch=lambda config, processes: config.batch_size,  # v2's batch_size is already global
