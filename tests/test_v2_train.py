@@ -51,7 +51,7 @@ def test_after_planning_the_prototypes_are_the_centroids_and_give_the_targets(im
     config = resolve("v2-cifar", overrides={**overrides, "data": str(image_folder), "out_dir": "unused"})
     source = FolderSource(str(image_folder))
     model, head, _ = v2.build(config, torch.device("cpu"))
-    planner = v2.V2Planner(config, torch.device("cpu"), source, None, head)
+    planner = v2.V2Planner(config, torch.device("cpu"), source, head)
     made = []
     planner.cluster = lambda *args, **kwargs: made.append(v2.cluster_bank(*args, **kwargs)) or made[-1]
     skipped: dict[str, str] = {}

@@ -8,20 +8,9 @@ Files of a run (``RUN = config.out_dir``)::
     RUN/checkpoint.pt              the state after the last completed epoch
     RUN/log.jsonl                  one JSON record per completed epoch
     RUN/images.json                the run's images, in the order of the assignments
-    RUN/.lock                      held (``flock``) by the run writing the folder
+    RUN/.lock                      held (``lockf``) by the run writing the folder
 
-A run fixes its images when it starts: ``images.json`` lists them (relative to the data
-folder, in the order the assignments use) and a resumed run, ``report`` and the final
-clustering read that list instead of scanning the folder again. Files added to the folder
-later are not used; files that went missing are skipped when they fail to load. The row of
-an image in every assignments file therefore always means the same image.
-
-Only one run may write a folder at a time: ``lock`` takes an exclusive POSIX record lock
-(``lockf``) on ``RUN/.lock`` for the whole run, so a second ``train`` (or ``--resume``) on
-the same folder stops at once with a clear error instead of mixing its epochs into the first
-one's. The lock belongs to the process alone (forked loader workers do not inherit it) and
-the operating system releases it when the process ends, however it ends, so a killed run
-never leaves a stale lock behind.
+The image list (``images.json``) and the other names: ``run_files``; the lock: ``run_lock``.
 
 The checkpoint is the single source of truth. At the end of an epoch the files are
 written in the order assignments, skipped list, checkpoint, log line; each file except the
@@ -36,7 +25,6 @@ duplicate and no torn line.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import os
@@ -53,12 +41,15 @@ import yaml
 from deepcluster import distributed
 from deepcluster.checkpoint import (CheckpointError, atomic_write_bytes, check_resumable, load_checkpoint, load_head,
                                     load_weights, remove_temp_files, save_checkpoint)
-from deepcluster.config import Config, ConfigError, check_unchanged, from_dict, load_yaml
-from deepcluster.data import FolderSource, ImageSource, load_digits_source, walk_relative
-from deepcluster.data.sources import DataError
+from deepcluster.config import Config, ConfigError, check_unchanged, from_dict
+from deepcluster.data import FolderSource, ImageSource
 from deepcluster.faults import fault_point
-from deepcluster.messages import shown_path
 from deepcluster.models.heads import ClassifierHead
+from deepcluster.run_files import (ASSIGNMENTS_DIR, CHECKPOINT_NAME, CONFIG_NAME, FINAL_ASSIGNMENTS, FINAL_SUMMARY,
+                                   IMAGES_NAME, LOG_NAME, SKIPPED_HEADER, SKIPPED_NAME, folder_changes, json_record,
+                                   log_text, open_source, read_images, read_log, records_from_log, saved_settings,
+                                   skipped_text, started_run, write_images)
+from deepcluster.run_lock import LOCK_NAME, RunFolderError, check_out_folder, lock, write_failure
 from deepcluster.scalars import ScalarLog
 
 if TYPE_CHECKING:
@@ -67,234 +58,7 @@ if TYPE_CHECKING:
     from deepcluster.methods.v1 import Partition
     from deepcluster.models import Backbone
 
-CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "log.jsonl"
-SKIPPED_NAME = "skipped.tsv"
-SKIPPED_HEADER = "path\treason\n"  # the first line of skipped.tsv
-CONFIG_NAME = "config.yaml"
-ASSIGNMENTS_DIR = "assignments"
-LOCK_NAME = ".lock"
-IMAGES_NAME = "images.json"
 _ASSIGNMENTS_FILE = re.compile(r"epoch_(\d+)\.npy")
-
-
-class RunFolderError(RuntimeError):
-    """A file of the run folder cannot be written (full disk, read-only folder, no
-    permission); the message names the file and the operating system's reason."""
-
-
-def _os_reason(error: OSError) -> str:
-    name = errno.errorcode.get(error.errno or 0)
-    text = error.strerror or str(error) or type(error).__name__
-    return f"{text} ({name})" if name else text
-
-
-def write_failure(what: str, path: Path, error: OSError, kept: str = "") -> RunFolderError:
-    """The error to raise when writing ``path`` failed with ``error``."""
-    return RunFolderError(f"cannot write {what} {str(path)!r}: {_os_reason(error)}" + (f"; {kept}" if kept else ""))
-
-
-def check_out_folder(path: Path) -> None:
-    """Raise ``ConfigError`` when ``path`` (an ``--out`` folder) is a file or lies inside one."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            if not candidate.is_dir():
-                where = "is a file" if candidate == path else f"lies inside {str(candidate)!r}, which is a file"
-                raise ConfigError(f"--out {str(path)!r} {where}; give a folder")
-            return
-
-
-@contextmanager
-def lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run folder's exclusive lock inside the block (creating the folder).
-
-    The lock is a POSIX record lock (``lockf``), which belongs to this process alone: a
-    forked child (a DataLoader worker) does not inherit it, so the moment this process dies,
-    however it dies, the folder is free again (an ``flock`` would live on in the workers
-    until they notice). The descriptor is closed on ``exec``.
-
-    Raises:
-        ConfigError: another process holds the lock (names its process id), or the folder
-            is a file.
-        RunFolderError: the folder or its lock file cannot be created or written (full disk);
-            nothing is left behind.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: no locking
-        yield
-        return
-    check_out_folder(run_dir)
-    path = run_dir / LOCK_NAME
-    created = not run_dir.exists()
-    existed = path.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as error:
-        _remove_new(run_dir, created, existed)
-        raise write_failure("the run file", path, error) from None
-    try:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Earlier versions held an ``flock`` instead: a run of one of those is refused too
-            # (tried and released at once: an ``flock`` would be inherited by loader workers).
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-        except OSError as error:
-            if error.errno not in (errno.EACCES, errno.EAGAIN):
-                raise write_failure("the run file", path, error) from None
-            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ConfigError(f"run folder {str(run_dir)!r} is being written by another deepcluster run "
-                              f"(process {holder}); wait for it to end or choose another --out") from None
-        try:
-            holder = f"{os.getpid()}\n".encode()
-            os.pwrite(handle, holder, 0)
-            os.ftruncate(handle, len(holder))
-        except OSError as error:  # a full disk, before anything else was written
-            _remove_new(run_dir, created, existed)
-            raise write_failure("the run file", path, error) from None
-        try:
-            yield
-        finally:
-            if created and [entry.name for entry in run_dir.iterdir()] == [LOCK_NAME]:
-                # Stopped before writing anything (bad settings): leave no folder behind.
-                _remove_new(run_dir, created, existed)
-    finally:
-        os.close(handle)  # releases the lock
-
-
-def _remove_new(run_dir: Path, created: bool, existed: bool) -> None:
-    """Remove the lock file and the folder that ``lock`` created (best effort)."""
-    with contextlib.suppress(OSError):
-        if not existed:
-            (run_dir / LOCK_NAME).unlink(missing_ok=True)
-        if created:
-            run_dir.rmdir()
-
-
-def write_images(run_dir: Path, root: str, files: list[str]) -> None:
-    """Store the run's image list (``files`` relative to ``root``), atomically.
-
-    Raises:
-        RunFolderError: the file cannot be written.
-    """
-    path = run_dir / IMAGES_NAME
-    payload = json.dumps({"format": 1, "root": root, "n_images": len(files), "files": files})
-    try:
-        atomic_write_bytes(path, payload.encode())
-    except OSError as error:
-        raise write_failure("the run file", path, error) from None
-
-
-def read_images(run_dir: Path) -> list[str] | None:
-    """The image list a run stored, or ``None`` when the run has none (written by an older
-    version, or the built-in digits).
-
-    Raises:
-        DataError: the file exists but is damaged.
-    """
-    path = run_dir / IMAGES_NAME
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_bytes())
-        files = stored["files"]
-        if not isinstance(files, list) or not all(isinstance(name, str) for name in files) \
-                or stored.get("n_images") != len(files):
-            raise ValueError("not a list of file names of the stated length")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataError(f"cannot read the run's image list {str(path)!r} ({error}); it is written when a run "
-                             "starts: delete it to fall back to scanning the data folder") from None
-    return files
-
-
-def started_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds the files a run writes before its first checkpoint."""
-    return (run_dir / CONFIG_NAME).is_file() or (run_dir / LOG_NAME).is_file()
-
-
-def saved_settings(run_dir: Path) -> dict[str, Any] | None:
-    """The settings a run saved when it started (``config.yaml``; the checkpoint's when that
-    file is gone), for ``--resume``; ``None`` when a run made the folder (empty, or with its
-    ``.lock`` only) but was stopped before it saved anything: nothing to lose, it starts afresh.
-
-    Raises:
-        CheckpointError: no run ever started in ``run_dir``, or its checkpoint is unreadable.
-        ConfigError: ``config.yaml`` is not a readable mapping of settings.
-    """
-    if (run_dir / CONFIG_NAME).is_file():
-        return load_yaml(run_dir / CONFIG_NAME)
-    if (run_dir / CHECKPOINT_NAME).is_file():
-        saved = load_checkpoint(run_dir / CHECKPOINT_NAME).get("config")
-        if isinstance(saved, dict):
-            return saved
-    elif (run_dir / LOCK_NAME).is_file() or (run_dir.is_dir() and not any(run_dir.iterdir())):
-        return None  # killed while starting: after its lock, or after making the folder and before its lock
-    raise CheckpointError(f"nothing to resume: {str(run_dir)!r} holds no run ({CONFIG_NAME} and {CHECKPOINT_NAME} "
-                          "are missing); start it without --resume, or give the run folder with --out")
-
-
-def json_record(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with plain Python values only (numpy scalars become floats and ints), so
-    that it can sit in a checkpoint that ``torch.load(weights_only=True)`` accepts."""
-    return json.loads(json.dumps(record))
-
-
-def skipped_text(skipped: dict[str, str]) -> str:
-    """The skipped list: a ``path<TAB>reason`` header line, then one such line per file,
-    sorted by path. Tabs and line breaks inside a path or reason become spaces, so every file
-    stays one line, and bytes of a name that are not UTF-8 are written as ``\\xNN``
-    (``messages.shown_path``)."""
-    def clean(text: str) -> str:
-        return re.sub(r"[\t\r\n]", " ", shown_path(text))
-
-    return SKIPPED_HEADER + "".join(f"{clean(path)}\t{clean(reason)}\n" for path, reason in sorted(skipped.items()))
-
-
-def read_log(path: Path, strict: bool = False) -> list[dict[str, Any]]:
-    """The epoch records of ``log.jsonl`` (none when the file is missing).
-
-    A torn last line (a run killed while appending it) is dropped. Any other line that is
-    not a JSON record with an integer ``epoch`` is skipped, or with ``strict`` an error.
-
-    Raises:
-        DataError: with ``strict``, a damaged line other than the last.
-    """
-    records = []
-    if not path.is_file():
-        return records
-    lines = path.read_text(errors="replace").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if strict and number < len(lines):
-                raise DataError(f"{str(path)!r} line {number} is not JSON") from None
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            records.append(record)
-    return records
-
-
-def log_text(records: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(record) + "\n" for record in records)
-
-
-def records_from_log(run_dir: Path, completed: int) -> list[dict[str, Any]]:
-    """The log records of the first ``completed`` epochs as ``log.jsonl`` holds them: whole
-    JSON lines only, the first line of each epoch (logs written when epochs counted from 0
-    included)."""
-    records, seen = [], set()
-    logged = read_log(run_dir / LOG_NAME)
-    first = 0 if any(record["epoch"] == 0 for record in logged) else 1
-    for record in logged:
-        if first <= record["epoch"] < first + completed and record["epoch"] not in seen:
-            seen.add(record["epoch"])
-            records.append(record)
-    return records
 
 
 def prepare(run_dir: Path, config: Config, completed: int, records: list[dict[str, Any]],
@@ -439,10 +203,6 @@ def commit_epoch(run_dir: Path, epoch: int, assignments: np.ndarray, skipped: di
                                                 "continue") from None
 
 
-FINAL_ASSIGNMENTS = "final.npy"  # in ASSIGNMENTS_DIR
-FINAL_SUMMARY = "final.json"
-
-
 def save_final(run_dir: Path, assignments: np.ndarray, checkpoint: dict[str, Any], summary: str) -> None:
     """Write the final clustering: ``assignments/final.npy``, its summary ``final.json``,
     then the checkpoint that holds it (the commit point: a run whose checkpoint holds the
@@ -472,33 +232,6 @@ class RunState:
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
     records: list[dict] = field(default_factory=list)  # log record of every completed epoch
     saved: dict[str, Any] = field(default_factory=dict)  # the checkpoint's other entries (the planner's state)
-
-
-def open_source(config: Config, run_dir: Path | None = None, data: str | None = None) -> ImageSource:
-    """The images of the run: ``data`` (default the run's ``config.data``), the built-in
-    digits when there is none; with ``run_dir``, in the order of the list the run stored when
-    it started (``RUN/images.json``) when it has one (which also spares a scan of every
-    header), else a fresh scan of the folder."""
-    folder = data if data is not None else config.data
-    if folder is None:
-        return load_digits_source()
-    return FolderSource(folder, None if run_dir is None else read_images(Path(run_dir)))
-
-
-def folder_changes(source: ImageSource, skipped: dict[str, str]) -> str | None:
-    """What changed in a run's data folder since the run stored its image list (a cheap
-    listing, no header read), as a warning; ``None`` when nothing did."""
-    if not isinstance(source, FolderSource):
-        return None
-    stored = set(source.relative_files())
-    present = set(walk_relative(source.root))
-    added = [name for name in present - stored if str(Path(source.root) / name) not in skipped]
-    missing = stored - present
-    if not added and not missing:
-        return None
-    return (f"deepcluster: warning: the data folder {source.root!r} changed since the run started: "
-            f"{len(added)} new image file(s) not used (a run keeps the images it started with, listed in "
-            f"images.json), {len(missing)} missing (left out as unreadable)")
 
 
 def checkpoint_state(model: Backbone, head: nn.Module, optimizer: torch.optim.Optimizer, config: Config,
@@ -680,6 +413,9 @@ class RunFolder:
         save_final(self.path, partition.assignments, saved, json.dumps(summary) + "\n")
 
 
-__all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "LOG_NAME", "RunFolder", "RunFolderError", "RunState", "SKIPPED_NAME",
-           "checkpoint_state", "commit_epoch", "json_record", "open_source", "prepare", "read_log", "records_from_log",
-           "save_assignments", "save_final", "skipped_text", "started_run", "write_skipped"]
+__all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "CONFIG_NAME", "FINAL_ASSIGNMENTS", "FINAL_SUMMARY", "IMAGES_NAME",
+           "LOCK_NAME", "LOG_NAME", "RunFolder", "RunFolderError", "RunState", "SKIPPED_HEADER", "SKIPPED_NAME",
+           "check_out_folder", "checkpoint_state", "commit_epoch", "count_from_one", "folder_changes", "json_record",
+           "lock", "log_text", "open_source", "prepare", "read_images", "read_log", "records_from_log",
+           "save_assignments", "save_final", "saved_settings", "skipped_text", "started_run", "write_failure",
+           "write_images", "write_skipped"]

@@ -4,7 +4,7 @@ fault points wrapped around what the loop calls, and what a run says on the term
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 SETUP_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, OSError)
 # What stops a run after it has listed its unreadable files (it writes skipped.tsv first).
 STOPS_AFTER_SKIPPED = (TooFewDecoded,)
-
-# Fault points around what the loop calls (``faults.instrument``); the loop mentions none.
-instrument = faults.instrument
 
 
 def start_process(config: Config) -> tuple[torch.device, bool]:
@@ -120,13 +117,14 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
     return lines
 
 
-__all__ = ["SETUP_ERRORS", "STOPS_AFTER_SKIPPED", "Setup", "clusters_text", "epoch_lines", "final_lines", "global_batch", "instrument",
+__all__ = ["SETUP_ERRORS", "STOPS_AFTER_SKIPPED", "Setup", "clusters_text", "epoch_lines", "final_lines", "global_batch",
            "note_unreadable", "set_up", "start_lines", "start_process", "sync_batchnorm"]
 
 
 @dataclass
 class Setup:
-    """A run ready for its first epoch: its network, data, state and monitor."""
+    """A run ready for its next epoch: its network, data, state, monitor, the method's
+    planner and loss (wrapped with the fault points, ``faults.instrument``) and the device."""
 
     model: Backbone
     head: torch.nn.Module
@@ -134,7 +132,9 @@ class Setup:
     source: ImageSource
     state: RunState
     monitor: Monitor
-    resume: bool
+    planner: Any
+    loss: Callable[..., torch.Tensor]
+    device: torch.device
 
 
 def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device,
@@ -169,4 +169,7 @@ def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device
         model = distributed.synchronise_batchnorm(model, device)
     for line in start_lines(config, source, state, resume, device, knn, removed, model):
         folder.log(line)
-    return Setup(model, head, optimizer, source, state, Monitor(knn, source, config, device), resume)
+    planner, loss = faults.instrument(method.planner(config, device, source, head), method.loss)
+    if resume and state.epoch > 0:
+        planner.load_state(state.saved)
+    return Setup(model, head, optimizer, source, state, Monitor(knn, source, config, device), planner, loss, device)

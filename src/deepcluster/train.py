@@ -1,7 +1,8 @@
 """The DeepCluster loop: plan -> monitor -> pseudo-labelled data -> training -> commit.
 
 One loop for every method; what differs is the method's entry in ``methods.registry.METHODS``.
-Each epoch of v1 (``methods.v1``), as the paper has it:
+:func:`run_epoch` is one epoch, top to bottom. Each epoch of v1 (``methods.v1``), as the paper
+has it:
 
 1. **Plan** (``V1Planner.plan``): the body, in eval mode, maps the centre view of every
    image to its features; PCA-whitening, L2 normalisation and k-means with a fresh seed give
@@ -23,7 +24,7 @@ the training pass scores the embeddings against H heads at temperature T, steps 
 warm-up + cosine schedule and writes the next memory bank.
 
 The loop does no file I/O and injects no faults: the run folder and ``faults.instrument``
-(wrapped around the planner and the loss by ``startup``) do, around it.
+(wrapped around the planner and the loss by ``startup.set_up``) do, around it.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from deepcluster.methods.registry import METHODS
 from deepcluster.optim import epoch_learning_rates, set_lr
 from deepcluster.progress import Progress
 from deepcluster.runfolder import RunFolder, RunState, checkpoint_state, json_record
-from deepcluster.startup import (SETUP_ERRORS, STOPS_AFTER_SKIPPED, epoch_lines, final_lines, global_batch,
-                                 instrument, note_unreadable, set_up, start_process)
+from deepcluster.startup import (SETUP_ERRORS, STOPS_AFTER_SKIPPED, Setup, epoch_lines, final_lines, global_batch,
+                                 note_unreadable, set_up, start_process)
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
@@ -79,15 +80,13 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
 
     ``network`` maps the normalised crops to ``(embeddings or None, scores per head)``;
     ``loss_fn(scores, (H, B) targets, T)`` gives each head's loss and the step minimises
-    their mean. The rate of every step comes from the schedule (``optim``); ``head_group``
-    is optimised with the rest for this epoch only, at its own rate. With a ``bank`` (v2)
-    the large crops' embeddings are written into it. An image that cannot be read any more
-    (it was readable in the feature pass) is left out of the loss and of the bank, and its
-    index added to ``unreadable``.
+    their mean, at the schedule's rate (``optim``); ``head_group`` is optimised with the rest
+    for this epoch only, at its own rate. With a ``bank`` (v2) the large crops' embeddings
+    are written into it. An image unreadable since the feature pass (target -1) is left out
+    of the loss and of the bank, and its index added to ``unreadable``.
 
     Raises:
-        TrainingDiverged: a batch's loss is NaN or infinite (checked before its step, so
-            the weights never take a non-finite value).
+        TrainingDiverged: a batch's loss is NaN or infinite (before its step).
     """
     if distributed.is_distributed():
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
@@ -102,14 +101,19 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
         targets = targets.reshape(len(image_indices), -1).T  # (heads, B)
         failed = targets[0] < 0  # -1: the image could not be read any more
         n_readable = len(image_indices) - int(failed.sum())
-        if n_readable < len(image_indices) and unreadable is not None:
+        if unreadable is not None:
             unreadable.update(int(index) for index in image_indices[failed])
         rate = float(rates[step])
         set_lr(optimizer, rate)
         with autocast(device, config.precision == "bf16"):
             embeddings, scores = network([normalize(crop, device, config.channels_last) for crop in crops])
         head_losses = loss_fn([s.float() for s in scores], targets.to(device), temperature)
-        loss_value = step_on(optimizer, head_losses.mean(), epoch, step)
+        loss = head_losses.mean()
+        loss_value = loss.item()
+        check_loss(loss_value, epoch, step)  # before the step: the weights never take a non-finite value
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
         if bank is not None:  # v2: the large crops' embeddings, for the next epoch's clustering
             bank.write_batch(image_indices, ~failed, embeddings)
         head_totals = head_totals + head_losses.detach().double().cpu().numpy() * n_readable
@@ -121,26 +125,17 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
         optimizer.param_groups.pop()  # momentum-free: no state to drop
     if bank is not None:
         bank.synchronise()
-    if distributed.is_distributed():  # the epoch's numbers over every process's share
-        del network  # the wrapper must go before the next epoch's (``release``)
-        distributed.release()
-        totals = distributed.all_reduce_sum(torch.from_numpy(np.concatenate([[total_loss, seen], head_totals])))
-        total_loss, seen, head_totals = float(totals[0]), int(round(float(totals[1]))), totals[2:].numpy()
+    if distributed.is_distributed():  # the wrapper must go before the next epoch's (``release``)
+        del network
+        total_loss, seen, head_totals = summed_over_processes(total_loss, seen, head_totals)
     return Trained(total_loss / max(seen, 1), seen, tuple(np.atleast_1d(head_totals / max(seen, 1)).tolist()), rate)
 
 
-def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: int, step: int) -> float:
-    """One optimiser step on a finite ``loss``; returns its value.
-
-    Raises:
-        TrainingDiverged: the loss is NaN or infinite (before the step).
-    """
-    value = loss.item()
-    check_loss(value, epoch, step)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return value
+def summed_over_processes(total_loss: float, seen: int, head_totals: np.ndarray) -> tuple[float, int, np.ndarray]:
+    """An epoch's sums over every process's share (releasing the DDP wrapper's buffers first)."""
+    distributed.release()
+    totals = distributed.all_reduce_sum(torch.from_numpy(np.concatenate([[total_loss, seen], head_totals])))
+    return float(totals[0]), int(round(float(totals[1]))), totals[2:].numpy()
 
 
 def run(config: Config, resume: bool = False, log: Callable[[str], None] = print,
@@ -186,65 +181,73 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
 
 def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
         log: Callable[[str], None] = print, stop: Callable[[dict], bool] | None = None) -> list[dict]:
-    """The run of :func:`run`, its folder held: set up (or resume), train the epochs left,
-    then cluster the trained network once more."""
+    """The run of :func:`run`, its folder held: set up (or resume), train the epochs left
+    (:func:`run_epoch`), then cluster the trained network once more."""
     folder.log = say = log if distributed.is_main_process() else (lambda _: None)  # one process speaks
-    method = METHODS[config.method]
     run_ = set_up(config, folder, resume, device, build)
-    model, head, optimizer, source, state, monitor = (run_.model, run_.head, run_.optimizer, run_.source,
-                                                      run_.state, run_.monitor)
-    planner, loss_fn = instrument(method.planner(config, device, source, head), method.loss)
-    if run_.resume and state.epoch > 0:
-        planner.load_state(state.saved)
     folder.open_scalars()
     records = []
     try:
-        for epoch in range(state.epoch, config.epochs):
-            plan = planner.plan(model, head, epoch, state.previous, state.skipped, monitor.request(model, epoch))
-            scores = monitor(model, plan, epoch)
-            loader = method.loader(source, plan, config, epoch, device)
-            start, unreadable = time.perf_counter(), set()
-            with distributed.rank_stream(config.seed, epoch, model, head):  # each process its own dropout masks
-                trained = Trained(*train_one_epoch(method.network(model, head), loader, optimizer, loss_fn, config, epoch,
-                                                  device, method.temperature(config), method.head_group(head, config),
-                                                  planner.bank, unreadable))
-            note_unreadable(source, unreadable, epoch, state.skipped, say)
-            record = epoch_record(plan, scores, trained, time.perf_counter() - start, state, method.logs_heads)
-            if distributed.is_distributed():
-                record.update(processes=distributed.world_size(), global_batch=global_batch(config))
-            state.epoch, state.previous = epoch + 1, plan.assignments
-            state.records.append(record)
-            folder.commit_epoch(epoch, state, checkpoint_state(model, head, optimizer, config, state,
-                                                               planner.checkpoint_entries()), record)
-            for line in epoch_lines(record, config.epochs):
-                say(line)
-            records.append(record)
-            if stop is not None and stop(record):
+        for epoch in range(run_.state.epoch, config.epochs):
+            records.append(run_epoch(config, run_, folder, epoch, say))
+            if stop is not None and stop(records[-1]):
                 break
     except STOPS_AFTER_SKIPPED:
-        folder.write_skipped(state.skipped)
+        folder.write_skipped(run_.state.skipped)
         raise
     folder.close()
     # A resume with nothing left to train only adds a missing final clustering.
-    if config.final_clustering and state.epoch == config.epochs and (
-            records or not folder.final_is_current(state.epoch)):
-        final, summary, plan = planner.final_clustering(model, state.epoch, state.previous,
-                                                        monitor.request(model, state.epoch, final=True))
-        summary = {**summary, **monitor(model, plan, state.epoch, final=True)}
-        folder.save_final(state.epoch, final, summary)
-        for line in final_lines(config, source, summary, final.assignments, state.epoch):
-            say(line)
+    if config.final_clustering and run_.state.epoch == config.epochs and (
+            records or not folder.final_is_current(config.epochs)):
+        final_clustering(config, run_, folder, say)
     return records
 
 
-def epoch_record(plan: Plan, scores: dict, trained: Trained, seconds: float, state: RunState,
-                 logs_heads: bool = False) -> dict:
+def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: Callable[[str], None]) -> dict:
+    """Epoch ``epoch`` (0-based): plan -> monitor -> pseudo-labelled data -> training ->
+    commit; returns its log record."""
+    method, model, head, state = METHODS[config.method], run_.model, run_.head, run_.state
+    plan = run_.planner.plan(model, head, epoch, state.previous, state.skipped, run_.monitor.request(model, epoch))
+    scores = run_.monitor(model, plan, epoch)
+    loader = method.loader(run_.source, plan, config, epoch, run_.device)
+    start, unreadable = time.perf_counter(), set()
+    with distributed.rank_stream(config.seed, epoch, model, head):  # each process its own dropout masks
+        trained = Trained(*train_one_epoch(method.network(model, head), loader, run_.optimizer, run_.loss, config,
+                                          epoch, run_.device, method.temperature(config),
+                                          method.head_group(head, config), run_.planner.bank, unreadable))
+    note_unreadable(run_.source, unreadable, epoch, state.skipped, say)
+    record = epoch_record(plan, scores, trained, time.perf_counter() - start, state, config)
+    state.epoch, state.previous = epoch + 1, plan.assignments
+    state.records.append(record)
+    folder.commit_epoch(epoch, state, checkpoint_state(model, head, run_.optimizer, config, state,
+                                                       run_.planner.checkpoint_entries()), record)
+    for line in epoch_lines(record, config.epochs):
+        say(line)
+    return record
+
+
+def final_clustering(config: Config, run_: Setup, folder: RunFolder, say: Callable[[str], None]) -> None:
+    """Cluster the trained network once more; its scores, files and lines."""
+    model, epochs, last = run_.model, run_.state.epoch, run_.state.previous
+    final, summary, plan = run_.planner.final_clustering(model, epochs, last,
+                                                         run_.monitor.request(model, epochs, final=True))
+    summary = {**summary, **run_.monitor(model, plan, epochs, final=True)}
+    folder.save_final(epochs, final, summary)
+    for line in final_lines(config, run_.source, summary, final.assignments, epochs):
+        say(line)
+
+
+def epoch_record(plan: Plan, scores: dict, trained: Trained, seconds: float, state: RunState, config: Config) -> dict:
     """An epoch's log record: the plan's numbers, the monitor's, then the training stage's
-    (with ``logs_heads``, each head's loss and the last rate), as plain values."""
-    heads = {"train_loss_per_head": list(trained.head_losses), "lr": trained.lr} if logs_heads else {}
+    (each head's loss and the last rate where the method logs them), as plain values."""
+    heads = ({"train_loss_per_head": list(trained.head_losses), "lr": trained.lr}
+             if METHODS[config.method].logs_heads else {})
+    processes = ({"processes": distributed.world_size(), "global_batch": global_batch(config)}
+                 if distributed.is_distributed() else {})
     return json_record({**plan.record, **scores, "time_training": seconds, "train_loss": trained.loss, **heads,
                         "train_images_per_s": trained.seen / max(seconds, 1e-9),
-                        "n_images": int((plan.assignments >= 0).sum()), "n_skipped": len(state.skipped)})
+                        "n_images": int((plan.assignments >= 0).sum()), "n_skipped": len(state.skipped),
+                        **processes})
 
 
-__all__ = ["Trained", "build", "fit", "run", "train_one_epoch"]
+__all__ = ["Trained", "build", "fit", "run", "run_epoch", "train_one_epoch"]

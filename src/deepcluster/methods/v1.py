@@ -43,7 +43,7 @@ from deepcluster.models.heads import ClassifierHead, WithHead
 from deepcluster.methods.records import epoch_record, final_record
 from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress
-from deepcluster.runfolder import SKIPPED_NAME
+from deepcluster.run_files import SKIPPED_NAME
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
@@ -128,55 +128,42 @@ class ReducedFeatures:
     kept: Kept | None = None
 
 
-def visiting_order(n_images: int, config: Config, seed: int) -> tuple[np.ndarray, int, int, bool]:
-    """The images this process visits, in order, its block ``start .. stop - 1`` and whether
-    the PCA is fitted on a sample (``pca_sample_size``: then in a seeded random order)."""
+def pca_stream(model: Backbone, config: Config, n_images: int, seed: int) -> tuple[np.ndarray, int, StreamingPCA]:
+    """The images this process visits, in order, the first image of its block, and the
+    PCA-whitening the feature pass streams into. Each process visits a contiguous block of
+    the images and keeps its rows (k-means' sharded mode clusters them there); with
+    ``pca_sample_size`` in a seeded random order, the PCA fitted on the first that many."""
     bounded = config.pca_sample_size is not None and config.pca_sample_size < n_images
-    # Each process visits a contiguous block of the images (in the seeded order when the
-    # PCA is fitted on a sample) and keeps its rows: k-means' sharded mode clusters them there.
     start, stop = distributed.block(n_images)
+    indices = np.arange(start, stop)
     if bounded:
         order = np.random.default_rng(seed).permutation(n_images)
-        return order[(order >= start) & (order < stop)], start, stop, True
-    return np.arange(start, stop), start, stop, False
-
-
-def streaming_pca(model: Backbone, config: Config, n_images: int, n_local: int, n_visited: int,
-                  bounded: bool) -> StreamingPCA:
-    """The PCA-whitening the feature pass streams into (fitted over the processes when
-    there are several)."""
-    share = -(-config.pca_sample_size // distributed.world_size()) if bounded else n_visited
-    n_components = pca_dim_for(config.pca_dim, n_images)
-    sharded = distributed.is_distributed()
-    return StreamingPCA(n_local, n_components, config.whiten_power, sample_size=max(share, 2),
-                        gather_sample=distributed.all_gather_rows if sharded and bounded else None,
-                        fit=(lambda local: fit_pca_sharded(local, model.clustered_dim, n_components,
-                                                           config.whiten_power)) if sharded and not bounded else None)
+        indices = order[(order >= start) & (order < stop)]
+    share = -(-config.pca_sample_size // distributed.world_size()) if bounded else len(indices)
+    n_components, sharded = pca_dim_for(config.pca_dim, n_images), distributed.is_distributed()
+    return indices, start, StreamingPCA(
+        stop - start, n_components, config.whiten_power, sample_size=max(share, 2),
+        gather_sample=distributed.all_gather_rows if sharded and bounded else None,
+        fit=(lambda local: fit_pca_sharded(local, model.clustered_dim, n_components, config.whiten_power))
+        if sharded and not bounded else None)
 
 
 @torch.no_grad()
 def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
                     seed: int, epoch: int = 0, keep: Keep | None = None,
                     before_batch: Callable[[], object] | None = None) -> ReducedFeatures:
-    """The feature pass streamed into PCA-whitening and L2 normalisation.
-
-    Only ``(N, pca_dim)`` is kept for k-means. With ``pca_sample_size`` unset the PCA is
-    fitted on every image's features, as the reference does (holding ``N x D`` until the
-    fit); with it set, the images are visited in a seeded random order, the PCA is fitted on
-    the first ``pca_sample_size`` of them and every later batch is projected on arrival,
-    so memory stays bounded (ImageNet: 1.6 GB of sample instead of 21 GB).
-
-    Args:
-        keep: raw features (and pooled body) to keep as well, e.g. the online kNN's memory.
-        before_batch: called before the network sees each batch (``faults.instrument``
-            injects its ``features`` point here).
+    """THE feature pass (``features.feature_pass``) streamed into PCA-whitening and L2
+    normalisation: only ``(N, pca_dim)`` is kept for k-means, besides what ``keep`` asks for
+    (the online kNN's raw features). The PCA is fitted on every image's features, as the
+    reference does, or with ``pca_sample_size`` on that many seeded draws, every later batch
+    projected on arrival (ImageNet: 1.6 GB of sample instead of 21 GB).
+    ``before_batch``: called before each batch (``faults.instrument``'s ``features`` point).
 
     Raises:
         TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
     """
     model.eval()
-    indices, start, stop, bounded = visiting_order(len(source), config, seed)
-    reducer = streaming_pca(model, config, len(source), stop - start, len(indices), bounded)
+    indices, start, reducer = pca_stream(model, config, len(source), seed)
     local_decoded = np.zeros(len(indices), dtype=bool)
     keeper = None if keep is None else Keeper(keep, indices, model.clustered_dim, model.body_dim)
     body = keep is not None and keep.body
@@ -205,15 +192,13 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
-        return ReducedFeatures(np.zeros((stop - start, 0), dtype=np.float32), mask, None,
+        return ReducedFeatures(np.zeros((reducer.n_rows, 0), dtype=np.float32), mask, None,
                                time.perf_counter() - began, time_pca, start, kept)
     tick = time.perf_counter()
     with Progress(None, "PCA-whitening"):
         reduced, pca = reducer.finish()
     time_pca += time.perf_counter() - tick
     return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, start, kept)
-
-
 
 
 class V1Planner:
@@ -238,6 +223,7 @@ class V1Planner:
         self.reduce: Callable[..., ReducedFeatures] = reduce_features
         self.cluster: Callable[..., Partition] = cluster_points
         self.partition: Partition | None = None
+        self.clustering_device = clustering_device(config, device)
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """What the checkpoint keeps of the clustering in effect: its centroids and PCA (what
@@ -277,20 +263,16 @@ class V1Planner:
                                 f"{str(config.run_dir / SKIPPED_NAME)!r}")
         partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
                                  derived_seed(config.seed, epoch, STREAM_CLUSTERING),
-                                 clustering_device(config, self.device), previous, start=reduced.start)
+                                 self.clustering_device, previous, start=reduced.start)
         partition.time_pca = reduced.time_pca
         return reduced, partition
 
     def plan(self, model: Backbone, head: ClassifierHead, epoch: int, previous: np.ndarray | None,
              skipped: dict[str, str], keep: Keep | None = None) -> Plan:
         """Epoch ``epoch``'s (0-based) plan: a fresh clustering (every ``reassign_every``
-        epochs, and always when there is no ``previous``), a head reset to its clusters,
-        and the numbers of both.
-
-        Args:
-            previous: the last epoch's assignments, or None.
-            skipped: path -> reason of the files left out; this epoch's undecodable ones are added.
-            keep: what the monitor asks the feature pass to keep.
+        epochs, and always when there is no ``previous``: the last epoch's assignments), a
+        head reset to its clusters, and the numbers of both; ``keep``: what the monitor asks
+        the feature pass to keep.
 
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
@@ -367,12 +349,12 @@ class OneCrop(nn.Module):
         return None, [self.network(crops[0])]
 
 
-def pseudo_label_loader(source: ImageSource, plan: Plan | np.ndarray, config: Config, epoch: int,
+def pseudo_label_loader(source: ImageSource, plan: Plan, config: Config, epoch: int,
                         device: torch.device) -> DataLoader:
     """An epoch of ``(image, pseudo-label, image index)`` batches: with the ``uniform``
     sampler each non-empty cluster gets the same share of the epoch (the paper's defence
     against trivial solutions); random-resized-crop and flip views."""
-    assignments = plan.assignments if isinstance(plan, Plan) else plan
+    assignments = plan.assignments
     usable = int((assignments >= 0).sum())
     rng = np.random.default_rng(derived_seed(config.seed, epoch, STREAM_SAMPLER))
     if config.sampler == "uniform":

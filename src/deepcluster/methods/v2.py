@@ -45,7 +45,7 @@ from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHea
 from deepcluster.optim import LARS
 from deepcluster.partition import Partition, TooFewDecoded
 from deepcluster.progress import Progress, track
-from deepcluster.runfolder import SKIPPED_NAME
+from deepcluster.run_files import SKIPPED_NAME
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
@@ -196,13 +196,13 @@ def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int
     return BankClustering(targets, centroids, objective, n_empty, n_split, time.perf_counter() - start)
 
 
-def multi_crop_loader(source: ImageSource, plan: Plan | np.ndarray, config: Config, epoch: int,
+def multi_crop_loader(source: ImageSource, plan: Plan, config: Config, epoch: int,
                       device: torch.device) -> DataLoader:
     """An epoch of ``([crop batch, ...], (B, n_heads) targets, image index)`` batches: a plain
     shuffle of the images with targets (``sampler: shuffle``, the reference) or draws uniform
     over head 0's clusters; the last incomplete batch is dropped, as the reference does (a
     batch of one cannot pass the projection's BatchNorm)."""
-    targets = plan.targets if isinstance(plan, Plan) else plan
+    targets = plan.targets
     usable = targets[0] >= 0
     rng = np.random.default_rng(derived_seed(config.seed, epoch, STREAM_SAMPLER))
     if config.sampler == "uniform":
@@ -240,7 +240,6 @@ class V2Planner:
         config: the run's settings.
         device: where the network runs.
         source: the training images.
-        unused: not read (the online kNN, once held here, runs in the loop after the plan).
         head: the run's ``PrototypeHead`` (its projection makes the final clustering's embeddings).
 
     Attributes:
@@ -249,8 +248,7 @@ class V2Planner:
         bank: the memory bank (None until filled or restored).
     """
 
-    def __init__(self, config: Config, device: torch.device, source: ImageSource, unused: None = None,
-                 head: PrototypeHead | None = None) -> None:
+    def __init__(self, config: Config, device: torch.device, source: ImageSource, head: PrototypeHead) -> None:
         self.config, self.device, self.source, self.head = config, device, source, head
         self.reduce: Callable[..., MemoryBank] = fill_bank
         self.cluster: Callable[..., BankClustering] = cluster_bank
@@ -351,9 +349,7 @@ def clusters_text(config: Config) -> str:
     return f"v2 with prototypes {','.join(map(str, config.prototypes))}"
 
 
-METHOD = Method(name="v2", build=build, planner=lambda config, device, source, head: V2Planner(config, device, source,
-                                                                                               head=head),
-                loader=multi_crop_loader,
+METHOD = Method(name="v2", build=build, planner=V2Planner, loader=multi_crop_loader,
                 network=lambda model, head: MultiCropModel(model, head.projection, head.prototypes), temperature=lambda config: config.temperature,
                 head_group=lambda head, config: None, size_problem=size_problem,
                 global_batch=lambda config, processes: config.batch_size,  # v2's batch_size is already global
