@@ -73,7 +73,8 @@ def test_reference_mode_trains_one_probe_per_layer(image_folder):
     assert set(results) == {"conv1", "conv7"}
     for result in results.values():
         # a share of the 36 validation images, in percent
-        assert len(result.history) == 1 and 0.0 <= result.top1 <= 100.0
+        assert len(result.history) == 1 and result.history[0]["top1"] == result.top1
+        assert (result.best_top1, result.best_epoch) == (result.top1, 1)  # one epoch: the last is the best
         assert abs(result.top1 * 36 / 100 - round(result.top1 * 36 / 100)) < 1e-6, result.top1
     # The backbone is frozen: weights and BatchNorm statistics are untouched.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -274,7 +274,7 @@ def test_checkpoint_torch_load_warning_is_silenced(tmp_path, capsys):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(CheckpointError) as error:
+        with pytest.raises(CheckpointError, match="cannot be loaded safely: it is truncated, corrupt") as error:
             load_checkpoint(path)
     assert not [w for w in caught if "pickle protocol" in str(w.message)]
     assert "In PyTorch 2.6" not in str(error.value)

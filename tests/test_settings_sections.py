@@ -58,7 +58,7 @@ def test_section_gives_that_sections_values_and_attributes_still_work():
 @pytest.mark.parametrize("key", V1_KEYS)
 def test_a_v2_run_refuses_a_v1_setting_given_explicitly(key):
     for value in (NON_DEFAULT[key], FIELDS[key].default if FIELDS[key].default is not None else "none"):
-        with pytest.raises(ConfigError) as error:
+        with pytest.raises(ConfigError, match=f"^setting {key!r} is a v1 setting; this run is v2") as error:
             resolve("v2-small", overrides={key: value})
         assert str(error.value).startswith(f"setting {key!r} is a v1 setting; this run is v2 (method v2)")
         assert "\n" not in str(error.value)
@@ -160,7 +160,7 @@ def test_train_help_lists_the_settings_by_section_shortest_first(capsys):
             option = "--out" if key == "out_dir" else f"--{key}"
             listed = any(line.split()[:1] == [option] for line in block.splitlines())
             assert listed == (item.metadata["section"] == name), (name, key)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^0$"):  # --help: exit code 0
         main(["train", "--help"])
     assert "\nv1: DeepCluster (method v1) only\n" in capsys.readouterr().out
 
