@@ -20,6 +20,7 @@ def linearly_separable(n: int, dim: int, n_classes: int, seed: int):
     return features, (features @ weights).argmax(axis=1)
 
 
+@pytest.mark.slow
 def test_probe_reaches_high_accuracy_on_linearly_separable_features():
     train_x, train_y = linearly_separable(600, 20, 4, seed=0)
     val_x, val_y = linearly_separable(200, 20, 4, seed=1)
@@ -61,6 +62,7 @@ def test_reference_crop_view_crops_and_flips_deterministically():
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_reference_mode_trains_one_probe_per_layer(image_folder):
     torch.manual_seed(0)
     model = create_model("smallnet")

@@ -102,6 +102,7 @@ def test_a_val_folder_without_classes_or_shared_classes_is_a_clear_error(image_f
 
 
 @pytest.mark.parametrize("clustered", ["fc", "body"])
+@pytest.mark.slow
 def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_path, clustered):
     """The final clustering's kNN (the saved weights) is what ``deepcluster eval`` computes,
     on the features the run clusters (its ``fc`` entry: the fc layer, or the pooled body)."""
@@ -121,6 +122,7 @@ def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_p
     assert report["results"]["trained"]["knn"]["fc"]["top1"] == pytest.approx(final["knn_top1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_online_knn_of_the_conv_body_when_fc_is_clustered(cli, image_folder, tmp_path):
     """With the fc layers clustered, the online kNN also reads the pooled body the fc
     features come from (``knn_body_top1``): the same kNN on the final weights' body, and
@@ -170,6 +172,7 @@ def test_the_conv_body_knn_is_left_out_with_a_line_when_its_memory_is_too_large(
     assert "knn_top1" in final and "knn_body_top1" not in final
 
 
+@pytest.mark.slow
 def test_every_val_every_epochs_and_the_last(cli, image_folder, tmp_path):
     run = tmp_path / "run"
     code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "3", "--val", image_folder,
@@ -239,6 +242,7 @@ def test_a_centroids_head_predicts_the_pseudo_labels_from_its_first_step():
     assert head_sample(100, 10, seed=0).all() and head_sample(10**6, 10, seed=0).sum() == 50_000
 
 
+@pytest.mark.slow
 def test_a_run_with_a_centroids_head(cli, image_folder, tmp_path):
     code, out, err = cli("train", "--data", image_folder, "--out", tmp_path / "run", "--head_init", "centroids",
                          "--epochs", "2")
@@ -276,6 +280,7 @@ def test_keeping_the_head_needs_previous_ids():
     assert resolve("small", overrides={"head_reset": False, "kmeans_init": "previous"}).head_reset is False
 
 
+@pytest.mark.slow
 def test_a_run_that_keeps_its_head_resumes_bit_identically(cli, image_folder, tmp_path):
     settings = ("--kmeans_init", "previous", "--head_reset", "false", "--epochs", "3")
     code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "full", *settings)
@@ -291,6 +296,7 @@ def test_a_run_that_keeps_its_head_resumes_bit_identically(cli, image_folder, tm
     assert torch.equal(full["assignments"], cut["assignments"])
 
 
+@pytest.mark.slow
 def test_clustering_the_body_features(cli, image_folder, tmp_path):
     """``clustered: body``: the feature pass, the final clustering, assign and the online kNN
     all use the pooled convolutional output; the fc layers stay in the training path."""

@@ -175,6 +175,7 @@ def test_a_config_yaml_written_before_the_sections_loads(name, method):
     assert config.method == method and config.to_dict() == expected
 
 
+@pytest.mark.slow
 def test_a_run_folder_written_before_the_sections_resumes(cli, image_folder, tmp_path, capsys):
     """A run's config.yaml as the code before the sections wrote it (the same settings as this
     one-epoch run) takes the new one's place; the run resumes."""
