@@ -1,6 +1,7 @@
 # `make demo`: set up, then train on the built-in digits (about 2 minutes on 2 CPU cores, once set up).
 # `make test`: set up, then run the test suite (a few minutes on 2 CPU cores).
-# `make test-fast`: the tests that start no process (the loop while developing).
+# `make test-fast`: the tests that start no process and train for at most about a second
+#   (under a minute on 2 CPU cores; the loop while developing).
 .PHONY: setup demo test test-fast
 
 setup:

@@ -24,6 +24,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow
 def test_the_documented_example_runs(image_folder, tmp_path, monkeypatch, capsys):
     blocks = python_blocks(DOC.read_text())
     assert len(blocks) == 1
@@ -47,6 +48,7 @@ def test_train_is_both_the_module_and_the_call():
     assert train.run is not None and callable(dc.train) and dc.train is train
 
 
+@pytest.mark.slow
 def test_load_gives_the_run_or_the_exported_backbone(tiny_run, tmp_path, image_folder, run_cli):
     import deepcluster as dc
 

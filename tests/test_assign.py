@@ -33,6 +33,7 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_assign_on_the_training_images_reproduces_the_final_clustering_exactly(tiny_run, image_folder, tmp_path,
                                                                                capsys):
     assert main(["assign", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--data", str(image_folder),
@@ -45,6 +46,7 @@ def test_assign_on_the_training_images_reproduces_the_final_clustering_exactly(t
     assert final["epoch"] == 2 and np.array_equal(final["assignments"].numpy(), clusters)
 
 
+@pytest.mark.slow
 def test_with_the_clustering_weights_the_last_epoch_clustering_is_reproduced_exactly(image_folder, tmp_path,
                                                                                       monkeypatch):
     """Without a final clustering, assign uses the last epoch's. Skip the training stage, so
@@ -73,6 +75,7 @@ def test_with_the_clustering_weights_the_last_epoch_clustering_is_reproduced_exa
     assert load_cluster_model(tmp_path / "run" / "checkpoint.pt").final
 
 
+@pytest.mark.slow
 def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run, image_folder, tmp_path, capsys):
     pyarrow_parquet = pytest.importorskip("pyarrow.parquet", reason="pyarrow (Parquet output) is not installed")
     checkpoint = tiny_run / "checkpoint.pt"
@@ -97,6 +100,7 @@ def test_assign_equals_the_pipeline_written_out_and_parquet_equals_csv(tiny_run,
     assert ok.all() and np.array_equal(by_hand, table["cluster"])
 
 
+@pytest.mark.slow
 def test_new_images_without_classes_and_an_unreadable_one(tiny_run, image_folder, tmp_path):
     folder = tmp_path / "new"
     (folder / "deep" / "er").mkdir(parents=True)
@@ -122,6 +126,7 @@ def test_new_images_without_classes_and_an_unreadable_one(tiny_run, image_folder
     assert not (tmp_path / "out" / "assignments.parquet").exists()
 
 
+@pytest.mark.slow
 def test_every_file_found_gets_a_row_with_its_reason(tiny_run, image_folder, tmp_path):
     """Was: one good, one truncated and one text file gave one CSV row, and features.json
     said n_unreadable 0 while files were dropped."""
@@ -171,6 +176,7 @@ def test_every_file_found_gets_a_row_with_its_reason(tiny_run, image_folder, tmp
     ("out_is_file", "is a file"),
     ("bad_device", "choose auto, cpu, cuda or cuda:N"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(case, message, tiny_run, image_folder, tmp_path, capsys):
     checkpoint, data, out, extra = str(tiny_run / "checkpoint.pt"), str(image_folder), str(tmp_path / "o"), []
     if case == "no_checkpoint":

@@ -22,6 +22,7 @@ def rows(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_the_training_folder_sorted_into_linked_cluster_folders(tiny_run, image_folder, tmp_path, run_cli):
     into, run = tmp_path / "sorted", tmp_path / "run"
     shutil.copytree(tiny_run, run)  # the run folder remembers the sorting
@@ -43,6 +44,7 @@ def test_the_training_folder_sorted_into_linked_cluster_folders(tiny_run, image_
     assert f"<td>sorted into</td><td>{into} (" in (tmp_path / "page" / "index.html").read_text().replace("\n", "")
 
 
+@pytest.mark.slow
 def test_copies_and_unreadable_files(tiny_run, image_folder, tmp_path, run_cli):
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
@@ -79,6 +81,7 @@ def test_names_that_are_not_utf8_are_linked_as_they_are(tmp_path):
     assert os.path.islink(tmp_path / "out" / "unreadable" / "gone.png")
 
 
+@pytest.mark.slow
 def test_a_full_into_folder_is_refused_and_a_failed_command_leaves_no_empty_folder(tiny_run, image_folder,
                                                                                      tmp_path, run_cli):
     full = tmp_path / "full"

@@ -54,6 +54,7 @@ def test_each_invalid_setting_is_one_line_naming_it(args, message, cli, image_fo
 
 
 @pytest.mark.parametrize("command", ["train", "assign", "features", "eval", "report"])
+@pytest.mark.slow
 def test_out_naming_a_file_is_one_line_and_exit_2(command, cli, tiny_run, image_folder, tmp_path):
     """Was: "cannot write the run file '.../afile.txt/.lock': File exists", exit 4."""
     afile = tmp_path / "afile.txt"
@@ -109,7 +110,8 @@ def test_a_malformed_fault_plan_is_a_setting_error(cli, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "DEEPCLUSTER_FAULT='explode:everywhere:soon'" in err
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", [pytest.param(name, marks=pytest.mark.slow) if name == "vgg16" else name
+                                  for name in sorted(ARCHITECTURES)])
 def test_min_crop_is_the_smallest_input_each_architecture_takes(arch):
     fixed_width = bool(ARCHITECTURES[arch].stems)  # a ResNet's pooled features keep their width
     model = create_model(arch, feature_dim=None if fixed_width else 8).eval()
@@ -182,6 +184,7 @@ FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None
 
 @FUZZ
 @given(tokens=TOKENS)
+@pytest.mark.slow
 def test_fuzzed_command_lines_end_in_exit_2_or_a_valid_config(tokens, sandbox, capsys):
     check_outcome(["train", *tokens, "--out", "fuzz-run"], capsys)
 
@@ -202,6 +205,7 @@ YAML_TEXT = st.tuples(st.sampled_from([0, 0, 0, 1]), YAML_MAPPINGS, RAW_YAML).ma
 
 @FUZZ
 @given(text=YAML_TEXT, recipe=st.sampled_from([None, *RECIPES]))
+@pytest.mark.slow
 def test_fuzzed_config_files_end_in_exit_2_or_a_valid_config(text, recipe, sandbox, capsys):
     path = sandbox / "fuzz.yaml"
     path.write_text(text)

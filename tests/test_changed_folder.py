@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from deepcluster.data import FolderSource
 from deepcluster.report.run_data import load_run
@@ -27,6 +28,7 @@ def test_the_stored_list_gives_the_scan_s_order_and_labels(image_folder):
     assert np.array_equal(listed.labels, scanned.labels)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_images_the_run_started_with(cli, image_folder, tmp_path):
     data, run = copy_folder(image_folder, tmp_path), tmp_path / "run"
     one_epoch(cli, data, run)
@@ -52,6 +54,7 @@ def test_resume_keeps_the_images_the_run_started_with(cli, image_folder, tmp_pat
     assert report.notes == [] and report.source.paths == [str(data / name) for name in stored["files"]]
 
 
+@pytest.mark.slow
 def test_a_run_without_a_stored_list_refuses_a_changed_folder_and_stores_the_list_otherwise(
         cli, image_folder, tmp_path):
     data, run = copy_folder(image_folder, tmp_path), tmp_path / "run"

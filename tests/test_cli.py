@@ -66,6 +66,7 @@ def test_version(capsys):
     assert done.value.code == 0 and capsys.readouterr().out == f"deepcluster {__version__}\n"
 
 
+@pytest.mark.slow
 def test_every_command_takes_the_run_the_same_way(tiny_run, image_folder, tmp_path, capsys):
     """RUN, first on the line, is a run folder or a checkpoint file in one, in every command
     (was: eval CKPT, assign/features/export --checkpoint CKPT, report RUN_DIR)."""

@@ -112,6 +112,7 @@ def observed_v1(image_folder, tmp_path_factory):
     return {"out": out, "sgd": seen, "checkpoints": checkpoints, "config": config, "datasets": datasets}
 
 
+@pytest.mark.slow
 def test_the_logged_nmi_between_epochs_is_the_nmi_of_the_saved_assignments(observed_v1):
     from deepcluster.clustering import nmi
 
@@ -321,6 +322,7 @@ def prototypes_of(checkpoint: dict) -> list[torch.Tensor]:
     return [head[name] for name in names]
 
 
+@pytest.mark.slow
 def test_v2_trains_epoch_t_on_the_nearest_prototypes_of_the_bank_written_in_epoch_t_minus_1(observed_v2):
     out, checkpoints = observed_v2["out"], observed_v2["checkpoints"]
     for epoch in (1, 2):
@@ -358,6 +360,7 @@ def test_v2_training_writes_every_trained_images_two_crops_to_the_bank(observed_
 # ---------------------------------------------------------------- a resumed run
 
 
+@pytest.mark.slow
 def test_a_resumed_run_makes_one_feature_pass_per_epoch_left_and_none_for_finished_ones(image_folder, tmp_path):
     """Stopped after epoch 1 of 3 and resumed: the resumed run passes over the images for
     epochs 2 and 3 and the final clustering (3 feature passes), trains 2 epochs, and never

@@ -22,6 +22,7 @@ def leftovers(run):
 
 
 @pytest.mark.parametrize("name", ["ENOSPC", "EROFS", "EACCES"])
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(name, cli, image_folder, tmp_path):
     """The error is injected halfway through writing the temporary file of epoch 2's
     checkpoint (``DEEPCLUSTER_FAULT=<errno>:checkpoint:1``): the OSError the operating system

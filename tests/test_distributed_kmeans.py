@@ -108,6 +108,7 @@ def test_two_processes_give_the_single_process_result(distributed_results, case)
 
 
 @pytest.mark.parametrize("case", COSINE_CASES, ids=["-".join(c) for c in COSINE_CASES])
+@pytest.mark.slow
 def test_cosine_in_two_processes_gives_the_single_process_result(distributed_results, case):
     empty, init = case
     single = kmeans(unit_dataset(), 40, n_iter=8, seed=5, backend="torch", init=init, metric="cosine", empty=empty)
@@ -121,6 +122,7 @@ def test_cosine_in_two_processes_gives_the_single_process_result(distributed_res
         assert single.n_split > 0
 
 
+@pytest.mark.slow
 def test_labelling_centroids_in_two_processes_equal_the_single_process_ones(distributed_results):
     single = labelling_centroids(dataset(), previous_labels(), 34, seed=2)
     for results in distributed_results:

@@ -100,7 +100,7 @@ def test_sharded_knn_votes_equal_one_process(shares, k):
 def test_each_process_holds_its_share_of_the_bank(shares):
     expected = expected_bank()
     for rank, result in enumerate(shares):
-        rows = np.arange(rank, N_IMAGES, WORLD_SIZE)
+        rows = np.arange(6) if rank == 0 else np.arange(6, N_IMAGES)  # contiguous blocks, in rank order
         assert np.array_equal(result["held"], rows)
         assert result["held_shape"] == (BANK_CROPS, len(rows), DIM)
         # what the others trained on was handed over: the share equals that part of one process's bank
@@ -113,10 +113,10 @@ def test_the_checkpoint_bank_is_whole_on_the_main_process_only(shares):
     embeddings, decoded = shares[0]["full"]
     assert torch.equal(embeddings, expected_bank()) and decoded.all()
     assert shares[1]["full"] is None
-    assert np.array_equal(shares[0]["share_rows"], np.arange(0, N_IMAGES, WORLD_SIZE))  # resume takes a share
+    assert np.array_equal(shares[0]["share_rows"], np.arange(6))  # resume takes a share
     values, indices = shares[0]["gathered"]
     assert np.array_equal(indices, np.arange(N_IMAGES))
-    assert np.array_equal(values[:, 0], np.where(indices % 2 == 0, indices // 2, indices // 2 + 100))
+    assert np.array_equal(values[:, 0], np.where(indices < 6, indices, indices - 6 + 100))
     assert shares[1]["gathered"] is None
 
 
@@ -128,3 +128,23 @@ def test_one_process_bank_writes_in_place_and_keeps_nothing_aside():
     assert torch.equal(bank.embeddings[:, torch.from_numpy(rows)], embedding(rows, 3))
     full, _ = bank.full()
     assert full is bank.embeddings
+
+
+def test_the_first_filling_takes_one_process_batches_split_over_the_processes():
+    """Step t of every process holds its images of ``[t B, (t + 1) B)``: together the batch one
+    process takes; every process takes the same number of steps, one an empty batch where a
+    last batch has fewer images than there are processes."""
+    from deepcluster.data.multicrop import CropGroup, collate_crops
+    from deepcluster.memory_bank import fill_batches
+
+    n_images, batch = 33, 16
+    strided = [np.arange(rank, n_images, WORLD_SIZE) for rank in range(WORLD_SIZE)]
+    steps = [fill_batches(rows, n_images, batch) for rows in strided]
+    assert fill_batches(np.arange(n_images), n_images, batch) == [list(range(16)), list(range(16, 32)), [32]]
+    assert [len(s) for s in steps] == [3, 3] and steps[1][2] == []
+    for t in range(3):
+        together = np.concatenate([rows[s[t]] for rows, s in zip(strided, steps)])
+        assert np.array_equal(np.sort(together), np.arange(t * batch, min((t + 1) * batch, n_images)))
+    crops, targets, indices = collate_crops((CropGroup(24, 2, (0.3, 1.0)), CropGroup(16, 1, (0.1, 0.3))), [])
+    assert [tuple(c.shape) for c in crops] == [(0, 3, 24, 24), (0, 3, 24, 24), (0, 3, 16, 16)]
+    assert tuple(targets.shape) == (0, 1) and tuple(indices.shape) == (0,)

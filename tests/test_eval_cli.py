@@ -71,6 +71,7 @@ def test_unlabelled_folder_and_bad_options_exit_2(checkpoint, tmp_path, image_fo
         assert code == 2 and err.count("\n") == 1, (args, err)
 
 
+@pytest.mark.slow
 def test_eval_reports_every_protocol_and_the_gain_over_random_init(checkpoint, image_folder, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["eval", str(checkpoint), "--train", str(image_folder), "--val", str(image_folder), "--out", str(out),
@@ -122,6 +123,7 @@ def test_random_init_is_the_network_the_run_started_from():
     assert not twin.training
 
 
+@pytest.mark.slow
 def test_the_baseline_has_the_random_weights_and_the_training_images_batchnorm_statistics(image_folder):
     """``--baseline-batchnorm data``: the weights the run started from, and in each BatchNorm
     the mean and variance of what reaches it over the training split's centre views."""

@@ -9,6 +9,7 @@ from deepcluster.evaluation.features import (FC_LAYER, PoolSpec, choose_pooling,
 from deepcluster.models import create_model
 
 
+@pytest.mark.slow
 def test_alexnet_pooling_reproduces_the_paper_table_at_224_px():
     pools = probe_pooling(create_model("alexnet"), 224)
     assert list(pools) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
@@ -17,6 +18,7 @@ def test_alexnet_pooling_reproduces_the_paper_table_at_224_px():
     assert [(spec.kernel, spec.padding) for spec in pools.values()] == [(6, 3), (4, 0), (3, 1), (3, 1), (2, 0)]
 
 
+@pytest.mark.slow
 def test_pooled_activations_have_the_stated_dims():
     torch.manual_seed(0)
     model = create_model("alexnet").eval()
@@ -45,6 +47,7 @@ def test_a_map_smaller_than_the_target_is_kept_whole():
     assert torch.equal(spec.apply(x), x.flatten(1))
 
 
+@pytest.mark.slow
 def test_forward_layers_taps_the_post_relu_map_and_pools_it():
     torch.manual_seed(0)
     model = create_model("smallnet").eval()
@@ -69,6 +72,7 @@ def test_forward_layers_rejects_an_unknown_layer():
         forward_layers(model, torch.zeros(1, 3, 32, 32), {"conv9": choose_pooling(8, 4, 4)})
 
 
+@pytest.mark.slow
 def test_extract_features_in_memory_and_on_disk_agree(image_folder, tmp_path):
     torch.manual_seed(0)
     model = create_model("smallnet")

@@ -27,6 +27,7 @@ def centre_batch(config, source):
     return Normalize(config.mean, config.std)(images)
 
 
+@pytest.mark.slow
 def test_features_are_the_clustered_features_with_paths_and_classes(tiny_run, image_folder, tmp_path):
     out = tmp_path / "fc"
     assert main(["features", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--data", str(image_folder),
@@ -46,6 +47,7 @@ def test_features_are_the_clustered_features_with_paths_and_classes(tiny_run, im
     assert meta["layer"] == "fc" and meta["dim"] == model.feature_dim and not meta["pca_whitened_l2"]
 
 
+@pytest.mark.slow
 def test_conv_layer_and_pca_options(tiny_run, image_folder, tmp_path):
     checkpoint = str(tiny_run / "checkpoint.pt")
     assert main(["features", "--checkpoint", checkpoint, "--data", str(image_folder), "--out", str(tmp_path / "c"),
@@ -69,6 +71,7 @@ def test_conv_layer_and_pca_options(tiny_run, image_folder, tmp_path):
     (["--layer", "conv1", "--pca"], "applies to the clustered layer only"),
     (["--batch-size", "0"], "--batch-size must be positive"),
 ])
+@pytest.mark.slow
 def test_features_bad_input_exits_2(extra, message, tiny_run, image_folder, tmp_path, capsys):
     code = main(["features", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--data", str(image_folder),
                  "--out", str(tmp_path / "x")] + extra)
@@ -76,6 +79,7 @@ def test_features_bad_input_exits_2(extra, message, tiny_run, image_folder, tmp_
     assert code == 2 and message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_export_round_trip_gives_identical_features(tiny_run, tmp_path):
     path = tmp_path / "backbone.safetensors"
     assert main(["export", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--out", str(path)]) == 0
@@ -96,6 +100,7 @@ def test_export_round_trip_gives_identical_features(tiny_run, tmp_path):
         assert set(handle.keys()) == set(original.state_dict())  # the backbone only: no pseudo-label head
 
 
+@pytest.mark.slow
 def test_exported_backbone_and_preprocess_images_give_the_features_of_the_run(tiny_run, image_folder, tmp_path):
     """The README's snippet: new image files through ``preprocess_images`` and the exported
     backbone give what ``deepcluster features`` writes for them."""
@@ -111,6 +116,7 @@ def test_exported_backbone_and_preprocess_images_give_the_features_of_the_run(ti
     assert np.allclose(features, np.load(tmp_path / "f" / "features.npy"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_refuses_foreign_files_and_bad_input(tiny_run, tmp_path, capsys):
     (tmp_path / "notes.safetensors").write_text("not tensors")
     with pytest.raises(ExportError, match="not a readable safetensors file"):
@@ -128,6 +134,7 @@ def test_export_refuses_foreign_files_and_bad_input(tiny_run, tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_every_command_writes_its_files_with_the_usual_mode(tiny_run, image_folder, tmp_path):
     """Files are created 0666 less the umask (0644 under the usual 022), as any tool's; was
     0600 for the exported backbone."""

@@ -44,6 +44,7 @@ def assert_agrees(online: float, offline: float) -> None:
     assert abs(online * 2.4 - round(online * 2.4)) < 1e-6 and 0 < online < 100, online
 
 
+@pytest.mark.slow
 def test_v1_online_knn_equals_eval_knn_on_a_separate_val_folder(cli, image_folder, val_folder, tmp_path):
     run = tmp_path / "run"
     code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "2", "--val", val_folder)
@@ -53,6 +54,7 @@ def test_v1_online_knn_equals_eval_knn_on_a_separate_val_folder(cli, image_folde
     assert_agrees(final["knn_top1"], knn["fc"]["top1"])
 
 
+@pytest.mark.slow
 def test_v2_online_knn_equals_eval_knn_on_a_separate_val_folder(run_cli, image_folder, val_folder, tmp_path):
     run = tmp_path / "run"
     code, _, err = run_cli("train", "--data", image_folder, "--out", run, "--val", val_folder, *TINY_V2,

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -33,6 +34,7 @@ def test_the_registry_has_both_methods_and_v1_trains_one_head_at_temperature_1()
     assert METHODS["v2"].head_group(None, resolve("v2-small")) is None
 
 
+@pytest.mark.slow
 def test_v1s_head_steps_at_its_own_rate_for_one_epoch_and_leaves_the_optimiser_as_it_was(tmp_path):
     from deepcluster.config import resolve
     from deepcluster.methods.registry import METHODS

@@ -31,7 +31,8 @@ def test_sobel_uses_plain_channel_mean_and_is_not_trained():
     assert torch.allclose(sobel(red), sobel(gray_edge))
 
 
-@pytest.mark.parametrize("arch, size, dim", [("alexnet", 224, 4096), ("smallnet", 32, 512), ("vgg16", 64, 4096)])
+@pytest.mark.parametrize("arch, size, dim", [pytest.param("alexnet", 224, 4096, marks=pytest.mark.slow), ("smallnet", 32, 512),
+                                             pytest.param("vgg16", 64, 4096, marks=pytest.mark.slow)])
 def test_backbones_share_one_interface(arch, size, dim):
     torch.manual_seed(0)
     model = create_model(arch).eval()

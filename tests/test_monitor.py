@@ -102,6 +102,7 @@ def test_a_val_folder_without_classes_or_shared_classes_is_a_clear_error(image_f
 
 
 @pytest.mark.parametrize("clustered", ["fc", "body"])
+@pytest.mark.slow
 def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_path, clustered):
     """The final clustering's kNN (the saved weights) is what ``deepcluster eval`` computes,
     on the features the run clusters (its ``fc`` entry: the fc layer, or the pooled body)."""
@@ -121,6 +122,7 @@ def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_p
     assert report["results"]["trained"]["knn"]["fc"]["top1"] == pytest.approx(final["knn_top1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_online_knn_of_the_conv_body_when_fc_is_clustered(cli, image_folder, tmp_path):
     """With the fc layers clustered, the online kNN also reads the pooled body the fc
     features come from (``knn_body_top1``): the same kNN on the final weights' body, and
@@ -170,6 +172,7 @@ def test_the_conv_body_knn_is_left_out_with_a_line_when_its_memory_is_too_large(
     assert "knn_top1" in final and "knn_body_top1" not in final
 
 
+@pytest.mark.slow
 def test_every_val_every_epochs_and_the_last(cli, image_folder, tmp_path):
     run = tmp_path / "run"
     code, _, err = cli("train", "--data", image_folder, "--out", run, "--epochs", "3", "--val", image_folder,
@@ -250,6 +253,7 @@ def test_carrying_the_clusters_needs_k_means():
     assert resolve("small", overrides={"clustering": "pic", "carry_clusters": False}).clustering == "pic"
 
 
+@pytest.mark.slow
 def test_a_run_that_keeps_its_head_resumes_bit_identically(cli, image_folder, tmp_path):
     settings = ("--carry_clusters", "true", "--epochs", "3")
     code, _, err = cli("train", "--data", image_folder, "--out", tmp_path / "full", *settings)
@@ -265,6 +269,7 @@ def test_a_run_that_keeps_its_head_resumes_bit_identically(cli, image_folder, tm
     assert torch.equal(full["assignments"], cut["assignments"])
 
 
+@pytest.mark.slow
 def test_clustering_the_body_features(cli, image_folder, tmp_path):
     """``clustered: body``: the feature pass, the final clustering, assign and the online kNN
     all use the pooled convolutional output; the fc layers stay in the training path."""

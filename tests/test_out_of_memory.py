@@ -6,6 +6,8 @@ from __future__ import annotations
 import resource
 from contextlib import contextmanager
 
+import pytest
+
 from deepcluster.cli import EXIT_MEMORY
 from conftest import one_epoch
 
@@ -34,6 +36,7 @@ def test_a_network_too_large_for_the_memory_is_one_line_and_exit_5(cli, image_fo
     assert "lower batch_size, feature_batch_size, feature_dim or n_clusters" in err
 
 
+@pytest.mark.slow
 def test_running_out_of_memory_mid_run_keeps_the_checkpoint_and_resume_goes_on(cli, image_folder, tmp_path):
     run = tmp_path / "run"
     before = one_epoch(cli, image_folder, run)

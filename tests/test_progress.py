@@ -70,6 +70,7 @@ def test_scalar_tags_and_values():
     assert tag_of("nmi_labels") == "labels/nmi"
 
 
+@pytest.mark.slow
 def test_a_run_writes_tensorboard_scalars_next_to_its_log(tiny_run):
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -54,7 +54,8 @@ CLUSTERED = {"paper": "fc", "small": "body", "digits": "body", "v2-imagenet": "b
              "v2-small": "body"}
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", [pytest.param(name, marks=pytest.mark.slow) if name in ("v2-imagenet", "v2-cifar") else name
+                                    for name in RECIPES])  # ResNets: over a second each
 def test_features_the_export_and_the_api_give_the_same_rows(recipe, image_folder, tmp_path, run_cli):
     import deepcluster as dc
     from deepcluster.models import preprocess_images, read_backbone_metadata

@@ -155,6 +155,7 @@ def argv_for(command: str, drawn, runs: dict[str, Path], cwd: Path) -> list[str]
 
 
 @pytest.mark.parametrize("command", ["assign", "features", "report", "export", "eval"])
+@pytest.mark.slow
 def test_fuzzed_tool_command_lines_end_in_one_line_or_reach_their_work(command, runs, sandbox, capsys):
     @FUZZ
     @given(drawn=command_line(command))

@@ -49,6 +49,7 @@ def finished(image_folder, tmp_path_factory) -> Path:
 
 # -- item: the final clustering's summary --------------------------------------------------
 
+@pytest.mark.slow
 def test_a_lost_final_json_is_made_again_by_resume(finished, cli, image_folder, tmp_path):
     """Was: ``--resume`` said "nothing left to train" and exited 0 without ``final.json``."""
     run = tmp_path / "run"
@@ -126,6 +127,7 @@ def test_resume_of_a_run_killed_before_it_saved_its_settings_starts_it(cli, imag
     assert (run / "checkpoint.pt").is_file() and (run / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_killed_before_it_took_its_lock_starts_it(cli, image_folder, tmp_path):
     """A kill between the folder's creation and its ``.lock`` (a window torchrun's start-up
     widens) leaves an empty folder. Was: ``--resume`` refused it ("nothing to resume")."""
@@ -144,6 +146,7 @@ def test_resume_of_a_folder_that_does_not_exist_is_still_refused(cli, image_fold
 
 # -- item: paths as typed ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_started_with_a_relative_data_folder_works_from_anywhere(cli, run_cli, image_folder, tmp_path,
                                                                         monkeypatch):
     """Was: ``data`` stored as typed: ``--resume`` from another folder failed, the same
@@ -168,6 +171,7 @@ def test_a_run_started_with_a_relative_data_folder_works_from_anywhere(cli, run_
     assert " 0 clusters" not in out and " 0 images" not in out
 
 
+@pytest.mark.slow
 def test_report_refuses_to_call_a_page_without_images_a_success(finished, run_cli, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
@@ -274,7 +278,7 @@ def test_checkpoint_torch_load_warning_is_silenced(tmp_path, capsys):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(CheckpointError) as error:
+        with pytest.raises(CheckpointError, match="cannot be loaded safely: it is truncated, corrupt") as error:
             load_checkpoint(path)
     assert not [w for w in caught if "pickle protocol" in str(w.message)]
     assert "In PyTorch 2.6" not in str(error.value)

@@ -121,6 +121,7 @@ def tiny_report(tiny_run, tmp_path_factory):
     return out / "index.html"
 
 
+@pytest.mark.slow
 def test_report_of_a_tiny_run_is_one_self_contained_page(tiny_report):
     html = tiny_report.read_text()
     for anchor in ("curves", "clusters", "conv1", "units"):
@@ -137,6 +138,7 @@ def test_report_of_a_tiny_run_is_one_self_contained_page(tiny_report):
     assert len(html.encode()) < 2_000_000
 
 
+@pytest.mark.slow
 def test_report_defaults_next_to_the_run_and_survives_moved_images(tiny_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run, run)
@@ -156,6 +158,7 @@ def test_report_defaults_next_to_the_run_and_survives_moved_images(tiny_run, tmp
     (["--filters", "1,x"], "comma-separated integers"),
     (["--filters", "100000"], "out of range"),
 ])
+@pytest.mark.slow
 def test_report_bad_options_exit_2(extra, message, tiny_run, tmp_path, capsys):
     code = main(["report", str(tiny_run), "--out", str(tmp_path / "r")] + FAST + extra)
     err = capsys.readouterr().err

@@ -24,6 +24,7 @@ def plain_main(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_resume_as_the_readme_shows_it_takes_the_run_settings(cli, image_folder, tmp_path, capsys):
     run = tmp_path / "run"
     one_epoch(cli, image_folder, run)
@@ -54,6 +55,7 @@ def test_resume_refuses_an_explicit_setting_that_would_change_the_run(cli, image
     assert (run / "checkpoint.pt").read_bytes() == checkpoint
 
 
+@pytest.mark.slow
 def test_a_run_stopped_in_its_first_epoch_restarts_with_its_own_settings(cli, image_folder, tmp_path, capsys):
     """Was: the default recipe, i.e. a digits run trained in that folder."""
     run = tmp_path / "run"

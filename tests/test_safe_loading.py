@@ -150,6 +150,7 @@ def _calls(tree: ast.AST, module_names: set[str], function: str):
             yield node
 
 
+@pytest.mark.slow
 def test_the_source_never_loads_a_pickle():
     """Every ``torch.load`` passes ``weights_only=True``, every ``np.load``
     ``allow_pickle=False``, YAML is read with ``safe_load``, and nothing imports pickle."""

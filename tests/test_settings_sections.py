@@ -59,7 +59,7 @@ def test_section_gives_that_sections_values_and_attributes_still_work():
 @pytest.mark.parametrize("key", V1_KEYS)
 def test_a_v2_run_refuses_a_v1_setting_given_explicitly(key):
     for value in (NON_DEFAULT[key], FIELDS[key].default if FIELDS[key].default is not None else "none"):
-        with pytest.raises(ConfigError) as error:
+        with pytest.raises(ConfigError, match=f"^setting {key!r} is a v1 setting; this run is v2") as error:
             resolve("v2-small", overrides={key: value})
         assert str(error.value).startswith(f"setting {key!r} is a v1 setting; this run is v2 (method v2)")
         assert "\n" not in str(error.value)
@@ -160,7 +160,7 @@ def test_train_help_lists_the_settings_by_section_shortest_first(capsys):
             option = "--out" if key == "out_dir" else f"--{key}"
             listed = any(line.split()[:1] == [option] for line in block.splitlines())
             assert listed == (item.metadata["section"] == name), (name, key)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^0$"):  # --help: exit code 0
         main(["train", "--help"])
     assert "\nv1: DeepCluster (method v1) only\n" in capsys.readouterr().out
 
@@ -175,6 +175,7 @@ def test_a_config_yaml_written_before_the_sections_loads(name, method):
     assert config.method == method and config.to_dict() == expected
 
 
+@pytest.mark.slow
 def test_a_run_folder_written_before_the_sections_resumes(cli, image_folder, tmp_path, capsys):
     """A run's config.yaml as the code before the sections wrote it (the same settings as this
     one-epoch run) takes the new one's place; the run resumes."""

@@ -254,16 +254,20 @@ def test_leave_returns_the_code_where_this_process_made_no_group():
     assert distributed.leave(0) == 0 and distributed.leave(2) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "v2 under torchrun does not take one process's crops: MultiCropDataset seeds each sample's views by its "
-    "position in this process's share (v1's PseudoLabelDataset is given the global positions), in the memory "
-    "bank's first fill and in the training pass, so the first clustering already differs (measured: NMI 0.22 "
-    "between the epoch-1 assignments of 1 and 2 processes, 36 images, global batch 8, SyncBatchNorm on)"))
 def test_v2_two_processes_equal_one_process_with_the_same_global_batch(even_images, tmp_path):
-    """As v1's (above): one epoch, the same global batch, SyncBatchNorm; the clusters the same
-    up to their numbering, the weights and losses to float tolerance."""
-    from deepcluster.clustering import nmi
+    """As v1's (above): one epoch, the same global batch, SyncBatchNorm (the backbone's and the
+    projection's). Each image's crops are seeded by its index and the memory bank's first
+    filling takes one process's batches split over the processes, so the first clustering is
+    one process's, label for label.
 
+    The weights agree to the rounding drift of this tiny run, not to v1's 1e-4: v2's LARS at
+    rate 0.6 and temperature 0.1 grow float rounding to a few 1e-3 of a tensor's norm within
+    the epoch's 4 steps, as much for one process with 2 threads against 1 thread (largest
+    4.8e-3, the bank 1.0e-3) as for 2 processes against 1 (the same figures). A split that
+    is wrong misses by far more: the projection's BatchNorm left unpooled, 0.8 of the first layer's norm
+    and 0.44 of the bank. Biases of layers followed by BatchNorm have no true gradient
+    (their values stay below 1e-5): the absolute term covers them.
+    """
     script = tmp_path / "no_dropout.py"
     script.write_text(NO_DROPOUT)
     v2 = ["--recipe", "v2-cifar", "--arch", "smallnet", "--stem", "imagenet", "--feature_dim", "32", "--resize", "24",
@@ -278,12 +282,17 @@ def test_v2_two_processes_equal_one_process_with_the_same_global_batch(even_imag
     two = torchrun([*common, "--out", str(tmp_path / "two")], script=script)
     assert two.returncode == 0, two.stdout + two.stderr
     name = "assignments/epoch_0001.npy"
-    assert nmi(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)) == pytest.approx(1.0, abs=1e-9)
+    assert np.array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name))
     a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
     for part in ("model", "head"):
+        assert a[part].keys() == b[part].keys()
         for key, value in a[part].items():
             if value.is_floating_point():
-                torch.testing.assert_close(b[part][key], value, rtol=1e-4, atol=1e-5, msg=key)
+                assert float((b[part][key] - value).norm()) <= 2e-2 * float(value.norm()) + 1e-4, key
+    assert float((b["bank"] - a["bank"]).norm()) <= 5e-3 * float(a["bank"].norm())
+    assert torch.equal(b["bank_decoded"], a["bank_decoded"])
     np.testing.assert_allclose([r["train_loss"] for r in records(tmp_path / "two")],
                                [r["train_loss"] for r in records(tmp_path / "one")], rtol=1e-4)
+    np.testing.assert_allclose([r["train_loss_per_head"] for r in records(tmp_path / "two")],
+                               [r["train_loss_per_head"] for r in records(tmp_path / "one")], rtol=1e-4)

@@ -23,6 +23,7 @@ def tiny_config(folder, out_dir, **overrides):
     return resolve("small", overrides=settings)
 
 
+@pytest.mark.slow
 def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folder, tmp_path):
     config = tiny_config(image_folder, tmp_path / "full")
     lines = []
@@ -57,6 +58,7 @@ def test_two_epochs_write_log_assignments_and_a_resumable_checkpoint(image_folde
     assert len((tmp_path / "half" / "log.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_head_is_recreated_every_epoch(image_folder, tmp_path, monkeypatch):
     from deepcluster.models.heads import ClassifierHead
 
@@ -74,6 +76,7 @@ def test_head_is_recreated_every_epoch(image_folder, tmp_path, monkeypatch):
     assert all(h.out_features == 6 for h in heads)
 
 
+@pytest.mark.slow
 def test_body_momentum_persists_and_loss_is_finite(image_folder, tmp_path):
     records = run(tiny_config(image_folder, tmp_path / "run"), log=lambda _: None)
     assert all(np.isfinite(r["train_loss"]) for r in records)
@@ -81,6 +84,7 @@ def test_body_momentum_persists_and_loss_is_finite(image_folder, tmp_path):
     assert any("momentum_buffer" in s for s in saved["optimizer"]["state"].values())
 
 
+@pytest.mark.slow
 def test_impossible_settings_fail_before_any_work(image_folder, tmp_path):
     with pytest.raises(ConfigError, match="only 36 images"):
         run(tiny_config(image_folder, tmp_path / "run", n_clusters=100), log=lambda _: None)
@@ -92,6 +96,7 @@ def test_impossible_settings_fail_before_any_work(image_folder, tmp_path):
         run(tiny_config(image_folder, tmp_path / "done", epochs=2, lr=0.1), resume=True, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_pic_clustering_runs_in_the_loop_with_the_number_of_clusters_it_finds(image_folder, tmp_path):
     records = run(tiny_config(image_folder, tmp_path / "pic", clustering="pic", epochs=1), log=lambda _: None)
     saved = load_checkpoint(tmp_path / "pic" / "checkpoint.pt")
@@ -100,6 +105,7 @@ def test_pic_clustering_runs_in_the_loop_with_the_number_of_clusters_it_finds(im
     assert saved["head"]["linear.weight"].shape[0] == saved["centroids"].shape[0]
 
 
+@pytest.mark.slow
 def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(image_folder, tmp_path):
     from deepcluster.data import FolderSource
     from deepcluster.features import compute_features
@@ -131,6 +137,7 @@ def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(ima
     assert records[0]["n_nonempty"] >= 2
 
 
+@pytest.mark.slow
 def test_a_nested_file_keeps_the_labels_and_a_loose_one_is_said(image_folder, tmp_path, cli):
     """Was: one ``<class>/nested/deeper/x.jpg`` dropped NMI/ACC without a word, and eval said
     the folder had no class sub-folders."""
@@ -181,6 +188,7 @@ def test_the_terminal_says_what_was_skipped_and_when_nothing_is_left(image_folde
     assert "the run has already trained 1 epoch; nothing left to train (raise --epochs" in out
 
 
+@pytest.mark.slow
 def test_v1_body_follows_a_warmup_and_cosine_when_asked_and_resumes_on_it(image_folder, tmp_path, monkeypatch):
     import deepcluster.train as train_module
     from deepcluster.optim import learning_rates
@@ -214,6 +222,7 @@ def test_v1_body_follows_a_warmup_and_cosine_when_asked_and_resumes_on_it(image_
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_v1_without_a_schedule_keeps_the_paper_constant_rate(image_folder, tmp_path, monkeypatch):
     import deepcluster.train as train_module
 

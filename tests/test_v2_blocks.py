@@ -85,6 +85,7 @@ def test_prototypes_are_frozen_and_take_the_centroids():
     assert torch.allclose(prototypes(embeddings)[1], embeddings @ centroids.T)
 
 
+@pytest.mark.slow
 def test_grouped_multicrop_forward_equals_one_crop_at_a_time():
     torch.manual_seed(5)
     model = MultiCropModel(ResNet18(stem="cifar"), ProjectionHead(512, 64, 16), Prototypes(16, [10, 12])).eval()
@@ -121,6 +122,7 @@ def test_warmup_then_cosine_per_step():
 
 
 @pytest.mark.parametrize("cls, params, dim", [(ResNet18, 11_176_512, 512), (ResNet50, 23_508_032, 2048)])
+@pytest.mark.slow
 def test_resnets_have_the_reference_sizes_and_taps(cls, params, dim):
     model = cls(stem="imagenet").eval()
     assert sum(p.numel() for p in model.parameters()) == params  # torchvision's, without the fc layer
@@ -156,6 +158,7 @@ def test_multicrop_gives_the_crops_large_first_and_repeats_with_the_seed():
     assert all(c.dtype == torch.uint8 for c in crops)
 
 
+@pytest.mark.slow
 def test_everything_v1_does_works_on_a_resnet(cli, image_folder, tmp_path):
     """ResNet-18 with the CIFAR stem through every command: train (online kNN), eval (linear
     probes per stage, kNN, clustering, retrieval), assign, features, export and report."""

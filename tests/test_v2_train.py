@@ -41,6 +41,7 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_after_planning_the_prototypes_are_the_centroids_and_give_the_targets(image_folder):
     from deepcluster.config import resolve
     from deepcluster.data import FolderSource
@@ -68,6 +69,7 @@ def test_after_planning_the_prototypes_are_the_centroids_and_give_the_targets(im
     assert plan.record["n_empty"] == [0, 0, 0] and len(plan.record["spherical_objective"]) == 3
 
 
+@pytest.mark.slow
 def test_a_three_epoch_v2_run_lowers_its_loss_and_logs_v1s_keys_plus_each_heads_loss(v2_run):
     logged = records(v2_run)
     assert [r["epoch"] for r in logged] == [1, 2, 3]
@@ -87,6 +89,7 @@ def test_a_three_epoch_v2_run_lowers_its_loss_and_logs_v1s_keys_plus_each_heads_
     assert logged[-1]["lr"] < logged[0]["lr"]
 
 
+@pytest.mark.slow
 def test_a_v2_run_stopped_mid_epoch_and_resumed_equals_an_uninterrupted_one(image_folder, v2_run, tmp_path,
                                                                                  run_cli):
     run = tmp_path / "run"
@@ -135,6 +138,7 @@ def test_bad_v2_settings_fail_with_one_line(image_folder, tmp_path, run_cli, set
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_eval_assign_features_and_report_read_a_v2_run_folder(image_folder, v2_run, tmp_path, run_cli):
     final = np.load(v2_run / "assignments" / "final.npy")
     code, out, err = run_cli("assign", v2_run, "--data", image_folder, "--out", tmp_path / "assign",

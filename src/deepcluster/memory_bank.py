@@ -2,9 +2,10 @@
 
 For every image, the L2-normalised embeddings of its two large crops as the training pass
 computed them (the first filling is a pass of its own before epoch 0). With several
-processes each holds its share of the images (every ``world_size``-th image from its rank)
-and what one process computes of another's images is handed over once per epoch
-(``synchronise``), so no process ever holds more than its share.
+processes each holds its share of the images, a contiguous block (``distributed.block``:
+the blocks in rank order are the images in order, which k-means' sharded mode reads as one
+process's rows), and what one process computes of another's images is handed over once
+per epoch (``synchronise``), so no process ever holds more than its share.
 """
 
 from __future__ import annotations
@@ -21,10 +22,23 @@ from deepcluster.checkpoint import CheckpointError
 BANK_CROPS = 2  # the memory bank keeps the embeddings of the first two (large) crops
 
 
+def fill_batches(rows: np.ndarray, n_images: int, batch_size: int) -> list[list[int]]:
+    """The batches of the bank's first filling, as places in this process's share ``rows``
+    (its image indices, ascending): batch t holds the images ``[t B, (t + 1) B)`` that this
+    process holds. Together the processes then feed the network, step by step, the batches
+    one process would (``B`` is the global batch, so BatchNorm pooled over the processes sees
+    the same images), and every process takes the same number of steps, ``ceil(N / B)``,
+    which the pooled statistics need; a process may get an empty batch when a last batch has
+    fewer images than there are processes."""
+    batch_of = np.asarray(rows, dtype=np.int64) // batch_size
+    bounds = np.searchsorted(batch_of, np.arange(-(-n_images // batch_size) + 1))
+    return [list(range(int(start), int(stop))) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
 @dataclass
 class MemoryBank:
     """The embeddings the clustering reads, each process holding its share of the images
-    (every ``world_size``-th image from its rank; all of them in one process).
+    (its contiguous block ``distributed.block(n_images)``; all of them in one process).
 
     Attributes:
         embeddings: ``(2, n, dim)`` float32 (CPU): the L2-normalised embedding of the first
@@ -43,13 +57,13 @@ class MemoryBank:
 
     @classmethod
     def empty(cls, n_images: int, dim: int) -> MemoryBank:
-        rows = distributed.shard(np.arange(n_images))
+        rows = np.arange(*distributed.block(n_images))
         return cls(torch.zeros(BANK_CROPS, len(rows), dim), np.zeros(len(rows), dtype=bool), rows, n_images)
 
     @classmethod
     def from_full(cls, embeddings: torch.Tensor, decoded: np.ndarray) -> MemoryBank:
         """This process's share of a whole ``(2, N, dim)`` bank (a checkpoint's)."""
-        rows = distributed.shard(np.arange(embeddings.shape[1]))
+        rows = np.arange(*distributed.block(embeddings.shape[1]))
         index = torch.from_numpy(rows)
         return cls(embeddings[:, index].clone(), decoded[rows].copy(), rows, embeddings.shape[1])
 
@@ -70,13 +84,13 @@ class MemoryBank:
                                   "'bank_decoded'); it is not a resumable v2 checkpoint of this run")
         return cls.from_full(bank, decoded.numpy())
 
-    @staticmethod
-    def positions(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which of the images ``rows`` this process holds (``(len(rows),)`` bool) and where
         in its share they are."""
         rows = np.asarray(rows, dtype=np.int64)
-        held = rows % distributed.world_size() == distributed.rank()
-        return held, rows[held] // distributed.world_size()
+        start, stop = distributed.block(self.n_images)
+        held = (rows >= start) & (rows < stop)
+        return held, rows[held] - start
 
     def _store(self, rows: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
         """Put the embeddings of the images held in place; returns the mask of the others."""
@@ -121,6 +135,15 @@ class MemoryBank:
             if not mine:
                 self._store(sent_rows, sent)
 
+    def settle_filling(self, embedded: np.ndarray) -> None:
+        """End the first filling, in which this process embedded the images ``embedded``
+        (those of its batches that decoded, written with ``write``): hand over what it
+        computed of the others' images, and mark as decoded the images held that some
+        process embedded."""
+        self.synchronise()
+        everyone = distributed.all_gather_rows(np.asarray(embedded, dtype=np.int64))
+        self.decoded[self.positions(everyone)[1]] = True
+
     def all_decoded(self) -> np.ndarray:
         """``(N,)`` bool, the images of every process's share that decoded."""
         return distributed.gather_in_order(self.decoded.astype(np.uint8), self.rows, self.n_images).astype(bool)
@@ -137,4 +160,4 @@ class MemoryBank:
         return torch.from_numpy(np.ascontiguousarray(gathered[0].transpose(1, 0, 2))), flags[0]
 
 
-__all__ = ["BANK_CROPS", "MemoryBank"]
+__all__ = ["BANK_CROPS", "MemoryBank", "fill_batches"]

@@ -167,6 +167,7 @@ def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device
     distributed.agree(error)
     if distributed.is_distributed() and sync_batchnorm(config):
         model = distributed.synchronise_batchnorm(model, device)
+        distributed.synchronise_batchnorm(head, device)  # v2's projection has a BatchNorm (in place)
     for line in start_lines(config, source, state, resume, device, knn, removed, model):
         folder.log(line)
     planner, loss = faults.instrument(method.planner(config, device, source, head), method.loss)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from deepcluster.data.sources import ImageSource
 from deepcluster.data.transforms import ColorJitter, RandomResizedCropFlip, to_uint8_tensor
@@ -107,3 +107,14 @@ class MultiCropDataset(Dataset):
                      for group in self.transform.groups for _ in range(group.count)]
             return crops, torch.full((len(self.targets),), UNREADABLE, dtype=torch.int64), index
         return crops, torch.from_numpy(self.targets[:, index].astype(np.int64)), index
+
+
+def collate_crops(groups: tuple[CropGroup, ...], samples: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A batch of ``MultiCropDataset`` samples, as ``default_collate`` makes it; an empty one
+    (a process with no image in a step that the others take) as zero-row tensors of the
+    crops' shapes, ``(0, n_heads)`` targets (one head) and ``(0,)`` indices."""
+    if samples:
+        return default_collate(samples)
+    crops = [torch.zeros(0, 3, group.size, group.size, dtype=torch.uint8) for group in groups
+             for _ in range(group.count)]
+    return crops, torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)

@@ -22,6 +22,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -33,11 +34,11 @@ from torch.utils.data import DataLoader
 from deepcluster import distributed
 from deepcluster.clustering import KMeansResult, kmeans
 from deepcluster.data import ImageSource, Normalize, decode_problem, uniform_cluster_sample
-from deepcluster.data.multicrop import UNREADABLE, CropGroup, MultiCrop, MultiCropDataset
+from deepcluster.data.multicrop import UNREADABLE, CropGroup, MultiCrop, MultiCropDataset, collate_crops
 from deepcluster.data.transforms import color_jitter
 from deepcluster.features import Keep, autocast, loader_kwargs, local_features
 from deepcluster.health import check_features
-from deepcluster.memory_bank import BANK_CROPS, MemoryBank
+from deepcluster.memory_bank import BANK_CROPS, MemoryBank, fill_batches
 from deepcluster.methods import STREAM_BANK_VIEWS, STREAM_CLUSTERING, STREAM_SAMPLER, Method, Plan, derived_seed
 from deepcluster.methods.records import epoch_record, final_record
 from deepcluster.models import Backbone, model_from_config
@@ -111,23 +112,28 @@ def fill_bank(network: MultiCropModel, source: ImageSource, config: Config, devi
     transform = dataclasses.replace(multi_crop(config), groups=(dataclasses.replace(first, count=BANK_CROPS),))
     n_images = len(source)
     indices = distributed.shard(np.arange(n_images))
+    # Each image's crops seeded by its index, each step's batch the global one (``fill_batches``):
+    # the processes together compute one process's bank.
     dataset = MultiCropDataset(source, indices, np.zeros((1, n_images), dtype=np.int64), transform, config.seed, 0,
-                               stream=STREAM_BANK_VIEWS)
-    loader = DataLoader(dataset, batch_size=config.feature_batch_size, shuffle=False,
+                               stream=STREAM_BANK_VIEWS, positions=indices)
+    loader = DataLoader(dataset, batch_sampler=fill_batches(indices, n_images, config.feature_batch_size),
+                        collate_fn=functools.partial(collate_crops, transform.groups),
                         **loader_kwargs(config.workers, device))
-    bank = MemoryBank.empty(n_images, config.projection_dim)  # this process's share: the images it embeds here
+    bank = MemoryBank.empty(n_images, config.projection_dim)  # this process's share (its block of the images)
+    embedded = []
     normalize = Normalize(config.mean, config.std)
     for crops, targets, rows in track(loader, len(dataset), "memory bank", unit="img", size=lambda batch: len(batch[2])):
         if before_batch is not None:
             before_batch()
         with autocast(device, config.precision == "bf16"):
             embeddings, _ = network([normalize(crop, device, config.channels_last) for crop in crops])
-        embeddings = embeddings.float().cpu().view(BANK_CROPS, len(rows), -1)
+        embeddings = embeddings.float().cpu().view(BANK_CROPS, len(rows), embeddings.shape[-1])
         check_features(embeddings.reshape(-1, embeddings.shape[-1]).numpy(), 0)
         decoded = (targets[:, 0] != UNREADABLE).numpy()
         rows = rows.numpy()
         bank.write(rows[decoded], embeddings[:, torch.from_numpy(decoded)])
-        bank.decoded[bank.positions(rows[decoded])[1]] = True
+        embedded.append(rows[decoded])
+    bank.settle_filling(np.concatenate(embedded))  # the other processes' images handed over
     return bank
 
 
