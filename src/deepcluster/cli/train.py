@@ -1,69 +1,28 @@
-"""The ``deepcluster`` command line. It only parses and wires; the library does the work.
+"""``deepcluster train`` and ``deepcluster recipes``: they only parse and wire; the library
+does the work.
 
     deepcluster train [--recipe NAME] [--config FILE] [--data FOLDER] [--out DIR]
                       [--resume] [--KEY VALUE ...]
     deepcluster train ... --print-config      (the resolved settings; no training)
     deepcluster recipes [NAME]                (the recipes; the settings of one)
-    deepcluster eval | report | assign | features | export ...   (``cli_eval``, ``cli_tools``)
 
 Any setting of ``deepcluster.config.Config`` can be given as ``--key value`` (dashes or
-underscores).
-
-Exit codes (each failure is one line on stderr, ``deepcluster: error: ...``, no traceback):
-
-- 0: done;
-- 2 (``EXIT_USAGE``): bad input: a setting, the data folder, the YAML file or a checkpoint;
-- 3 (``EXIT_DIVERGED``): the loss or the features became NaN or infinite; the checkpoint of
-  the last good epoch is kept;
-- 4 (``EXIT_WRITE``): a file of the run folder cannot be written (full disk, read-only
-  folder, no permission); the previous checkpoint is kept;
-- 5 (``EXIT_MEMORY``): out of memory (host or GPU) that Python could catch; the checkpoint
-  of the last completed epoch is kept. (When the kernel's OOM killer ends the process
-  instead, nothing can be printed; ``--resume`` still continues from the last checkpoint.)
-- 130: interrupted with Ctrl-C; 143: stopped by ``SIGTERM`` (``kill PID``, a job scheduler);
-  both print the same line and keep the checkpoint of the last completed epoch.
+underscores). Exit codes: see ``deepcluster.cli``.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import re
 import shutil
-import signal
-import sys
 import textwrap
-import threading
-import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
-from deepcluster.config import (RECIPE_PROVENANCE, RECIPES, ConfigError, config_text, default_recipe, recipe_line,
-                                resolve, run_folder, settings_help)
-from deepcluster.messages import one_line, shown_path
-
-EXIT_USAGE = 2
-# A process other than the first, failing a check every process fails alike, leaves the saying to
-# the first and waits this long (at most) for the launcher to end it: exiting at once could get
-# the first process terminated before it speaks.
-SILENT_RANK_WAIT_S = 30.0
-EXIT_DIVERGED = 3
-EXIT_WRITE = 4
-EXIT_MEMORY = 5
-
-
-class UsageError(Exception):
-    """Bad command-line input."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(message)
-
+from deepcluster.cli.common import UsageError
+from deepcluster.config import (RECIPE_PROVENANCE, RECIPES, config_text, default_recipe, recipe_line, resolve,
+                                run_folder, settings_help)
+from deepcluster.messages import shown_path
 
 TRAIN_OPTIONS = ("recipe", "config", "data", "out", "resume", "print-config")  # the options of `train` besides the settings
 
@@ -107,12 +66,8 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def build_parser() -> Parser:
-    from deepcluster import __version__
-
-    parser = Parser(prog="deepcluster", description="DeepCluster: unsupervised visual features by clustering.")
-    parser.add_argument("--version", action="version", version=f"deepcluster {__version__}")
-    commands = parser.add_subparsers(dest="command", parser_class=Parser)
+def add_train_parsers(commands: Any) -> None:
+    """Register ``train`` and ``recipes`` on the ``deepcluster`` subparsers."""
     width = max(60, min(shutil.get_terminal_size().columns, 120) - 2)
     train = commands.add_parser(
         "train", help="train DeepCluster on a folder of images or the built-in digits",
@@ -146,13 +101,6 @@ def build_parser() -> Parser:
                                   description="Without NAME: one line per recipe. With NAME: every setting that "
                                               "recipe resolves to, the ones it sets marked.")
     recipes.add_argument("name", nargs="?", metavar="NAME", help="a recipe: " + ", ".join(RECIPES))
-    from deepcluster.cli_eval import add_eval_parser
-
-    add_eval_parser(commands)
-    from deepcluster.cli_tools import add_tool_parsers
-
-    add_tool_parsers(commands)
-    return parser
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -208,130 +156,5 @@ def interrupted_line(command: str | None) -> str:
            "starts the run over)"
 
 
-class Terminated(KeyboardInterrupt):
-    """``SIGTERM`` arrived: raised where the program is, so it stops as Ctrl-C stops it
-    (atomic writes remove their temporary file, the last checkpoint stays)."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """Inside the block, ``SIGTERM`` raises ``Terminated`` (main thread only; restored after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def out_of_memory(error: BaseException) -> str | None:
-    """The short reason if ``error`` is an allocation failure (host or GPU), else ``None``."""
-    import torch
-
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return message or "an allocation failed"
-    lowered = message.lower()
-    if isinstance(error, RuntimeError) and any(words in lowered for words in ("not enough memory", "out of memory", "can't allocate memory",
-                                          "cannot allocate memory")):
-        match = re.search(r"tried to allocate (\d+) bytes", message)
-        if match:
-            return f"an allocation of {int(match.group(1)) / 2**30:.1f} GiB failed"
-        return one_line(message, 200)
-    return None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a command; returns the exit code (see the module docstring)."""
-    with sigterm_as_interrupt(), warnings.catch_warnings():
-        # torch's advice to use fewer loader workers than cores, once per loader and process:
-        # noise around the run's own lines (the workers setting is the user's choice).
-        warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes")
-        try:
-            code = _main(argv)
-        except Terminated:
-            # SIGTERM before the command's own handling began (while importing or building the
-            # parser: torchrun ends the other processes when one fails its settings at once).
-            # Nothing was started, so nothing to say and no traceback.
-            code = 128 + signal.SIGTERM
-    distributed = sys.modules.get("deepcluster.distributed")  # not imported: no process group
-    return distributed.leave(code) if distributed else code  # a torchrun trainer ends here
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    from deepcluster.checkpoint import CheckpointError
-    from deepcluster.data import DataError
-    from deepcluster.health import TrainingDiverged
-    from deepcluster.runfolder import RunFolderError
-    from deepcluster.progress import erase_bars
-    from deepcluster.distributed import PeerFailed, is_distributed, launched_rank
-
-    parser = build_parser()
-    command = None
-    try:
-        args, extra = parser.parse_known_args(argv)
-        command = args.command
-        if args.command is None:
-            parser.print_help()
-            return EXIT_USAGE
-        if args.command == "train":
-            return cmd_train(args, extra)
-        if args.command == "recipes":
-            return cmd_recipes(parser.parse_args(argv))
-        if args.command == "eval":
-            from deepcluster.cli_eval import cmd_eval
-
-            return cmd_eval(parser.parse_args(argv))  # strict parse: unknown options are an error
-        from deepcluster.cli_tools import COMMANDS, run_tool
-
-        if args.command in COMMANDS:
-            return run_tool(parser.parse_args(argv), sys.argv[1:] if argv is None else argv)
-        raise UsageError(f"unknown command {args.command!r}")
-    except PeerFailed as error:  # another process's setup failed: the main process says it once
-        erase_bars()
-        if error.args and error.args[0]:
-            print(f"deepcluster: error: {one_line(error.args[0])}", file=sys.stderr)
-        return EXIT_USAGE
-    except (UsageError, ConfigError, DataError, CheckpointError) as error:
-        erase_bars()
-        if not is_distributed() and launched_rank() != 0:
-            # Every process of the job read the same command line: the first one says it; the
-            # launcher ends this one (SIGTERM, a silent Terminated) once the first has exited.
-            time.sleep(SILENT_RANK_WAIT_S)
-            return EXIT_USAGE
-        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except TrainingDiverged as error:
-        erase_bars()
-        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except RunFolderError as error:
-        erase_bars()
-        print(f"deepcluster: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_WRITE
-    except (MemoryError, RuntimeError) as error:
-        reason = out_of_memory(error)
-        if reason is None:
-            raise
-        erase_bars()
-        if command == "train":
-            advice = ("lower batch_size, feature_batch_size, feature_dim or n_clusters, or use a machine with more "
-                      "memory; a checkpoint already written is kept (continue with --resume)")
-        else:
-            advice = "use fewer images, layers (eval: --probe-layers) or a smaller batch, or a machine with more memory"
-        print(f"deepcluster: error: out of memory ({reason}); {advice}", file=sys.stderr)
-        return EXIT_MEMORY
-    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
-        erase_bars()
-        print(interrupted_line(command), file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["TRAIN_OPTIONS", "add_train_parsers", "cmd_recipes", "cmd_train", "interrupted_line", "parse_overrides",
+           "unknown_option"]
