@@ -132,14 +132,20 @@ def probe_pooling(model: Backbone, image_size: int, target_dim: int = TARGET_DIM
     return {name: choose_pooling(*shape, target_dim=target_dim) for name, shape in model.tap_shapes(image_size).items()}
 
 
+def _linear_layers(model: Backbone) -> list[nn.Linear]:
+    classifier = model.classifier
+    return [m for m in classifier.modules() if isinstance(m, nn.Linear)] if isinstance(classifier, nn.Sequential) else []
+
+
 def head_layers(model: Backbone) -> list[str]:
     """The layers past the convolutions a backbone offers besides ``fc``: ``body`` (the pooled
     convolutional output) and ``fc1``, ``fc2``, ... (each hidden fully connected layer after
-    its ReLU; a classifier of two ``Linear`` layers has ``fc1``)."""
-    classifier = model.classifier
-    linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)] \
-        if isinstance(classifier, nn.Sequential) else []
-    return [BODY_LAYER] + [f"fc{index}" for index in range(1, len(linears))]
+    its ReLU; a classifier of two ``Linear`` layers has ``fc1``). When the body is what is
+    clustered (so ``fc`` is the body), the last ``Linear``'s output is offered too, as
+    ``fc2`` for two layers."""
+    count = len(_linear_layers(model))
+    last = count if count and model.clustered == "body" else count - 1
+    return [BODY_LAYER] + [f"fc{index}" for index in range(1, last + 1)]
 
 
 def _head_outputs(model: Backbone, images: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -148,11 +154,13 @@ def _head_outputs(model: Backbone, images: torch.Tensor, names: list[str]) -> di
     outputs = {BODY_LAYER: body} if BODY_LAYER in names else {}
     hidden = [name for name in names if name != BODY_LAYER]
     if hidden:
-        x, count = body, 0
+        x, count, n_linear = body, 0, len(_linear_layers(model))
         for module in model.classifier:
             x = module(x)
             if isinstance(module, nn.Linear):
                 count += 1
+                if count == n_linear and f"fc{count}" in hidden:  # the last one: no ReLU follows
+                    outputs[f"fc{count}"] = x
             elif isinstance(module, nn.ReLU) and f"fc{count}" in hidden:
                 outputs[f"fc{count}"] = x.clone()
     return outputs
@@ -208,7 +216,7 @@ def layer_dims(model: Backbone, pools: dict[str, PoolSpec], include_fc: bool,
     dims = {name: spec.dim for name, spec in pools.items()}
     if include_fc:
         dims[FC_LAYER] = model.clustered_dim
-    linears = [m for m in model.classifier.modules() if isinstance(m, nn.Linear)]
+    linears = _linear_layers(model)
     for name in heads:
         dims[name] = model.body_dim if name == BODY_LAYER else linears[int(name[2:]) - 1].out_features
     return dims

@@ -177,8 +177,10 @@ def baseline_note(report: dict[str, Any]) -> str:
         return f"start: the weights the run started from, {report['start']}, with their own BatchNorm statistics"
     several = list(report["results"].get("baselines") or {})
     if several:
-        return ("random BN init / data: the run's random weights with BatchNorm statistics as initialised / of the "
-                f"training images (--baseline-batchnorm {','.join(several)}); the gain is over random BN {several[0]}")
+        words = {"init": "as initialised", "data": "of the training images"}
+        return ("random BN: the run's random weights with BatchNorm statistics "
+                + ", ".join(f"{words[mode]} ({mode})" for mode in several)
+                + f" (--baseline-batchnorm {','.join(several)}); the gain is over random BN {several[0]}")
     if (report.get("settings") or {}).get("baseline_batchnorm", "init") == "data":
         return ("random init: the run's random weights with BatchNorm statistics of the training images "
                 "(--baseline-batchnorm data)")
