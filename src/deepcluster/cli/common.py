@@ -4,6 +4,7 @@ the commands that read a trained run (device, batch size, workers, threads)."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from deepcluster.config import ConfigError
@@ -94,11 +95,17 @@ def machine_setup(args: argparse.Namespace):
         if value is not None and value < (1 if name == "batch_size" else 0):
             wanted = "positive" if name == "batch_size" else "0 or more"
             raise ConfigError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
-    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
-        raise ConfigError(f"--device is {args.device!r}; choose auto, cpu, cuda or cuda:N")
+    check_device(args.device)
     return resolve_device(args.device)
 
 
+def check_device(name: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N, else a one-line ``ConfigError``."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"--device is {name!r}; choose auto, cpu, cuda or cuda:N")
+    return name
+
+
 __all__ = ["EXIT_DIVERGED", "EXIT_MEMORY", "EXIT_USAGE", "EXIT_WRITE", "Parser", "RUN_HELP", "UsageError",
-           "add_machine_options", "add_run_argument", "csv_items", "int_list", "machine_setup", "out_folder",
-           "resolve_run", "writing_to"]
+           "add_machine_options", "add_run_argument", "check_device", "csv_items", "int_list", "machine_setup",
+           "out_folder", "resolve_run", "writing_to"]

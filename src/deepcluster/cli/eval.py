@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from deepcluster.cli.common import UsageError, add_run_argument, csv_items, int_list, resolve_run
+from deepcluster.cli.common import UsageError, add_run_argument, check_device, csv_items, int_list, resolve_run
 from deepcluster.config import ConfigError
 
 if TYPE_CHECKING:  # the command imports torch and the suite only when it runs
@@ -198,6 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deepcluster.evaluation.compare import EvalRequest, compare
 
     resolve_run(args)
+    if args.device is not None:
+        check_device(args.device)
     settings = settings_from_args(args)
     if args.threads is not None:
         if args.threads < 1:

@@ -19,9 +19,9 @@ import torch
 
 from deepcluster.config import Config, ConfigError
 from deepcluster.evaluation import report as reporting
+from deepcluster.evaluation import suite
 from deepcluster.evaluation.splits import LabelledSplits, open_labelled_splits
-from deepcluster.evaluation.suite import (EvalSettings, baseline_backbone, check_settings, evaluate_backbone,
-                                          random_init_backbone, remove_dir)
+from deepcluster.evaluation.suite import EvalSettings, baseline_backbone, check_settings, random_init_backbone, remove_dir
 from deepcluster.models import SCALINGS
 
 TRAINED_REPORT = "eval.json"
@@ -178,7 +178,7 @@ class Comparison:
         features = self.out_dir / "features"
         work_dir = features / f"{which}-{os.getpid()}"
         try:
-            return evaluate_backbone(network, self.config, self.splits, self.settings, self.device, work_dir,
+            return suite.evaluate_backbone(network, self.config, self.splits, self.settings, self.device, work_dir,
                                      self.request.keep_features, self.log)
         finally:
             if not self.request.keep_features:
