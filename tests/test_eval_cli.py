@@ -224,9 +224,10 @@ def test_baseline_batchnorm_init_and_data_are_two_baseline_columns(checkpoint, i
     assert code == 0 and "baseline reused" in stdout and "random BN data" in stdout
 
 
-@pytest.mark.parametrize("bad", [["--layers", ","], ["--layers", "conv1,nope"], ["--layers", "fc", "--feature-layers", "fc"],
-                                 ["--layers", "fc", "--probe-mode", "reference"],
-                                 ["--pca-widths", "0"], ["--pca-widths", "abc"], ["--pca-widths", "8", "--protocols", "knn"],
+@pytest.mark.parametrize("bad", [["--layers", ","], ["--layers", "conv1,nope"],
+                                 ["--layers", "fc", "--feature-layers", "fc"], ["--layers", "fc", "--probe-mode", "reference"],
+                                 ["--pca-widths", "0"], ["--pca-widths", "abc"],
+                                 ["--pca-widths", "8", "--protocols", "knn"],
                                  ["--baseline-batchnorm", "init,init"], ["--baseline-batchnorm", "fresh"],
                                  ["--baseline-batchnorm", ""]])
 def test_bad_values_of_the_layer_width_and_baseline_options_exit_2(bad, checkpoint, image_folder, tmp_path, capsys):

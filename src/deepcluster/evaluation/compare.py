@@ -21,7 +21,8 @@ from deepcluster.config import Config, ConfigError
 from deepcluster.evaluation import report as reporting
 from deepcluster.evaluation import suite
 from deepcluster.evaluation.splits import LabelledSplits, open_labelled_splits
-from deepcluster.evaluation.suite import EvalSettings, baseline_backbone, check_settings, random_init_backbone, remove_dir
+from deepcluster.evaluation.suite import (EvalSettings, baseline_backbone, check_settings, random_init_backbone,
+                                          remove_dir)
 from deepcluster.models import SCALINGS
 
 TRAINED_REPORT = "eval.json"

@@ -134,7 +134,9 @@ def probe_pooling(model: Backbone, image_size: int, target_dim: int = TARGET_DIM
 
 def _linear_layers(model: Backbone) -> list[nn.Linear]:
     classifier = model.classifier
-    return [m for m in classifier.modules() if isinstance(m, nn.Linear)] if isinstance(classifier, nn.Sequential) else []
+    if not isinstance(classifier, nn.Sequential):  # a ResNet's Identity: no fully connected layers
+        return []
+    return [m for m in classifier.modules() if isinstance(m, nn.Linear)]
 
 
 def head_layers(model: Backbone) -> list[str]:

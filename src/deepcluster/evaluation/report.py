@@ -158,7 +158,8 @@ def format_table(report: dict[str, Any]) -> str:
     label_width = max(len(row.label) for row in rows) if rows else 10
     widths = [max(13, len(title) + 2) for title, _, _ in columns]
     lines.append("")
-    lines.append("  " + "metric".ljust(label_width) + "".join(f"{title:>{w}}" for (title, _, _), w in zip(columns, widths)))
+    titles = "".join(f"{title:>{w}}" for (title, _, _), w in zip(columns, widths))
+    lines.append("  " + "metric".ljust(label_width) + titles)
     for row in rows:
         cells = "".join(f"{_cell(values.get(row.key), row.percent, signed):>{w}}"
                         for (_, values, signed), w in zip(columns, widths))
@@ -234,5 +235,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-__all__ = ["MetricRow", "REPORT_VERSION", "baseline_columns", "baseline_note", "flat_metrics", "format_table", "gains", "load_report",
+__all__ = ["MetricRow", "REPORT_VERSION", "baseline_columns", "baseline_note", "flat_metrics", "format_table", "gains",
+           "load_report",
            "metric_rows", "training_budget", "write_report"]
