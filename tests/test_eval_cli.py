@@ -158,3 +158,81 @@ def test_the_table_header_names_a_v2_runs_prototypes_not_the_unused_k():
 
     assert clusters_of({"n_clusters": 100, "prototypes": None}) == "k=100"
     assert clusters_of({"n_clusters": None, "prototypes": [3000, 3000, 3000]}) == "v2, prototypes 3000,3000,3000"
+
+
+def test_layers_reads_every_protocol_on_each_layer_in_one_table(checkpoint, image_folder, tmp_path, capsys):
+    """``--layers``: linear probes and kNN on conv, body, hidden fc and fc, one table."""
+    out = tmp_path / "eval"
+    layers = ["conv1", "body", "fc1", "fc"]
+    code, stdout, err = run_cli(["eval", str(checkpoint), "--train", str(image_folder), "--val", str(image_folder),
+                                 "--out", str(out), "--protocols", "linear,knn", "--layers", ",".join(layers),
+                                 "--baseline", "none", *FAST], capsys)
+    assert code == 0, err
+    trained = json.loads((out / "eval.json").read_text())["results"]["trained"]
+    assert list(trained["linear"]["layers"]) == layers and list(trained["knn"]) == layers
+    assert trained["linear"]["layers"]["body"]["pooling"] == "none"
+    for layer in layers:
+        assert f"kNN {layer} top-1" in stdout and f"linear {layer} top-1" in stdout
+
+
+def test_body_and_hidden_fc_layers_are_what_the_backbone_computes():
+    from deepcluster.evaluation.features import forward_layers, head_layers
+
+    images = torch.randn(3, 3, 32, 32)
+    for clustered, heads in (("fc", ["body", "fc1"]), ("body", ["body", "fc1", "fc2"])):
+        model = model_from_config(resolve("small", overrides={"clustered": clustered})).eval()
+        assert head_layers(model) == heads
+        with torch.no_grad():
+            out = forward_layers(model, images, {}, include_fc=True, heads=tuple(heads))
+            body = torch.flatten(model.pool(model.forward_body(images)), 1)
+            assert torch.allclose(out["body"], body)
+            assert torch.allclose(out["fc1"], torch.relu(model.classifier[1](body)))
+            assert torch.allclose(out["fc"], model.forward_clustered(images))
+            if clustered == "body":  # fc is the body: the classifier's output is fc2
+                assert torch.allclose(out["fc2"], model.forward_features(images))
+
+
+def test_pca_widths_adds_whitened_and_plain_rows_to_the_clustering(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli(["eval", str(checkpoint), "--train", str(image_folder), "--val", str(image_folder),
+                                 "--out", str(out), "--protocols", "clustering", "--pca-widths", "4,8",
+                                 "--baseline", "none", *FAST], capsys)
+    assert code == 0, err
+    report = json.loads((out / "eval.json").read_text())
+    widths = report["results"]["trained"]["pca_widths"]["fc"]
+    assert widths["l2"]["pca_dim"] == 0 and list(widths["widths"]) == ["4", "8"]
+    assert widths["widths"]["4"]["whitened"]["whiten_power"] == -0.5 and widths["widths"]["4"]["not"]["pca_dim"] == 4
+    assert report["settings"]["pca_widths"] == [4, 8]
+    for text in ("ACC train, L2 only", "ACC train, PCA 4 whitened", "ACC train, PCA 8 not whitened"):
+        assert text in stdout
+
+
+def test_baseline_batchnorm_init_and_data_are_two_baseline_columns(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", str(checkpoint), "--train", str(image_folder), "--val", str(image_folder), "--out", str(out),
+            "--protocols", "knn", "--layers", "body,fc", "--baseline-batchnorm", "init,data", *FAST]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    results = json.loads((out / "eval.json").read_text())["results"]
+    assert list(results["baselines"]) == ["init", "data"] and results["random_init"] == results["baselines"]["init"]
+    assert "random BN init" in stdout and "random BN data" in stdout and "gain is over random BN init" in stdout
+    assert "[random init, BatchNorm statistics data]" in stdout
+    # The init column is the baseline --baseline-batchnorm init computes alone.
+    code, _, _ = run_cli([*args[:-len(FAST) - 1], "init", *FAST, "--out", str(tmp_path / "alone")], capsys)
+    alone = json.loads((tmp_path / "alone" / "eval.json").read_text())["results"]["random_init"]
+    assert code == 0 and alone["knn"] == results["baselines"]["init"]["knn"]
+    # A second run reuses both columns.
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "baseline reused" in stdout and "random BN data" in stdout
+
+
+@pytest.mark.parametrize("bad", [["--layers", ","], ["--layers", "conv1,nope"],
+                                 ["--layers", "fc", "--feature-layers", "fc"], ["--layers", "fc", "--probe-mode", "reference"],
+                                 ["--pca-widths", "0"], ["--pca-widths", "abc"],
+                                 ["--pca-widths", "8", "--protocols", "knn"],
+                                 ["--baseline-batchnorm", "init,init"], ["--baseline-batchnorm", "fresh"],
+                                 ["--baseline-batchnorm", ""]])
+def test_bad_values_of_the_layer_width_and_baseline_options_exit_2(bad, checkpoint, image_folder, tmp_path, capsys):
+    code, _, err = run_cli(["eval", str(checkpoint), "--train", str(image_folder), "--val", str(image_folder),
+                            "--out", str(tmp_path / "o"), *FAST, *bad], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("deepcluster: error:"), (bad, err)

@@ -192,7 +192,7 @@ def test_eval_compares_with_the_init_weights_not_random_ones(image_folder, tmp_p
     assert f"[baseline: the run's start, {tmp_path / 'start.pt'}]" in out and "start: the weights the run" in out
     report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert report["start"] == str(tmp_path / "start.pt")
-    from deepcluster.cli_eval import start_backbone
+    from deepcluster.evaluation.compare import start_backbone
 
     baseline = start_backbone(config, None, None, "cpu")
     for name, tensor in start.state_dict().items():

@@ -121,7 +121,8 @@ OPTIONS = {
     "export": [],
     "eval": ["--protocols", "--probe-mode", "--probe-layers", "--probe-epochs", "--probe-lr", "--probe-batch-size",
              "--pool-dim", "--feature-layers", "--knn-k", "--knn-temperature", "--cluster-pca", "--retrieval-k",
-             "--train-limit", "--val-limit", "--batch-size", "--workers", "--device", "--threads", "--baseline"],
+             "--train-limit", "--val-limit", "--batch-size", "--workers", "--device", "--threads", "--baseline",
+             "--layers", "--pca-widths", "--baseline-batchnorm"],
 }
 # Options that name a folder or file: a place, never free text (no scan of the whole disk).
 PATH_OPTIONS = {"assign": ["--data", "--out"], "features": ["--data", "--out"], "report": ["--data", "--out"],

@@ -163,7 +163,7 @@ class Run:
         """Place every image of ``folder`` in the nearest saved cluster (``deepcluster
         assign``); with ``into``, sort them into ``into/cluster_NNNN/`` (links, or copies with
         ``copy``); with ``out``, write ``assignments.csv`` there."""
-        from deepcluster.cli_tools import _class_column, out_folder, problems, write_assignment_tables
+        from deepcluster.outputs import class_column, out_folder, problems, write_assignment_tables
         from deepcluster.data import FolderSource
         from deepcluster.inference import assign_images, load_cluster_model
         from deepcluster.sorting import check_into, remember, sort_into_folders
@@ -174,7 +174,7 @@ class Run:
         assignment = assign_images(cluster_model, source, device, batch_size, workers)
         reasons = problems(source, assignment.ok)
         tables = [] if out is None else write_assignment_tables(out_folder(str(out)), source.paths, assignment,
-                                                                 _class_column(source), ("csv",), reasons)
+                                                                 class_column(source), ("csv",), reasons)
         done = None
         if target is not None:
             done = sort_into_folders(target, folder, source.relative_files(), assignment.clusters, copy)

@@ -5,14 +5,16 @@
 - ``knn``: temperature-weighted kNN on L2-normalised features, chunked by size.
 - ``clustering_scores``: k-means with k = classes; NMI, ARI, ACC.
 - ``retrieval``: mAP and precision@k with class labels as relevance.
+- ``splits``: a labelled train/validation pair of class folders.
 - ``suite``: all of them on one backbone and a labelled train/validation pair.
+- ``compare``: a checkpoint against the network it started from (``deepcluster eval``).
 - ``report``: the terminal table and the JSON file.
 """
 
 from deepcluster.evaluation.clustering_scores import (ClusteringEvaluation, ClusteringScores,
                                                       kmeans_clustering_scores, score_labelling)
-from deepcluster.evaluation.features import (FC_LAYER, PoolSpec, choose_pooling, extract_features, forward_layers,
-                                             probe_pooling)
+from deepcluster.evaluation.features import (BODY_LAYER, FC_LAYER, PoolSpec, choose_pooling, extract_features,
+                                             forward_layers, head_layers, probe_pooling)
 from deepcluster.evaluation.knn import KnnResult, knn_classify, knn_scores, nearest_neighbors
 from deepcluster.evaluation.linear_probe import (ProbeResult, ProbeSettings, train_linear_probe,
                                                  train_probes_augmented)
@@ -21,9 +23,9 @@ from deepcluster.evaluation.suite import (EvalSettings, LabelledSplits, evaluate
                                           random_init_backbone)
 
 __all__ = [
-    "ClusteringEvaluation", "ClusteringScores", "EvalSettings", "FC_LAYER", "KnnResult", "LabelledSplits",
+    "BODY_LAYER", "ClusteringEvaluation", "ClusteringScores", "EvalSettings", "FC_LAYER", "KnnResult", "LabelledSplits",
     "PoolSpec", "ProbeResult", "ProbeSettings", "RetrievalResult", "choose_pooling", "evaluate_backbone",
-    "extract_features", "forward_layers", "kmeans_clustering_scores", "knn_classify", "knn_scores",
+    "extract_features", "forward_layers", "head_layers", "kmeans_clustering_scores", "knn_classify", "knn_scores",
     "nearest_neighbors", "open_labelled_splits", "probe_pooling", "random_init_backbone", "retrieval_scores",
     "score_labelling", "train_linear_probe", "train_probes_augmented",
 ]

@@ -22,7 +22,10 @@ padding. A map already smaller than the target is kept whole (s = 1). For AlexNe
 224 px the rule gives exactly the table above (a unit test checks it).
 
 The fully connected features that DeepCluster clusters (``forward_features``: the last
-fully connected layer before its ReLU) are available as the layer named ``"fc"``.
+fully connected layer before its ReLU) are available as the layer named ``"fc"``; the
+pooled convolutional output (the fully connected layers' input, what the online kNN's
+``knn_body_top1`` reads) as ``"body"``, and the hidden fully connected layers after their
+ReLU as ``"fc1"``, ``"fc2"``, ... (``head_layers``). None of these is pooled further.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from deepcluster.data import CenterView, ImageSource, Normalize
@@ -42,6 +46,7 @@ from deepcluster.models import Backbone
 from deepcluster.models.base import FC_LAYER
 
 TARGET_DIM = 9000
+BODY_LAYER = "body"
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,44 @@ def probe_pooling(model: Backbone, image_size: int, target_dim: int = TARGET_DIM
     return {name: choose_pooling(*shape, target_dim=target_dim) for name, shape in model.tap_shapes(image_size).items()}
 
 
+def _linear_layers(model: Backbone) -> list[nn.Linear]:
+    classifier = model.classifier
+    if not isinstance(classifier, nn.Sequential):  # a ResNet's Identity: no fully connected layers
+        return []
+    return [m for m in classifier.modules() if isinstance(m, nn.Linear)]
+
+
+def head_layers(model: Backbone) -> list[str]:
+    """The layers past the convolutions a backbone offers besides ``fc``: ``body`` (the pooled
+    convolutional output) and ``fc1``, ``fc2``, ... (each hidden fully connected layer after
+    its ReLU; a classifier of two ``Linear`` layers has ``fc1``). When the body is what is
+    clustered (so ``fc`` is the body), the last ``Linear``'s output is offered too, as
+    ``fc2`` for two layers."""
+    count = len(_linear_layers(model))
+    last = count if count and model.clustered == "body" else count - 1
+    return [BODY_LAYER] + [f"fc{index}" for index in range(1, last + 1)]
+
+
+def _head_outputs(model: Backbone, images: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """``body`` and ``fcN`` outputs (see ``head_layers``), from one pass through the body."""
+    body = torch.flatten(model.pool(model.forward_body(images)), 1)
+    outputs = {BODY_LAYER: body} if BODY_LAYER in names else {}
+    hidden = [name for name in names if name != BODY_LAYER]
+    if hidden:
+        x, count, n_linear = body, 0, len(_linear_layers(model))
+        for module in model.classifier:
+            x = module(x)
+            if isinstance(module, nn.Linear):
+                count += 1
+                if count == n_linear and f"fc{count}" in hidden:  # the last one: no ReLU follows
+                    outputs[f"fc{count}"] = x
+            elif isinstance(module, nn.ReLU) and f"fc{count}" in hidden:
+                outputs[f"fc{count}"] = x.clone()
+    return outputs
+
+
 def forward_layers(model: Backbone, images: torch.Tensor, pools: dict[str, PoolSpec],
-                   include_fc: bool = False) -> dict[str, torch.Tensor]:
+                   include_fc: bool = False, heads: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Pooled post-ReLU activations of the chosen taps (and the fc features), in one pass
     that stops after the last layer asked for (probing conv1 costs one convolution).
 
@@ -137,6 +178,8 @@ def forward_layers(model: Backbone, images: torch.Tensor, pools: dict[str, PoolS
         images: ``(B, 3, H, W)`` normalised images.
         pools: tap name (``"conv1"``, ...) -> its pooling.
         include_fc: also return ``forward_features`` as ``"fc"``, ``(B, feature_dim)``.
+        heads: ``body`` and/or ``fcN`` (``head_layers``), unpooled (a second pass through the
+            body when conv taps are asked too).
 
     Returns:
         Layer name -> ``(B, dim)`` tensor.
@@ -144,8 +187,13 @@ def forward_layers(model: Backbone, images: torch.Tensor, pools: dict[str, PoolS
     Raises:
         KeyError: a layer name the backbone does not have.
     """
-    maps = model.forward_taps(images, [*pools, *([FC_LAYER] if include_fc else [])])
-    return {name: pools[name].apply(value) if name in pools else value for name, value in maps.items()}
+    outputs: dict[str, torch.Tensor] = {}
+    if pools or include_fc:
+        maps = model.forward_taps(images, [*pools, *([FC_LAYER] if include_fc else [])])
+        outputs = {name: pools[name].apply(value) if name in pools else value for name, value in maps.items()}
+    if heads:
+        outputs.update(_head_outputs(model, images, list(heads)))
+    return outputs
 
 
 @dataclass
@@ -164,12 +212,29 @@ class ExtractedFeatures:
     seconds: float
 
 
-def layer_dims(model: Backbone, pools: dict[str, PoolSpec], include_fc: bool) -> dict[str, int]:
+def layer_dims(model: Backbone, pools: dict[str, PoolSpec], include_fc: bool,
+               heads: tuple[str, ...] = ()) -> dict[str, int]:
     """Output width of each layer ``forward_layers`` returns."""
     dims = {name: spec.dim for name, spec in pools.items()}
     if include_fc:
         dims[FC_LAYER] = model.clustered_dim
+    linears = _linear_layers(model)
+    for name in heads:
+        dims[name] = model.body_dim if name == BODY_LAYER else linears[int(name[2:]) - 1].out_features
     return dims
+
+
+def _storage(dims: dict[str, int], n_images: int, storage_dir: str | Path | None, prefix: str) -> dict[str, np.ndarray]:
+    """One zeroed ``(n_images, dim)`` float32 array per layer: in RAM, or ``.npy`` memory maps."""
+    layers: dict[str, np.ndarray] = {}
+    for name, dim in dims.items():
+        if storage_dir is None:
+            layers[name] = np.zeros((n_images, dim), dtype=np.float32)
+        else:
+            path = Path(storage_dir) / f"{prefix}{name}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            layers[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_images, dim))
+    return layers
 
 
 @torch.no_grad()
@@ -177,7 +242,7 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
                      pools: dict[str, PoolSpec], include_fc: bool = True, batch_size: int = 256,
                      workers: int = 0, device: torch.device | str = "cpu", channels_last: bool = False,
                      storage_dir: str | Path | None = None, prefix: str = "",
-                     log: Callable[[str], None] | None = None) -> ExtractedFeatures:
+                     log: Callable[[str], None] | None = None, heads: tuple[str, ...] = ()) -> ExtractedFeatures:
     """One eval-mode feature pass (``deepcluster.features``) over ``source``, keeping every
     asked layer.
 
@@ -196,6 +261,7 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
             images take about 10 GB).
         prefix: file-name prefix inside ``storage_dir``.
         log: optional progress callback.
+        heads: ``body`` and/or ``fcN`` layers to keep too (``head_layers``).
 
     Returns:
         The features of every image, in source order.
@@ -204,14 +270,7 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
     model.eval()
     device = torch.device(device)
     n_images = len(source)
-    layers: dict[str, np.ndarray] = {}
-    for name, dim in layer_dims(model, pools, include_fc).items():
-        if storage_dir is None:
-            layers[name] = np.zeros((n_images, dim), dtype=np.float32)
-        else:
-            path = Path(storage_dir) / f"{prefix}{name}.npy"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            layers[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_images, dim))
+    layers = _storage(layer_dims(model, pools, include_fc, heads), n_images, storage_dir, prefix)
     ok = np.zeros(n_images, dtype=bool)
     done, next_report = 0, 0.0
 
@@ -227,7 +286,7 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
             next_report = elapsed + 30.0
 
     settings = PassSettings(view, normalize, batch_size, workers, device, channels_last)
-    feature_pass(lambda batch: forward_layers(model, batch, pools, include_fc), source, settings, keep,
+    feature_pass(lambda batch: forward_layers(model, batch, pools, include_fc, heads), source, settings, keep,
                  label=f"features {prefix.rstrip('_')}".rstrip())
     for name, array in layers.items():
         if isinstance(array, np.memmap):
@@ -235,5 +294,5 @@ def extract_features(model: Backbone, source: ImageSource, view: CenterView, nor
     return ExtractedFeatures(layers, ok, time.perf_counter() - start)
 
 
-__all__ = ["ExtractedFeatures", "FC_LAYER", "PoolSpec", "TARGET_DIM", "choose_pooling",
-           "extract_features", "forward_layers", "layer_dims", "probe_pooling"]
+__all__ = ["BODY_LAYER", "ExtractedFeatures", "FC_LAYER", "PoolSpec", "TARGET_DIM", "choose_pooling",
+           "extract_features", "forward_layers", "head_layers", "layer_dims", "probe_pooling"]

@@ -66,6 +66,14 @@ def metric_rows(results: dict[str, Any]) -> list[MetricRow]:
                                   scores[split]["nmi"], False))
             rows.append(MetricRow(f"clustering/{layer}/{split}/ari", f"k-means {layer} ARI {split}",
                                   scores[split]["ari"], False))
+    for layer, scores in (results.get("pca_widths") or {}).items():
+        rows.append(MetricRow(f"pca_widths/{layer}/l2/acc", f"k-means {layer} ACC train, L2 only (PCA widths)",
+                              scores["l2"]["train"]["acc"], True))
+        for width, pair in scores["widths"].items():
+            for kind, words in (("whitened", "whitened"), ("not", "not whitened")):
+                rows.append(MetricRow(f"pca_widths/{layer}/{width}/{kind}/acc",
+                                      f"k-means {layer} ACC train, PCA {width} {words}", pair[kind]["train"]["acc"],
+                                      True))
     for layer, scores in (results.get("retrieval") or {}).items():
         rows.append(MetricRow(f"retrieval/{layer}/map", f"retrieval {layer} mAP (val queries train)",
                               scores["map"], True))
@@ -102,12 +110,19 @@ def clusters_of(budget: dict[str, Any]) -> str:
     return f"k={budget.get('n_clusters')}"
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The report as aligned text: a header, then one row per metric with the random-init
-    value, the trained value and the gain (the columns present in the report)."""
-    trained = report["results"].get("trained")
+def baseline_columns(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The baseline columns of a report, ``(title, results)``: one random-init column (``start``
+    for a run started from a file), or one per BatchNorm statistics with several."""
+    several = report["results"].get("baselines")
+    if several:
+        return [(f"random BN {mode}", results) for mode, results in several.items()]
     random_init = report["results"].get("random_init")
-    rows_source = trained if trained is not None else random_init
+    if random_init is None:
+        return []
+    return [("start" if report.get("start") else "random init", random_init)]
+
+
+def _header(report: dict[str, Any]) -> list[str]:
     lines = [f"DeepCluster evaluation of {report['checkpoint']}"]
     model = report["model"]
     lines.append(f"  backbone {model['arch']}{' + sobel' if model['sobel'] else ''}, {model['image_size']} px; "
@@ -121,24 +136,33 @@ def format_table(report: dict[str, Any]) -> str:
                      f"({clusters_of(budget)}, "
                      f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, {budget.get('images_per_epoch')} "
                      f"images/epoch" + (f", {hours:.2f} h" if hours is not None else "") + ")")
+    return lines
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as aligned text: a header, then one row per metric with the random-init
+    value(s), the trained value and the gain (the columns present in the report)."""
+    trained = report["results"].get("trained")
+    random_init = report["results"].get("random_init")
+    rows_source = trained if trained is not None else random_init
+    lines = _header(report)
     if rows_source is None:
         return "\n".join(lines)
     rows = metric_rows(rows_source)
-    random_values = flat_metrics(random_init)
-    trained_values = flat_metrics(trained)
-    gain = gains(trained, random_init) or {}
-    columns = []
-    if random_init is not None:
-        columns.append(("start" if report.get("start") else "random init", random_values, False))
+    columns = [(title, flat_metrics(results), False) for title, results in baseline_columns(report)]
     if trained is not None:
-        columns.append(("trained", trained_values, False))
+        columns.append(("trained", flat_metrics(trained), False))
+    gain = gains(trained, random_init) or {}
     if gain:
         columns.append(("gain", gain, True))
     label_width = max(len(row.label) for row in rows) if rows else 10
+    widths = [max(13, len(title) + 2) for title, _, _ in columns]
     lines.append("")
-    lines.append("  " + "metric".ljust(label_width) + "".join(f"{title:>13}" for title, _, _ in columns))
+    titles = "".join(f"{title:>{w}}" for (title, _, _), w in zip(columns, widths))
+    lines.append("  " + "metric".ljust(label_width) + titles)
     for row in rows:
-        cells = "".join(f"{_cell(values.get(row.key), row.percent, signed):>13}" for _, values, signed in columns)
+        cells = "".join(f"{_cell(values.get(row.key), row.percent, signed):>{w}}"
+                        for (_, values, signed), w in zip(columns, widths))
         lines.append("  " + row.label.ljust(label_width) + cells)
     lines.append("")
     lines.append("  accuracies, precisions and mAP in %; NMI and ARI in [0, 1]")
@@ -152,6 +176,12 @@ def baseline_note(report: dict[str, Any]) -> str:
     from a file, ``init``, that file's weights)."""
     if report.get("start"):
         return f"start: the weights the run started from, {report['start']}, with their own BatchNorm statistics"
+    several = list(report["results"].get("baselines") or {})
+    if several:
+        words = {"init": "as initialised", "data": "of the training images"}
+        return ("random BN: the run's random weights with BatchNorm statistics "
+                + ", ".join(f"{words[mode]} ({mode})" for mode in several)
+                + f" (--baseline-batchnorm {','.join(several)}); the gain is over random BN {several[0]}")
     if (report.get("settings") or {}).get("baseline_batchnorm", "init") == "data":
         return ("random init: the run's random weights with BatchNorm statistics of the training images "
                 "(--baseline-batchnorm data)")
@@ -205,5 +235,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-__all__ = ["MetricRow", "REPORT_VERSION", "baseline_note", "flat_metrics", "format_table", "gains", "load_report",
+__all__ = ["MetricRow", "REPORT_VERSION", "baseline_columns", "baseline_note", "flat_metrics", "format_table", "gains",
+           "load_report",
            "metric_rows", "training_budget", "write_report"]

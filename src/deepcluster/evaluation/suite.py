@@ -20,17 +20,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from deepcluster.config import Config, ConfigError
-from deepcluster.data import CenterView, DataError, FolderSource, ImageSource, Normalize
-from deepcluster.evaluation.clustering_scores import kmeans_clustering_scores
+from deepcluster.data import CenterView, Normalize
+from deepcluster.evaluation.clustering_scores import describe_widths, kmeans_clustering_scores, pca_width_scores
 from deepcluster.evaluation.features import (FC_LAYER, TARGET_DIM, ExtractedFeatures, PoolSpec, extract_features,
-                                             probe_pooling)
+                                             head_layers, probe_pooling)
 from deepcluster.evaluation.knn import knn_classify
 from deepcluster.evaluation.linear_probe import (ProbeSettings, RandomCropFlipView, train_linear_probe,
                                                  train_probes_augmented)
 from deepcluster.evaluation.retrieval import retrieval_scores
+from deepcluster.evaluation.splits import LabelledSplits, SubsetSource, open_labelled_splits
 from deepcluster.models import Backbone, model_from_config
 
 PROTOCOLS = ("linear", "knn", "clustering", "retrieval")
@@ -70,7 +70,11 @@ class EvalSettings:
         workers: data-loading processes.
         baseline_batchnorm: the random-init baseline's BatchNorm statistics: ``data``, of
             the training split (one pass, no gradient: what any training leaves in the
-            network, learned or not) or ``init``, as initialised.
+            network, learned or not) or ``init``, as initialised; ``init,data`` (either
+            order) evaluates both baselines, the first one the gain is measured against.
+        pca_widths: with the clustering protocol, also k-means after a PCA of each of these
+            widths, whitened (-0.5) and not (0), and after L2 normalisation alone, on the
+            training split (is an accuracy the PCA's whitening or the features?).
     """
 
     protocols: tuple[str, ...] = PROTOCOLS
@@ -92,6 +96,12 @@ class EvalSettings:
     batch_size: int = 256
     workers: int = 2
     baseline_batchnorm: str = "data"
+    pca_widths: tuple[int, ...] = ()
+
+    @property
+    def baseline_modes(self) -> tuple[str, ...]:
+        """``baseline_batchnorm`` as a tuple: ``("data",)``, ``("init", "data")``, ..."""
+        return tuple(item.strip() for item in self.baseline_batchnorm.split(",") if item.strip())
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -105,6 +115,8 @@ class EvalSettings:
         out = self.to_dict()
         for key in ("batch_size", "workers"):
             out.pop(key)
+        if not out["pca_widths"]:
+            out.pop("pca_widths")  # absent when unused: older reports stay comparable
         return out
 
 
@@ -141,80 +153,15 @@ def check_settings(settings: EvalSettings) -> EvalSettings:
         raise ConfigError(f"workers must be >= 0, got {settings.workers}")
     if not settings.feature_layers:
         raise ConfigError("give at least one feature layer for kNN, clustering and retrieval")
-    if settings.baseline_batchnorm not in BASELINE_BATCHNORM:
-        raise ConfigError(f"baseline BatchNorm statistics {settings.baseline_batchnorm!r}; choose one of: "
-                          f"{', '.join(BASELINE_BATCHNORM)}")
+    modes = settings.baseline_modes
+    if not modes or any(mode not in BASELINE_BATCHNORM for mode in modes) or len(set(modes)) < len(modes):
+        raise ConfigError(f"baseline BatchNorm statistics {settings.baseline_batchnorm!r}; give one or both of "
+                          f"{', '.join(BASELINE_BATCHNORM)}, comma-separated")
+    if any(width < 1 for width in settings.pca_widths):
+        raise ConfigError(f"PCA widths must be positive integers, got {list(settings.pca_widths)}")
+    if settings.pca_widths and "clustering" not in settings.protocols:
+        raise ConfigError("PCA widths are rows of the clustering protocol; add clustering to the protocols")
     return settings
-
-
-class SubsetSource(ImageSource):
-    """The images ``indices`` of another source, with their labels."""
-
-    def __init__(self, source: ImageSource, indices: np.ndarray):
-        self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
-        self.labels = None if source.labels is None else source.labels[self.indices]
-        self.class_names = source.class_names
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, index: int) -> Image.Image:
-        return self.source.load(int(self.indices[index]))
-
-    def name(self, index: int) -> str:
-        return self.source.name(int(self.indices[index]))
-
-
-@dataclass
-class LabelledSplits:
-    """A training and a validation split with labels in one class numbering."""
-
-    train: ImageSource
-    train_labels: np.ndarray
-    val: ImageSource
-    val_labels: np.ndarray
-    class_names: list[str]
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-
-def _limit(source: ImageSource, limit: int | None, seed: int) -> ImageSource:
-    if limit is None or limit >= len(source):
-        return source
-    chosen = np.sort(np.random.default_rng(seed).choice(len(source), limit, replace=False))
-    return SubsetSource(source, chosen)
-
-
-def open_labelled_splits(train_dir: str | Path, val_dir: str | Path, train_limit: int | None = None,
-                         val_limit: int | None = None, seed: int = 0) -> LabelledSplits:
-    """Open two class-folder trees; validation classes are mapped to the training numbering.
-
-    Raises:
-        DataError: a folder is missing, unlabelled (no class sub-folders), has fewer than
-            two classes, or the validation split has a class the training split lacks.
-    """
-    sources = {}
-    for split, folder in (("training", train_dir), ("validation", val_dir)):
-        source = FolderSource(folder)
-        if source.labels is None or source.class_names is None:
-            raise DataError(f"{split} folder {str(folder)!r} has no class labels: {source.unlabelled}; evaluation "
-                            "needs them")
-        sources[split] = source
-    train, val = sources["training"], sources["validation"]
-    class_names = list(train.class_names)
-    if len(class_names) < 2:
-        raise DataError(f"training folder {str(train_dir)!r} has {len(class_names)} class; evaluation needs at least 2")
-    missing = sorted(set(val.class_names) - set(class_names))
-    if missing:
-        raise DataError(f"validation classes {', '.join(missing[:5])} are not in the training folder "
-                        f"{str(train_dir)!r}")
-    remap = np.array([class_names.index(name) for name in val.class_names], dtype=np.int64)
-    train_subset = _limit(train, train_limit, seed)
-    val_subset = _limit(val, val_limit, seed + 1)
-    return LabelledSplits(train_subset, np.asarray(train_subset.labels, dtype=np.int64),
-                          val_subset, remap[np.asarray(val_subset.labels)], class_names)
 
 
 def random_init_backbone(config: Config, seed: int | None = None) -> Backbone:
@@ -231,28 +178,78 @@ def random_init_backbone(config: Config, seed: int | None = None) -> Backbone:
 
 
 def baseline_backbone(config: Config, splits: LabelledSplits, settings: EvalSettings,
-                      device: torch.device | str) -> Backbone:
+                      device: torch.device | str, batchnorm: str | None = None) -> Backbone:
     """The random-init baseline of an evaluation: ``random_init_backbone``, with BatchNorm
-    statistics of the training split's centre views when ``settings.baseline_batchnorm`` is
-    ``data`` (``features.batchnorm_statistics_of``)."""
+    statistics of the training split's centre views when ``batchnorm`` (default: the first
+    of ``settings.baseline_modes``) is ``data`` (``features.batchnorm_statistics_of``)."""
     from deepcluster.features import PassSettings, batchnorm_statistics_of
 
     model = random_init_backbone(config).to(device)
-    if settings.baseline_batchnorm == "data":
+    if (batchnorm or settings.baseline_modes[0]) == "data":
         batchnorm_statistics_of(model, splits.train, PassSettings(
             CenterView(config.resize, config.crop), Normalize(config.mean, config.std), settings.batch_size,
             settings.workers, torch.device(device)))
     return model
 
 
-def select_probe_layers(pools: dict[str, PoolSpec], wanted: tuple[str, ...] | None) -> dict[str, PoolSpec]:
-    """The pooling of the asked conv layers (all when ``wanted`` is None)."""
+def select_probe_layers(pools: dict[str, PoolSpec], wanted: tuple[str, ...] | None,
+                        others: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The layers to probe: every conv layer when ``wanted`` is None, else ``wanted``, each a
+    conv layer of ``pools`` or one of ``others`` (``fc``, ``body``, ``fcN``)."""
     if wanted is None:
-        return dict(pools)
-    unknown = [name for name in wanted if name not in pools]
+        return tuple(pools)
+    unknown = [name for name in wanted if name not in pools and name not in others]
     if unknown:
-        raise ConfigError(f"unknown probe layer(s) {', '.join(unknown)}; this backbone has {', '.join(pools)}")
-    return {name: pools[name] for name in wanted}
+        raise ConfigError(f"unknown probe layer(s) {', '.join(unknown)}; this backbone has "
+                          f"{', '.join([*pools, *others])}")
+    return tuple(wanted)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The layers one evaluation reads.
+
+    Attributes:
+        pools: the pooling of every conv layer of the backbone (for the report).
+        probe: the layers the linear probes read.
+        features: the layers kNN, clustering and retrieval read.
+        cached: the conv layers the feature pass keeps, with their pooling.
+        heads: the ``body`` / ``fcN`` layers the feature pass keeps.
+        include_fc: whether it keeps ``fc``.
+    """
+
+    pools: dict[str, PoolSpec]
+    probe: tuple[str, ...]
+    features: tuple[str, ...]
+    cached: dict[str, PoolSpec]
+    heads: tuple[str, ...]
+    include_fc: bool
+
+
+def plan_layers(model: Backbone, image_size: int, settings: EvalSettings) -> LayerPlan:
+    """Check the asked layers against the backbone and decide what the feature pass keeps.
+
+    Raises:
+        ConfigError: an unknown layer, or a layer past the convolutions probed in reference
+            mode (its augmented probes read conv layers only).
+    """
+    pools = probe_pooling(model, image_size, settings.pool_dim)
+    others = (FC_LAYER, *head_layers(model))
+    probe: tuple[str, ...] = ()
+    if "linear" in settings.protocols:
+        probe = select_probe_layers(pools, settings.probe_layers, others)
+        if settings.probe_mode == "reference" and any(name not in pools for name in probe):
+            raise ConfigError(f"reference probe mode probes conv layers only ({', '.join(pools)}); use --probe-mode "
+                              "fast for fc and body")
+    on_features = any(p in ("knn", "clustering", "retrieval") for p in settings.protocols)
+    features = tuple(settings.feature_layers) if on_features else ()
+    unknown = [name for name in features if name not in pools and name not in others]
+    if unknown:
+        raise ConfigError(f"unknown feature layer(s) {', '.join(unknown)}; choose one of "
+                          f"{', '.join([*others, *pools])}")
+    kept = set(features) | (set(probe) if settings.probe_mode == "fast" else set())
+    return LayerPlan(pools, probe, features, {name: spec for name, spec in pools.items() if name in kept},
+                     tuple(name for name in others[1:] if name in kept), FC_LAYER in kept)
 
 
 @dataclass
@@ -308,53 +305,27 @@ def evaluate_backbone(model: Backbone, config: Config, splits: LabelledSplits, s
 
     Returns:
         A JSON-ready dict: ``linear`` (per layer), ``knn``, ``clustering``, ``retrieval``
-        (per feature layer), ``pooling``, ``n_unreadable``, ``seconds``.
+        (per feature layer), ``pca_widths`` (per feature layer, with ``settings.pca_widths``),
+        ``pooling``, ``n_unreadable``, ``seconds``.
     """
     check_settings(settings)
     device = torch.device(device)
     model = model.to(device).eval()
-    view = CenterView(config.resize, config.crop)
-    normalize = Normalize(config.mean, config.std)
-    all_pools = probe_pooling(model, config.crop, settings.pool_dim)
-    probe_pools = select_probe_layers(all_pools, settings.probe_layers) if "linear" in settings.protocols else {}
-    on_features = [p for p in settings.protocols if p in ("knn", "clustering", "retrieval")]
-    feature_layers = list(settings.feature_layers) if on_features else []
-    unknown = [name for name in feature_layers if name != FC_LAYER and name not in all_pools]
-    if unknown:
-        raise ConfigError(f"unknown feature layer(s) {', '.join(unknown)}; choose fc or one of {', '.join(all_pools)}")
-    cached = dict(probe_pools) if settings.probe_mode == "fast" else {}
-    cached.update({name: all_pools[name] for name in feature_layers if name != FC_LAYER})
-    include_fc = FC_LAYER in feature_layers
-    results: dict[str, Any] = {"seconds": {}, "pooling": {name: spec.describe() for name, spec in all_pools.items()}}
+    plan = plan_layers(model, config.crop, settings)
+    results: dict[str, Any] = {"seconds": {}, "pooling": {name: spec.describe() for name, spec in plan.pools.items()}}
     data: dict[str, SplitFeatures] = {}
     try:
-        if cached or include_fc:
-            for split, source, labels in (("train", splits.train, splits.train_labels),
-                                          ("val", splits.val, splits.val_labels)):
-                storage = None if work_dir is None else Path(work_dir)
-                extracted = extract_features(model, source, view, normalize, cached, include_fc, settings.batch_size,
-                                             settings.workers, device, config.channels_last, storage, f"{split}_",
-                                             log)
-                data[split] = SplitFeatures(extracted, labels)
-                results["seconds"][f"features_{split}"] = round(extracted.seconds, 1)
-                log(f"  features {split}: {len(source)} images in {extracted.seconds:.0f}s, "
-                    f"layers {', '.join(extracted.layers)}")
+        if plan.cached or plan.heads or plan.include_fc:
+            data = extract_splits(model, config, splits, settings, plan, device, work_dir, log)
+            results["seconds"].update({f"features_{split}": round(features.extracted.seconds, 1)
+                                       for split, features in data.items()})
             results["n_unreadable"] = {split: int((~features.extracted.ok).sum()) for split, features in data.items()}
-        n_classes = splits.n_classes
         if "linear" in settings.protocols:
             start = time.perf_counter()
-            results["linear"] = run_linear_probes(model, config, splits, settings, probe_pools, data, device, log)
+            results["linear"] = run_linear_probes(model, config, splits, settings, plan, data, device, log)
             results["seconds"]["linear"] = round(time.perf_counter() - start, 1)
-        for protocol in on_features:
-            start = time.perf_counter()
-            per_layer: dict[str, Any] = {}
-            for name in feature_layers:
-                train_x, train_y = data["train"].layer(name)
-                val_x, val_y = data["val"].layer(name)
-                per_layer[name] = run_feature_protocol(protocol, name, train_x, train_y, val_x, val_y, n_classes,
-                                                       config, settings, device, log)
-            results[protocol] = per_layer
-            results["seconds"][protocol] = round(time.perf_counter() - start, 1)
+        results.update(run_feature_protocols(config, splits, settings, plan.features, data, device, results["seconds"],
+                                             log))
     finally:
         if work_dir is not None and not keep_features:
             for split, features in data.items():
@@ -363,22 +334,67 @@ def evaluate_backbone(model: Backbone, config: Config, splits: LabelledSplits, s
     return results
 
 
+def extract_splits(model: Backbone, config: Config, splits: LabelledSplits, settings: EvalSettings, plan: LayerPlan,
+                   device: torch.device, work_dir: str | Path | None,
+                   log: Callable[[str], None]) -> dict[str, SplitFeatures]:
+    """One feature pass per split, keeping the layers of ``plan``."""
+    view, normalize = CenterView(config.resize, config.crop), Normalize(config.mean, config.std)
+    data: dict[str, SplitFeatures] = {}
+    for split, source, labels in (("train", splits.train, splits.train_labels), ("val", splits.val, splits.val_labels)):
+        storage = None if work_dir is None else Path(work_dir)
+        extracted = extract_features(model, source, view, normalize, plan.cached, plan.include_fc, settings.batch_size,
+                                     settings.workers, device, config.channels_last, storage, f"{split}_", log,
+                                     heads=plan.heads)
+        data[split] = SplitFeatures(extracted, labels)
+        log(f"  features {split}: {len(source)} images in {extracted.seconds:.0f}s, "
+            f"layers {', '.join(extracted.layers)}")
+    return data
+
+
+def run_feature_protocols(config: Config, splits: LabelledSplits, settings: EvalSettings, layers: tuple[str, ...],
+                          data: dict[str, SplitFeatures], device: torch.device, seconds: dict[str, float],
+                          log: Callable[[str], None]) -> dict[str, Any]:
+    """kNN, clustering (and its PCA widths) and retrieval, as asked, on every layer of ``layers``."""
+    results: dict[str, Any] = {}
+    for protocol in [p for p in settings.protocols if p in ("knn", "clustering", "retrieval")]:
+        start = time.perf_counter()
+        per_layer: dict[str, Any] = {}
+        widths: dict[str, Any] = {}
+        for name in layers:
+            train_x, train_y = data["train"].layer(name)
+            val_x, val_y = data["val"].layer(name)
+            per_layer[name] = run_feature_protocol(protocol, name, train_x, train_y, val_x, val_y, splits.n_classes,
+                                                   config, settings, device, log)
+            if protocol == "clustering" and settings.pca_widths:
+                widths[name] = pca_width_scores(train_x, train_y, splits.n_classes, settings.pca_widths,
+                                                settings.cluster_iters, tuple(range(settings.cluster_seeds)))
+                log(f"  clustering {name}, train ACC by PCA width: " + describe_widths(widths[name]))
+        results[protocol] = per_layer
+        if widths:
+            results["pca_widths"] = widths
+        seconds[protocol] = round(time.perf_counter() - start, 1)
+    return results
+
+
 def run_linear_probes(model: Backbone, config: Config, splits: LabelledSplits, settings: EvalSettings,
-                      pools: dict[str, PoolSpec], data: dict[str, SplitFeatures], device: torch.device,
+                      plan: LayerPlan, data: dict[str, SplitFeatures], device: torch.device,
                       log: Callable[[str], None]) -> dict[str, Any]:
-    """The linear probe of every layer in ``pools``, fast (on ``data``) or reference mode."""
+    """The linear probe of every layer of ``plan.probe``, fast (on ``data``) or reference mode."""
     layers: dict[str, Any] = {}
     if settings.probe_mode == "fast":
-        for name, spec in pools.items():
-            log(f"  linear probe {name} ({spec.describe()}), fast mode, {settings.probe.epochs} epochs")
+        for name in plan.probe:
+            pooling = plan.pools[name].describe() if name in plan.pools else "none"
+            log(f"  linear probe {name} ({pooling}), fast mode, {settings.probe.epochs} epochs")
             train_x, train_y = data["train"].layer(name, copy=False)  # the probe only reads its inputs
             val_x, val_y = data["val"].layer(name, copy=False)
+            dim = int(train_x.shape[1])
             outcome = train_linear_probe(train_x, train_y, val_x, val_y, splits.n_classes, settings.probe)
             del train_x, val_x
-            layers[name] = {"pooling": spec.describe(), "dim": spec.dim, **dataclasses.asdict(outcome)}
+            layers[name] = {"pooling": pooling, "dim": dim, **dataclasses.asdict(outcome)}
             log(f"    {name}: top-1 {outcome.top1:.2f}% top-5 {outcome.top5:.2f}% (last epoch), "
                 f"best {outcome.best_top1:.2f}% (epoch {outcome.best_epoch}, selected on val), {outcome.seconds:.0f}s")
     else:
+        pools = {name: plan.pools[name] for name in plan.probe}
         log(f"  linear probes {', '.join(pools)}, reference mode (augmented), {settings.probe.epochs} epochs")
         outcomes = train_probes_augmented(model, splits.train, splits.train_labels, splits.val, splits.val_labels,
                                           splits.n_classes, pools, RandomCropFlipView(config.resize, config.crop),
@@ -416,7 +432,7 @@ def remove_dir(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["BASELINE_BATCHNORM", "EvalSettings", "LabelledSplits", "PROBE_MODES", "PROTOCOLS", "SplitFeatures",
-           "SubsetSource", "baseline_backbone", "check_settings", "evaluate_backbone", "open_labelled_splits",
-           "random_init_backbone", "remove_dir",
-           "run_feature_protocol", "run_linear_probes", "select_probe_layers"]
+__all__ = ["BASELINE_BATCHNORM", "EvalSettings", "LabelledSplits", "LayerPlan", "PROBE_MODES", "PROTOCOLS",
+           "SplitFeatures", "SubsetSource", "baseline_backbone", "check_settings", "evaluate_backbone",
+           "extract_splits", "open_labelled_splits", "plan_layers", "random_init_backbone", "remove_dir",
+           "run_feature_protocol", "run_feature_protocols", "run_linear_probes", "select_probe_layers"]

@@ -8,13 +8,12 @@
 ``RUN`` is the same in every command, ``eval`` included: a run folder (``train --out``) or a
 checkpoint file in one. (``--checkpoint CKPT``, the older spelling, still works.)
 
-Bad input ends with one line on stderr and exit code 2 (see ``cli.main``).
+Bad input ends with one line on stderr and exit code 2 (see ``deepcluster.cli.main``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -22,18 +21,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Sequence
 
+from deepcluster.cli.common import (add_machine_options, add_run_argument, int_list, machine_setup, out_folder,
+                                    resolve_run, writing_to)
 from deepcluster.config import ConfigError
 from deepcluster.messages import plural, shown_path
+from deepcluster.outputs import class_column, problems
 
 COMMANDS = ("report", "assign", "features", "export")
 FORMATS = ("csv", "parquet")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -44,48 +39,14 @@ def _formats(text: str) -> tuple[str, ...]:
     return items
 
 
-RUN_HELP = "a run folder (deepcluster train --out) or a checkpoint file in one"
-
-
-def add_run_argument(parser: argparse.ArgumentParser) -> None:
-    """The run a command reads: ``RUN`` first on the line, the same in every command
-    (``--checkpoint`` is the older spelling, kept working)."""
-    parser.add_argument("run", nargs="?", metavar="RUN", help=RUN_HELP)
-    parser.add_argument("--checkpoint", dest="checkpoint_option", help=argparse.SUPPRESS)
-
-
-def resolve_run(args: argparse.Namespace) -> None:
-    """Set ``args.run_dir`` and ``args.checkpoint`` from ``RUN`` (a folder or a checkpoint file).
-
-    Raises:
-        ConfigError: no run given, given twice, or a path that does not exist.
-    """
-    given = [value for value in (args.run, args.checkpoint_option) if value is not None]
-    if len(given) != 1:
-        what = "is missing" if not given else "is given twice (RUN and --checkpoint)"
-        raise ConfigError(f"the run {what}: deepcluster {args.command} RUN ..., where RUN is {RUN_HELP}")
-    path = Path(given[0])
-    if path.is_dir():
-        args.run_dir, args.checkpoint = str(path), str(path / "checkpoint.pt")
-        if args.command != "report" and not (path / "checkpoint.pt").is_file():
-            raise ConfigError(f"run folder {str(path)!r} has no checkpoint.pt (a run writes it at the end of its "
-                              "first epoch)")
-    elif path.exists():
-        args.run_dir, args.checkpoint = str(path.parent), str(path)
-    else:
-        raise ConfigError(f"RUN {str(path)!r} does not exist; give {RUN_HELP}")
-
-
-def _common(parser: argparse.ArgumentParser, batch_default: int | None, batch_help: str) -> None:
-    parser.add_argument("--device", default="auto",
-                        help="auto (a GPU when present), cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--batch-size", type=int, default=batch_default, help=batch_help)
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-
-
 def add_tool_parsers(subparsers: Any) -> None:
     """Register ``report``, ``assign``, ``features`` and ``export``."""
+    for add in (add_report_parser, add_assign_parser, add_features_parser, add_export_parser):
+        add(subparsers)
+
+
+def add_report_parser(subparsers: Any) -> None:
+    """``deepcluster report``."""
     from deepcluster.report import ReportSettings
 
     defaults = ReportSettings()
@@ -110,7 +71,7 @@ def add_tool_parsers(subparsers: Any) -> None:
                         help=f"thumbnail side in pixels (default {defaults.thumb_size})")
     report.add_argument("--layer", default=None,
                         help="conv layer for top images and gradient ascent, e.g. conv5 (default: the last)")
-    report.add_argument("--filters", type=_int_list, default=None,
+    report.add_argument("--filters", type=int_list, default=None,
                         help="filters of that layer to show, e.g. 3,17,42 (default: the most selective)")
     report.add_argument("--n-filters", type=int, default=defaults.n_filters,
                         help=f"filters shown when not given (default {defaults.n_filters})")
@@ -124,8 +85,11 @@ def add_tool_parsers(subparsers: Any) -> None:
     report.add_argument("--ascent-size", type=int, default=None,
                         help="side of the gradient-ascent images (default: the crop size, at most 128)")
     report.add_argument("--seed", type=int, default=defaults.seed, help="seed of every random sample (default 0)")
-    _common(report, defaults.batch_size, f"images per forward pass (default {defaults.batch_size})")
+    add_machine_options(report, defaults.batch_size, f"images per forward pass (default {defaults.batch_size})")
 
+
+def add_assign_parser(subparsers: Any) -> None:
+    """``deepcluster assign``."""
     assign = subparsers.add_parser(
         "assign", help="cluster new images with a checkpoint's PCA and centroids (CSV and Parquet)",
         description="Place every image of a folder in the cluster of the nearest saved centroid, through the "
@@ -141,9 +105,12 @@ def add_tool_parsers(subparsers: Any) -> None:
     assign.add_argument("--copy", action="store_true", help="with --into: copy the files instead of linking them")
     assign.add_argument("--format", dest="formats", type=_formats, default=None,
                         help="csv, parquet or both (default: both, or csv alone when pyarrow is not installed)")
-    _common(assign, None, "images per forward pass (default: the run's feature_batch_size, which reproduces its "
+    add_machine_options(assign, None, "images per forward pass (default: the run's feature_batch_size, which reproduces its "
                           "feature pass exactly)")
 
+
+def add_features_parser(subparsers: Any) -> None:
+    """``deepcluster features``."""
     features = subparsers.add_parser(
         "features", help="write the features of a folder of images (.npy plus the list of paths)",
         description="Write OUT/features.npy (float32, one row per image), OUT/paths.tsv (row, path, readable and, "
@@ -160,8 +127,11 @@ def add_tool_parsers(subparsers: Any) -> None:
                           help="apply the checkpoint's PCA-whitening and L2 normalisation (fc only): the space "
                                "k-means clusters in")
     features.add_argument("--pool-dim", type=int, default=9000, help="pooled size of a conv layer (default 9000)")
-    _common(features, 256, "images per forward pass (default 256)")
+    add_machine_options(features, 256, "images per forward pass (default 256)")
 
+
+def add_export_parser(subparsers: Any) -> None:
+    """``deepcluster export``."""
     export = subparsers.add_parser(
         "export", help="write the backbone alone as safetensors",
         description="Write the backbone of a checkpoint (no pseudo-label top layer) with its architecture, "
@@ -169,40 +139,6 @@ def add_tool_parsers(subparsers: Any) -> None:
                     "deepcluster.models.load_backbone_safetensors(PATH).")
     add_run_argument(export)
     export.add_argument("--out", required=True, help="file to write, e.g. backbone.safetensors")
-
-
-def _setup(args: argparse.Namespace):
-    """Threads and device of a command; bad values are a one-line error."""
-    import torch
-
-    from deepcluster.devices import resolve_device
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    for name in ("batch_size", "workers"):
-        value = getattr(args, name, None)
-        if value is not None and value < (1 if name == "batch_size" else 0):
-            wanted = "positive" if name == "batch_size" else "0 or more"
-            raise ConfigError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
-    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
-        raise ConfigError(f"--device is {args.device!r}; choose auto, cpu, cuda or cuda:N")
-    return resolve_device(args.device)
-
-
-def out_folder(path: str) -> Path:
-    """The ``--out`` folder of a command, created; a one-line ``ConfigError`` when it is a
-    file or cannot be created."""
-    from deepcluster.runfolder import check_out_folder
-
-    folder = Path(path)
-    check_out_folder(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"cannot create output folder {path!r}: {error.strerror or error}") from None
-    return folder
 
 
 @contextmanager
@@ -220,25 +156,11 @@ def removed_if_failed(*paths: str | None):
         raise
 
 
-def _writing(path: Path):
-    """Context for writes: an OSError becomes a one-line ``ConfigError`` naming the file."""
-    class _Guard:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, kind, error, _tb):
-            if isinstance(error, OSError):
-                raise ConfigError(f"cannot write {str(path)!r}: {error.strerror or error}") from None
-            return False
-
-    return _Guard()
-
-
 def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from deepcluster.data import DataError
     from deepcluster.report import ReportSettings, build_report
 
-    device = _setup(args)
+    device = machine_setup(args)
     settings = ReportSettings(
         epoch=args.epoch, max_clusters=args.max_clusters,
         images_per_cluster=args.images_per_cluster, thumb_size=args.thumb_size, layer=args.layer,
@@ -248,7 +170,7 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.out_dir:
         out_folder(args.out_dir)
     command = "deepcluster " + " ".join(shlex.quote(a) for a in argv)
-    with _writing(Path(args.out_dir or args.run_dir)):
+    with writing_to(Path(args.out_dir or args.run_dir)):
         result = build_report(args.run_dir, args.out_dir, settings, command=command)
     if result.clusters_shown == 0 or result.thumbnails == 0:  # a page without clusters or images is no success
         reason = next((note for note in result.notes if "not shown" in note), "nothing to show")
@@ -259,12 +181,6 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"report: {result.path} ({result.size_bytes / 1e6:.1f} MB, {plural(result.clusters_shown, 'cluster')} "
           f"and {plural(result.thumbnails, 'image')} shown, {result.seconds:.1f}s)")
     return 0
-
-
-def _class_column(source) -> list[str] | None:
-    if source.labels is None or not source.class_names:
-        return None
-    return [shown_path(source.class_names[label]) for label in source.labels]
 
 
 def open_every_file(folder: str):
@@ -283,69 +199,32 @@ def _found(source) -> str:
     return plural(len(source), "image file")
 
 
-def problems(source, ok) -> list[str]:
-    """Why each image that did not decode (``ok`` False) cannot be used; ``""`` for the others."""
-    return ["" if good else shown_path(source.problem(index)) for index, good in enumerate(ok)]
+def output_formats(asked: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The table formats ``assign`` writes: as asked, or both when pyarrow is installed.
 
-
-def write_assignment_tables(out_dir: Path, paths: list[str], assignment, classes: list[str] | None,
-                            formats: Sequence[str], reasons: list[str] | None = None) -> list[Path]:
-    """``assignments.csv`` / ``assignments.parquet``: one row per image, in folder order.
-
-    Columns: ``path``, ``cluster`` (-1: unreadable), ``distance`` (empty / null when
-    unreadable), ``class`` when the folder has class sub-folders, and ``problem``: why an
-    unreadable image could not be used (empty / null otherwise).
+    Raises:
+        ConfigError: Parquet asked for without pyarrow.
     """
-    import numpy as np
-
-    reasons = reasons if reasons is not None else [""] * len(paths)
-    written = []
-    if "csv" in formats:
-        path = out_dir / "assignments.csv"
-        with _writing(path), open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "cluster", "distance"] + (["class"] if classes else []) + ["problem"])
-            for row, name in enumerate(paths):
-                distance = assignment.distances[row]
-                cells = [shown_path(name), int(assignment.clusters[row]), "" if np.isnan(distance) else f"{distance:.6f}"]
-                writer.writerow(cells + ([classes[row]] if classes else []) + [reasons[row]])
-        written.append(path)
-    if "parquet" in formats:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        path = out_dir / "assignments.parquet"
-        columns = {"path": pa.array([shown_path(name) for name in paths], pa.string()),
-                   "cluster": pa.array(assignment.clusters.astype(np.int32)),
-                   "distance": pa.array(assignment.distances, pa.float32(), mask=np.isnan(assignment.distances))}
-        if classes:
-            columns["class"] = pa.array(classes, pa.string())
-        columns["problem"] = pa.array([reason or None for reason in reasons], pa.string())
-        with _writing(path):
-            pq.write_table(pa.table(columns), path)
-        written.append(path)
-    return written
-
-
-def cmd_assign(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from deepcluster.inference import assign_images, load_cluster_model
-    from deepcluster.sorting import UNREADABLE_DIR, check_into, remember, sort_into_folders
-
-    device = _setup(args)
-    formats = args.formats
-    if formats is None or "parquet" in formats:
+    if asked is None or "parquet" in asked:
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
-            if formats is not None:
+            if asked is not None:
                 raise ConfigError("Parquet output needs pyarrow: pip install pyarrow (or deepcluster[tools]), "
                                   "or pass --format csv") from None
             print("note: pyarrow is not installed, so the assignments are written as CSV only (pip install pyarrow "
                   "for Parquet too)")
-            formats = ("csv",)
-    formats = formats or FORMATS
+            return ("csv",)
+    return asked or FORMATS
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from deepcluster.inference import assign_images, load_cluster_model
+    from deepcluster.outputs import clustering_used, placement_line, training_agreement, write_assignment_tables
+    from deepcluster.sorting import UNREADABLE_DIR, check_into, remember, sort_into_folders
+
+    device = machine_setup(args)
+    formats = output_formats(args.formats)
     if args.out_dir is None and args.into is None:
         raise ConfigError("give --out DIR (the tables) and/or --into DIR (the images sorted into one folder per "
                           "cluster)")
@@ -355,31 +234,15 @@ def cmd_assign(args: argparse.Namespace) -> int:
     source = open_every_file(args.data)
     into = None if args.into is None else check_into(args.into)
     out_dir = out_folder(args.out_dir or args.into)
-    which = (f"the final clustering (after epoch {cluster_model.epoch})" if cluster_model.final else
-             f"the clustering epoch {cluster_model.epoch} trained on (no final clustering saved: centroids older "
-             "than the weights by one epoch of training)")
-    print(f"deepcluster assign: {_found(source)}, {cluster_model.n_clusters} clusters of {which}, "
-          f"{cluster_model.config.arch}, device {device}", flush=True)
+    print(f"deepcluster assign: {_found(source)}, {cluster_model.n_clusters} clusters of "
+          f"{clustering_used(cluster_model)}, {cluster_model.config.arch}, device {device}", flush=True)
     assignment = assign_images(cluster_model, source, device, args.batch_size, args.workers)
-    written = write_assignment_tables(out_dir, source.paths, assignment, _class_column(source), formats,
+    written = write_assignment_tables(out_dir, source.paths, assignment, class_column(source), formats,
                                       problems(source, assignment.ok))
-    placed = int(assignment.ok.sum())
-    used = int(np.unique(assignment.clusters[assignment.ok]).size)
-    print(f"{plural(placed, 'image')} placed in {plural(used, 'cluster')} (median distance "
-          f"{float(np.nanmedian(assignment.distances)) if placed else float('nan'):.3f})"
-          + (f", {len(source) - placed} unreadable (cluster -1, the reason in the problem column)"
-             if placed < len(source) else ""))
-    trained_on = cluster_model.config.data
-    previous = cluster_model.assignments
-    if (trained_on is not None and os.path.realpath(trained_on) == os.path.realpath(args.data)
-            and previous is not None and len(previous) == len(assignment.clusters)):
-        both = assignment.ok & (previous >= 0)
-        agree = float((assignment.clusters[both] == previous[both]).mean()) if both.any() else float("nan")
-        if cluster_model.final:
-            print(f"these are the run's training images: {100 * agree:.2f}% get the cluster of assignments/final.npy")
-        else:
-            print(f"these are the run's training images: {100 * agree:.1f}% keep the last epoch's pseudo-label (the "
-                  "weights trained one more epoch after that clustering, so features moved)")
+    print(placement_line(assignment, len(source)))
+    agreement = training_agreement(cluster_model, args.data, assignment)
+    if agreement is not None:
+        print(agreement)
     for path in written:
         print(f"wrote {path}")
     if into is not None:
@@ -395,7 +258,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     from deepcluster.inference import clustered_layer, feature_layer, load_cluster_model, write_features
     from deepcluster.checkpoint import load_backbone
 
-    device = _setup(args)
+    device = machine_setup(args)
     if args.pool_dim < 1:
         raise ConfigError(f"--pool-dim must be a positive integer, got {args.pool_dim}")
     if args.pca:
@@ -412,12 +275,12 @@ def cmd_features(args: argparse.Namespace) -> int:
     print(f"deepcluster features: {_found(source)}, layer {layer}{' + PCA' if args.pca else ''}, "
           f"{config.arch}, device {device}", flush=True)
     features_path = out_dir / "features.npy"
-    with _writing(features_path):
+    with writing_to(features_path):
         result = write_features(model, config, source, features_path, tap, pca, args.pool_dim,
                                 args.batch_size, args.workers, device)
-    classes = _class_column(source)
+    classes = class_column(source)
     table = out_dir / "paths.tsv"
-    with _writing(table), open(table, "w", encoding="utf-8") as handle:
+    with writing_to(table), open(table, "w", encoding="utf-8") as handle:
         handle.write("row\tpath\treadable" + ("\tclass" if classes else "") + "\tproblem\n")
         for row, (path, reason) in enumerate(zip(source.paths, problems(source, result.ok))):
             cells = [str(row), shown_path(path), str(int(result.ok[row]))] + ([classes[row]] if classes else []) + [reason]
@@ -428,7 +291,7 @@ def cmd_features(args: argparse.Namespace) -> int:
             "pooling": result.pooling, "pca_whitened_l2": result.whitened, "arch": config.arch, "sobel": config.sobel,
             "image_size": config.crop, "resize": config.resize, "mean": list(config.mean), "std": list(config.std),
             "dtype": "float32", "rows": "paths.tsv order; rows of unreadable images are zero"}
-    with _writing(out_dir / "features.json"):
+    with writing_to(out_dir / "features.json"):
         (out_dir / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
     unreadable = int((~result.ok).sum())
     print(f"wrote {features_path} ({len(source)} x {result.dim} float32"
@@ -451,7 +314,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     metadata = BackboneMetadata(model.arch, model.sobel is not None, model.feature_dim, config.crop, config.resize,
                                 tuple(config.mean), tuple(config.std), epoch, os.path.abspath(args.checkpoint),
                                 config.stem, config.width, config.depth, config.clustered)
-    with _writing(out):
+    with writing_to(out):
         save_backbone_safetensors(model, out, metadata)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({config.arch}, {n_params:,} parameters, epoch {epoch}, clusters its "
@@ -474,4 +337,4 @@ def run_tool(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return cmd_export(args)
 
 
-__all__ = ["COMMANDS", "add_tool_parsers", "run_tool", "write_assignment_tables"]
+__all__ = ["COMMANDS", "add_tool_parsers", "output_formats", "removed_if_failed", "run_tool"]
