@@ -48,7 +48,7 @@ def test_each_section_has_its_own_check_and_validate_runs_them_all():
 def test_an_old_config_yaml_at_the_retired_defaults_loads():
     config = from_dict(old_settings())  # width 1, depth 1, head_init random, head_reset true
     assert config.carry_clusters is False and config.kmeans_init == "random"
-    assert (config.width, config.depth) == (1, 1)
+    assert not hasattr(config, "width") and not hasattr(config, "depth")
 
 
 def test_the_old_pair_previous_and_a_kept_head_becomes_carry_clusters():
@@ -144,3 +144,13 @@ def test_an_old_run_folder_with_a_wider_small_net_is_refused_in_one_line(cli, ru
     path.write_text(path.read_text() + "width: 2\n")
     code, _, err = run_cli("train", "--out", run, "--resume", "--epochs", "2")
     assert code == 2 and err.count("\n") == 1 and "'width' was removed" in err, err
+
+
+def test_a_retired_flag_on_the_command_line_is_converted_or_refused_in_one_line(capsys):
+    from deepcluster.cli import main
+
+    assert main(["train", "--head_reset", "true", "--epochs", "1", "--print-config"]) == 0
+    assert "carry_clusters: false  # set" in capsys.readouterr().out
+    assert main(["train", "--kmeans_init", "previous", "--epochs", "1", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "set carry_clusters: true instead" in err, err

@@ -313,7 +313,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out!r} is a folder; give a file name such as backbone.safetensors")
     metadata = BackboneMetadata(model.arch, model.sobel is not None, model.feature_dim, config.crop, config.resize,
                                 tuple(config.mean), tuple(config.std), epoch, os.path.abspath(args.checkpoint),
-                                config.stem, config.width, config.depth, config.clustered)
+                                config.stem, clustered=config.clustered)
     with writing_to(out):
         save_backbone_safetensors(model, out, metadata)
     n_params = sum(p.numel() for p in model.parameters())

@@ -44,7 +44,7 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
     Raises:
         UsageError: a stray token, an unknown setting (with the closest name) or a missing value.
     """
-    from deepcluster.config import FIELDS
+    from deepcluster.config import FIELDS, RETIRED
 
     overrides: dict[str, Any] = {}
     i = 0
@@ -54,7 +54,7 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"unexpected argument {token!r}; settings are given as --key value")
         name, eq, value = token[2:].partition("=")
         key = name.replace("-", "_")
-        if key not in FIELDS:
+        if key not in FIELDS and key not in RETIRED:  # a retired one is converted or refused in one line
             raise UsageError(unknown_option(name))
         if not eq:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):

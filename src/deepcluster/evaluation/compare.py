@@ -23,7 +23,6 @@ from deepcluster.evaluation import suite
 from deepcluster.evaluation.splits import LabelledSplits, open_labelled_splits
 from deepcluster.evaluation.suite import (EvalSettings, baseline_backbone, check_settings, random_init_backbone,
                                           remove_dir)
-from deepcluster.models import SCALINGS
 
 TRAINED_REPORT = "eval.json"
 RANDOM_REPORT = "eval_random_init.json"
@@ -66,8 +65,7 @@ def fingerprint(config: Config, splits: LabelledSplits, settings: EvalSettings, 
         "crop": config.crop, "mean": list(config.mean), "std": list(config.std), "init_seed": config.seed,
         "pca_dim": config.pca_dim, "n_train": len(splits.train), "n_val": len(splits.val),
         "classes": list(splits.class_names), "settings": settings.result_defining(),
-        # absent at 1 (and without init): older reports stay comparable
-        **{name: getattr(config, name) for name in SCALINGS if getattr(config, name) != 1},
+        # absent without init: older reports stay comparable
         **({"init": os.path.abspath(config.init)} if config.init else {}),
     }
 
@@ -163,7 +161,7 @@ class Comparison:
                      "n_train": len(splits.train), "n_val": len(splits.val), "n_classes": splits.n_classes,
                      "class_names": list(splits.class_names)},
             "model": {"arch": config.arch, "sobel": config.sobel, "feature_dim": self.model.feature_dim,
-                      "width": config.width, "depth": config.depth, "image_size": config.crop,
+                      "image_size": config.crop,
                       "resize": config.resize},
             "training_budget": budget,
             "settings": self.settings.to_dict(),

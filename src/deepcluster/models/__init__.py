@@ -45,9 +45,6 @@ ARCHITECTURES: dict[str, Architecture] = {
                              ("imagenet", "cifar")),
 }
 STEMS = ("imagenet", "cifar")
-# The retired shape settings: every network has its one shape, which exports and evaluation
-# reports still record (``Config.width`` and ``Config.depth`` are always 1).
-SCALINGS = ("width", "depth")
 FC_INITS = ("reference", "width")
 CLUSTERED = ("fc", "body")
 
@@ -125,5 +122,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "SCALINGS", "STEMS", "backbone_class",
+__all__ = ["ARCHITECTURES", "Architecture", "CLUSTERED", "FC_INITS", "STEMS", "backbone_class",
            "create_model", "model_from_config", *_LAZY]

@@ -196,17 +196,6 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.out_dir)
 
-    # The small net's shape settings were retired (a wider or a deeper one gained nothing
-    # measured; ``RETIRED``): every network has its one shape, which exports and evaluation
-    # reports still record as width and depth 1.
-    @property
-    def width(self) -> int:
-        return 1
-
-    @property
-    def depth(self) -> int:
-        return 1
-
     def section(self, name: str) -> dict[str, Any]:
         """The values of the settings of section ``name`` (one of ``SECTIONS``), by name."""
         if name not in SECTIONS:
