@@ -17,7 +17,6 @@ import importlib
 import json
 import pkgutil
 from contextlib import contextmanager
-from pathlib import Path
 from unittest import mock
 
 import numpy as np

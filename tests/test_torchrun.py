@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # torchrun launches processes
 import torch
 from PIL import Image
 
 from conftest import make_pattern
 from deepcluster.faults import ENV_VAR, RANK_VAR
+
+pytestmark = pytest.mark.slow  # torchrun launches processes
 
 EPOCHS = 2
 TINY = ["--recipe", "small", "--epochs", str(EPOCHS), "--n_clusters", "4", "--feature_batch_size", "16",

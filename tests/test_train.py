@@ -120,7 +120,7 @@ def test_streamed_reduction_equals_in_memory_pca_and_bounded_sample_clusters(ima
     features, ok, _ = compute_features(model, source, config, device)
     reference = fit_pca(features[ok], config.pca_dim, config.whiten_power)  # in memory, all rows
     reduced = reduce_features(model, source, config, device, seed=5)
-    points, ok_streamed, pca = reduced.points, reduced.decoded, reduced.pca
+    points, ok_streamed = reduced.points, reduced.decoded
     assert np.array_equal(ok, ok_streamed)
     expected = reference.transform(features)
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
