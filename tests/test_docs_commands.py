@@ -3,11 +3,12 @@
 Every fenced code block of those pages follows a marker line, an HTML comment a code host
 does not render:
 
-- ``<!-- test: run -->``, optionally with settings (``<!-- test: run --epochs 1 --n_clusters 4 -->``):
-  the block runs, at toy size, in a temporary folder, line by line for ``bash`` blocks and
-  as one script for ``python`` blocks. The settings of the marker replace those a
-  ``deepcluster train`` line gives, or are added to it (not to ``--resume`` lines, which keep
-  the run's settings); nothing else of the command changes.
+- ``<!-- test: run -->``, optionally with toy sizes (``<!-- test: run --epochs 1; eval
+  --probe-epochs 2 -->``): the block runs in a temporary folder, line by line for ``bash``
+  blocks and as one script for ``python`` blocks. Each ``;``-separated group of the marker
+  names a command (none: ``train``); its flags replace those a ``deepcluster COMMAND`` line
+  gives, or are added to it (not to ``train --resume``, which keeps the run's settings);
+  nothing else of the command changes.
 - ``<!-- test: file NAME -->``: the block's text is written to ``NAME`` in that folder before
   any block runs (a ``--config`` file the commands read).
 - ``<!-- test: illustrative (why) -->``: shown, not run (it installs packages, needs big data
@@ -73,20 +74,31 @@ def blocks(page: str) -> list[Block]:
     return found
 
 
-def toy_command(line: str, settings: str, home: Path) -> list[str] | None:
-    """``line`` as the tokens to run, the marker's ``settings`` applied to a ``deepcluster train``
-    line; None for a line that is only a comment."""
+def toy_settings(argument: str) -> dict[str, list[str]]:
+    """A run marker's settings by command: ``--epochs 1; eval --probe-epochs 2`` gives train
+    ``--epochs 1`` and eval ``--probe-epochs 2`` (a group without a command is train's)."""
+    settings: dict[str, list[str]] = {}
+    for group in filter(None, (part.split() for part in argument.split(";"))):
+        command = "train" if group[0].startswith("--") else group.pop(0)
+        settings.setdefault(command, []).extend(group)
+    return settings
+
+
+def toy_command(line: str, argument: str, home: Path) -> list[str] | None:
+    """``line`` as the tokens to run, the run marker's settings (``argument``) applied; None
+    for a line that is only a comment."""
     tokens = shlex.split(line, comments=True)
     if not tokens:
         return None
     tokens = [str(home) + token[1:] if token.startswith("~/") else token for token in tokens]
-    if tokens[:2] == ["deepcluster", "train"] and "--resume" not in tokens:
-        given = shlex.split(settings)
-        for flag, value in zip(given[::2], given[1::2]):
-            if flag in tokens:
-                tokens[tokens.index(flag) + 1] = value
-            else:
-                tokens += [flag, value]
+    if tokens[0] != "deepcluster" or len(tokens) < 2 or (tokens[1] == "train" and "--resume" in tokens):
+        return tokens
+    given = toy_settings(argument).get(tokens[1], [])
+    for flag, value in zip(given[::2], given[1::2]):
+        if flag in tokens:
+            tokens[tokens.index(flag) + 1] = value
+        else:
+            tokens += [flag, value]
     return tokens
 
 
@@ -114,13 +126,16 @@ def test_no_command_is_shown_outside_a_marked_block() -> None:
         assert not shown, f"{page}: commands outside a fenced block: {shown}"
 
 
-def test_toy_settings_apply_to_train_lines_only(tmp_path: Path) -> None:
-    settings = "--epochs 1 --n_clusters 4"
+def test_toy_settings_apply_to_their_command_only(tmp_path: Path) -> None:
+    settings = "--epochs 1 --n_clusters 4; report --ascent-steps 5"
     assert toy_command("deepcluster train --data ~/x --n_clusters 100   # k", settings, tmp_path) == [
         "deepcluster", "train", "--data", f"{tmp_path}/x", "--n_clusters", "4", "--epochs", "1"]
     assert toy_command("deepcluster train --out r --resume", settings, tmp_path) == [
         "deepcluster", "train", "--out", "r", "--resume"]
-    assert toy_command("deepcluster report r --epochs 3", settings, tmp_path)[-1] == "3"
+    assert toy_command("deepcluster report r --epoch 3", settings, tmp_path) == [
+        "deepcluster", "report", "r", "--epoch", "3", "--ascent-steps", "5"]
+    assert toy_command("deepcluster assign r --data d", settings, tmp_path) == [
+        "deepcluster", "assign", "r", "--data", "d"]
     assert toy_command("# only a comment", settings, tmp_path) is None
 
 
