@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/usage.md")
 MARKER = re.compile(r"^<!--\s*test:\s*(run|file|illustrative)\b\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^```(\S*)\s*$")
-COMMAND_TIMEOUT_S = 300
+COMMAND_TIMEOUT_S = 600  # each command takes seconds; a machine shared with other work can be far slower
 
 
 @dataclass
