@@ -1,6 +1,6 @@
 """The documentation pages speak to users, and their links lead somewhere.
 
-Every page (README.md, RELIABILITY.md, BENCHMARKS.md while it exists, docs/**/*.md) is
+Every page (README.md, BENCHMARKS.md while it exists, docs/**/*.md) is
 checked for words about how the work was organised rather than what the software does, and
 for private machine paths; every relative link of those pages must name an existing file
 and, for a link into a Markdown page, an existing heading.
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pages() -> list[Path]:
-    top = [ROOT / name for name in ("README.md", "RELIABILITY.md", "BENCHMARKS.md") if (ROOT / name).exists()]
+    top = [ROOT / name for name in ("README.md", "BENCHMARKS.md") if (ROOT / name).exists()]
     return top + sorted((ROOT / "docs").rglob("*.md"))
 
 
