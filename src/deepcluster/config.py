@@ -207,6 +207,9 @@ class Config:
                                       section="run")
     tensorboard: bool = setting(True, "also write the per-epoch numbers to RUN/tensorboard (when the tensorboard "
                                       "package is installed)", section="run")
+    minutes: float | None = setting(None, "time budget of the training: the first epoch is timed and the epochs (and "
+                                          "a warm-up, scaled alike) fitted to it, saved in RUN/config.yaml; none = "
+                                          "train the epochs", section="run")
     final_clustering: bool = setting(True, "after the last epoch, cluster the trained network once more, so the "
                                            "saved centroids fit the saved weights (what assign uses; not in the "
                                            "paper)", section="run")
@@ -251,7 +254,7 @@ def recipe_line(name: str) -> str:
     """``name``, what it is for, and its main settings, on one line."""
     config = apply_overrides(Config(), RECIPES[name])
     clusters = (f"prototypes {','.join(map(str, config.prototypes))}" if config.method == "v2"
-                else f"k={config.n_clusters}")
+                else f"k={config.n_clusters}" if "n_clusters" in RECIPES[name] or name == "paper" else "k from the folder")
     return (f"{name:<12} {RECIPE_ABOUT.get(name, '')} ({config.method}, {config.arch}"
             f"{' + sobel' if config.sobel else ''}, {config.crop} px, {clusters}, {config.epochs} epochs)")
 
@@ -418,9 +421,9 @@ class SettingType:
 TYPES = {name: SettingType.of(hint) for name, hint in typing.get_type_hints(Config).items()}
 
 
-# Folders a run reads, stored as absolute paths (the run folder itself is named anew by
+# Folders and files a run reads, stored as absolute paths (the run folder itself is named anew by
 # every command that uses it).
-FOLDER_SETTINGS = ("data", "val")
+FOLDER_SETTINGS = ("data", "val", "init")
 
 
 def coerce(key: str, value: Any) -> Any:

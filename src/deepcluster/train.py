@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepcluster import distributed
+from deepcluster.budget import fit_to_budget
 from deepcluster.data import Normalize
 from deepcluster.features import autocast
 from deepcluster.health import check_loss
@@ -199,7 +200,9 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     folder.open_scalars()
     records = []
     try:
-        for epoch in range(state.epoch, config.epochs):
+        epoch = state.epoch
+        while epoch < config.epochs:  # a time budget fits config.epochs after the first (``budget``)
+            epoch_start = time.perf_counter()
             plan = planner.plan(model, head, epoch, state.previous, state.skipped, monitor.request(model, epoch))
             scores = monitor(model, plan, epoch)
             loader = method.loader(source, plan, config, epoch, device)
@@ -214,6 +217,7 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
                 record.update(processes=distributed.world_size(), global_batch=global_batch(config))
             state.epoch, state.previous = epoch + 1, plan.assignments
             state.records.append(record)
+            fit_to_budget(config, folder, epoch, time.perf_counter() - epoch_start, say)
             folder.commit_epoch(epoch, state, checkpoint_state(model, head, optimizer, config, state,
                                                                planner.checkpoint_entries()), record)
             for line in epoch_lines(record, config.epochs):
@@ -221,6 +225,7 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
             records.append(record)
             if stop is not None and stop(record):
                 break
+            epoch += 1
     except STOPS_AFTER_SKIPPED:
         folder.write_skipped(state.skipped)
         raise
