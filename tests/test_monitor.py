@@ -13,14 +13,14 @@ import torch
 from deepcluster.monitor import KnnMonitor, chance_nmi, class_kmeans_accuracy, label_scores, purity
 
 
-def test_class_kmeans_accuracy_is_one_on_separable_blobs():
+def test_class_kmeans_accuracy_is_100_percent_on_separable_blobs():
     rng = np.random.default_rng(0)
     centres = np.eye(4, 16, dtype=np.float32) * 10
     labels = np.repeat(np.arange(4), 50)
     points = centres[labels] + rng.normal(0, 0.1, (200, 16)).astype(np.float32)
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     accuracy, class_nmi = class_kmeans_accuracy(points, labels, seed=3)
-    assert accuracy == 1.0 and class_nmi == pytest.approx(1.0)
+    assert accuracy == 100.0 and class_nmi == pytest.approx(1.0)  # accuracy in percent, NMI in [0, 1]
 
 
 def test_class_kmeans_accuracy_is_the_mean_over_its_starts():

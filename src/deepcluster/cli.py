@@ -132,7 +132,7 @@ def build_parser() -> Parser:
                             "folder). Default: the --config file's recipe:, else 'digits' without a data folder "
                             "(--data, or data: in the file), else the one that fits the folder's images (a sample "
                             "of their sizes): 'photo' at 64 px and more, 'small' below; k then follows the number "
-                            "of images (1 cluster per 40, at least 50 but at least 5 images a cluster, at most "
+                            "of images (1 cluster per 40, at least 50 or 1 per 5 images if that is fewer, at most "
                             "10,000) unless --n_clusters or the recipe sets it. --minutes M: a time budget, the "
                             "epochs fitted to it after timing the first")
     train.add_argument("--config", help="YAML file of settings (applied after the recipe)")
