@@ -149,7 +149,8 @@ def choose(recipe: str | None, config_file: str | os.PathLike | None, overrides:
     if "data" not in given or given["data"] is None or (named is not None and named not in RECIPES):
         return recipe, overrides  # the digits, or a bad name that ``resolve`` names
     data = coerce("data", given["data"])
-    rule_may_apply = named is None or "n_clusters" not in RECIPES[named]
+    rule_may_apply = named is None or (named != "paper" and "n_clusters" not in RECIPES[named]
+                                       and RECIPES[named].get("method", "v1") == "v1")
     folder = look(data) if data and (named is None or rule_may_apply) else None
     if named is None and folder is None:
         return recipe, overrides  # no readable image: the run's scan says what is wrong
