@@ -13,14 +13,14 @@ import torch
 from deepcluster.monitor import KnnMonitor, chance_nmi, class_kmeans_accuracy, label_scores, purity
 
 
-def test_class_kmeans_accuracy_is_one_on_separable_blobs():
+def test_class_kmeans_accuracy_is_100_percent_on_separable_blobs():
     rng = np.random.default_rng(0)
     centres = np.eye(4, 16, dtype=np.float32) * 10
     labels = np.repeat(np.arange(4), 50)
     points = centres[labels] + rng.normal(0, 0.1, (200, 16)).astype(np.float32)
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     accuracy, class_nmi = class_kmeans_accuracy(points, labels, seed=3)
-    assert accuracy == 1.0 and class_nmi == pytest.approx(1.0)
+    assert accuracy == 100.0 and class_nmi == pytest.approx(1.0)  # accuracy in percent, NMI in [0, 1]
 
 
 def test_class_kmeans_accuracy_is_the_mean_over_its_starts():
@@ -68,7 +68,7 @@ def test_label_scores_replace_the_one_to_one_accuracy_of_k_clusters():
     points = np.eye(3, 8, dtype=np.float32)[labels] + rng.normal(0, 0.01, (90, 8)).astype(np.float32)
     scores = label_scores(assignments, labels, points, seed=0)
     assert set(scores) == {"nmi_labels", "nmi_chance", "ari_labels", "purity", "cluster_acc", "cluster_nmi"}
-    assert scores["purity"] == 1.0 and scores["cluster_acc"] == 1.0
+    assert scores["purity"] == 100.0 and scores["cluster_acc"] == 100.0  # accuracies in percent, as kNN's
     assert scores["nmi_chance"] < scores["nmi_labels"]
     assert label_scores(assignments, None) == {}
 
@@ -300,10 +300,10 @@ def test_the_demo_ends_with_the_raw_pixel_baseline_beside_the_network():
 
     source = load_digits_source()
     labels = source.labels
-    line = digits_verdict(source, {"nmi_labels": 0.99, "n_clusters": 10, "purity": 1.0}, labels, "faiss")
+    line = digits_verdict(source, {"nmi_labels": 0.99, "n_clusters": 10, "purity": 100.0}, labels, "faiss")
     assert line.startswith("digits: NMI with the classes 0.990") and line.endswith(": above the raw-pixel baseline")
-    assert "purity 1.000 vs 0." in line and "can pass NMI 1.000" in line  # the classes as clusters
-    nothing = digits_verdict(source, {"nmi_labels": 0.0, "n_clusters": 10, "purity": 0.1}, labels, "faiss")
+    assert "purity 100.0% vs " in line and "can pass NMI 1.000" in line  # the classes as clusters
+    nothing = digits_verdict(source, {"nmi_labels": 0.0, "n_clusters": 10, "purity": 10.0}, labels, "faiss")
     assert "NOT above" in nothing
 
 

@@ -49,8 +49,9 @@ def test_print_config_prints_what_train_would_use_and_writes_nothing(run_cli, im
 
 
 # Sizes that keep each recipe's network small here; none changes what is clustered.
-SMALLER = {"paper": {"resize": 72, "crop": 64, "feature_dim": 64}, "v2-imagenet": {"resize": 72, "crop": 64}}
-CLUSTERED = {"paper": "fc", "small": "body", "digits": "body", "v2-imagenet": "body", "v2-cifar": "body",
+SMALLER = {"paper": {"resize": 72, "crop": 64, "feature_dim": 64},
+           "photo": {"resize": 72, "crop": 64, "feature_dim": 64}, "v2-imagenet": {"resize": 72, "crop": 64}}
+CLUSTERED = {"paper": "fc", "photo": "fc", "small": "body", "digits": "body", "v2-imagenet": "body", "v2-cifar": "body",
              "v2-small": "body"}
 
 

@@ -84,8 +84,14 @@ def observe(tmp: Path) -> dict:
     sha256, tensors = summarise(network)
     bank_sha256, bank = summarise([("bank", saved["bank"]), ("bank_decoded", saved["bank_decoded"].to(torch.uint8))])
     return {"fingerprint": fingerprint(), "assignments": assignments,
-            "logged": {key: [record.get(key) for record in log] for key in LOGGED},
+            "logged": {key: [as_recorded(key, record.get(key)) for record in log] for key in LOGGED},
             "sha256": sha256, "tensors": tensors, "bank_sha256": bank_sha256, "bank": bank}
+
+
+def as_recorded(key: str, value):
+    """A logged value in the reference's unit: ``cluster_acc`` is logged in percent now and
+    was recorded as a fraction (the same number divided by 100, bit for bit)."""
+    return value / 100.0 if key == "cluster_acc" and value is not None else value
 
 
 def mode() -> str:

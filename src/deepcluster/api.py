@@ -44,8 +44,10 @@ def train(data: str | os.PathLike | None = None, recipe: str | None = None, epoc
         log: where the run's lines go (``None``: nowhere).
         **settings: any other setting of ``deepcluster train --help``, e.g. ``n_clusters=100``.
 
-    A time budget (``minutes=``) will take its place beside ``epochs`` here; until then, give
-    ``epochs``.
+    Without ``recipe`` (nor a file's ``recipe:``) a data folder gets the recipe that fits its
+    images and k by the folder's size, as on the command line (``deepcluster.autorecipe``).
+    ``minutes=M`` (a setting) is a time budget instead of ``epochs``: the first epoch is timed
+    and the epochs are fitted to it (``deepcluster.budget``); a resume keeps the fitted count.
 
     Raises:
         ConfigError, DataError, CheckpointError: bad settings, data or files (one-line messages).
@@ -56,8 +58,12 @@ def train(data: str | os.PathLike | None = None, recipe: str | None = None, epoc
     for key, value in (("data", data), ("out_dir", out), ("epochs", epochs)):
         if value is not None:
             overrides[key] = str(value) if isinstance(value, os.PathLike) else value
+    from deepcluster.autorecipe import choose
+
+    say = log or (lambda _: None)
+    recipe, overrides = choose(recipe, config, overrides, resume, lambda line: say(f"deepcluster: {line}"))
     chosen = training_settings(recipe, config, overrides, resume)
-    run_training(chosen, resume=resume, log=log or (lambda _: None))
+    run_training(chosen, resume=resume, log=say)
     return Run(chosen.out_dir)
 
 
@@ -66,13 +72,17 @@ def training_settings(recipe: str | None, config_file: str | os.PathLike | None,
     """The validated ``Config`` of a training run (``deepcluster train`` and :func:`train`): a
     recipe, a YAML file and settings; for ``resume``, the run's saved settings with what may
     change applied."""
-    from deepcluster import runfolder
+    from deepcluster import budget, runfolder
     from deepcluster.config import resolve, resolve_resume, run_folder
 
     if resume:
         run_dir = run_folder(config_file, overrides)
-        return resolve_resume(runfolder.saved_settings(Path(run_dir)), run_dir, recipe, config_file, overrides)
-    return resolve(recipe, config_file, overrides)
+        config = resolve_resume(runfolder.saved_settings(Path(run_dir)), run_dir, recipe, config_file, overrides)
+    else:
+        budget.check_given(overrides)
+        config = resolve(recipe, config_file, overrides)
+    budget.check(config)
+    return config
 
 
 @dataclass

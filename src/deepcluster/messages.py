@@ -48,10 +48,10 @@ def format_scores(record: dict) -> list[str]:
         if "knn_body_top1" in record:
             parts[-1] += f" (conv body {record['knn_body_top1']:.1f}%)"
     if "cluster_acc" in record:
-        parts.append(f"acc(k=classes) {100 * record['cluster_acc']:.1f}%")
+        parts.append(f"acc(k=classes) {record['cluster_acc']:.1f}%")
     if "nmi_labels" in record:
         parts.append(f"nmi {record['nmi_labels']:.3f} (chance {record['nmi_chance']:.3f}) "
-                     f"ari {record['ari_labels']:.3f} purity {100 * record['purity']:.1f}%")
+                     f"ari {record['ari_labels']:.3f} purity {record['purity']:.1f}%")
     return parts
 
 

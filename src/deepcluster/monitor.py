@@ -79,12 +79,12 @@ def class_kmeans_accuracy(points: np.ndarray, labels: np.ndarray, seed: int,
         n_seeds: number of starts averaged.
 
     Returns:
-        ``(accuracy, nmi)``: accuracy in [0, 1] under the best one-to-one matching of the
-        clusters to the classes, and NMI, each the mean over the starts.
+        ``(accuracy, nmi)``: accuracy in percent under the best one-to-one matching of the
+        clusters to the classes, and NMI (in [0, 1]), each the mean over the starts.
     """
     outcome = kmeans_clustering_scores(points, labels, n_iter=CLASS_KMEANS_ITERS,
                                        seeds=tuple(range(seed, seed + n_seeds)), backend=backend)
-    return outcome.train.acc / 100.0, outcome.train.nmi
+    return outcome.train.acc, outcome.train.nmi
 
 
 def unwhitened(points: np.ndarray | None, pca: PCA | None) -> np.ndarray | None:
@@ -118,14 +118,15 @@ def label_scores(assignments: np.ndarray, labels: np.ndarray | None, points: np.
 
     Returns:
         ``nmi_labels``, ``nmi_chance``, ``ari_labels``, ``purity`` and, with points,
-        ``cluster_acc``, ``cluster_nmi``.
+        ``cluster_acc``, ``cluster_nmi``: the accuracies (purity, ``cluster_acc``) in percent,
+        as the online kNN's and ``deepcluster eval``'s, NMI and ARI in [0, 1].
     """
     if labels is None:
         return {}
     usable = assignments >= 0
     truth, pred = labels[usable], assignments[usable]
     scores = {"nmi_labels": nmi(truth, pred), "nmi_chance": chance_nmi(truth, pred, seed),
-              "ari_labels": ari(truth, pred), "purity": purity(truth, pred)}
+              "ari_labels": ari(truth, pred), "purity": 100.0 * purity(truth, pred)}
     if points is not None and len(np.unique(truth)) <= usable.sum():
         scores["cluster_acc"], scores["cluster_nmi"] = class_kmeans_accuracy(points[usable], truth, seed, backend)
     return scores
@@ -145,7 +146,7 @@ def raw_pixel_scores(images: np.ndarray, labels: np.ndarray, n_clusters: int, se
     runs = [kmeans(points, n_clusters, 20, seed=seed, backend=backend, init="kmeans++").assignments
             for seed in seeds]
     return {"nmi_labels": float(np.mean([nmi(labels, a) for a in runs])),
-            "purity": float(np.mean([purity(labels, a) for a in runs]))}
+            "purity": 100.0 * float(np.mean([purity(labels, a) for a in runs]))}
 
 
 def nmi_ceiling(labels: np.ndarray, assignments: np.ndarray) -> float:
@@ -388,7 +389,7 @@ def digits_verdict(source: ArraySource, summary: dict, assignments: np.ndarray, 
     verdict = "above" if summary["nmi_labels"] > raw["nmi_labels"] else "NOT above"
     return (f"digits: NMI with the classes {summary['nmi_labels']:.3f} for the trained network's clustering vs "
             f"{raw['nmi_labels']:.3f} for k-means on the raw 64 pixels (k = {summary['n_clusters']} both; purity "
-            f"{summary['purity']:.3f} vs {raw['purity']:.3f}; no clustering with these cluster sizes can pass NMI "
+            f"{summary['purity']:.1f}% vs {raw['purity']:.1f}%; no clustering with these cluster sizes can pass NMI "
             f"{nmi_ceiling(source.labels, assignments):.3f}): {verdict} the raw-pixel baseline")
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from deepcluster import distributed, faults
+from deepcluster.budget import epochs_text
 from deepcluster.checkpoint import CheckpointError
 from deepcluster.config import Config, ConfigError
 from deepcluster.data import DataError, ImageSource
@@ -90,7 +91,7 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
     """What a run says before its first epoch: the data, the network, the notes."""
     lines = [f"deepcluster: {plural(len(source) + len(getattr(source, 'skipped', [])), 'image file')}"
              + f", {config.arch}{' + sobel' if config.sobel else ''}, {clusters_text(config)}, "
-             f"{plural(config.epochs, 'epoch')}, device {device}, run folder {config.run_dir}"
+             f"{epochs_text(config, state.epoch)}, device {device}, run folder {config.run_dir}"
              + (f", resuming after epoch {state.epoch}" if resume else "")
              + (f"; removed {len(removed)} temporary file(s) of an interrupted write" if removed else "")]
     if source.unlabelled:

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepcluster import distributed
+from deepcluster.budget import fit_to_budget
 from deepcluster.data import Normalize
 from deepcluster.features import autocast
 from deepcluster.health import check_loss
@@ -188,10 +189,12 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     folder.open_scalars()
     records = []
     try:
-        for epoch in range(run_.state.epoch, config.epochs):
+        epoch = run_.state.epoch
+        while epoch < config.epochs:  # a time budget fits config.epochs after the first (``budget``)
             records.append(run_epoch(config, run_, folder, epoch, say))
             if stop is not None and stop(records[-1]):
                 break
+            epoch += 1
     except STOPS_AFTER_SKIPPED:
         folder.write_skipped(run_.state.skipped)
         raise
@@ -207,6 +210,7 @@ def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: C
     """Epoch ``epoch`` (0-based): plan -> monitor -> pseudo-labelled data -> training ->
     commit; returns its log record."""
     method, model, head, state = METHODS[config.method], run_.model, run_.head, run_.state
+    epoch_start = time.perf_counter()
     plan = run_.planner.plan(model, head, epoch, state.previous, state.skipped, run_.monitor.request(model, epoch))
     scores = run_.monitor(model, plan, epoch)
     loader = method.loader(run_.source, plan, config, epoch, run_.device)
@@ -219,6 +223,7 @@ def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: C
     record = epoch_record(plan, scores, trained, time.perf_counter() - start, state, config)
     state.epoch, state.previous = epoch + 1, plan.assignments
     state.records.append(record)
+    fit_to_budget(config, folder, epoch, time.perf_counter() - epoch_start, say)
     folder.commit_epoch(epoch, state, checkpoint_state(model, head, run_.optimizer, config, state,
                                                        run_.planner.checkpoint_entries()), record)
     for line in epoch_lines(record, config.epochs):

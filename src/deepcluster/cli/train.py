@@ -83,10 +83,13 @@ def add_train_parsers(commands: Any) -> None:
                             "(DeepCluster-v2, ResNet-50, 2x224 + 6x96 crops, batch 4096, LARS lr 4.8, 800 epochs), "
                             "'v2-cifar' (DeepCluster-v2, ResNet-18 CIFAR stem, 2x32 crops, batch 256, LARS lr 0.6), "
                             "'v2-small' (v2-cifar on smallnet, 11 epochs: DeepCluster-v2 on 32-96 px images on a "
-                            "CPU). "
-                            "Default: the "
-                            "--config file's recipe:, else 'digits' without a data folder (--data, or data: in the "
-                            "file), else 'paper'")
+                            "CPU), 'photo' (your photos: the paper's network, head kept, lr 0.02, k from the "
+                            "folder). Default: the --config file's recipe:, else 'digits' without a data folder "
+                            "(--data, or data: in the file), else the one that fits the folder's images (a sample "
+                            "of their sizes): 'photo' at 64 px and more, 'small' below; k then follows the number "
+                            "of images (1 cluster per 40, at least 50 or 1 per 5 images if that is fewer, at most "
+                            "10,000) unless --n_clusters or the recipe sets it. --minutes M: a time budget, the "
+                            "epochs fitted to it after timing the first")
     train.add_argument("--config", help="YAML file of settings (applied after the recipe)")
     train.add_argument("--data", help="image folder, any layout; its top-level sub-folders are the classes (used "
                                       "only for scores); default: the built-in scikit-learn digits")
@@ -119,6 +122,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"deepcluster: {str(_train_folder)!r} holds no saved settings yet (the run stopped while starting); "
               "starting it from the beginning", flush=True)
         args.resume = False
+    from deepcluster.autorecipe import for_command_line  # no --recipe: the one that fits the folder, and its k
+
+    args.recipe, overrides = for_command_line(args.recipe, args.config, overrides, args.resume, args.print_config)
     # with --resume, the run's own settings, changed only where the command line says so
     config = training_settings(args.recipe, args.config, overrides, args.resume)
     if args.print_config:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 # The order ``deepcluster recipes`` lists them in.
-NAMES = ("paper", "small", "digits", "v2-imagenet", "v2-cifar", "v2-small")
+NAMES = ("paper", "photo", "small", "digits", "v2-imagenet", "v2-cifar", "v2-small")
 KEYS = {"provenance", "about", "settings"}
 
 

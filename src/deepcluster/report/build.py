@@ -113,9 +113,10 @@ class ReportResult:
     seconds: float = 0.0
 
 
-# Label scores shown in the summary table, as (log key, name).
+# Label scores shown in the summary table, as (log key, name): accuracies in percent (one
+# decimal), NMI and ARI in [0, 1] (three), as in log.jsonl, on the terminal and in ``eval``.
 LABEL_SCORES = (("knn_top1", "kNN top-1 %"), ("knn_body_top1", "kNN top-1 %, conv body"),
-                ("cluster_acc", "ACC (k = classes)"), ("nmi_labels", "NMI"), ("nmi_chance", "NMI by chance"),
+                ("cluster_acc", "ACC % (k = classes)"), ("nmi_labels", "NMI"), ("nmi_chance", "NMI by chance"),
                 ("ari_labels", "ARI"))
 
 def clustering_summary(config) -> str:
@@ -154,7 +155,7 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
             parts.append(f"NMI(t-1,t) {last['nmi_prev']:.3f}")
         for key, name in LABEL_SCORES:
             if isinstance(last.get(key), (int, float)):
-                parts.append(f"{name} {last[key]:.3f}")
+                parts.append(f"{name} {last[key]:{'.1f' if '%' in name else '.3f'}}")
         rows.append(("last epoch", ", ".join(parts)))
         total = sum(float(r.get(k) or 0.0) for r in run.records
                     for k in ("time_features", "time_clustering", "time_training"))
@@ -166,7 +167,7 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
             parts.append(f"NMI with the last epoch's {final['nmi_last_epoch']:.3f}")
         for key, name in LABEL_SCORES:
             if isinstance(final.get(key), (int, float)):
-                parts.append(f"{name} {final[key]:.3f}")
+                parts.append(f"{name} {final[key]:{'.1f' if '%' in name else '.3f'}}")
         rows.append(("final clustering", ", ".join(parts)))
     return rows
 

@@ -38,7 +38,8 @@ def recipe_line(name: str) -> str:
     """``name``, what it is for, and its main settings, on one line."""
     config = apply_overrides(Config(), RECIPES[name])
     clusters = (f"prototypes {','.join(map(str, config.prototypes))}" if config.method == "v2"
-                else f"k={config.n_clusters}")
+                else f"k={config.n_clusters}" if "n_clusters" in RECIPES[name] or name == "paper"
+                else "k from the folder")
     return (f"{name:<12} {RECIPE_ABOUT.get(name, '')} ({config.method}, {config.arch}"
             f"{' + sobel' if config.sobel else ''}, {config.crop} px, {clusters}, {config.epochs} epochs)")
 

@@ -183,11 +183,14 @@ class Config:
     threads: int | None = setting(None, "torch CPU threads; none = torch's default", section="run")
     keep_freed_memory: bool = setting(True, "keep the memory a batch frees for the next one (glibc: malloc's mmap and "
                                             "trim thresholds at 1 GiB, for the whole process): the same numbers, "
-                                            "no page faults per batch, epochs 7-13% faster here, but the paper "
+                                            "no page faults per batch, faster epochs on some CPUs, but the paper "
                                             "recipe's peak memory 1.5 GiB higher; false = glibc's defaults",
                                       section="run")
     tensorboard: bool = setting(True, "also write the per-epoch numbers to RUN/tensorboard (when the tensorboard "
                                       "package is installed)", section="run")
+    minutes: float | None = setting(None, "time budget of the training: the first epoch is timed and the epochs (and "
+                                          "a warm-up, scaled alike) fitted to it, saved in RUN/config.yaml; none = "
+                                          "train the epochs", section="run")
     final_clustering: bool = setting(True, "after the last epoch, cluster the trained network once more, so the "
                                            "saved centroids fit the saved weights (what assign uses; not in the "
                                            "paper)", section="run")

@@ -114,9 +114,9 @@ class SettingType:
 TYPES = {name: SettingType.of(hint) for name, hint in typing.get_type_hints(Config).items()}
 
 
-# Folders a run reads, stored as absolute paths (the run folder itself is named anew by
+# Folders and files a run reads, stored as absolute paths (the run folder itself is named anew by
 # every command that uses it).
-FOLDER_SETTINGS = ("data", "val")
+FOLDER_SETTINGS = ("data", "val", "init")
 
 
 def coerce(key: str, value: Any) -> Any:
