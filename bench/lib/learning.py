@@ -238,12 +238,12 @@ def summarise(run: dict) -> dict:
     records, final = run["records"], run.get("final") or {}
     measured = [r for r in records if r.get("knn_top1") is not None]
     knn = [r["knn_top1"] for r in measured]
-    acc = [100.0 * r["cluster_acc"] if r.get("cluster_acc") is not None else None for r in measured]
+    acc = [r.get("cluster_acc") for r in measured]  # percent, as log.jsonl holds it
     return {"variant": run["label"], "settings": run.get("variant") or "(the recipe)", "epochs": len(records),
             "measured_after": [r["epoch"] - 1 for r in measured], "knn_per_epoch": knn, "acc_per_epoch": acc,
             "knn_start": knn[0] if knn else None, "knn_lowest": min(knn[1:]) if len(knn) > 1 else None,
             "knn_final": final.get("knn_top1"),
-            "acc_final": 100.0 * final["cluster_acc"] if final.get("cluster_acc") is not None else None,
+            "acc_final": final.get("cluster_acc"),
             "nmi_final": final.get("cluster_nmi"), "nmi_pseudo_labels": final.get("nmi_labels"),
             "wall_minutes": run["wall_s"] / 60.0 if run.get("wall_s") else None}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-PANELS = (("knn_top1", "kNN top-1 on val (%)", 1.0), ("cluster_acc", "clustering ACC, k = classes (%)", 100.0),
+PANELS = (("knn_top1", "kNN top-1 on val (%)", 1.0), ("cluster_acc", "clustering ACC, k = classes (%)", 1.0),
           ("cluster_nmi", "clustering NMI, k = classes", 1.0))
 
 

@@ -79,6 +79,14 @@ def _old_machine(data: dict) -> dict:
             "torch": data.get("torch"), "threads": data.get("threads")}
 
 
+def in_percent(record: dict | None) -> dict | None:
+    """An older log record with its accuracies as fractions (``cluster_acc``, ``purity``), in
+    percent as log.jsonl holds them now."""
+    if not record:
+        return record
+    return {**record, **{key: 100.0 * record[key] for key in ("cluster_acc", "purity") if record.get(key) is not None}}
+
+
 def convert(data: dict, path: Path) -> dict:
     """An older script's result as this schema (``learning_*``, ``sweep_*``, ``epoch_cost_*``,
     ``paper_epoch_*``, ``processes_*``, ``small_epoch_*``, ``vs_reference_*``)."""
@@ -91,7 +99,7 @@ def convert(data: dict, path: Path) -> dict:
                                                  "budget": {"minutes": data.get("budget_minutes")}})
         result["baselines"] = {k: data[k] for k in ("random_bn", "raw_pixels") if data.get(k)}
         result["runs"] = [new_run(data.get("name", stem), recipe=data.get("recipe"), settings=data.get("settings", {}),
-                                  records=data["records"], final=data.get("final"),
+                                  records=[in_percent(r) for r in data["records"]], final=in_percent(data.get("final")),
                                   wall_s=60.0 * data["wall_minutes"] if data.get("wall_minutes") else None)]
     elif "rows" in data:  # sweep.py: the per-epoch points of every variant
         result.update(kind="learning", settings={"recipe": data.get("recipe"), "train": data.get("train"),
@@ -99,10 +107,10 @@ def convert(data: dict, path: Path) -> dict:
         result["baselines"] = {k: data[k] for k in ("random_bn", "raw_pixels") if data.get(k)}
         result["summary"] = {"variants": data["rows"]}
         for row in data["rows"]:
-            records = [{"epoch": e + 1, "knn_top1": k, "cluster_acc": None if a is None else a / 100.0}
+            records = [{"epoch": e + 1, "knn_top1": k, "cluster_acc": a}
                        for e, k, a in zip(row["measured_after"], row["knn_per_epoch"], row["acc_per_epoch"])]
             final = {"knn_top1": row["knn_final"], "cluster_nmi": row["nmi_final"],
-                     "cluster_acc": None if row["acc_final"] is None else row["acc_final"] / 100.0}
+                     "cluster_acc": row["acc_final"]}
             result["runs"].append(new_run(row["variant"], settings={"variant": row["settings"]}, records=records,
                                           final=final, epochs=row["epochs"]))
     else:
