@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tarfile
@@ -128,7 +127,7 @@ def test_a_budget_is_fitted_once_saved_and_resumed_exactly(image_folder, tmp_pat
     for name in ("whole", "stopped"):
         saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
         assert (saved["epochs"], saved["warmup_epochs"], saved["minutes"]) == (3, 1, 5.0)
-        assert sum("took 100 s; 5 minutes fit 3 epochs: running 3, warm-up 1 epoch" in l for l in lines[name]) == 1
+        assert sum("took 100 s; 5 minutes fit 3 epochs: running 3, warm-up 1 epoch" in line for line in lines[name]) == 1
     assert any("a 5-minute budget (epochs fitted after the first)" in line for line in lines["whole"])
     whole, stopped = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("whole", "stopped"))
     assert whole["epoch"] == stopped["epoch"] == 3
