@@ -45,7 +45,7 @@ def test_a_folder_of_photos_gets_the_photo_recipe_and_k_from_its_size(tmp_path):
     assert said == [f"recipe: photo (61 images, median 80x64 px, shorter side >= 64 px); k = 12 "
                     f"({autorecipe.K_RULE}; --n_clusters sets it)"]
     config = resolve(recipe, overrides={**overrides, "out_dir": str(tmp_path / "run")})
-    assert (config.lr, config.kmeans_init, config.head_reset, config.n_clusters) == (0.02, "previous", False, 12)
+    assert (config.lr, config.carry_clusters, config.n_clusters) == (0.02, True, 12)
 
 
 def test_small_images_get_the_small_recipe_its_k_capped_to_the_folder(image_folder):

@@ -112,13 +112,22 @@ def _given(config_file: str | os.PathLike | None, overrides: dict[str, Any]) -> 
     return (file_recipe if isinstance(file_recipe, str) else None), {**from_file, **overrides}
 
 
+def _one_k(method: str | None) -> bool:
+    """Whether ``method`` (``None``: the default) clusters with one k, ``n_clusters`` (v2
+    sizes its prototypes instead)."""
+    from deepcluster.config import Config
+    from deepcluster.methods.registry import METHODS
+
+    return not METHODS[method or Config().method].assigns_by_prototypes
+
+
 def _k_line(recipe: str, given: dict[str, Any], folder: FolderLook | None, auto: bool) -> tuple[int | None, str]:
     """k for ``recipe`` and the clause that says why (``None``: the recipe, file or command
     line decides)."""
     settings = RECIPES.get(recipe, {})
-    method = given.get("method", settings.get("method", "v1"))
     clustering = given.get("clustering", settings.get("clustering", "kmeans"))
-    if folder is None or "n_clusters" in given or method != "v1" or clustering != "kmeans" or recipe == "paper":
+    if (folder is None or "n_clusters" in given or not _one_k(given.get("method", settings.get("method")))
+            or clustering != "kmeans" or recipe == "paper"):
         return None, ""
     if "n_clusters" not in settings:
         return k_rule(folder.n_images), f"k = {k_rule(folder.n_images):,} ({K_RULE}; --n_clusters sets it)"
@@ -150,7 +159,7 @@ def choose(recipe: str | None, config_file: str | os.PathLike | None, overrides:
         return recipe, overrides  # the digits, or a bad name that ``resolve`` names
     data = coerce("data", given["data"])
     rule_may_apply = named is None or (named != "paper" and "n_clusters" not in RECIPES[named]
-                                       and RECIPES[named].get("method", "v1") == "v1")
+                                       and _one_k(RECIPES[named].get("method")))
     folder = look(data) if data and (named is None or rule_may_apply) else None
     if named is None and folder is None:
         return recipe, overrides  # no readable image: the run's scan says what is wrong
