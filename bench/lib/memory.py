@@ -7,6 +7,9 @@ the plan and training), ``train_one_epoch``, the commit of the epoch, and the fi
 clustering. Per stage: the main process's peak resident set (``VmHWM``, reset at every stage
 change through ``/proc/self/clear_refs``; None where the kernel does not allow it), and the
 largest summed PSS of the process and its data-loading workers, sampled every 0.1 s.
+The loop resets the same mark at its own stages (``deepcluster.memory``, the
+``peak_mib_<stage>`` fields of log.jsonl and final.json), so a stage's peak here is the larger
+of the meter's reading and the log's peaks of the loop's stages inside it.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def memory(args) -> int:
         start = time.perf_counter()
         records = train_run(config, log=lambda line: print(line, flush=True))
         wall = time.perf_counter() - start
-        stages = meter.stop()
+        stages = with_log_peaks(meter.stop(), records, Path(out) / "final.json")
     for record in records:
         record["time_budget"] = schema.budget_seconds(record)
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -144,6 +147,24 @@ def memory(args) -> int:
     return 0
 
 
+# The meter's stages and the loop's (log.jsonl's ``peak_mib_<stage>``) inside each.
+LOOP_STAGES = {"features and clustering": ("features", "pca", "kmeans"), "training": ("training",)}
+
+
+def with_log_peaks(stages: dict, records: list[dict], final: Path) -> dict:
+    """``stages`` with each peak RSS raised to the run's own peaks of the stages inside it."""
+    import json
+
+    summaries = {"final clustering": [json.loads(final.read_text())] if final.is_file() else []}
+    for name, entry in stages.items():
+        inner = LOOP_STAGES.get(name, ("features", "pca", "kmeans"))
+        peaks = [r[f"peak_mib_{stage}"] / 1024 for r in summaries.get(name, records) for stage in inner
+                 if isinstance(r.get(f"peak_mib_{stage}"), (int, float))]
+        if peaks and name in (*LOOP_STAGES, *summaries):
+            entry["peak_rss_gib"] = max([entry["peak_rss_gib"] or 0.0, *peaks])
+    return stages
+
+
 def table(result: dict) -> str:
     m, run = result["machine"], result["runs"][0]
     memory = run["memory"]
@@ -158,6 +179,10 @@ def table(result: dict) -> str:
                  f"{memory['peak_pss_gib']:.2f} |")
     lines.append(f"\nLargest resident set of any one child process (data-loading workers): "
                  f"{memory['peak_rss_children_gib']:.2f} GiB")
+    for record in run["records"]:  # the run's own per-stage peaks (log.jsonl's peak_mib_<stage>)
+        peaks = ", ".join(f"{key[9:]} {value / 1024:.2f}" for key, value in record.items() if key.startswith("peak_mib_"))
+        if peaks:
+            lines.append(f"Epoch {record['epoch']} in log.jsonl, peak RSS per stage (GiB): {peaks}")
     return "\n".join(lines)
 
 

@@ -38,13 +38,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed
+from deepcluster import distributed, memory
 from deepcluster.budget import fit_to_budget
 from deepcluster.data import Normalize
 from deepcluster.features import autocast
 from deepcluster.health import check_loss
 from deepcluster.methods.registry import METHODS
 from deepcluster.optim import epoch_learning_rates, set_lr
+from deepcluster.precision import resolve_precision
 from deepcluster.progress import Progress
 from deepcluster.runfolder import RunFolder, RunState, checkpoint_state, json_record
 from deepcluster.startup import (SETUP_ERRORS, STOPS_AFTER_SKIPPED, Setup, epoch_lines, final_lines, global_batch,
@@ -163,6 +164,7 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
             the previous checkpoint is left as it was.
     """
     device, created = start_process(config)  # torchrun's process group, if launched by it
+    config = resolve_precision(config, device, log, resume)  # auto: fp32 or bf16, before anything is written
     try:
         with contextlib.ExitStack() as stack:
             folder, error = RunFolder(config, log), None
@@ -210,17 +212,17 @@ def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: C
     """Epoch ``epoch`` (0-based): plan -> monitor -> pseudo-labelled data -> training ->
     commit; returns its log record."""
     method, model, head, state = METHODS[config.method], run_.model, run_.head, run_.state
-    epoch_start = time.perf_counter()
+    epoch_start, _ = time.perf_counter(), memory.take()  # nothing noted before the epoch counts
     plan = run_.planner.plan(model, head, epoch, state.previous, state.skipped, run_.monitor.request(model, epoch))
     scores = run_.monitor(model, plan, epoch)
     loader = method.loader(run_.source, plan, config, epoch, run_.device)
     start, unreadable = time.perf_counter(), set()
-    with distributed.rank_stream(config.seed, epoch, model, head):  # each process its own dropout masks
+    with distributed.rank_stream(config.seed, epoch, model, head), memory.stage("training"):  # own dropout masks
         trained = Trained(*train_one_epoch(method.network(model, head), loader, run_.optimizer, run_.loss, config,
                                           epoch, run_.device, method.temperature(config),
                                           method.head_group(head, config), run_.planner.bank, unreadable))
     note_unreadable(run_.source, unreadable, epoch, state.skipped, say)
-    record = epoch_record(plan, scores, trained, time.perf_counter() - start, state, config)
+    record = {**epoch_record(plan, scores, trained, time.perf_counter() - start, state, config), **memory.take()}
     state.epoch, state.previous = epoch + 1, plan.assignments
     state.records.append(record)
     fit_to_budget(config, folder, epoch, time.perf_counter() - epoch_start, say)
@@ -236,7 +238,7 @@ def final_clustering(config: Config, run_: Setup, folder: RunFolder, say: Callab
     model, epochs, last = run_.model, run_.state.epoch, run_.state.previous
     final, summary, plan = run_.planner.final_clustering(model, epochs, last,
                                                          run_.monitor.request(model, epochs, final=True))
-    summary = {**summary, **run_.monitor(model, plan, epochs, final=True)}
+    summary = {**summary, **memory.take(), **run_.monitor(model, plan, epochs, final=True)}
     folder.save_final(epochs, final, summary)
     for line in final_lines(config, run_.source, summary, final.assignments, epochs):
         say(line)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed
+from deepcluster import distributed, memory
 from deepcluster.clustering import kmeans, labelling_centroids
 from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca_sharded
 from deepcluster.clustering.pic import pic
@@ -188,14 +188,15 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
             reducer.add(out[decoded], rows[decoded] - start)
         time_pca += time.perf_counter() - tick
 
-    feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
+    with memory.stage("features"):  # with the PCA's streaming share
+        feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
     mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
         return ReducedFeatures(np.zeros((reducer.n_rows, 0), dtype=np.float32), mask, None,
                                time.perf_counter() - began, time_pca, start, kept)
     tick = time.perf_counter()
-    with Progress(None, "PCA-whitening"):
+    with Progress(None, "PCA-whitening"), memory.stage("pca"):
         reduced, pca = reducer.finish()
     time_pca += time.perf_counter() - tick
     return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, start, kept)
@@ -261,9 +262,10 @@ class V1Planner:
             raise TooFewDecoded(f"only {int(reduced.decoded.sum())} of {len(source)} images could be decoded, fewer "
                                 f"than the {needed} clusters needed; the reasons are in "
                                 f"{str(config.run_dir / SKIPPED_NAME)!r}")
-        partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
-                                 derived_seed(config.seed, epoch, STREAM_CLUSTERING),
-                                 self.clustering_device, previous, start=reduced.start)
+        with memory.stage("kmeans"):
+            partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
+                                     derived_seed(config.seed, epoch, STREAM_CLUSTERING),
+                                     self.clustering_device, previous, start=reduced.start)
         partition.time_pca = reduced.time_pca
         return reduced, partition
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed
+from deepcluster import distributed, memory
 from deepcluster.clustering import KMeansResult, kmeans
 from deepcluster.data import ImageSource, Normalize, decode_problem, uniform_cluster_sample
 from deepcluster.data.multicrop import UNREADABLE, CropGroup, MultiCrop, MultiCropDataset, collate_crops
@@ -293,8 +293,9 @@ class V2Planner:
         time_features = 0.0
         if self.bank is None:
             start = time.perf_counter()
-            self.bank = self.reduce(MultiCropModel(model, head.projection, head.prototypes), source, config,
-                                    self.device)
+            with memory.stage("features"):  # the bank's first filling
+                self.bank = self.reduce(MultiCropModel(model, head.projection, head.prototypes), source, config,
+                                        self.device)
             time_features = time.perf_counter() - start
             for index in np.flatnonzero(~self.bank.all_decoded()):
                 skipped[source.name(int(index))] = decode_problem(source, int(index))
@@ -304,8 +305,9 @@ class V2Planner:
             raise TooFewDecoded(f"only {n_decoded} of {len(source)} images could be decoded, fewer "
                                 f"than the {needed} prototypes of a head; the reasons are in "
                                 f"{str(config.run_dir / SKIPPED_NAME)!r}")
-        clustering = self.cluster(self.bank, config.prototypes, config.kmeans_iters, config.seed, epoch,
-                                  config.empty_clusters, self.clustering_device)
+        with memory.stage("kmeans"):
+            clustering = self.cluster(self.bank, config.prototypes, config.kmeans_iters, config.seed, epoch,
+                                      config.empty_clusters, self.clustering_device)
         for index, centroids in enumerate(clustering.centroids):
             head.prototypes.set(index, centroids)
         assignments = clustering.targets[0]
@@ -330,8 +332,9 @@ class V2Planner:
         config, source = self.config, self.source
         start = time.perf_counter()
         # Each process embeds and clusters its share of the images; only assignments travel.
-        embeddings, indices, decoded, _ = local_features(Embedder(model, self.head.projection), source, config,
-                                                      self.device)
+        with memory.stage("features"):
+            embeddings, indices, decoded, _ = local_features(Embedder(model, self.head.projection), source, config,
+                                                          self.device)
         time_features = time.perf_counter() - start
         rows = np.flatnonzero(distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)))
         count = config.prototypes[0]
@@ -339,7 +342,7 @@ class V2Planner:
             raise TooFewDecoded(f"only {len(rows)} of {len(source)} images could be decoded for the final clustering, "
                                 f"fewer than the {count} prototypes of head 0")
         tick = time.perf_counter()
-        with Progress(None, f"spherical k-means k={count}"):
+        with Progress(None, f"spherical k-means k={count}"), memory.stage("kmeans"):
             assignments, result = cluster_and_gather(
                 torch.from_numpy(embeddings[decoded]).to(self.clustering_device), indices[decoded], rows,
                 len(source), count, config.kmeans_iters, head_seed(config.seed, epochs, 0), config.empty_clusters)

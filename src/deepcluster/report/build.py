@@ -160,6 +160,9 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
         total = sum(float(r.get(k) or 0.0) for r in run.records
                     for k in ("time_features", "time_clustering", "time_training"))
         rows.append(("training time", f"{total / 60:.1f} min"))
+        peaks = peak_memory_text(run.records)
+        if peaks:
+            rows.append(("peak memory", peaks))
     final = run.final or {}
     if final:
         parts = [f"{final.get('n_nonempty', '?')} clusters"]
@@ -170,6 +173,17 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
                 parts.append(f"{name} {final[key]:{'.1f' if '%' in name else '.3f'}}")
         rows.append(("final clustering", ", ".join(parts)))
     return rows
+
+
+def peak_memory_text(records: list[dict]) -> str:
+    """The largest resident set of the main process in each stage over the epochs
+    (``peak_mib_<stage>`` in log.jsonl), in a few words; empty when the log has none."""
+    parts = []
+    for stage, name in (("features", "features"), ("pca", "PCA"), ("kmeans", "clustering"), ("training", "training")):
+        values = [r[f"peak_mib_{stage}"] for r in records if isinstance(r.get(f"peak_mib_{stage}"), (int, float))]
+        if values:
+            parts.append(f"{name} {max(values):,.0f}")
+    return f"{', '.join(parts)} MiB (main process, largest over the epochs)" if parts else ""
 
 
 def _curves_section(run: RunData) -> str:

@@ -99,6 +99,8 @@ def resolve_resume(saved: dict[str, Any], run_dir: str | Path, recipe: str | Non
     config = apply_overrides(base, RECIPES[named] if named else {})
     config = apply_overrides(config, {**given, "out_dir": str(run_dir)})
     refuse_other_method(config, given, converted_keys(overrides or {}))
+    if config.precision == "auto":  # the run resolved auto when it started: keep what it chose
+        config = dataclasses.replace(config, precision=base.precision)
     config = validate(config)
     check_unchanged(base, config)
     return config

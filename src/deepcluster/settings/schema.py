@@ -153,7 +153,9 @@ class Config:
     final_lr: float | None = setting(None, "learning rate the cosine ends at (SwAV: 0.0048, solo-learn CIFAR: "
                                            "0.0006); none = lr all along (no schedule)", section="optim")
     precision: str = setting("fp32", "fp32 (the paper) | bf16 autocast: faster on CPUs with bf16 units, slower "
-                                     "on some without; measure yours with bench/run.py cost", section="run")
+                                     "on some without; measure yours with bench/run.py cost | auto: bf16 where a "
+                                     "few timed training steps at the start find it faster on hardware with native "
+                                     "bf16, else fp32 (the choice is saved with the run)", section="run")
     channels_last: bool = setting(True, "memory layout only (same numbers); faster convolutions on most CPUs",
                                   section="run")
     prototypes: tuple[int, ...] = setting((3000, 3000, 3000), "v2: prototypes of each head, comma-separated (the "
@@ -221,7 +223,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kmeans_backend": ("faiss", "torch"),
     "kmeans_init": ("random", "kmeans++"),
     "sampler": ("uniform", "shuffle"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("fp32", "bf16", "auto"),
     "method": ("v1", "v2"),
     "optimizer": ("sgd", "lars"),
     "empty_clusters": ("keep", "split"),
