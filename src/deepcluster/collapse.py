@@ -16,7 +16,8 @@ Indicators (added to every epoch record, ``log.jsonl``), from the points the epo
   equally by construction). v2: the memory bank's unit embeddings of head 0's crop, not
   centred, as the spherical k-means sees them, at most ``SAMPLE_ROWS`` rows spread evenly
   over the images; the plan's points are the bank itself, so what the epoch's training
-  wrote into it (read after training, as the loss is).
+  wrote into it (read after training, as the loss is). With several processes no process
+  holds every embedding: v2 then logs null.
 - ``mean_cosine``: v2 only: the mean cosine of the unit embeddings with their common mean
   direction (the length of their mean): near 0 for spread points, 1 when they all point
   one way. The spherical k-means' own "cosine" is no substitute: with about as many
