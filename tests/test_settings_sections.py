@@ -104,7 +104,7 @@ def test_recipe_files_equal_the_recipes_they_replaced():
     assert [name for name in RECIPES if name in before] == list(before)  # and photo, added after the move
     for name, recorded in before.items():
         resolved = apply_overrides(Config(), RECIPES[name]).to_dict()
-        expected = {**convert(recorded["resolved"]), "minutes": None}  # a setting added since: its default
+        expected = {**convert(recorded["resolved"]), "minutes": None, "stop_on_collapse": False}  # settings added since: their defaults
         assert resolved == apply_overrides(Config(), recorded["keys"]).to_dict() == expected, name
         assert RECIPE_ABOUT[name] == recorded["about"]
         assert RECIPE_PROVENANCE[name] and "\n" not in RECIPE_PROVENANCE[name]
@@ -174,7 +174,7 @@ def test_a_config_yaml_written_before_the_sections_loads(name, method):
     config = from_dict(settings)
     # the data folder is stored resolved, as every run stores it now; retired settings converted
     expected = {**convert(settings), "out_dir": "RUN_FOLDER", "data": str(Path(settings["data"]).resolve()),
-                "minutes": None}  # a setting added since: its default
+                "minutes": None, "stop_on_collapse": False}  # settings added since: their defaults
     assert config.method == method and config.to_dict() == expected
 
 

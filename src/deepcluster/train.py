@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed, memory
+from deepcluster import collapse, distributed, memory
 from deepcluster.budget import fit_to_budget
 from deepcluster.data import Normalize
 from deepcluster.features import autocast
@@ -194,7 +194,7 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
         epoch = run_.state.epoch
         while epoch < config.epochs:  # a time budget fits config.epochs after the first (``budget``)
             records.append(run_epoch(config, run_, folder, epoch, say))
-            if stop is not None and stop(records[-1]):
+            if collapse.announce(run_.state.records, config, say) or (stop is not None and stop(records[-1])):
                 break
             epoch += 1
     except STOPS_AFTER_SKIPPED:
@@ -252,6 +252,7 @@ def epoch_record(plan: Plan, scores: dict, trained: Trained, seconds: float, sta
     processes = ({"processes": distributed.world_size(), "global_batch": global_batch(config)}
                  if distributed.is_distributed() else {})
     return json_record({**plan.record, **scores, "time_training": seconds, "train_loss": trained.loss, **heads,
+                        **collapse.indicators(plan, trained.loss),
                         "train_images_per_s": trained.seen / max(seconds, 1e-9),
                         "n_images": int((plan.assignments >= 0).sum()), "n_skipped": len(state.skipped),
                         **processes})

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepcluster import collapse
 from deepcluster.checkpoint import atomic_write_bytes
 from deepcluster.config import ConfigError
 from deepcluster.messages import shown_path
@@ -157,6 +158,8 @@ def _summary_rows(run: RunData, epochs_done: int) -> list[tuple[str, str]]:
             if isinstance(last.get(key), (int, float)):
                 parts.append(f"{name} {last[key]:{'.1f' if '%' in name else '.3f'}}")
         rows.append(("last epoch", ", ".join(parts)))
+        if warning := collapse.report_line(run.records):
+            rows.append(("warning", warning))
         total = sum(float(r.get(k) or 0.0) for r in run.records
                     for k in ("time_features", "time_clustering", "time_training"))
         rows.append(("training time", f"{total / 60:.1f} min"))

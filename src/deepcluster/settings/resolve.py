@@ -68,7 +68,7 @@ def resolve(recipe: str | None = None, config_file: str | Path | None = None,
 # epochs and the final clustering, only how far it goes).
 RESUMABLE = frozenset({"epochs", "workers", "threads", "device", "clustering_device", "feature_batch_size", "out_dir",
                        "tensorboard", "final_clustering", "val", "val_every", "knn_body", "sync_batchnorm",
-                       "keep_freed_memory"})
+                       "keep_freed_memory", "stop_on_collapse"})
 
 
 def check_unchanged(saved: Config, config: Config) -> None:

@@ -66,6 +66,9 @@ class Config:
                                    "the pooled conv body, the layers the paper transfers (knn_body_top1; costs the "
                                    "body's width in memory per training image: 9,216 floats for AlexNet; left out, "
                                    "with a line, above 4 GiB per process)", section="monitor")
+    stop_on_collapse: bool = setting(False, "end the run, resumable, after the first epoch whose features collapse "
+                                            "onto one direction (log.jsonl's collapse; a warning line says it "
+                                            "either way)", section="monitor")
     out_dir: str = setting("runs/deepcluster", "run folder: log, assignments, checkpoint (runs/digits for the "
                                                "built-in digits)", section="run")
     method: str = setting("v1", "v1: DeepCluster (Caron et al. 2018): feature pass, PCA, k-means, a new classifier "
