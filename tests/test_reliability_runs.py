@@ -18,8 +18,9 @@ import pytest
 from conftest import TINY_TRAIN
 from deepcluster.cli import EXIT_WRITE
 from deepcluster.faults import ENV_VAR
+from deepcluster.memory import PEAK_KEYS
 
-TIMINGS = ("time_features", "time_clustering", "time_pca", "time_kmeans", "time_monitor")
+TIMINGS = ("time_features", "time_clustering", "time_pca", "time_kmeans", "time_monitor", *PEAK_KEYS)
 
 
 def subprocess_train(*args: str, fault: str | None = None, cwd: Path | None = None,

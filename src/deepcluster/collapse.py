@@ -130,7 +130,9 @@ def since(records: list[dict]) -> int | None:
 
 def advice(config: Any) -> str:
     """What to try against collapse, for the run's settings (a third of its clusters)."""
-    if config.method == "v2":
+    from deepcluster.methods.registry import METHODS
+
+    if METHODS[config.method].assigns_by_prototypes:
         fewer = f"fewer prototypes (e.g. --prototypes {','.join(str(max(2, k // 3)) for k in config.prototypes)})"
     else:
         fewer = f"fewer clusters (e.g. --n_clusters {max(2, config.n_clusters // 3)})"

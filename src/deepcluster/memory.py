@@ -99,4 +99,8 @@ def take() -> dict[str, float]:
     return taken
 
 
-__all__ = ["current_peak_mib", "stage", "take"]
+# The record keys :func:`take` can give, one per stage the loop measures: like the stage
+# times, they depend on the machine's state, not on the run's settings and data.
+PEAK_KEYS = ("peak_mib_features", "peak_mib_pca", "peak_mib_kmeans", "peak_mib_training")
+
+__all__ = ["PEAK_KEYS", "current_peak_mib", "stage", "take"]
