@@ -391,3 +391,24 @@ def test_a_resumed_run_makes_one_feature_pass_per_epoch_left_and_none_for_finish
     assert passes == ["features", "training", "features", "training", "features"]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_each_epoch_seeds_its_k_means_from_the_run_seed_and_the_epoch():
+    """k-means starts from the seed of (run seed, epoch): another start every epoch, the same
+    one for the same epoch of a resumed run."""
+    from types import SimpleNamespace
+
+    from deepcluster.config import resolve
+    from deepcluster.methods import STREAM_CLUSTERING, derived_seed
+    from deepcluster.methods.v1 import V1Planner
+
+    config = resolve("small", overrides={"data": None, "n_clusters": 2, "seed": 7, "threads": 1})
+    seeds = []
+    planner = V1Planner(config, torch.device("cpu"), SimpleNamespace(__len__=lambda: 4))
+    planner.reduce = lambda *a, **k: SimpleNamespace(points=np.zeros((4, 2), np.float32), decoded=np.ones(4, bool),
+                                                     pca=None, start=None, time_pca=0.0)
+    planner.cluster = lambda points, decoded, pca, config, seed, *a, **k: seeds.append(seed) or SimpleNamespace()
+    for epoch in (0, 1, 2, 1):
+        planner.cluster_images(None, epoch)
+    expected = [derived_seed(7, epoch, STREAM_CLUSTERING) for epoch in (0, 1, 2, 1)]
+    assert seeds == expected and len(set(seeds)) == 3
