@@ -39,10 +39,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deepcluster.memory import PEAK_KEYS
+from deepcluster.methods.records import MACHINE_KEYS
 
-TIMINGS = {"time_features", "time_pca", "time_kmeans", "time_clustering", "time_training", "time_monitor",
-           "train_images_per_s", *PEAK_KEYS}
+TIMINGS = set(MACHINE_KEYS)
 COMMON = ["--feature_batch_size", "16", "--workers", "0", "--feature_dim", "32", "--threads", "1",
           "--tensorboard", "false", "--device", "cpu"]
 METHOD_ARGS = {

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from deepcluster.faults import ENV_VAR
-from deepcluster.memory import PEAK_KEYS
+from deepcluster.methods.records import MACHINE_KEYS
 from conftest import one_epoch
 
 EPOCHS = 3
@@ -33,8 +33,7 @@ TINY = ["--recipe", "small", "--epochs", str(EPOCHS), "--n_clusters", "6", "--ba
         "--feature_batch_size", "16", "--workers", "0", "--pca_dim", "8", "--kmeans_iters", "5",
         "--feature_dim", "32", "--threads", "1"]
 # 36 images: 3 feature batches of 16 and 5 training batches of 8 per epoch.
-TIMING_KEYS = ("time_features", "time_pca", "time_kmeans", "time_clustering", "time_training", "time_monitor",
-               "train_images_per_s", *PEAK_KEYS)
+TIMING_KEYS = MACHINE_KEYS
 
 
 def train(data: Path, out: Path, fault: str | None = None, resume: bool = False,

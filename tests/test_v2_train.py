@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepcluster.cli import main
-from deepcluster.memory import PEAK_KEYS
+from deepcluster.methods.records import MACHINE_KEYS
 
 # The smallest v2 run: the v2-cifar recipe on a small net and two crop sizes (so the grouped
 # forward and the small crops are exercised), 4 training batches of 8 images per epoch.
@@ -21,8 +21,7 @@ TINY_V2 = ["--recipe", "v2-cifar", "--arch", "smallnet", "--stem", "imagenet", "
            "--projection_hidden", "32", "--projection_dim", "16", "--epochs", "3", "--batch_size", "8",
            "--feature_batch_size", "16", "--workers", "0", "--threads", "1", "--warmup_epochs", "1",
            "--lr", "0.3", "--final_lr", "0.003", "--tensorboard", "false", "--device", "cpu"]
-TIMING_KEYS = ("time_features", "time_pca", "time_kmeans", "time_clustering", "time_training", "time_monitor",
-               "train_images_per_s", *PEAK_KEYS)
+TIMING_KEYS = MACHINE_KEYS
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 
 from deepcluster.clustering import cluster_sizes, nmi
 from deepcluster.health import cluster_warnings
+from deepcluster.memory import PEAK_KEYS
 from deepcluster.partition import Partition
 
 
@@ -50,4 +51,9 @@ def final_record(epochs: int, final: Partition, last: np.ndarray | None, time_fe
             "time_features": time_features, "time_clustering": final.time_pca + final.time_kmeans}
 
 
-__all__ = ["epoch_record", "final_record"]
+# The keys of an epoch record that depend on the machine's state, not on the run's settings
+# and data: a resumed run equals an uninterrupted one in every other key.
+MACHINE_KEYS = ("time_features", "time_pca", "time_kmeans", "time_clustering", "time_training", "time_monitor",
+                "train_images_per_s", *PEAK_KEYS)
+
+__all__ = ["MACHINE_KEYS", "epoch_record", "final_record"]
