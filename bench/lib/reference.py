@@ -12,7 +12,11 @@ Both programs run in fresh processes with the same ``--threads`` (torch, OpenMP,
 ``--workers``, optionally pinned to the same cores (``--cpus``). Stage times of the
 reference are taken by wrapping its own functions (``compute_features``,
 ``preprocess_features``, ``run_kmeans``, ``train``) with timers; ours come from its
-per-epoch log. Ratios below 1 mean ours is faster.
+per-epoch log. Ratios below 1 mean ours is faster. Peak memory: the largest resident set of
+each main process over the run (``ru_maxrss``), and per stage (``VmHWM``, reset through
+``/proc/self/clear_refs`` as the stage starts: the same wrapped functions on the reference's
+side, the ``peak_mib_<stage>`` fields of its log on ours); the data-loading workers are
+processes of their own and not counted.
 """
 
 from __future__ import annotations
@@ -69,14 +73,27 @@ import clustering
 import main as reference
 
 epochs = []
+def hwm_mib():  # the resident set's high-water mark since the last reset (VmHWM), in MiB
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+def reset_hwm():
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
 def timed(module, name, stage):
     inner = getattr(module, name)
     def wrapper(*args, **kwargs):
         if stage == "features":
             epochs.append({{"start": time.perf_counter()}})
         start = time.perf_counter()
+        reset_hwm()
         out = inner(*args, **kwargs)
+        peak = hwm_mib()
         epochs[-1][stage] = epochs[-1].get(stage, 0.0) + time.perf_counter() - start
+        epochs[-1]["peak_mib_" + stage] = max(epochs[-1].get("peak_mib_" + stage, 0.0), peak)
         return out
     setattr(module, name, wrapper)
 timed(reference, "compute_features", "features")
@@ -102,7 +119,8 @@ config = resolve("paper", overrides={overrides!r})
 marks = [time.perf_counter()]
 records = run(config, log=lambda line: None, stop=lambda record: marks.append(time.perf_counter()) and False)
 epochs = [{{"features": r["time_features"], "pca": r["time_pca"], "kmeans": r["time_kmeans"],
-            "training": r["time_training"], "monitor": r.get("time_monitor", 0.0), "epoch": b - a}}
+            "training": r["time_training"], "monitor": r.get("time_monitor", 0.0), "epoch": b - a,
+            **{{key: value for key, value in r.items() if key.startswith("peak_mib_")}}}}
           for r, a, b in zip(records, marks, marks[1:])]
 json.dump({{"epochs": epochs, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}},
           open({out!r}, "w"))
@@ -146,6 +164,13 @@ def mean_stages(epochs: list[dict], skip_first: bool) -> dict[str, float]:
     return {key: sum(e.get(key, 0.0) for e in chosen) / len(chosen) for key in keys}
 
 
+def stage_peaks(epochs: list[dict]) -> dict[str, float]:
+    """The largest resident set of the main process in each stage over the epochs, in MiB
+    (``VmHWM`` reset as the stage starts; absent where the kernel does not allow the reset)."""
+    return {stage: max(e[f"peak_mib_{stage}"] for e in epochs if f"peak_mib_{stage}" in e)
+            for stage in STAGES if any(f"peak_mib_{stage}" in e for e in epochs)}
+
+
 def table(result: dict) -> str:
     ours, ref = result["ours"]["mean"], result["reference"]["mean"]
     lines = [f"{result['cpu']} ({result['cpu_flags']}), {result['threads']} thread(s), {result['workers']} "
@@ -157,7 +182,14 @@ def table(result: dict) -> str:
         lines.append(f"| {key if key != 'epoch' else 'whole epoch'} | {ref[key]:.2f} | {ours[key]:.2f} | "
                      f"{ours[key] / max(ref[key], 1e-9):.2f} |")
     lines.append(f"| peak RSS of the main process (GiB) | {result['reference']['memory']['peak_rss_gib']:.2f} | "
-                 f"{result['ours']['memory']['peak_rss_gib']:.2f} | |")
+                 f"{result['ours']['memory']['peak_rss_gib']:.2f} | "
+                 f"{result['ours']['memory']['peak_rss_gib'] / max(result['reference']['memory']['peak_rss_gib'], 1e-9):.2f} |")
+    peaks = {side: result[side]["memory"].get("stages_mib", {}) for side in ("reference", "ours")}
+    for stage in STAGES:
+        if stage in peaks["reference"] or stage in peaks["ours"]:
+            ref_peak, our_peak = peaks["reference"].get(stage), peaks["ours"].get(stage)
+            lines.append(f"| peak RSS in {stage} (MiB) | {'' if ref_peak is None else f'{ref_peak:.0f}'} | "
+                         f"{'' if our_peak is None else f'{our_peak:.0f}'} | |")
     rates = result.get("rates")
     if rates:
         lines += ["", f"Effective rates ({rates['forward_gflop_per_image']:.2f} GFLOP per image forward, training "
@@ -229,7 +261,8 @@ def versus_reference(args) -> int:
                                          "authors' code" if side == "reference" else "this tree",
                                          records=got["epochs"], wall_s=wall, threads=threads,
                                          mean=mean_stages(got["epochs"], skip_first=True),
-                                         memory={"peak_rss_gib": got["peak_rss_gib"]})
+                                         memory={"peak_rss_gib": got["peak_rss_gib"],
+                                                 "stages_mib": stage_peaks(got["epochs"])})
     result["runs"] = [sides["reference"], sides["ours"]]
     flat = {**result["settings"], "cpu": result["machine"]["cpu"], "cpu_flags": result["machine"]["cpu_flags"],
             "reference": sides["reference"], "ours": sides["ours"]}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from deepcluster import distributed
+from deepcluster import distributed, memory
 from deepcluster.config import Config
 from deepcluster.data import CenterView, FeatureDataset, ImageSource, Normalize
 from deepcluster.models import Backbone
@@ -157,6 +157,8 @@ def feature_pass(forward: Callable[[torch.Tensor], Any], source: ImageSource, se
         with autocast(settings.device, settings.bf16):
             outputs = forward(settings.normalize(images, settings.device, settings.channels_last))
         on_batch(rows.numpy(), outputs, decoded.numpy())
+    images = outputs = None  # the last batch too, then what malloc holds of the pass goes back:
+    memory.release_freed()  # its freed activations would not fit the next stage's blocks
 
 
 def local_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,

@@ -17,10 +17,12 @@ measured (not the data-loading workers); with several processes, each its own.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 _peaks: dict[str, float] = {}  # stage -> MiB, since the last ``take``
@@ -99,8 +101,46 @@ def take() -> dict[str, float]:
     return taken
 
 
+_trim: Any = None  # glibc's malloc_trim once looked up; False where there is none
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (looked up once), or False (another libc, another system)."""
+    global _trim
+    if _trim is None:
+        _trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                libc.gnu_get_libc_version  # glibc only: another libc has no malloc_trim
+                trim = libc.malloc_trim
+                trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+                _trim = trim
+            except (OSError, AttributeError):
+                pass
+    return _trim
+
+
+def release_freed() -> bool:
+    """Give the system back the memory this process has freed but malloc still holds
+    (glibc's ``malloc_trim(0)``: the free top of every heap, and the free pages inside
+    them); False where there is no such call (nothing done).
+
+    With ``keep_freed_memory`` glibc keeps freed blocks of up to 1 GiB for reuse: within a
+    stage the blocks a batch frees fit the next batch's, but a stage's blocks seldom fit the
+    next stage's (the feature pass's activations are not the training step's), so without
+    this they stay resident beside the next stage's and raise its peak. The numbers do not
+    change; the next stage maps its first blocks anew, once.
+    """
+    trim = _malloc_trim()
+    if not trim:
+        return False
+    trim(0)
+    return True
+
+
 # The record keys :func:`take` can give, one per stage the loop measures: like the stage
 # times, they depend on the machine's state, not on the run's settings and data.
 PEAK_KEYS = ("peak_mib_features", "peak_mib_pca", "peak_mib_kmeans", "peak_mib_training")
 
-__all__ = ["PEAK_KEYS", "current_peak_mib", "stage", "take"]
+__all__ = ["PEAK_KEYS", "current_peak_mib", "release_freed", "stage", "take"]
