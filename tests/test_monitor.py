@@ -113,7 +113,7 @@ def test_online_knn_equals_eval_knn_of_the_same_weights(cli, image_folder, tmp_p
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert all("knn_top1" in r and "cluster_acc" in r and "nmi_chance" in r for r in records)
     assert "acc_labels" not in records[0]
-    assert "knn top-1" in out and "acc(k=classes)" in out and "chance" in out
+    assert "knn top-1/5 " in out and "acc(k=classes)" in out and "chance" in out
     final = json.loads((run / "final.json").read_text())
     code, _, err = cli("eval", run / "checkpoint.pt", "--train", image_folder, "--val", image_folder,
                        "--protocols", "knn", "--baseline", "none", "--out", tmp_path / "eval", "--workers", "0")
