@@ -40,13 +40,22 @@ def plural(count: int, word: str) -> str:
     return f"{count:,} {word}" if count == 1 else f"{count:,} {word}s"
 
 
+def _knn_text(record: dict, key: str, named: bool = True) -> str:
+    """``knn top-1/5 41.2/78.5%``: a kNN's top-1 and top-5 side by side (top-1 alone when the
+    record has no top-5)."""
+    top1, top5 = record[f"{key}_top1"], record.get(f"{key}_top5")
+    if top5 is None:
+        return f"{'knn top-1 ' if named else ''}{top1:.1f}%"
+    return f"{'knn top-1/5 ' if named else ''}{top1:.1f}/{top5:.1f}%"
+
+
 def format_scores(record: dict) -> list[str]:
     """The label scores of a record, named so they cannot be misread (see ``monitor``)."""
     parts = []
     if "knn_top1" in record:
-        parts.append(f"knn top-1 {record['knn_top1']:.1f}%")
+        parts.append(_knn_text(record, "knn"))
         if "knn_body_top1" in record:
-            parts[-1] += f" (conv body {record['knn_body_top1']:.1f}%)"
+            parts[-1] += f" (conv body {_knn_text(record, 'knn_body', named=False)})"
     if "cluster_acc" in record:
         parts.append(f"acc(k=classes) {record['cluster_acc']:.1f}%")
     if "nmi_labels" in record:

@@ -66,16 +66,18 @@ def _honest_y_axis(axis, values: np.ndarray) -> None:
         axis.set_ylim(middle - least * 1.5, middle + least * 1.5)
 
 
-def line_axes(records, lines: list[tuple[str, str]], ylabel: str, ylim: tuple[float, float] | None = None):
+def line_axes(records, lines: list[tuple], ylabel: str, ylim: tuple[float, float] | None = None):
     """A matplotlib figure of the ``(key, label)`` curves of ``records``, or ``None`` when
-    none has data."""
+    none has data. A line may carry a third item, keyword arguments of ``plot`` (a dashed
+    style, a colour shared with another line)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(WIDTH, HEIGHT))
     drawn = []
-    for key, label in lines:
+    for key, label, *style in lines:
         x, y = _series(records, key)
         if len(x):
-            axis.plot(x, y, marker="o", markersize=3, linewidth=1.5, label=label)
+            axis.plot(x, y, **{"marker": "o", "markersize": 3, "linewidth": 1.5, "label": label,
+                               **(style[0] if style else {})})
             drawn.append(y)
     if not drawn:
         plt.close(figure)
@@ -111,6 +113,13 @@ def _plain_log_ticks(axis) -> None:
     axis.yaxis.set_minor_formatter(NullFormatter())
 
 
+# The online kNN's curves: top-5 dashed in the colour of its top-1.
+KNN_LINES = [("knn_top1", "kNN top-1 (%)", {"color": "C0"}),
+             ("knn_top5", "kNN top-5 (%)", {"color": "C0", "linestyle": "--", "marker": "s"}),
+             ("knn_body_top1", "conv body top-1 (%)", {"color": "C1"}),
+             ("knn_body_top5", "conv body top-5 (%)", {"color": "C1", "linestyle": "--", "marker": "s"})]
+
+
 def epoch_curves(records: list[dict[str, Any]]) -> list[Figure]:
     """Per-epoch curves of a run's log: objective, loss, stability, label scores, balance, time.
 
@@ -128,10 +137,10 @@ def epoch_curves(records: list[dict[str, Any]]) -> list[Figure]:
          [("train_loss", "loss")], "loss", None),
         ("NMI(t-1, t)", "agreement of consecutive clusterings; rises then levels off as the clustering "
          "stabilises (the paper's stays below about 0.8)", [("nmi_prev", "NMI(t-1, t)")], "NMI", (0.0, 1.0)),
-        ("Online kNN", "top-1 accuracy (%) of the --val images classified by their 20 most similar training "
-         "images, on the features each epoch clustered (epoch 1 = the random start), and, when those are the fc "
-         "layers' output, on the pooled conv body they come from",
-         [("knn_top1", "kNN top-1 (%)"), ("knn_body_top1", "kNN top-1 on the conv body (%)")], "accuracy (%)", None),
+        ("Online kNN", "top-1 (solid) and top-5 (dashed) accuracy (%) of the --val images classified by their 20 "
+         "most similar training images, on the features each epoch clustered (epoch 1 = the random start), and, "
+         "when those are the fc layers' output, on the pooled conv body they come from", KNN_LINES, "accuracy (%)",
+         None),
         ("Against the true labels", "NMI of the k pseudo-labels with the classes beside its chance level (the "
          "same cluster sizes shuffled) and ARI; labels are never used for training",
          [("nmi_labels", "NMI"), ("nmi_chance", "NMI by chance"), ("ari_labels", "ARI")], "score", (0.0, 1.0)),
