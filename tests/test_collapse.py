@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 
 from deepcluster import collapse
@@ -139,3 +140,54 @@ def test_v2_at_its_rate_does_not_warn(run_cli, image_folder, tmp_path):
     code, out, err = run_cli("train", "--data", image_folder, "--out", tmp_path / "run", *TINY_V2)
     assert code == 0, err
     assert "collapsing" not in out and all(r["collapse"] is None for r in _log(tmp_path / "run"))
+
+
+def _bank_and_sample() -> tuple:
+    """A whole ``(2, 41, 16)`` bank with four images undecoded, and the indices the
+    indicators sample from it (at most 20 rows)."""
+    rng = np.random.default_rng(3)
+    bank = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(2, 41, 16)).astype(np.float32)), dim=2)
+    decoded = np.ones(41, dtype=bool)
+    decoded[[0, 7, 8, 40]] = False
+    return bank, decoded, collapse.sample_indices(decoded, 20)
+
+
+def _indicator_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from deepcluster.memory_bank import MemoryBank
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        bank, decoded, wanted = _bank_and_sample()
+        share = MemoryBank.from_full(bank, decoded)  # this process's block only
+        plan = Plan(np.where(decoded, 1, -1), {}, np.where(decoded, 1, -1)[None], bank_rows=share.sample)
+        torch.save({"rows": share.sample(wanted), "found": collapse.indicators(plan, 0.1), "held": len(share.rows)},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_holding_halves_of_the_bank_give_one_process_indicators(tmp_path):
+    """v2 under torchrun: each process holds its block of the memory bank; the sampled rows
+    are gathered, so every process logs the indicators one process computes, to the bit."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from deepcluster.memory_bank import MemoryBank
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_indicator_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    bank, decoded, wanted = _bank_and_sample()
+    one = MemoryBank.from_full(bank, decoded)
+    plan = Plan(np.where(decoded, 1, -1), {}, np.where(decoded, 1, -1)[None], bank_rows=one.sample)
+    expected = collapse.indicators(plan, 0.1)
+    assert np.array_equal(one.sample(wanted), collapse.sample_rows(bank[0].numpy(), decoded, 20))
+    assert expected["effective_rank"] > 2 and expected["mean_cosine"] is not None
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["held"] < 41  # a share, not the bank
+        assert np.array_equal(result["rows"], one.sample(wanted)) and result["found"] == expected

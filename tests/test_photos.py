@@ -67,7 +67,7 @@ def test_what_is_given_wins_over_the_choice(image_folder, tmp_path):
     assert autorecipe.choose(None, file, data, **quiet) == ("photo", data)  # the file's k
     file.write_text("recipe: photo\n")
     assert autorecipe.choose(None, file, data, **quiet) == ("photo", {**data, "n_clusters": autorecipe.k_rule(36)})
-    v2 = autorecipe.choose("photo", None, {**data, "method": "v2"}, **quiet)[1]
+    v2 = autorecipe.choose("photo", None, {**data, "method": "v2", "prototypes": "4", "batch_size": "8"}, **quiet)[1]
     assert "n_clusters" not in v2  # a v1 setting: a v2 run refuses it
 
 

@@ -297,3 +297,6 @@ def test_v2_two_processes_equal_one_process_with_the_same_global_batch(even_imag
                                [r["train_loss"] for r in records(tmp_path / "one")], rtol=1e-4)
     np.testing.assert_allclose([r["train_loss_per_head"] for r in records(tmp_path / "two")],
                                [r["train_loss_per_head"] for r in records(tmp_path / "one")], rtol=1e-4)
+    for key in ("effective_rank", "mean_cosine"):  # the collapse indicators: gathered, not null
+        np.testing.assert_allclose([r[key] for r in records(tmp_path / "two")],
+                                   [r[key] for r in records(tmp_path / "one")], rtol=1e-2)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from deepcluster.config import RECIPES, coerce, load_yaml
+from deepcluster.settings.v2_sizing import is_v2, size_v2
 
 SMALL_SIDE = 64  # a median shorter side below this is a small image (the `small` recipe: 32-96 px)
 HEADER_SAMPLE = 200  # image headers read to judge the size (evenly spread over the folder)
@@ -160,17 +161,18 @@ def choose(recipe: str | None, config_file: str | os.PathLike | None, overrides:
     data = coerce("data", given["data"])
     rule_may_apply = named is None or (named != "paper" and "n_clusters" not in RECIPES[named]
                                        and _one_k(RECIPES[named].get("method")))
-    folder = look(data) if data and (named is None or rule_may_apply) else None
+    folder = look(data) if data and (named is None or rule_may_apply or is_v2(named, given)) else None
     if named is None and folder is None:
         return recipe, overrides  # no readable image: the run's scan says what is wrong
     reason = None
     if named is None:
         named, reason = pick_recipe(folder)
     k, k_text = _k_line(named, given, folder, reason is not None)
-    parts = [f"recipe: {named} ({reason})" if reason else "", k_text]
-    if say is not None and (reason or k is not None):
+    sized, sized_text = size_v2(folder.n_images, RECIPES[named], given) if folder and is_v2(named, given) else ({}, None)
+    parts = [f"recipe: {named} ({reason})" if reason else "", k_text, sized_text or ""]
+    if say is not None and (reason or k is not None or sized):
         say("; ".join(part for part in parts if part))
-    return named, ({**overrides, "n_clusters": k} if k is not None else overrides)
+    return named, {**overrides, **({"n_clusters": k} if k is not None else {}), **sized}
 
 
 def for_command_line(recipe: str | None, config_file: str | os.PathLike | None, overrides: dict[str, Any],

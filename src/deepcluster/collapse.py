@@ -15,9 +15,10 @@ Indicators (added to every epoch record, ``log.jsonl``), from the points the epo
   epoch's features (centred, before whitening: the whitened points span every direction
   equally by construction). v2: the memory bank's unit embeddings of head 0's crop, not
   centred, as the spherical k-means sees them, at most ``SAMPLE_ROWS`` rows spread evenly
-  over the images; the plan's points are the bank itself, so what the epoch's training
-  wrote into it (read after training, as the loss is). With several processes no process
-  holds every embedding: v2 then logs null.
+  over the images, read from the bank after training (what the epoch's training wrote into
+  it, as the loss is). With several processes each holds its share of the bank: each
+  gives the sampled rows it holds and every process gets them all (at most
+  ``SAMPLE_ROWS`` rows travel), so the figures are those of one process.
 - ``mean_cosine``: v2 only: the mean cosine of the unit embeddings with their common mean
   direction (the length of their mean): near 0 for spread points, 1 when they all point
   one way. The spherical k-means' own "cosine" is no substitute: with about as many
@@ -62,11 +63,18 @@ def effective_rank(singular_values: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def sample_rows(points: np.ndarray, usable: np.ndarray | None = None, n_rows: int = SAMPLE_ROWS) -> np.ndarray:
-    """At most ``n_rows`` rows of ``points`` (those ``usable``), evenly spaced: no random numbers."""
-    rows = np.flatnonzero(usable) if usable is not None else np.arange(len(points))
+def sample_indices(usable: np.ndarray, n_rows: int = SAMPLE_ROWS) -> np.ndarray:
+    """At most ``n_rows`` of the indices where ``usable`` (bool) holds, evenly spaced and
+    ascending: no random numbers."""
+    rows = np.flatnonzero(usable)
     if len(rows) > n_rows:
         rows = rows[np.linspace(0, len(rows) - 1, n_rows).round().astype(np.int64)]
+    return rows
+
+
+def sample_rows(points: np.ndarray, usable: np.ndarray | None = None, n_rows: int = SAMPLE_ROWS) -> np.ndarray:
+    """At most ``n_rows`` rows of ``points`` (those ``usable``), evenly spaced: no random numbers."""
+    rows = sample_indices(usable if usable is not None else np.ones(len(points), dtype=bool), n_rows)
     return np.asarray(points[rows], dtype=np.float64)
 
 
@@ -96,7 +104,11 @@ def indicators(plan: Plan, train_loss: float | None) -> dict[str, Any]:
     if plan.pca is not None:  # v1: the features' spectrum before whitening
         width = len(plan.pca.eigenvalues)
         found["effective_rank"] = effective_rank(np.sqrt(np.maximum(np.asarray(plan.pca.eigenvalues), 0.0)))
-    elif plan.points is not None:  # v2: the bank's unit embeddings
+    elif plan.bank_rows is not None:  # v2: the bank's unit embeddings, gathered from every process's share
+        points = plan.bank_rows(sample_indices(plan.assignments >= 0))
+        width = points.shape[1]
+        found.update(embedding_indicators(points))
+    elif plan.points is not None:  # points of no PCA: their unit rows
         width = plan.points.shape[1]
         found.update(embedding_indicators(sample_rows(plan.points, plan.assignments >= 0)))
     found["loss_ratio"] = loss_ratio(train_loss, plan.targets)
@@ -175,4 +187,5 @@ def report_line(records: list[dict]) -> str | None:
 
 
 __all__ = ["COSINE_LIMIT", "LOSS_FLOOR", "RANK_LIMIT", "SAMPLE_ROWS", "advice", "announce", "effective_rank",
-           "embedding_indicators", "indicators", "loss_ratio", "report_line", "since", "verdict", "warning_line"]
+           "embedding_indicators", "indicators", "loss_ratio", "report_line", "sample_indices", "sample_rows", "since",
+           "verdict", "warning_line"]

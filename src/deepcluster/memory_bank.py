@@ -144,6 +144,15 @@ class MemoryBank:
         everyone = distributed.all_gather_rows(np.asarray(embedded, dtype=np.int64))
         self.decoded[self.positions(everyone)[1]] = True
 
+    def sample(self, wanted: np.ndarray) -> np.ndarray:
+        """``(len(wanted), dim)`` float64: the first crop's embeddings of the images ``wanted``
+        (ascending image indices), on every process: each gives those it holds and, the
+        blocks being the images in rank order, their concatenation is in image order. Only
+        these rows travel (the collapse indicators' sample), never the bank."""
+        _, where = self.positions(wanted)
+        local = self.embeddings[0, torch.from_numpy(where)].numpy()
+        return np.asarray(distributed.all_gather_rows(local), dtype=np.float64)
+
     def all_decoded(self) -> np.ndarray:
         """``(N,)`` bool, the images of every process's share that decoded."""
         return distributed.gather_in_order(self.decoded.astype(np.uint8), self.rows, self.n_images).astype(bool)

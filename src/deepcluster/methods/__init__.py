@@ -40,6 +40,8 @@ class Plan:
             (None when no process holds them all).
         pca: the PCA that made ``points`` (its whitening is undone before that accuracy).
         kept: what the feature pass kept for the monitor (``features.Keep``), or None.
+        bank_rows: v2: ``(image indices) -> (n, d)`` the memory bank's embeddings of those
+            images as it holds them when called, on every process (the collapse indicators).
     """
 
     assignments: np.ndarray
@@ -49,6 +51,7 @@ class Plan:
     points: np.ndarray | None = None
     pca: PCA | None = None
     kept: Kept | None = None
+    bank_rows: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.targets is None:

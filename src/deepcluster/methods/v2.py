@@ -316,7 +316,7 @@ class V2Planner:
                               {"spherical_objective": clustering.objective, "n_empty": clustering.n_empty})
         # With several processes no one holds every embedding: the scores of the assignments remain.
         points = None if distributed.is_distributed() else self.bank.embeddings[0].numpy()
-        return Plan(assignments, record, clustering.targets, points=points)
+        return Plan(assignments, record, clustering.targets, points=points, bank_rows=self.bank.sample)
 
     def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None,
                          keep: Keep | None = None) -> tuple[Partition, dict, Plan]:
