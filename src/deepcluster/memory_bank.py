@@ -6,18 +6,35 @@ processes each holds its share of the images, a contiguous block (``distributed.
 the blocks in rank order are the images in order, which k-means' sharded mode reads as one
 process's rows), and what one process computes of another's images is handed over once
 per epoch (``synchronise``), so no process ever holds more than its share.
+
+The first filling (``fill_bank``) is a pass of its own before epoch 0, as the reference's
+``init_memory``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from deepcluster import distributed
 from deepcluster.checkpoint import CheckpointError
+from deepcluster.data import Normalize
+from deepcluster.data.multicrop import UNREADABLE, MultiCropDataset, collate_crops
+from deepcluster.features import autocast, loader_kwargs
+from deepcluster.health import check_features
+from deepcluster.methods import STREAM_BANK_VIEWS
+from deepcluster.progress import track
+
+if TYPE_CHECKING:
+    from deepcluster.config import Config
+    from deepcluster.data import ImageSource
+    from deepcluster.data.multicrop import MultiCrop
 
 BANK_CROPS = 2  # the memory bank keeps the embeddings of the first two (large) crops
 
@@ -115,12 +132,16 @@ class MemoryBank:
         self.write(image_indices[kept].numpy(), large[:, kept.to(large.device)])
 
     def synchronise(self) -> None:
-        """With several processes, hand each process what the others wrote of its images:
-        each process in turn broadcasts its outbox and the others keep their rows, so no
-        process holds more than its share and one outbox. No-op alone."""
+        """With several processes, hand each process what the others wrote of its images
+        (:meth:`hand_over`). No-op alone."""
         outbox, self.outbox = self.outbox, []
-        if not distributed.is_distributed():
-            return
+        if distributed.is_distributed():
+            self.hand_over(outbox)
+
+    def hand_over(self, outbox: list[tuple[np.ndarray, torch.Tensor]]) -> None:
+        """Each process in turn broadcasts its ``outbox`` (what it wrote of the others'
+        images) and the others keep their rows, so no process holds more than its share and
+        one outbox."""
         rows = np.concatenate([r for r, _ in outbox]) if outbox else np.zeros(0, dtype=np.int64)
         dim = self.embeddings.shape[2]
         embeddings = torch.cat([e for _, e in outbox], dim=1) if outbox else torch.zeros(BANK_CROPS, 0, dim)
@@ -160,4 +181,48 @@ class MemoryBank:
         return torch.from_numpy(np.ascontiguousarray(gathered[0].transpose(1, 0, 2))), flags[0]
 
 
-__all__ = ["BANK_CROPS", "MemoryBank", "fill_batches"]
+@torch.no_grad()
+def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, config: Config, device: torch.device,
+              before_batch: Callable[[], object] | None = None) -> MemoryBank:
+    """The pass before epoch 0: the two large crops (``crops``' first group) of every image,
+    embedded by the network (v2's ``MultiCropModel``) in training mode (without gradients),
+    make the first memory bank, as the reference's ``init_memory`` does. In eval mode a fresh
+    network's BatchNorm has no statistics yet and maps every image to nearly the same
+    embedding (cosines above 0.9999 on the test images), which leaves the first clustering
+    arbitrary. The two crops of a batch pass the network together, so even a last batch of
+    one image gives BatchNorm two rows.
+
+    Args:
+        before_batch: called before each batch (``faults.instrument`` puts its ``features``
+            point here).
+
+    Raises:
+        TrainingDiverged: an embedding is NaN or infinite.
+    """
+    network.train()
+    transform = dataclasses.replace(crops, groups=(dataclasses.replace(crops.groups[0], count=BANK_CROPS),))
+    n_images, normalize = len(source), Normalize(config.mean, config.std)
+    indices = distributed.shard(np.arange(n_images))
+    # Each image's crops seeded by its index, each step's batch the global one (``fill_batches``):
+    # the processes together compute one process's bank.
+    dataset = MultiCropDataset(source, indices, np.zeros((1, n_images), dtype=np.int64), transform, config.seed, 0,
+                               stream=STREAM_BANK_VIEWS, positions=indices)
+    loader = DataLoader(dataset, batch_sampler=fill_batches(indices, n_images, config.feature_batch_size),
+                        collate_fn=functools.partial(collate_crops, transform.groups),
+                        **loader_kwargs(config.workers, device))
+    bank, embedded = MemoryBank.empty(n_images, config.projection_dim), []  # this process's share (its block)
+    for crops_, targets, rows in track(loader, len(dataset), "memory bank", unit="img", size=lambda batch: len(batch[2])):
+        if before_batch is not None:
+            before_batch()
+        with autocast(device, config.precision == "bf16"):
+            embeddings, _ = network([normalize(crop, device, config.channels_last) for crop in crops_])
+        embeddings = embeddings.float().cpu().view(BANK_CROPS, len(rows), embeddings.shape[-1])
+        check_features(embeddings.reshape(-1, embeddings.shape[-1]).numpy(), 0)
+        decoded, rows = (targets[:, 0] != UNREADABLE).numpy(), rows.numpy()
+        bank.write(rows[decoded], embeddings[:, torch.from_numpy(decoded)])
+        embedded.append(rows[decoded])
+    bank.settle_filling(np.concatenate(embedded))  # the other processes' images handed over
+    return bank
+
+
+__all__ = ["BANK_CROPS", "MemoryBank", "fill_bank", "fill_batches"]
