@@ -60,8 +60,8 @@ class MemoryBank:
     Attributes:
         embeddings: ``(2, n, dim)`` float32 (CPU): the L2-normalised embedding of the first
             and second crop of each image held, as last written.
-        decoded: ``(n,)`` bool, the images held that decoded when the bank was filled (the
-            others have no embedding and get no target).
+        decoded: ``(n,)`` bool, the images held that have an embedding: those that decoded
+            when the bank was filled (the others get no target).
         rows: ``(n,)`` the image indices held, ascending.
         n_images: images in the run.
     """
@@ -101,18 +101,14 @@ class MemoryBank:
                                   "'bank_decoded'); it is not a resumable v2 checkpoint of this run")
         return cls.from_full(bank, decoded.numpy())
 
-    def positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which of the images ``rows`` this process holds (``(len(rows),)`` bool) and where
-        in its share they are."""
-        rows = np.asarray(rows, dtype=np.int64)
+    def _store(self, rows: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
+        """Put the embeddings of the images ``rows`` this process holds in place (they have an
+        embedding now: ``decoded``); returns the mask of the others."""
         start, stop = distributed.block(self.n_images)
         held = (rows >= start) & (rows < stop)
-        return held, rows[held] - start
-
-    def _store(self, rows: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
-        """Put the embeddings of the images held in place; returns the mask of the others."""
-        held, where = self.positions(rows)
+        where = rows[held] - start
         self.embeddings[:, torch.from_numpy(where)] = embeddings if held.all() else embeddings[:, torch.from_numpy(held)]
+        self.decoded[where] = True
         return ~held
 
     def write(self, rows: np.ndarray, embeddings: torch.Tensor) -> None:
@@ -156,15 +152,6 @@ class MemoryBank:
             if not mine:
                 self._store(sent_rows, sent)
 
-    def settle_filling(self, embedded: np.ndarray) -> None:
-        """End the first filling, in which this process embedded the images ``embedded``
-        (those of its batches that decoded, written with ``write``): hand over what it
-        computed of the others' images, and mark as decoded the images held that some
-        process embedded."""
-        self.synchronise()
-        everyone = distributed.all_gather_rows(np.asarray(embedded, dtype=np.int64))
-        self.decoded[self.positions(everyone)[1]] = True
-
     def all_decoded(self) -> np.ndarray:
         """``(N,)`` bool, the images of every process's share that decoded."""
         return distributed.gather_in_order(self.decoded.astype(np.uint8), self.rows, self.n_images).astype(bool)
@@ -172,8 +159,10 @@ class MemoryBank:
     def full(self) -> tuple[torch.Tensor, np.ndarray] | None:
         """The whole ``(2, N, dim)`` bank and ``(N,)`` decoded flags on the main process (for
         its checkpoint), None on the others."""
-        if not distributed.is_distributed():
-            return self.embeddings, self.decoded
+        return self.gathered() if distributed.is_distributed() else (self.embeddings, self.decoded)
+
+    def gathered(self) -> tuple[torch.Tensor, np.ndarray] | None:
+        """:meth:`full` with several processes: every share gathered on the main process."""
         gathered = distributed.gather_to_main(self.embeddings.transpose(0, 1).numpy(), self.rows)
         flags = distributed.gather_to_main(self.decoded, self.rows)
         if gathered is None or flags is None:
@@ -210,7 +199,7 @@ def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, c
     loader = DataLoader(dataset, batch_sampler=fill_batches(indices, n_images, config.feature_batch_size),
                         collate_fn=functools.partial(collate_crops, transform.groups),
                         **loader_kwargs(config.workers, device))
-    bank, embedded = MemoryBank.empty(n_images, config.projection_dim), []  # this process's share (its block)
+    bank = MemoryBank.empty(n_images, config.projection_dim)  # this process's share (its block of the images)
     for crops_, targets, rows in track(loader, len(dataset), "memory bank", unit="img", size=lambda batch: len(batch[2])):
         if before_batch is not None:
             before_batch()
@@ -218,10 +207,9 @@ def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, c
             embeddings, _ = network([normalize(crop, device, config.channels_last) for crop in crops_])
         embeddings = embeddings.float().cpu().view(BANK_CROPS, len(rows), embeddings.shape[-1])
         check_features(embeddings.reshape(-1, embeddings.shape[-1]).numpy(), 0)
-        decoded, rows = (targets[:, 0] != UNREADABLE).numpy(), rows.numpy()
-        bank.write(rows[decoded], embeddings[:, torch.from_numpy(decoded)])
-        embedded.append(rows[decoded])
-    bank.settle_filling(np.concatenate(embedded))  # the other processes' images handed over
+        decoded = (targets[:, 0] != UNREADABLE).numpy()
+        bank.write(rows.numpy()[decoded], embeddings[:, torch.from_numpy(decoded)])
+    bank.synchronise()  # the other processes' images handed over (each then decoded where it was written)
     return bank
 
 

@@ -65,10 +65,9 @@ class Trained(NamedTuple):
     unreadable: tuple[int, ...] = ()
 
 
-def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    loss_fn: Callable[..., torch.Tensor], config: Config, epoch: int, device: torch.device,
-                    temperature: float = 1.0, head_group: dict | None = None,
-                    bank: MemoryBank | None = None) -> Trained:
+def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                    config: Config, epoch: int, device: torch.device, temperature: float = 1.0,
+                    head_group: dict | None = None, bank: MemoryBank | None = None) -> Trained:
     """One pass of pseudo-label classification over ``loader``'s ``(crops, targets, image
     indices)`` batches, for every method: H heads, V crops, temperature T (v1: 1, 1, 1).
 
@@ -214,7 +213,6 @@ def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: C
     state.records.append(record)
     if config.minutes is not None:  # a time budget: config.epochs fitted after the first epoch
         from deepcluster.budget import fit_to_budget
-
         fit_to_budget(config, folder, epoch, time.perf_counter() - epoch_start, say)
     folder.commit_epoch(epoch, state, record, model, head, run_.optimizer, run_.planner.checkpoint_entries())
     return record

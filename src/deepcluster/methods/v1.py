@@ -57,13 +57,17 @@ def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Co
     only stored with the result (the projection that made ``points``)."""
     local = decoded[start:start + len(points)]
     usable = points if local.all() else points[local]  # no copy of the points when every image decoded
-    init = config.kmeans_init
-    if config.carry_clusters and previous is not None:
-        init = labelling_centroids(usable, previous[start:start + len(points)][local], config.n_clusters, seed,
-                                   shard=True)
+    init = config.kmeans_init if previous is None or not config.carry_clusters else \
+        carried_centroids(usable, previous[start:start + len(points)][local], config, seed)
     return kmeans_partition(usable, np.flatnonzero(local) + start, np.flatnonzero(decoded), len(decoded),
                             config.n_clusters, config.kmeans_iters, seed, f"k-means k={config.n_clusters}", pca,
                             backend=config.kmeans_backend, init=init, device=device)[0]
+
+
+def carried_centroids(points: np.ndarray, previous: np.ndarray, config: Config, seed: int) -> np.ndarray:
+    """``carry_clusters``: k-means starts from the means of last epoch's clusters (``previous``:
+    the labels of ``points``)."""
+    return labelling_centroids(points, previous, config.n_clusters, seed, shard=True)
 
 
 def pic_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int,
