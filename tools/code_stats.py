@@ -28,8 +28,12 @@ training pass and its loss, to the epoch's record and commit, for the paper's se
 settings do not take is read only where it sits inline). Building blocks with their own
 documentation and tests are not followed: ``clustering/`` (k-means, PCA), ``data/``,
 ``models/``, ``distributed``, ``checkpoint``, ``faults``, ``optim``, ``progress``,
-``health``, ``messages``, THE feature pass (``features.feature_pass``), the monitor's
-scores, and the run folder's file writing below ``RunFolder.commit_epoch``.
+``health``, ``messages``, ``memory`` (peak memory per stage), ``collapse`` (its
+indicators), ``budget`` (only with ``minutes``), THE feature pass (``features.feature_pass``,
+``features.Keeper``), the monitor's scores, and the run folder's file writing below
+``RunFolder.commit_epoch`` (what goes into the checkpoint, ``checkpoint_state``, is read).
+What the run shows on the terminal after an epoch (``startup.epoch_said``, called by the
+caller's loop with the returned record) is not part of the epoch.
 
 A function counts its lines from its ``def`` line to its last line (decorators left out;
 docstrings and comments in). ``name#loop`` counts only the first ``for epoch``
