@@ -105,8 +105,8 @@ class ReducedFeatures:
             unusable images; no columns when fewer than two images decoded.
         decoded: ``(N,)`` bool, the images that decoded.
         pca: the fitted PCA (``None`` when fewer than two images decoded).
-        time_network: seconds of the feature pass (with the PCA's streaming share).
-        time_pca: seconds in fitting the PCA and projecting what it had not projected yet.
+        time_network: seconds in the network.
+        time_pca: seconds in the PCA (fit and projections, streamed ones included).
         start: the first image of ``points``.
         kept: the raw features the pass was asked to keep (``keep``), else None.
     """
@@ -172,6 +172,7 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     indices, start, reducer = pca_stream(model, config, len(source), seed)
     keeper = None if keep is None else Keeper(keep, indices, model.clustered_dim, model.body_dim)
     body, decoded_rows, began = keep is not None and keep.body, [np.zeros(0, dtype=np.int64)], time.perf_counter()
+    time_pca = [0.0]  # the PCA's streaming share (its covariance), then its fit and projection
 
     def forward(batch: torch.Tensor) -> Any:
         if before_batch is not None:
@@ -185,21 +186,23 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         if keeper is not None:
             keeper.add(out, body_out)
         if decoded.any():
+            tick = time.perf_counter()
             reducer.add(out[decoded], rows[decoded] - start)
+            time_pca[0] += time.perf_counter() - tick
             decoded_rows.append(rows[decoded])
 
-    with stage("features"):  # with the PCA's streaming share
+    with stage("features"):  # with the PCA's streaming share (its time counted apart)
         feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
     mask = np.zeros(len(source), dtype=bool)
     mask[distributed.all_gather_rows(np.concatenate(decoded_rows))] = True
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
-    time_network, began = time.perf_counter() - began, time.perf_counter()
+    time_network, began = time.perf_counter() - began - time_pca[0], time.perf_counter()
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
-        return ReducedFeatures(np.zeros((reducer.n_rows, 0), dtype=np.float32), mask, None, time_network, 0.0, start,
-                               kept)
+        return ReducedFeatures(np.zeros((reducer.n_rows, 0), dtype=np.float32), mask, None, time_network, time_pca[0],
+                               start, kept)
     with stage("pca", "PCA-whitening"):
         reduced, pca = reducer.finish()
-    return ReducedFeatures(reduced, mask, pca, time_network, time.perf_counter() - began, start, kept)
+    return ReducedFeatures(reduced, mask, pca, time_network, time_pca[0] + time.perf_counter() - began, start, kept)
 
 
 class V1Planner:
