@@ -49,10 +49,9 @@ def test_v1s_head_steps_at_its_own_rate_for_one_epoch_and_leaves_the_optimiser_a
     images = torch.randint(0, 255, (8, 3, config.crop, config.crop), dtype=torch.uint8)
     loader = DataLoader(TensorDataset(images, torch.tensor([0, 1, 2, 0, 1, 2, -1, 0]), torch.arange(8)), batch_size=4)
     head_before = head.linear.weight.detach().clone()
-    unreadable: set[int] = set()
     trained = train_one_epoch(method.network(model, head), loader, optimizer, method.loss, config, 0,
-                              torch.device("cpu"), 1.0, method.head_group(head, config), None, unreadable)
-    assert unreadable == {6} and trained.seen == 7 and np.isfinite(trained.loss) and trained.lr == 0.05
+                              torch.device("cpu"), 1.0, method.head_group(head, config), None)
+    assert trained.unreadable == (6,) and trained.seen == 7 and np.isfinite(trained.loss) and trained.lr == 0.05
     assert len(optimizer.param_groups) == len(before["param_groups"])  # the head's group is gone again
     assert optimizer.state_dict()["param_groups"] == before["param_groups"]
     assert not torch.equal(head.linear.weight, head_before)

@@ -6,18 +6,35 @@ processes each holds its share of the images, a contiguous block (``distributed.
 the blocks in rank order are the images in order, which k-means' sharded mode reads as one
 process's rows), and what one process computes of another's images is handed over once
 per epoch (``synchronise``), so no process ever holds more than its share.
+
+The first filling (``fill_bank``) is a pass of its own before epoch 0, as the reference's
+``init_memory``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from deepcluster import distributed
 from deepcluster.checkpoint import CheckpointError
+from deepcluster.data import Normalize
+from deepcluster.data.multicrop import UNREADABLE, MultiCropDataset, collate_crops
+from deepcluster.features import autocast, loader_kwargs
+from deepcluster.health import check_features
+from deepcluster.methods import STREAM_BANK_VIEWS
+from deepcluster.progress import track
+
+if TYPE_CHECKING:
+    from deepcluster.config import Config
+    from deepcluster.data import ImageSource
+    from deepcluster.data.multicrop import MultiCrop
 
 BANK_CROPS = 2  # the memory bank keeps the embeddings of the first two (large) crops
 
@@ -43,8 +60,8 @@ class MemoryBank:
     Attributes:
         embeddings: ``(2, n, dim)`` float32 (CPU): the L2-normalised embedding of the first
             and second crop of each image held, as last written.
-        decoded: ``(n,)`` bool, the images held that decoded when the bank was filled (the
-            others have no embedding and get no target).
+        decoded: ``(n,)`` bool, the images held that have an embedding: those that decoded
+            when the bank was filled (the others get no target).
         rows: ``(n,)`` the image indices held, ascending.
         n_images: images in the run.
     """
@@ -84,18 +101,14 @@ class MemoryBank:
                                   "'bank_decoded'); it is not a resumable v2 checkpoint of this run")
         return cls.from_full(bank, decoded.numpy())
 
-    def positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which of the images ``rows`` this process holds (``(len(rows),)`` bool) and where
-        in its share they are."""
-        rows = np.asarray(rows, dtype=np.int64)
+    def _store(self, rows: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
+        """Put the embeddings of the images ``rows`` this process holds in place (they have an
+        embedding now: ``decoded``); returns the mask of the others."""
         start, stop = distributed.block(self.n_images)
         held = (rows >= start) & (rows < stop)
-        return held, rows[held] - start
-
-    def _store(self, rows: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
-        """Put the embeddings of the images held in place; returns the mask of the others."""
-        held, where = self.positions(rows)
+        where = rows[held] - start
         self.embeddings[:, torch.from_numpy(where)] = embeddings if held.all() else embeddings[:, torch.from_numpy(held)]
+        self.decoded[where] = True
         return ~held
 
     def write(self, rows: np.ndarray, embeddings: torch.Tensor) -> None:
@@ -115,12 +128,16 @@ class MemoryBank:
         self.write(image_indices[kept].numpy(), large[:, kept.to(large.device)])
 
     def synchronise(self) -> None:
-        """With several processes, hand each process what the others wrote of its images:
-        each process in turn broadcasts its outbox and the others keep their rows, so no
-        process holds more than its share and one outbox. No-op alone."""
+        """With several processes, hand each process what the others wrote of its images
+        (:meth:`hand_over`). No-op alone."""
         outbox, self.outbox = self.outbox, []
-        if not distributed.is_distributed():
-            return
+        if distributed.is_distributed():
+            self.hand_over(outbox)
+
+    def hand_over(self, outbox: list[tuple[np.ndarray, torch.Tensor]]) -> None:
+        """Each process in turn broadcasts its ``outbox`` (what it wrote of the others'
+        images) and the others keep their rows, so no process holds more than its share and
+        one outbox."""
         rows = np.concatenate([r for r, _ in outbox]) if outbox else np.zeros(0, dtype=np.int64)
         dim = self.embeddings.shape[2]
         embeddings = torch.cat([e for _, e in outbox], dim=1) if outbox else torch.zeros(BANK_CROPS, 0, dim)
@@ -135,21 +152,14 @@ class MemoryBank:
             if not mine:
                 self._store(sent_rows, sent)
 
-    def settle_filling(self, embedded: np.ndarray) -> None:
-        """End the first filling, in which this process embedded the images ``embedded``
-        (those of its batches that decoded, written with ``write``): hand over what it
-        computed of the others' images, and mark as decoded the images held that some
-        process embedded."""
-        self.synchronise()
-        everyone = distributed.all_gather_rows(np.asarray(embedded, dtype=np.int64))
-        self.decoded[self.positions(everyone)[1]] = True
-
     def sample(self, wanted: np.ndarray) -> np.ndarray:
         """``(len(wanted), dim)`` float64: the first crop's embeddings of the images ``wanted``
         (ascending image indices), on every process: each gives those it holds and, the
         blocks being the images in rank order, their concatenation is in image order. Only
         these rows travel (the collapse indicators' sample), never the bank."""
-        _, where = self.positions(wanted)
+        wanted = np.asarray(wanted, dtype=np.int64)
+        start, stop = distributed.block(self.n_images)
+        where = wanted[(wanted >= start) & (wanted < stop)] - start
         local = self.embeddings[0, torch.from_numpy(where)].numpy()
         return np.asarray(distributed.all_gather_rows(local), dtype=np.float64)
 
@@ -160,8 +170,10 @@ class MemoryBank:
     def full(self) -> tuple[torch.Tensor, np.ndarray] | None:
         """The whole ``(2, N, dim)`` bank and ``(N,)`` decoded flags on the main process (for
         its checkpoint), None on the others."""
-        if not distributed.is_distributed():
-            return self.embeddings, self.decoded
+        return self.gathered() if distributed.is_distributed() else (self.embeddings, self.decoded)
+
+    def gathered(self) -> tuple[torch.Tensor, np.ndarray] | None:
+        """:meth:`full` with several processes: every share gathered on the main process."""
         gathered = distributed.gather_to_main(self.embeddings.transpose(0, 1).numpy(), self.rows)
         flags = distributed.gather_to_main(self.decoded, self.rows)
         if gathered is None or flags is None:
@@ -169,4 +181,47 @@ class MemoryBank:
         return torch.from_numpy(np.ascontiguousarray(gathered[0].transpose(1, 0, 2))), flags[0]
 
 
-__all__ = ["BANK_CROPS", "MemoryBank", "fill_batches"]
+@torch.no_grad()
+def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, config: Config, device: torch.device,
+              before_batch: Callable[[], object] | None = None) -> MemoryBank:
+    """The pass before epoch 0: the two large crops (``crops``' first group) of every image,
+    embedded by the network (v2's ``MultiCropModel``) in training mode (without gradients),
+    make the first memory bank, as the reference's ``init_memory`` does. In eval mode a fresh
+    network's BatchNorm has no statistics yet and maps every image to nearly the same
+    embedding (cosines above 0.9999 on the test images), which leaves the first clustering
+    arbitrary. The two crops of a batch pass the network together, so even a last batch of
+    one image gives BatchNorm two rows.
+
+    Args:
+        before_batch: called before each batch (``faults.instrument`` puts its ``features``
+            point here).
+
+    Raises:
+        TrainingDiverged: an embedding is NaN or infinite.
+    """
+    network.train()
+    transform = dataclasses.replace(crops, groups=(dataclasses.replace(crops.groups[0], count=BANK_CROPS),))
+    n_images, normalize = len(source), Normalize(config.mean, config.std)
+    indices = distributed.shard(np.arange(n_images))
+    # Each image's crops seeded by its index, each step's batch the global one (``fill_batches``):
+    # the processes together compute one process's bank.
+    dataset = MultiCropDataset(source, indices, np.zeros((1, n_images), dtype=np.int64), transform, config.seed, 0,
+                               stream=STREAM_BANK_VIEWS, positions=indices)
+    loader = DataLoader(dataset, batch_sampler=fill_batches(indices, n_images, config.feature_batch_size),
+                        collate_fn=functools.partial(collate_crops, transform.groups),
+                        **loader_kwargs(config.workers, device))
+    bank = MemoryBank.empty(n_images, config.projection_dim)  # this process's share (its block of the images)
+    for crops_, targets, rows in track(loader, len(dataset), "memory bank", unit="img", size=lambda batch: len(batch[2])):
+        if before_batch is not None:
+            before_batch()
+        with autocast(device, config.precision == "bf16"):
+            embeddings, _ = network([normalize(crop, device, config.channels_last) for crop in crops_])
+        embeddings = embeddings.float().cpu().view(BANK_CROPS, len(rows), embeddings.shape[-1])
+        check_features(embeddings.reshape(-1, embeddings.shape[-1]).numpy(), 0)
+        decoded = (targets[:, 0] != UNREADABLE).numpy()
+        bank.write(rows.numpy()[decoded], embeddings[:, torch.from_numpy(decoded)])
+    bank.synchronise()  # the other processes' images handed over (each then decoded where it was written)
+    return bank
+
+
+__all__ = ["BANK_CROPS", "MemoryBank", "fill_bank", "fill_batches"]

@@ -55,8 +55,8 @@ from deepcluster.scalars import ScalarLog
 if TYPE_CHECKING:
     from torch import nn
 
-    from deepcluster.methods.v1 import Partition
     from deepcluster.models import Backbone
+    from deepcluster.partition import Partition
 
 _ASSIGNMENTS_FILE = re.compile(r"epoch_(\d+)\.npy")
 
@@ -242,19 +242,12 @@ def checkpoint_state(model: Backbone, head: nn.Module, optimizer: torch.optim.Op
         clustering: what the method keeps of its clustering (the planner's
             ``checkpoint_entries``: v1's centroids and PCA, v2's memory bank).
     """
-    return {
-        "config": config.to_dict(),
-        "arch": config.arch,
-        "epoch": state.epoch,
-        "model": dict(model.state_dict()),
-        "head": dict(head.state_dict()),
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "assignments": torch.from_numpy(state.previous) if state.previous is not None else None,
-        "skipped": dict(state.skipped),
-        "records": list(state.records),  # plain values (json_record): log.jsonl is rebuilt from them
-        **clustering,
-    }
+    previous = None if state.previous is None else torch.from_numpy(state.previous)
+    return {"config": config.to_dict(), "arch": config.arch, "epoch": state.epoch, "model": dict(model.state_dict()),
+            "head": dict(head.state_dict()), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+            "assignments": previous, "skipped": dict(state.skipped),
+            "records": list(state.records),  # plain values (json_record): log.jsonl is rebuilt from them
+            **clustering}
 
 
 def check_resume_config(saved: dict, config: Config) -> None:
@@ -378,10 +371,13 @@ class RunFolder:
         if self.writer:
             write_skipped(self.path, skipped)
 
-    def commit_epoch(self, epoch: int, state: RunState, checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
-        """Write epoch ``epoch``'s (0-based) assignments, skipped list, checkpoint, log line
-        and scalars (see ``commit_epoch``)."""
+    def commit_epoch(self, epoch: int, state: RunState, record: dict[str, Any], model: Backbone, head: nn.Module,
+                     optimizer: torch.optim.Optimizer, clustering: dict[str, Any]) -> None:
+        """Write epoch ``epoch``'s (0-based) assignments, skipped list, checkpoint (made here:
+        :func:`checkpoint_state`, ``clustering`` as the method keeps it), log line and scalars
+        (see ``commit_epoch``)."""
         if self.writer:
+            checkpoint = checkpoint_state(model, head, optimizer, self.config, state, clustering)
             commit_epoch(self.path, epoch, state.previous, state.skipped, checkpoint, record)
             self.scalars.write(record)
 

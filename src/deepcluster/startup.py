@@ -3,12 +3,13 @@ fault points wrapped around what the loop calls, and what a run says on the term
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
-from deepcluster import distributed, faults
+from deepcluster import collapse, distributed, faults, memory
 from deepcluster.budget import epochs_text
 from deepcluster.checkpoint import CheckpointError
 from deepcluster.config import Config, ConfigError
@@ -19,9 +20,11 @@ from deepcluster.messages import final_line, format_line, plural
 from deepcluster.methods.registry import METHODS
 from deepcluster.monitor import KNN_BODY_MAX_BYTES, KnnMonitor, Monitor, body_memory_bytes, digits_verdict, measures_body
 from deepcluster.partition import TooFewDecoded
+from deepcluster.precision import resolve_precision
 from deepcluster.runfolder import RunFolder, RunFolderError, RunState
 
 if TYPE_CHECKING:
+    from deepcluster.methods import Method
     from deepcluster.models import Backbone
 
 # What a run's setup may raise on one process only (its lock, its view of the data folder):
@@ -31,16 +34,39 @@ SETUP_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, OSError
 STOPS_AFTER_SKIPPED = (TooFewDecoded,)
 
 
-def start_process(config: Config) -> tuple[torch.device, bool]:
+def start_process(config: Config, log: Callable[[str], None] = print,
+                  resume: bool = False) -> tuple[torch.device, bool, Config]:
     """Check the fault plan, pick the device and threads, join torchrun's process group if
-    launched by it; returns the device and whether a group was created here."""
+    launched by it, settle ``precision: auto`` (``precision.resolve_precision``, before
+    anything is written); returns the device, whether a group was created here and the
+    settings with their precision."""
     faults.check_environment()
     device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if config.keep_freed_memory:
         keep_freed_memory()
-    return distributed.start(device)
+    device, created = distributed.start(device)
+    return device, created, resolve_precision(config, device, log, resume)
+
+
+@contextlib.contextmanager
+def held_folder(config: Config, log: Callable[[str], None] = print) -> Iterator[RunFolder]:
+    """The run folder, held (its lock taken) by the main process for all of them while the
+    block runs; if that fails, every process stops (``distributed.agree``)."""
+    with contextlib.ExitStack() as stack:
+        folder, error = RunFolder(config, log), None
+        try:
+            stack.enter_context(folder.held())
+        except SETUP_ERRORS as caught:
+            error = caught
+        distributed.agree(error)
+        yield folder
+
+
+def build(config: Config, device: torch.device) -> tuple[Backbone, torch.nn.Module, torch.optim.Optimizer]:
+    """A fresh backbone on ``device``, its head and optimiser, as the run's method builds them."""
+    return METHODS[config.method].build(config, device)
 
 
 def global_batch(config: Config) -> int:
@@ -61,7 +87,16 @@ def epoch_lines(record: dict, epochs: int) -> list[str]:
             *(f"deepcluster: warning: epoch {record['epoch']}: {warning}" for warning in record["warnings"])]
 
 
-def note_unreadable(source: ImageSource, unreadable: set[int], epoch: int, skipped: dict[str, str],
+def epoch_said(records: list[dict], config: Config, say: Callable[[str], None]) -> bool:
+    """Say the last epoch's lines (:func:`epoch_lines` of ``records[-1]``), then the run's
+    collapse warning once (``collapse.announce``); True when the run should stop there
+    (``stop_on_collapse``)."""
+    for line in epoch_lines(records[-1], config.epochs):
+        say(line)
+    return collapse.announce(records, config, say)
+
+
+def note_unreadable(source: ImageSource, unreadable: Iterable[int], epoch: int, skipped: dict[str, str],
                     say: Callable[[str], None]) -> None:
     """Add the images that became unreadable during the training pass to ``skipped`` (warning
     once per file)."""
@@ -118,14 +153,16 @@ def start_lines(config: Config, source: ImageSource, state: RunState, resume: bo
     return lines
 
 
-__all__ = ["SETUP_ERRORS", "STOPS_AFTER_SKIPPED", "Setup", "clusters_text", "epoch_lines", "final_lines", "global_batch",
-           "note_unreadable", "set_up", "start_lines", "start_process", "sync_batchnorm"]
+__all__ = ["SETUP_ERRORS", "STOPS_AFTER_SKIPPED", "Setup", "build", "clusters_text", "epoch_lines", "epoch_said",
+           "final_lines", "global_batch", "held_folder", "note_unreadable", "set_up", "start_lines", "start_process", "sync_batchnorm"]
 
 
 @dataclass
 class Setup:
-    """A run ready for its next epoch: its network, data, state, monitor, the method's
-    planner and loss (wrapped with the fault points, ``faults.instrument``) and the device."""
+    """A run ready for its next epoch: its network, data, state, monitor, the method (its
+    registry entry), planner and loss (wrapped with the fault points, ``faults.instrument``),
+    the device, and the processes of the log (with several: their number and the global
+    batch; empty alone)."""
 
     model: Backbone
     head: torch.nn.Module
@@ -136,12 +173,13 @@ class Setup:
     planner: Any
     loss: Callable[..., torch.Tensor]
     device: torch.device
+    method: Method
+    processes: dict[str, int]
 
 
-def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device,
-           build: Callable[[Config, torch.device], tuple]) -> Setup:
-    """Every process sets up (or resumes) the run, its network from ``build``; if one fails,
-    all stop (``distributed.agree``).
+def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device) -> Setup:
+    """Every process sets up (or resumes) the run, its network from the method's ``build``;
+    if one fails, all stop (``distributed.agree``).
 
     Raises:
         ConfigError, DataError, CheckpointError, RunFolderError, OSError: bad settings,
@@ -155,7 +193,7 @@ def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device
         problem = method.size_problem(config, len(source))
         if problem is not None:
             raise ConfigError(problem)
-        model, head, optimizer = build(config, device)
+        model, head, optimizer = method.build(config, device)
         if config.init is not None and not resume:  # the run starts from these weights (``initial_weights``)
             kind = load_initial_weights(model, config.init)
             folder.log(f"deepcluster: start: {config.init} ({kind}); epoch 1's scores are this start's")
@@ -174,4 +212,8 @@ def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device
     planner, loss = faults.instrument(method.planner(config, device, source, head), method.loss)
     if resume and state.epoch > 0:
         planner.load_state(state.saved)
-    return Setup(model, head, optimizer, source, state, Monitor(knn, source, config, device), planner, loss, device)
+    processes = ({"processes": distributed.world_size(), "global_batch": global_batch(config)}
+                 if distributed.is_distributed() else {})
+    memory.take()  # the peak memory of an epoch's stages goes into its record: nothing before counts
+    return Setup(model, head, optimizer, source, state, Monitor(knn, source, config, device), planner, loss, device,
+                 method, processes)

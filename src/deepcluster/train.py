@@ -29,7 +29,6 @@ The loop does no file I/O and injects no faults: the run folder and ``faults.ins
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
@@ -38,45 +37,37 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepcluster import collapse, distributed, memory
-from deepcluster.budget import fit_to_budget
+from deepcluster import distributed, memory
 from deepcluster.data import Normalize
 from deepcluster.features import autocast
 from deepcluster.health import check_loss
-from deepcluster.methods.registry import METHODS
+from deepcluster.methods.records import epoch_record
 from deepcluster.optim import epoch_learning_rates, set_lr
-from deepcluster.precision import resolve_precision
 from deepcluster.progress import Progress
-from deepcluster.runfolder import RunFolder, RunState, checkpoint_state, json_record
-from deepcluster.startup import (SETUP_ERRORS, STOPS_AFTER_SKIPPED, Setup, epoch_lines, final_lines, global_batch,
+from deepcluster.startup import (STOPS_AFTER_SKIPPED, Setup, build, epoch_said, final_lines, held_folder,
                                  note_unreadable, set_up, start_process)
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
     from deepcluster.memory_bank import MemoryBank
-    from deepcluster.methods import Plan
-    from deepcluster.models import Backbone
-
-
-def build(config: Config, device: torch.device) -> tuple[Backbone, nn.Module, torch.optim.Optimizer]:
-    """A fresh backbone on ``device``, its head and optimiser, as the run's method builds them."""
-    return METHODS[config.method].build(config, device)
+    from deepcluster.runfolder import RunFolder
 
 
 class Trained(NamedTuple):
     """What an epoch's training pass did: mean loss, images trained on, each head's mean
-    loss and the last step's rate (a plain ``(loss, seen)`` pair reads as one too)."""
+    loss, the last step's rate and the images that could not be read any more (a plain
+    ``(loss, seen)`` pair reads as one too)."""
 
     loss: float
     seen: int
     head_losses: tuple[float, ...] = ()
     lr: float = float("nan")
+    unreadable: tuple[int, ...] = ()
 
 
-def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    loss_fn: Callable[..., torch.Tensor], config: Config, epoch: int, device: torch.device,
-                    temperature: float = 1.0, head_group: dict | None = None, bank: MemoryBank | None = None,
-                    unreadable: set[int] | None = None) -> Trained:
+def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                    config: Config, epoch: int, device: torch.device, temperature: float = 1.0,
+                    head_group: dict | None = None, bank: MemoryBank | None = None) -> Trained:
     """One pass of pseudo-label classification over ``loader``'s ``(crops, targets, image
     indices)`` batches, for every method: H heads, V crops, temperature T (v1: 1, 1, 1).
 
@@ -85,7 +76,7 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
     their mean, at the schedule's rate (``optim``); ``head_group`` is optimised with the rest
     for this epoch only, at its own rate. With a ``bank`` (v2) the large crops' embeddings
     are written into it. An image unreadable since the feature pass (target -1) is left out
-    of the loss and of the bank, and its index added to ``unreadable``.
+    of the loss and of the bank, and returned in ``Trained.unreadable``.
 
     Raises:
         TrainingDiverged: a batch's loss is NaN or infinite (before its step).
@@ -96,31 +87,28 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
     normalize, rates = Normalize(config.mean, config.std), epoch_learning_rates(config, len(loader), epoch)
     if head_group is not None:
         optimizer.add_param_group(head_group)
-    head_totals, total_loss, seen, rate = 0.0, 0.0, 0, float("nan")
+    head_totals, total_loss, seen, rate, unreadable = 0.0, 0.0, 0, float("nan"), set()
     bar = Progress(min(len(loader.dataset), len(loader) * loader.batch_size), f"epoch {epoch + 1} training", unit="img")
     for step, (crops, targets, image_indices) in enumerate(loader):
         crops = crops if isinstance(crops, list) else [crops]  # v1's batches hold one crop
         targets = targets.reshape(len(image_indices), -1).T  # (heads, B)
-        failed = targets[0] < 0  # -1: the image could not be read any more
-        n_readable = len(image_indices) - int(failed.sum())
-        if unreadable is not None:
-            unreadable.update(int(index) for index in image_indices[failed])
+        readable = targets[0] >= 0  # -1: the image could not be read any more
+        unreadable.update(image_indices[~readable].tolist())
         rate = float(rates[step])
         set_lr(optimizer, rate)
         with autocast(device, config.precision == "bf16"):
             embeddings, scores = network([normalize(crop, device, config.channels_last) for crop in crops])
         head_losses = loss_fn([s.float() for s in scores], targets.to(device), temperature)
         loss = head_losses.mean()
-        loss_value = loss.item()
+        loss_value, n_readable = loss.item(), int(readable.sum())
         check_loss(loss_value, epoch, step)  # before the step: the weights never take a non-finite value
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if bank is not None:  # v2: the large crops' embeddings, for the next epoch's clustering
-            bank.write_batch(image_indices, ~failed, embeddings)
+            bank.write_batch(image_indices, readable, embeddings)
         head_totals = head_totals + head_losses.detach().double().cpu().numpy() * n_readable
-        total_loss += loss_value * n_readable
-        seen += n_readable
+        total_loss, seen = total_loss + loss_value * n_readable, seen + n_readable
         bar.update(len(image_indices), note=f"loss {total_loss / max(seen, 1):.4f}")
     bar.close()
     if head_group is not None:
@@ -130,7 +118,8 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
     if distributed.is_distributed():  # the wrapper must go before the next epoch's (``release``)
         del network
         total_loss, seen, head_totals = summed_over_processes(total_loss, seen, head_totals)
-    return Trained(total_loss / max(seen, 1), seen, tuple(np.atleast_1d(head_totals / max(seen, 1)).tolist()), rate)
+    return Trained(total_loss / max(seen, 1), seen, tuple(np.atleast_1d(head_totals / max(seen, 1)).tolist()), rate,
+                   tuple(sorted(unreadable)))
 
 
 def summed_over_processes(total_loss: float, seen: int, head_totals: np.ndarray) -> tuple[float, int, np.ndarray]:
@@ -163,16 +152,10 @@ def run(config: Config, resume: bool = False, log: Callable[[str], None] = print
         RunFolderError: a file of the run folder cannot be written (full disk, read-only);
             the previous checkpoint is left as it was.
     """
-    device, created = start_process(config)  # torchrun's process group, if launched by it
-    config = resolve_precision(config, device, log, resume)  # auto: fp32 or bf16, before anything is written
+    # torchrun's process group, if launched by it; precision auto: fp32 or bf16, before anything is written
+    device, created, config = start_process(config, log, resume)
     try:
-        with contextlib.ExitStack() as stack:
-            folder, error = RunFolder(config, log), None
-            try:
-                stack.enter_context(folder.held())  # the main process holds the folder for all of them
-            except SETUP_ERRORS as caught:
-                error = caught
-            distributed.agree(error)
+        with held_folder(config, log) as folder:  # the main process holds the folder for all of them
             records = fit(config, folder, resume, device, log, stop)
         if created:
             distributed.barrier()  # the main process has written its last file: all leave together
@@ -187,14 +170,15 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     """The run of :func:`run`, its folder held: set up (or resume), train the epochs left
     (:func:`run_epoch`), then cluster the trained network once more."""
     folder.log = say = log if distributed.is_main_process() else (lambda _: None)  # one process speaks
-    run_ = set_up(config, folder, resume, device, build)
+    run_ = set_up(config, folder, resume, device)
     folder.open_scalars()
     records = []
     try:
         epoch = run_.state.epoch
         while epoch < config.epochs:  # a time budget fits config.epochs after the first (``budget``)
             records.append(run_epoch(config, run_, folder, epoch, say))
-            if collapse.announce(run_.state.records, config, say) or (stop is not None and stop(records[-1])):
+            # The epoch's lines and, once, a collapse warning (with stop_on_collapse, the end)
+            if epoch_said(run_.state.records, config, say) or (stop is not None and stop(records[-1])):
                 break
             epoch += 1
     except STOPS_AFTER_SKIPPED:
@@ -210,26 +194,27 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
 
 def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: Callable[[str], None]) -> dict:
     """Epoch ``epoch`` (0-based): plan -> monitor -> pseudo-labelled data -> training ->
-    commit; returns its log record."""
-    method, model, head, state = METHODS[config.method], run_.model, run_.head, run_.state
-    epoch_start, _ = time.perf_counter(), memory.take()  # nothing noted before the epoch counts
+    commit; returns its log record (the caller shows it)."""
+    method, model, head, state = run_.method, run_.model, run_.head, run_.state
+    epoch_start = time.perf_counter()
     plan = run_.planner.plan(model, head, epoch, state.previous, state.skipped, run_.monitor.request(model, epoch))
     scores = run_.monitor(model, plan, epoch)
     loader = method.loader(run_.source, plan, config, epoch, run_.device)
-    start, unreadable = time.perf_counter(), set()
+    start = time.perf_counter()
     with distributed.rank_stream(config.seed, epoch, model, head), memory.stage("training"):  # own dropout masks
         trained = Trained(*train_one_epoch(method.network(model, head), loader, run_.optimizer, run_.loss, config,
                                           epoch, run_.device, method.temperature(config),
-                                          method.head_group(head, config), run_.planner.bank, unreadable))
-    note_unreadable(run_.source, unreadable, epoch, state.skipped, say)
-    record = {**epoch_record(plan, scores, trained, time.perf_counter() - start, state, config), **memory.take()}
+                                          method.head_group(head, config), run_.planner.bank))
+    if trained.unreadable:  # images that could not be read any more: listed in skipped.tsv
+        note_unreadable(run_.source, trained.unreadable, epoch, state.skipped, say)
+    record = epoch_record(plan, scores, trained, time.perf_counter() - start, len(state.skipped), method.logs_heads,
+                          run_.processes)
     state.epoch, state.previous = epoch + 1, plan.assignments
     state.records.append(record)
-    fit_to_budget(config, folder, epoch, time.perf_counter() - epoch_start, say)
-    folder.commit_epoch(epoch, state, checkpoint_state(model, head, run_.optimizer, config, state,
-                                                       run_.planner.checkpoint_entries()), record)
-    for line in epoch_lines(record, config.epochs):
-        say(line)
+    if config.minutes is not None:  # a time budget: config.epochs fitted after the first epoch
+        from deepcluster.budget import fit_to_budget
+        fit_to_budget(config, folder, epoch, time.perf_counter() - epoch_start, say)
+    folder.commit_epoch(epoch, state, record, model, head, run_.optimizer, run_.planner.checkpoint_entries())
     return record
 
 
@@ -242,20 +227,6 @@ def final_clustering(config: Config, run_: Setup, folder: RunFolder, say: Callab
     folder.save_final(epochs, final, summary)
     for line in final_lines(config, run_.source, summary, final.assignments, epochs):
         say(line)
-
-
-def epoch_record(plan: Plan, scores: dict, trained: Trained, seconds: float, state: RunState, config: Config) -> dict:
-    """An epoch's log record: the plan's numbers, the monitor's, then the training stage's
-    (each head's loss and the last rate where the method logs them), as plain values."""
-    heads = ({"train_loss_per_head": list(trained.head_losses), "lr": trained.lr}
-             if METHODS[config.method].logs_heads else {})
-    processes = ({"processes": distributed.world_size(), "global_batch": global_batch(config)}
-                 if distributed.is_distributed() else {})
-    return json_record({**plan.record, **scores, "time_training": seconds, "train_loss": trained.loss, **heads,
-                        **collapse.indicators(plan, trained.loss),
-                        "train_images_per_s": trained.seen / max(seconds, 1e-9),
-                        "n_images": int((plan.assignments >= 0).sum()), "n_skipped": len(state.skipped),
-                        **processes})
 
 
 __all__ = ["Trained", "build", "fit", "run", "run_epoch", "train_one_epoch"]

@@ -106,9 +106,10 @@ class Method:
     loss: Callable[..., Any] = per_head_losses
 
 
-def derived_seed(seed: int, epoch: int, stream: int) -> int:
-    """A 32-bit seed that is a pure function of (run seed, epoch, stream)."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+def derived_seed(seed: int, epoch: int, stream: int, *more: int) -> int:
+    """A 32-bit seed that is a pure function of (run seed, epoch, stream, ``more``: e.g. v2's
+    head)."""
+    return int(np.random.SeedSequence([seed, epoch, stream, *more]).generate_state(1)[0])
 
 
 __all__ = ["Method", "Plan", "STREAM_BANK_VIEWS", "STREAM_CLUSTERING", "STREAM_FEATURE_ORDER", "STREAM_HEAD_SAMPLE",

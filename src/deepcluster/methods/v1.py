@@ -25,75 +25,67 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed, memory
-from deepcluster.clustering import kmeans, labelling_centroids
-from deepcluster.clustering.pca import PCA, StreamingPCA, fit_pca_sharded
-from deepcluster.clustering.pic import pic
-from deepcluster.clustering.search import faiss_has_gpu
-from deepcluster.data import (ImageSource, PseudoLabelDataset, RandomResizedCropFlip, decode_problem,
-                              uniform_cluster_sample)
-from deepcluster.data.transforms import color_jitter
-from deepcluster.features import Keep, Keeper, Kept, PassSettings, feature_pass, loader_kwargs
+from deepcluster import distributed
+from deepcluster.clustering import PCA, StreamingPCA, labelling_centroids
+from deepcluster.data import PseudoLabelDataset, RandomResizedCropFlip
+from deepcluster.features import Keeper, PassSettings, feature_pass, loader_kwargs
 from deepcluster.health import check_features
-from deepcluster.messages import plural
-from deepcluster.methods import (STREAM_CLUSTERING, STREAM_FEATURE_ORDER, STREAM_SAMPLER, Method,
-                                 Plan, derived_seed)
-from deepcluster.models import Backbone, model_from_config
+from deepcluster.methods import STREAM_CLUSTERING, STREAM_FEATURE_ORDER, Method, Plan, derived_seed
+from deepcluster.methods.common import (backbone, check_decoded, clustering_device, colours, epoch_draw,
+                                        kmeans_partition, stage)
+from deepcluster.methods.records import clustering_record, final_record
 from deepcluster.models.heads import ClassifierHead, WithHead
-from deepcluster.methods.records import epoch_record, final_record
-from deepcluster.partition import Partition, TooFewDecoded
-from deepcluster.progress import Progress
-from deepcluster.run_files import SKIPPED_NAME
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
-
-
-def clustering_device(config: Config, device: torch.device) -> str:
-    """Where k-means and PIC searches run: ``clustering_device``, or with ``auto`` the
-    training device (the CPU for the faiss backend when faiss is a CPU-only build)."""
-    if config.clustering_device != "auto":
-        return config.clustering_device
-    if device.type == "cuda" and config.kmeans_backend == "faiss" and not faiss_has_gpu():
-        return "cpu"
-    return str(device)
+    from deepcluster.data import ImageSource
+    from deepcluster.features import Keep, Kept
+    from deepcluster.models import Backbone
+    from deepcluster.partition import Partition
 
 
 def cluster_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int,
                    device: str = "cpu", previous: np.ndarray | None = None, start: int = 0) -> Partition:
-    """k-means (or PIC) of the reduced unit rows whose ``decoded`` is true; one process is a
-    world of one.
+    """k-means of the reduced unit rows whose ``decoded`` is true; one process is a world of
+    one.
 
     ``points`` are this process's block of rows, from image ``start`` on (all ``N`` rows in
     one process); ``decoded`` and ``previous`` cover all ``N`` images. k-means runs sharded
-    (sums and sizes all-reduced; every backend), PIC on the gathered points, and every
-    process gets all ``N`` assignments. ``previous`` (last epoch's assignments) seeds
-    k-means when ``carry_clusters`` is set; without it (the first epoch) ``kmeans_init``
-    does. ``pca`` is only stored with the result (the projection
-    that made ``points``)."""
-    began = time.perf_counter()
+    (sums and sizes all-reduced; every backend) and every process gets all ``N``
+    assignments. ``previous`` (last epoch's assignments) seeds k-means when
+    ``carry_clusters`` is set; without it (the first epoch) ``kmeans_init`` does. ``pca`` is
+    only stored with the result (the projection that made ``points``)."""
     local = decoded[start:start + len(points)]
     usable = points if local.all() else points[local]  # no copy of the points when every image decoded
-    if config.clustering == "pic":
-        with Progress(None, "PIC"):
-            found = pic(distributed.all_gather_rows(usable), knn_backend=config.kmeans_backend, device=device,
-                        seed=seed)
-        labels, n_clusters, centroids, objective, n_split = (found.assignments, found.n_clusters, found.centroids,
-                                                             None, 0)
-    else:
-        init = config.kmeans_init
-        if config.carry_clusters and previous is not None:
-            init = labelling_centroids(usable, previous[start:start + len(points)][local], config.n_clusters, seed,
-                                       shard=True)
-        with Progress(config.kmeans_iters + 1, f"k-means k={config.n_clusters}") as bar:
-            result = kmeans(usable, config.n_clusters, config.kmeans_iters, seed=seed, backend=config.kmeans_backend,
-                            init=init, device=device, on_iteration=lambda _: bar.update(), shard=True)
-        labels = distributed.all_gather_rows(result.assignments)
-        n_clusters, centroids, objective, n_split = (config.n_clusters, result.centroids, result.objective[-1],
-                                                     result.n_split)
+    init = config.kmeans_init if previous is None or not config.carry_clusters else \
+        carried_centroids(usable, previous[start:start + len(points)][local], config, seed)
+    return kmeans_partition(usable, np.flatnonzero(local) + start, np.flatnonzero(decoded), len(decoded),
+                            config.n_clusters, config.kmeans_iters, seed, f"k-means k={config.n_clusters}", pca,
+                            backend=config.kmeans_backend, init=init, device=device)[0]
+
+
+def carried_centroids(points: np.ndarray, previous: np.ndarray, config: Config, seed: int) -> np.ndarray:
+    """``carry_clusters``: k-means starts from the means of last epoch's clusters (``previous``:
+    the labels of ``points``)."""
+    return labelling_centroids(points, previous, config.n_clusters, seed, shard=True)
+
+
+def pic_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config, seed: int,
+               device: str = "cpu", previous: np.ndarray | None = None, start: int = 0) -> Partition:
+    """``clustering: pic`` instead of k-means: PIC (``clustering.pic``) of every process's
+    rows gathered, arguments as for :func:`cluster_points` (``previous`` is not used)."""
+    from deepcluster.clustering.pic import pic
+    from deepcluster.partition import Partition
+    from deepcluster.progress import Progress
+
+    began = time.perf_counter()
+    local = decoded[start:start + len(points)]
+    with Progress(None, "PIC"):
+        found = pic(distributed.all_gather_rows(points if local.all() else points[local]),
+                    knn_backend=config.kmeans_backend, device=device, seed=seed)
     assignments = np.full(len(decoded), -1, dtype=np.int64)
-    assignments[decoded] = labels
-    return Partition(assignments, n_clusters, centroids, objective, n_split, pca, 0.0, time.perf_counter() - began)
+    assignments[decoded] = found.assignments
+    return Partition(assignments, found.n_clusters, found.centroids, None, 0, pca, 0.0, time.perf_counter() - began)
 
 
 def pca_dim_for(pca_dim: int, n_images: int) -> int:
@@ -114,7 +106,7 @@ class ReducedFeatures:
         decoded: ``(N,)`` bool, the images that decoded.
         pca: the fitted PCA (``None`` when fewer than two images decoded).
         time_network: seconds in the network.
-        time_pca: seconds in the PCA (fit and projections).
+        time_pca: seconds in the PCA (fit and projections, streamed ones included).
         start: the first image of ``points``.
         kept: the raw features the pass was asked to keep (``keep``), else None.
     """
@@ -130,22 +122,36 @@ class ReducedFeatures:
 
 def pca_stream(model: Backbone, config: Config, n_images: int, seed: int) -> tuple[np.ndarray, int, StreamingPCA]:
     """The images this process visits, in order, the first image of its block, and the
-    PCA-whitening the feature pass streams into. Each process visits a contiguous block of
-    the images and keeps its rows (k-means' sharded mode clusters them there); with
-    ``pca_sample_size`` in a seeded random order, the PCA fitted on the first that many."""
-    bounded = config.pca_sample_size is not None and config.pca_sample_size < n_images
+    PCA-whitening the feature pass streams into, fitted on every image's features. Each
+    process visits a contiguous block of the images and keeps its rows (k-means' sharded
+    mode clusters them there)."""
     start, stop = distributed.block(n_images)
-    indices = np.arange(start, stop)
-    if bounded:
-        order = np.random.default_rng(seed).permutation(n_images)
-        indices = order[(order >= start) & (order < stop)]
-    share = -(-config.pca_sample_size // distributed.world_size()) if bounded else len(indices)
-    n_components, sharded = pca_dim_for(config.pca_dim, n_images), distributed.is_distributed()
-    return indices, start, StreamingPCA(
-        stop - start, n_components, config.whiten_power, sample_size=max(share, 2),
-        gather_sample=distributed.all_gather_rows if sharded and bounded else None,
-        fit=(lambda local: fit_pca_sharded(local, model.clustered_dim, n_components, config.whiten_power))
-        if sharded and not bounded else None)
+    n_components = pca_dim_for(config.pca_dim, n_images)
+    if config.pca_sample_size is not None and config.pca_sample_size < n_images:
+        return sampled_pca_stream(config, n_images, seed, n_components)
+    fit = sharded_pca_fit(model, config, n_components) if distributed.is_distributed() else None
+    return np.arange(start, stop), start, StreamingPCA(stop - start, n_components, config.whiten_power,
+                                                       sample_size=max(stop - start, 2), fit=fit)
+
+
+def sampled_pca_stream(config: Config, n_images: int, seed: int,
+                       n_components: int) -> tuple[np.ndarray, int, StreamingPCA]:
+    """:func:`pca_stream` with ``pca_sample_size``: each process's block in a seeded random
+    order, the PCA fitted on the first ``pca_sample_size`` images (each process draws its
+    share of them; the sample is gathered)."""
+    start, stop = distributed.block(n_images)
+    order = np.random.default_rng(seed).permutation(n_images)
+    share = -(-config.pca_sample_size // distributed.world_size())
+    gather = distributed.all_gather_rows if distributed.is_distributed() else None
+    return order[(order >= start) & (order < stop)], start, StreamingPCA(
+        stop - start, n_components, config.whiten_power, sample_size=max(share, 2), gather_sample=gather)
+
+
+def sharded_pca_fit(model: Backbone, config: Config, n_components: int) -> Callable[[np.ndarray], Any]:
+    """With several processes, the PCA fitted on every process's block (``fit_pca_sharded``)."""
+    from deepcluster.clustering.pca import fit_pca_sharded
+
+    return lambda local: fit_pca_sharded(local, model.clustered_dim, n_components, config.whiten_power)
 
 
 @torch.no_grad()
@@ -164,10 +170,9 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     """
     model.eval()
     indices, start, reducer = pca_stream(model, config, len(source), seed)
-    local_decoded = np.zeros(len(indices), dtype=bool)
     keeper = None if keep is None else Keeper(keep, indices, model.clustered_dim, model.body_dim)
-    body = keep is not None and keep.body
-    position, time_pca, began = 0, 0.0, time.perf_counter()
+    body, decoded_rows, began = keep is not None and keep.body, [np.zeros(0, dtype=np.int64)], time.perf_counter()
+    time_pca = [0.0]  # the PCA's streaming share (its covariance), then its fit and projection
 
     def forward(batch: torch.Tensor) -> Any:
         if before_batch is not None:
@@ -175,31 +180,29 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         return model.forward_clustered_and_body(batch) if body else model.forward_clustered(batch)
 
     def add(rows: np.ndarray, out: Any, decoded: np.ndarray) -> None:
-        nonlocal position, time_pca
         out, body_out = out if body else (out, None)
         out = out.float().cpu().numpy()
         check_features(out, epoch)
-        local_decoded[position:position + len(rows)] = decoded
         if keeper is not None:
             keeper.add(out, body_out)
-        position += len(rows)
-        tick = time.perf_counter()
         if decoded.any():
+            tick = time.perf_counter()
             reducer.add(out[decoded], rows[decoded] - start)
-        time_pca += time.perf_counter() - tick
+            time_pca[0] += time.perf_counter() - tick
+            decoded_rows.append(rows[decoded])
 
-    with memory.stage("features"):  # with the PCA's streaming share
+    with stage("features"):  # with the PCA's streaming share (its time counted apart)
         feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
-    mask = distributed.gather_in_order(local_decoded.astype(np.uint8), indices, len(source)).astype(bool)
+    mask = np.zeros(len(source), dtype=bool)
+    mask[distributed.all_gather_rows(np.concatenate(decoded_rows))] = True
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
+    time_network, began = time.perf_counter() - began - time_pca[0], time.perf_counter()
     if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
-        return ReducedFeatures(np.zeros((reducer.n_rows, 0), dtype=np.float32), mask, None,
-                               time.perf_counter() - began, time_pca, start, kept)
-    tick = time.perf_counter()
-    with Progress(None, "PCA-whitening"), memory.stage("pca"):
+        return ReducedFeatures(np.zeros((reducer.n_rows, 0), dtype=np.float32), mask, None, time_network, time_pca[0],
+                               start, kept)
+    with stage("pca", "PCA-whitening"):
         reduced, pca = reducer.finish()
-    time_pca += time.perf_counter() - tick
-    return ReducedFeatures(reduced, mask, pca, time.perf_counter() - began - time_pca, time_pca, start, kept)
+    return ReducedFeatures(reduced, mask, pca, time_network, time_pca[0] + time.perf_counter() - began, start, kept)
 
 
 class V1Planner:
@@ -212,7 +215,7 @@ class V1Planner:
 
     Attributes:
         reduce, cluster: the feature pass into PCA-L2 and the clustering step it calls
-            (``faults.instrument`` wraps them).
+            (k-means, or PIC with ``clustering: pic``; ``faults.instrument`` wraps them).
         partition: the clustering in effect (the last one made; kept with the checkpoint).
         bank: v1 keeps no memory bank (None).
     """
@@ -222,9 +225,9 @@ class V1Planner:
     def __init__(self, config: Config, device: torch.device, source: ImageSource, *_: Any) -> None:
         self.config, self.device, self.source = config, device, source
         self.reduce: Callable[..., ReducedFeatures] = reduce_features
-        self.cluster: Callable[..., Partition] = cluster_points
+        self.cluster: Callable[..., Partition] = cluster_points if config.clustering == "kmeans" else pic_points
         self.partition: Partition | None = None
-        self.clustering_device = clustering_device(config, device)
+        self.clustering_device = clustering_device(config, device, config.kmeans_backend)
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """What the checkpoint keeps of the clustering in effect: its centroids and PCA (what
@@ -251,18 +254,13 @@ class V1Planner:
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
         """
-        config, source = self.config, self.source
-        order_seed = derived_seed(config.seed, epoch, STREAM_FEATURE_ORDER)
-        reduced = self.reduce(model, source, config, self.device, order_seed, epoch, keep=keep)
-        if skipped is not None:
-            for index in np.flatnonzero(~reduced.decoded):
-                skipped[source.name(int(index))] = decode_problem(source, int(index))
+        config = self.config
+        reduced = self.reduce(model, self.source, config, self.device,
+                              derived_seed(config.seed, epoch, STREAM_FEATURE_ORDER), epoch, keep=keep)
         needed = config.n_clusters if config.clustering == "kmeans" else 2
-        if reduced.decoded.sum() < needed:
-            raise TooFewDecoded(f"only {int(reduced.decoded.sum())} of {len(source)} images could be decoded, fewer "
-                                f"than the {needed} clusters needed; the reasons are in "
-                                f"{str(config.run_dir / SKIPPED_NAME)!r}")
-        with memory.stage("kmeans"):
+        if not reduced.decoded.all() or len(reduced.decoded) < needed:
+            check_decoded(self.source, reduced.decoded, needed, "clusters needed", config, skipped)
+        with stage("kmeans"):
             partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
                                      derived_seed(config.seed, epoch, STREAM_CLUSTERING),
                                      self.clustering_device, previous, start=reduced.start)
@@ -271,27 +269,31 @@ class V1Planner:
 
     def plan(self, model: Backbone, head: ClassifierHead, epoch: int, previous: np.ndarray | None,
              skipped: dict[str, str], keep: Keep | None = None) -> Plan:
-        """Epoch ``epoch``'s (0-based) plan: a fresh clustering (every ``reassign_every``
-        epochs, and always when there is no ``previous``: the last epoch's assignments), a
-        head reset to its clusters, and the numbers of both; ``keep``: what the monitor asks
-        the feature pass to keep.
+        """Epoch ``epoch``'s (0-based) plan: a fresh clustering, a head reset to its clusters,
+        and the numbers of both; ``previous``: the last epoch's assignments (None at the
+        start); ``keep``: what the monitor asks the feature pass to keep.
 
         Raises:
             TooFewDecoded: fewer images decoded than clusters are needed.
         """
         config = self.config
-        recluster = previous is None or epoch % config.reassign_every == 0
-        reduced, assignments, times, n_split = None, previous, (0.0, 0.0, 0.0), 0
-        if recluster:
-            reduced, self.partition = self.cluster_images(model, epoch, previous, keep, skipped)
-            assignments = self.partition.assignments
-            if not config.carry_clusters or head.n_outputs != self.partition.n_clusters:
-                head.reset(self.partition.n_clusters, self.device)
-            times = (reduced.time_network, self.partition.time_pca, self.partition.time_kmeans)
-            n_split = self.partition.n_split
-        record = epoch_record(epoch, assignments, int(assignments.max()) + 1, previous if recluster else None, times,
-                              n_split, None if self.partition is None else self.partition.objective)
-        return monitored(Plan(assignments, record, fresh=recluster), reduced)
+        if previous is not None and epoch % config.reassign_every:
+            return self.kept_plan(epoch, previous)
+        reduced, partition = self.cluster_images(model, epoch, previous, keep, skipped)
+        if not (config.carry_clusters and head.n_outputs == partition.n_clusters):
+            head.reset(partition.n_clusters, self.device)
+        assignments, self.partition = partition.assignments, partition
+        record = clustering_record(epoch, assignments, int(assignments.max()) + 1, previous,
+                                   (reduced.time_network, partition.time_pca, partition.time_kmeans),
+                                   partition.n_split, partition.objective)
+        return monitored(Plan(assignments, record), reduced)
+
+    def kept_plan(self, epoch: int, previous: np.ndarray) -> Plan:
+        """The plan of an epoch between clusterings (``reassign_every`` above 1): last epoch's
+        assignments and head, no feature pass."""
+        record = clustering_record(epoch, previous, int(previous.max()) + 1, None, (0.0, 0.0, 0.0), 0,
+                                   None if self.partition is None else self.partition.objective)
+        return Plan(previous, record, fresh=False)
 
     def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None,
                          keep: Keep | None = None) -> tuple[Partition, dict, Plan]:
@@ -310,23 +312,18 @@ class V1Planner:
         return final, summary, monitored(Plan(final.assignments, summary), reduced)
 
 
-def monitored(plan: Plan, reduced: ReducedFeatures | None) -> Plan:
+def monitored(plan: Plan, reduced: ReducedFeatures) -> Plan:
     """``plan`` with what the monitor reads of the feature pass: the clustered points and
     their PCA (one process only: with several, each holds its block) and the kept rows."""
-    if reduced is not None:
-        plan.points = None if distributed.is_distributed() else reduced.points
-        plan.pca, plan.kept = reduced.pca, reduced.kept
+    plan.points = None if distributed.is_distributed() else reduced.points
+    plan.pca, plan.kept = reduced.pca, reduced.kept
     return plan
 
 
 def build(config: Config, device: torch.device) -> tuple[Backbone, ClassifierHead, torch.optim.Optimizer]:
     """A fresh backbone on ``device``, its pseudo-label head (without a layer until the first
     clustering) and the body optimiser (SGD with momentum)."""
-    torch.manual_seed(config.seed)
-    model = model_from_config(config)
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model = backbone(config, device)
     trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return model, ClassifierHead.for_backbone(model), optimizer
@@ -353,23 +350,13 @@ class OneCrop(nn.Module):
 
 def pseudo_label_loader(source: ImageSource, plan: Plan, config: Config, epoch: int,
                         device: torch.device) -> DataLoader:
-    """An epoch of ``(image, pseudo-label, image index)`` batches: with the ``uniform``
-    sampler each non-empty cluster gets the same share of the epoch (the paper's defence
-    against trivial solutions); random-resized-crop and flip views."""
-    assignments = plan.assignments
-    usable = int((assignments >= 0).sum())
-    rng = np.random.default_rng(derived_seed(config.seed, epoch, STREAM_SAMPLER))
-    if config.sampler == "uniform":
-        indices = uniform_cluster_sample(assignments, usable, rng)
-    else:
-        indices = rng.permutation(np.flatnonzero(assignments >= 0))
-    # Drawn alike on every process, then cut into equal shares (no process waits in DDP for
-    # one with a step more); each sample keeps its position in the whole list for its crop.
-    indices, positions = distributed.equal_shard(indices)
+    """An epoch of ``(image, pseudo-label, image index)`` batches (``common.epoch_draw``:
+    with the ``uniform`` sampler each non-empty cluster gets the same share of the epoch);
+    random-resized-crop and flip views, each crop seeded by its place in the draw."""
+    indices, positions = epoch_draw(plan.assignments, config, epoch)
     transform = RandomResizedCropFlip(config.crop, (config.crop_scale_min, 1.0), flip=config.hflip,
-                                      color=color_jitter(config.color_jitter, config.grayscale_prob))
-    dataset = PseudoLabelDataset(source, indices, assignments, transform, config.seed, epoch,
-                                 positions if distributed.is_distributed() else None)
+                                      color=colours(config))
+    dataset = PseudoLabelDataset(source, indices, plan.assignments, transform, config.seed, epoch, positions)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False,
                       **loader_kwargs(config.workers, device))
 
@@ -387,6 +374,8 @@ def notes(config: Config, n_images: int) -> list[str]:
     """Warnings before the first epoch: a PCA too wide for the data."""
     if config.pca_dim <= pca_dim_for(config.pca_dim, n_images):
         return []
+    from deepcluster.messages import plural
+
     return [f"deepcluster: warning: {plural(n_images, 'image')} are too few for pca_dim {config.pca_dim} "
             f"(whitened to N - 1 dimensions or more, the points are all equally far apart and k-means is "
             f"arbitrary); using {pca_dim_for(config.pca_dim, n_images)}"]
@@ -411,6 +400,5 @@ METHOD = Method(name="v1", build=build, planner=V1Planner, loader=pseudo_label_l
                 assigns_by_prototypes=False)
 
 
-__all__ = ["METHOD", "Partition", "Plan", "ReducedFeatures", "TooFewDecoded", "V1Planner", "build", "size_problem",
-           "cluster_points", "clustering_device", "pca_dim_for",
-           "pseudo_label_loader", "reduce_features"]
+__all__ = ["METHOD", "Plan", "ReducedFeatures", "V1Planner", "build", "size_problem", "cluster_points",
+           "pca_dim_for", "pic_points", "pseudo_label_loader", "reduce_features"]

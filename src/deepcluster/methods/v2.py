@@ -4,7 +4,7 @@ Each epoch:
 
 1. **Clustering** (``V2Planner.plan``): the memory bank holds, for every image, the
    L2-normalised embeddings of its two large crops as the previous epoch's training computed
-   them; before epoch 0 one pass fills it (``fill_bank``), so no epoch trains without
+   them; before epoch 0 one pass fills it (``memory_bank.fill_bank``), so no epoch trains without
    targets. Head h clusters the bank of crop h mod 2 by spherical k-means (``cluster_bank``);
    its prototypes are overwritten by the centroids and its assignments are the epoch's targets.
 2. **Multi-crop data** (``multi_crop_loader``): a plain shuffle of the images (or uniform over
@@ -21,8 +21,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -31,41 +29,38 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed, memory
-from deepcluster.clustering import KMeansResult, kmeans
-from deepcluster.data import ImageSource, Normalize, decode_problem, uniform_cluster_sample
-from deepcluster.data.multicrop import UNREADABLE, CropGroup, MultiCrop, MultiCropDataset, collate_crops
-from deepcluster.data.transforms import color_jitter
-from deepcluster.features import Keep, autocast, loader_kwargs, local_features
-from deepcluster.health import check_features
-from deepcluster.memory_bank import BANK_CROPS, MemoryBank, fill_batches
-from deepcluster.methods import STREAM_BANK_VIEWS, STREAM_CLUSTERING, STREAM_SAMPLER, Method, Plan, derived_seed
-from deepcluster.methods.records import epoch_record, final_record
-from deepcluster.models import Backbone, model_from_config
+from deepcluster import distributed
+from deepcluster.data.multicrop import CropGroup, MultiCrop, MultiCropDataset
+from deepcluster.features import loader_kwargs, local_features
+from deepcluster.memory_bank import BANK_CROPS, MemoryBank, fill_bank
+from deepcluster.methods import STREAM_CLUSTERING, Method, Plan, derived_seed
+from deepcluster.methods.common import (backbone, check_decoded, clustering_device, colours, epoch_draw,
+                                        kmeans_partition, stage)
+from deepcluster.methods.records import clustering_record, final_record
 from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHead
 from deepcluster.optim import LARS
-from deepcluster.partition import Partition, TooFewDecoded
-from deepcluster.progress import Progress, track
-from deepcluster.run_files import SKIPPED_NAME
 
 if TYPE_CHECKING:
+    from deepcluster.clustering import KMeansResult
     from deepcluster.config import Config
+    from deepcluster.data import ImageSource
+    from deepcluster.features import Keep
+    from deepcluster.models import Backbone
+    from deepcluster.partition import Partition
 
 # v2's setting ``empty_clusters`` -> the k-means' empty-cluster rule
 EMPTY_RULE = {"keep": "keep", "split": "nudge"}
+# Spherical k-means, as the reference's: cosine, random distinct points as first centroids
+SPHERICAL = {"backend": "torch", "init": "randperm", "metric": "cosine"}
 
 
 def build(config: Config, device: torch.device) -> tuple[Backbone, PrototypeHead, torch.optim.Optimizer]:
     """A fresh backbone, its projection and prototypes (``PrototypeHead``) on ``device``, and
     the optimiser of the backbone and projection (the prototypes are never trained): SGD, or
     LARS with ``optimizer: lars``."""
-    torch.manual_seed(config.seed)
-    model = model_from_config(config)
+    model = backbone(config, device)
     head = PrototypeHead.for_backbone(model, config.projection_hidden, config.projection_dim, config.prototypes)
-    model.to(device)
     head.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
     trainable = [param for param in (*model.parameters(), *head.parameters()) if param.requires_grad]
     if config.optimizer == "lars":
         optimizer: torch.optim.Optimizer = LARS(trainable, lr=config.lr, momentum=config.momentum,
@@ -81,60 +76,7 @@ def multi_crop(config: Config) -> MultiCrop:
     """The crops of one training image, as the settings describe them."""
     groups = tuple(CropGroup(size, count, (low, high)) for size, count, low, high in
                    zip(config.crop_sizes, config.crop_counts, config.crop_min_scales, config.crop_max_scales))
-    return MultiCrop(groups, color=color_jitter(config.color_jitter, config.grayscale_prob), blur=config.blur_prob,
-                     flip=config.hflip)
-
-
-def head_seed(seed: int, epoch: int, head: int) -> int:
-    """The spherical k-means seed of head ``head`` at epoch ``epoch``."""
-    return int(np.random.SeedSequence([seed, epoch, STREAM_CLUSTERING, head]).generate_state(1)[0])
-
-
-@torch.no_grad()
-def fill_bank(network: MultiCropModel, source: ImageSource, config: Config, device: torch.device,
-              before_batch: Callable[[], object] | None = None) -> MemoryBank:
-    """The pass before epoch 0: the two large crops of every image, embedded by the network
-    in training mode (without gradients), make the first memory bank, as the reference's
-    ``init_memory`` does. In eval mode a fresh network's BatchNorm has no statistics yet and
-    maps every image to nearly the same embedding (cosines above 0.9999 on the test images),
-    which leaves the first clustering arbitrary. The two crops of a batch pass the network
-    together, so even a last batch of one image gives BatchNorm two rows.
-
-    Args:
-        before_batch: called before each batch (``faults.instrument`` puts its ``features``
-            point here).
-
-    Raises:
-        TrainingDiverged: an embedding is NaN or infinite.
-    """
-    network.train()
-    first = multi_crop(config).groups[0]
-    transform = dataclasses.replace(multi_crop(config), groups=(dataclasses.replace(first, count=BANK_CROPS),))
-    n_images = len(source)
-    indices = distributed.shard(np.arange(n_images))
-    # Each image's crops seeded by its index, each step's batch the global one (``fill_batches``):
-    # the processes together compute one process's bank.
-    dataset = MultiCropDataset(source, indices, np.zeros((1, n_images), dtype=np.int64), transform, config.seed, 0,
-                               stream=STREAM_BANK_VIEWS, positions=indices)
-    loader = DataLoader(dataset, batch_sampler=fill_batches(indices, n_images, config.feature_batch_size),
-                        collate_fn=functools.partial(collate_crops, transform.groups),
-                        **loader_kwargs(config.workers, device))
-    bank = MemoryBank.empty(n_images, config.projection_dim)  # this process's share (its block of the images)
-    embedded = []
-    normalize = Normalize(config.mean, config.std)
-    for crops, targets, rows in track(loader, len(dataset), "memory bank", unit="img", size=lambda batch: len(batch[2])):
-        if before_batch is not None:
-            before_batch()
-        with autocast(device, config.precision == "bf16"):
-            embeddings, _ = network([normalize(crop, device, config.channels_last) for crop in crops])
-        embeddings = embeddings.float().cpu().view(BANK_CROPS, len(rows), embeddings.shape[-1])
-        check_features(embeddings.reshape(-1, embeddings.shape[-1]).numpy(), 0)
-        decoded = (targets[:, 0] != UNREADABLE).numpy()
-        rows = rows.numpy()
-        bank.write(rows[decoded], embeddings[:, torch.from_numpy(decoded)])
-        embedded.append(rows[decoded])
-    bank.settle_filling(np.concatenate(embedded))  # the other processes' images handed over
-    return bank
+    return MultiCrop(groups, color=colours(config), blur=config.blur_prob, flip=config.hflip)
 
 
 @dataclass
@@ -160,21 +102,18 @@ class BankClustering:
 
 def cluster_and_gather(points: torch.Tensor, local: np.ndarray, rows: np.ndarray, n_images: int, n_clusters: int,
                        n_iter: int, seed: int, empty: str) -> tuple[np.ndarray, KMeansResult]:
-    """Spherical k-means of the unit ``points`` this process holds (those of images
-    ``local``; one process is a world of one: with several, sums and sizes are all-reduced),
-    then every process's labels gathered: ``(n_images,)`` assignments, -1 outside ``rows``
-    (the images with a point on some process), and the k-means' result.
+    """v2's spherical k-means (``common.kmeans_partition`` with ``SPHERICAL``) of the unit
+    ``points`` this process holds, those of images ``local``: ``(n_images,)`` assignments, -1
+    outside ``rows``, and the k-means' result.
 
     Args:
         empty: v2's setting ``empty_clusters``: ``keep`` (the reference) or ``split`` (the
             ``nudge`` rule of :mod:`deepcluster.clustering.empty`).
     """
-    result = kmeans(points, n_clusters, n_iter, seed, backend="torch", init="randperm", device=points.device,
-                    metric="cosine", empty=EMPTY_RULE[empty], shard=True)
-    labels = distributed.gather_rows(result.assignments, local, n_images)
-    assignments = np.full(n_images, -1, dtype=np.int64)
-    assignments[rows] = labels[rows]
-    return assignments, result
+    found, result = kmeans_partition(points, local, rows, n_images, n_clusters, n_iter, seed,
+                                     f"spherical k-means k={n_clusters}", device=points.device,
+                                     empty=EMPTY_RULE[empty], **SPHERICAL)
+    return found.assignments, result
 
 
 def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int, epoch: int, empty: str = "keep",
@@ -184,40 +123,25 @@ def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int
     processes each clusters the rows it holds (sums and sizes all-reduced) and every
     process gets all assignments."""
     start = time.perf_counter()
-    rows = np.flatnonzero(bank.all_decoded())
-    held = torch.from_numpy(np.flatnonzero(bank.decoded))
-    local = bank.rows[bank.decoded]
-    targets = np.full((len(counts), bank.n_images), -1, dtype=np.int64)
-    centroids, objective, n_empty, n_split = [], [], [], []
-    with Progress(len(counts), f"spherical k-means, {len(counts)} head(s)") as bar:
-        for head, count in enumerate(counts):
-            points = bank.embeddings[head % BANK_CROPS, held].to(device)
-            targets[head], result = cluster_and_gather(points, local, rows, bank.n_images, count, n_iter,
-                                                       head_seed(seed, epoch, head), empty)
-            centroids.append(torch.from_numpy(result.centroids))
-            objective.append(result.objective[-1])
-            n_empty.append(result.n_empty)
-            n_split.append(result.n_split)
-            bar.update()
-    return BankClustering(targets, centroids, objective, n_empty, n_split, time.perf_counter() - start)
+    rows, held, local = np.flatnonzero(bank.all_decoded()), np.flatnonzero(bank.decoded), bank.rows[bank.decoded]
+    found = [cluster_and_gather(bank.embeddings[head % BANK_CROPS, torch.from_numpy(held)].to(device), local, rows,
+                                bank.n_images, count, n_iter, derived_seed(seed, epoch, STREAM_CLUSTERING, head), empty)
+             for head, count in enumerate(counts)]
+    results = [result for _, result in found]
+    return BankClustering(np.stack([targets for targets, _ in found]), [torch.from_numpy(r.centroids) for r in results],
+                          [r.objective[-1] for r in results], [r.n_empty for r in results],
+                          [r.n_split for r in results], time.perf_counter() - start)
 
 
 def multi_crop_loader(source: ImageSource, plan: Plan, config: Config, epoch: int,
                       device: torch.device) -> DataLoader:
-    """An epoch of ``([crop batch, ...], (B, n_heads) targets, image index)`` batches: a plain
-    shuffle of the images with targets (``sampler: shuffle``, the reference) or draws uniform
-    over head 0's clusters; the last incomplete batch is dropped, as the reference does (a
-    batch of one cannot pass the projection's BatchNorm)."""
-    targets = plan.targets
-    usable = targets[0] >= 0
-    rng = np.random.default_rng(derived_seed(config.seed, epoch, STREAM_SAMPLER))
-    if config.sampler == "uniform":
-        indices = uniform_cluster_sample(targets[0], int(usable.sum()), rng)
-    else:
-        indices = rng.permutation(np.flatnonzero(usable))
-    indices, positions = distributed.equal_shard(indices)  # every process the same number of steps
-    dataset = MultiCropDataset(source, indices, targets, multi_crop(config), config.seed, epoch,
-                               positions=positions if distributed.is_distributed() else None)
+    """An epoch of ``([crop batch, ...], (B, n_heads) targets, image index)`` batches
+    (``common.epoch_draw`` over head 0's targets: a plain shuffle, ``sampler: shuffle``, as the
+    reference, or uniform over its clusters); the last incomplete batch is dropped, as the
+    reference does (a batch of one cannot pass the projection's BatchNorm)."""
+    indices, positions = epoch_draw(plan.targets[0], config, epoch)
+    dataset = MultiCropDataset(source, indices, plan.targets, multi_crop(config), config.seed, epoch,
+                               positions=positions)
     return DataLoader(dataset, batch_size=config.batch_size // distributed.world_size(), shuffle=False,
                       drop_last=True, **loader_kwargs(config.workers, device))
 
@@ -259,11 +183,7 @@ class V2Planner:
         self.reduce: Callable[..., MemoryBank] = fill_bank
         self.cluster: Callable[..., BankClustering] = cluster_bank
         self.bank: MemoryBank | None = None
-
-    @property
-    def clustering_device(self) -> torch.device:
-        setting = self.config.clustering_device
-        return self.device if setting == "auto" else torch.device(setting)
+        self.clustering_device = clustering_device(config, device, "torch")
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """The whole memory bank, on the main process (the one that writes the checkpoint;
@@ -289,34 +209,28 @@ class V2Planner:
         Raises:
             TooFewDecoded: fewer images decoded than a head has prototypes.
         """
-        config, source = self.config, self.source
-        time_features = 0.0
-        if self.bank is None:
+        config, time_features, filled = self.config, 0.0, self.bank is None
+        if filled:  # the start of a run: the bank's first filling
             start = time.perf_counter()
-            with memory.stage("features"):  # the bank's first filling
-                self.bank = self.reduce(MultiCropModel(model, head.projection, head.prototypes), source, config,
-                                        self.device)
+            with stage("features"):
+                self.bank = self.reduce(MultiCropModel(model, head.projection, head.prototypes), self.source,
+                                        multi_crop(config), config, self.device)
             time_features = time.perf_counter() - start
-            for index in np.flatnonzero(~self.bank.all_decoded()):
-                skipped[source.name(int(index))] = decode_problem(source, int(index))
-        needed = max(config.prototypes)
-        n_decoded = int(self.bank.all_decoded().sum())
-        if n_decoded < needed:
-            raise TooFewDecoded(f"only {n_decoded} of {len(source)} images could be decoded, fewer "
-                                f"than the {needed} prototypes of a head; the reasons are in "
-                                f"{str(config.run_dir / SKIPPED_NAME)!r}")
-        with memory.stage("kmeans"):
+        decoded = self.bank.all_decoded()
+        if not decoded.all() or len(decoded) < max(config.prototypes):
+            check_decoded(self.source, decoded, max(config.prototypes), "prototypes of a head", config,
+                          skipped if filled else None)
+        with stage("kmeans"):
             clustering = self.cluster(self.bank, config.prototypes, config.kmeans_iters, config.seed, epoch,
                                       config.empty_clusters, self.clustering_device)
         for index, centroids in enumerate(clustering.centroids):
             head.prototypes.set(index, centroids)
-        assignments = clustering.targets[0]
-        record = epoch_record(epoch, assignments, config.prototypes[0], previous,
-                              (time_features, 0.0, clustering.seconds), sum(clustering.n_split), None,
-                              {"spherical_objective": clustering.objective, "n_empty": clustering.n_empty})
+        record = clustering_record(epoch, clustering.targets[0], config.prototypes[0], previous,
+                                   (time_features, 0.0, clustering.seconds), sum(clustering.n_split), None,
+                                   {"spherical_objective": clustering.objective, "n_empty": clustering.n_empty})
         # With several processes no one holds every embedding: the scores of the assignments remain.
         points = None if distributed.is_distributed() else self.bank.embeddings[0].numpy()
-        return Plan(assignments, record, clustering.targets, points=points, bank_rows=self.bank.sample)
+        return Plan(clustering.targets[0], record, clustering.targets, points=points, bank_rows=self.bank.sample)
 
     def final_clustering(self, model: Backbone, epochs: int, last: np.ndarray | None,
                          keep: Keep | None = None) -> tuple[Partition, dict, Plan]:
@@ -332,25 +246,27 @@ class V2Planner:
         config, source = self.config, self.source
         start = time.perf_counter()
         # Each process embeds and clusters its share of the images; only assignments travel.
-        with memory.stage("features"):
+        with stage("features"):
             embeddings, indices, decoded, _ = local_features(Embedder(model, self.head.projection), source, config,
                                                           self.device)
         time_features = time.perf_counter() - start
         rows = np.flatnonzero(distributed.gather_in_order(decoded.astype(np.uint8), indices, len(source)))
         count = config.prototypes[0]
         if len(rows) < count:
+            from deepcluster.partition import TooFewDecoded
+
             raise TooFewDecoded(f"only {len(rows)} of {len(source)} images could be decoded for the final clustering, "
                                 f"fewer than the {count} prototypes of head 0")
-        tick = time.perf_counter()
-        with Progress(None, f"spherical k-means k={count}"), memory.stage("kmeans"):
-            assignments, result = cluster_and_gather(
-                torch.from_numpy(embeddings[decoded]).to(self.clustering_device), indices[decoded], rows,
-                len(source), count, config.kmeans_iters, head_seed(config.seed, epochs, 0), config.empty_clusters)
-        final = Partition(assignments, count, result.centroids, None, result.n_split, None, 0.0,
-                          time.perf_counter() - tick)
+        with stage("kmeans"):
+            final, result = kmeans_partition(
+                torch.from_numpy(embeddings[decoded]).to(self.clustering_device), indices[decoded], rows, len(source),
+                count, config.kmeans_iters, derived_seed(config.seed, epochs, STREAM_CLUSTERING, 0),
+                f"spherical k-means k={count}", device=self.clustering_device,
+                empty=EMPTY_RULE[config.empty_clusters], **SPHERICAL)
+        final.objective = None  # v2's objective is the spherical one, logged apart
         summary = final_record(epochs, final, last, time_features,
                                {"spherical_objective": result.objective[-1], "n_empty": result.n_empty})
-        return final, summary, Plan(assignments, summary, points=None if distributed.is_distributed() else embeddings)
+        return final, summary, Plan(final.assignments, summary, points=None if distributed.is_distributed() else embeddings)
 
 
 def clusters_text(config: Config) -> str:
@@ -373,4 +289,4 @@ METHOD = Method(name="v2", build=build, planner=V2Planner, loader=multi_crop_loa
 
 
 __all__ = ["BANK_CROPS", "BankClustering", "METHOD", "MemoryBank", "V2Planner", "build", "size_problem", "cluster_bank",
-           "cluster_and_gather", "fill_bank", "head_seed", "multi_crop", "multi_crop_loader"]
+           "cluster_and_gather", "multi_crop", "multi_crop_loader"]
