@@ -103,37 +103,64 @@ TINY = {"n_clusters": 6, "batch_size": 8, "feature_batch_size": 16, "workers": 0
         "warmup_epochs": 2, "final_lr": 0.001}
 
 
-def test_a_budget_is_fitted_once_saved_and_resumed_exactly(image_folder, tmp_path, monkeypatch):
+class FakeClock:
+    """A clock that moves by the next of ``steps`` at every reading (one at the start of the
+    sitting, then one after each epoch)."""
+
+    def __init__(self, steps):
+        self.steps, self.now = list(steps), 0.0
+
+    def __call__(self):
+        self.now += self.steps.pop(0) if self.steps else 100.0
+        return self.now
+
+
+def budget_run(name, image_folder, tmp_path, monkeypatch, steps, stop_after=None):
+    """A TINY run under a 5-minute budget on a fake clock (epochs of ``steps`` seconds, no
+    time for the final clustering); stopped after ``stop_after`` epochs and resumed on a
+    fresh clock (the second sitting)."""
     from deepcluster.api import training_settings
-    from deepcluster.checkpoint import load_checkpoint
     from deepcluster.train import run
 
-    monkeypatch.setattr(budget, "mean_over_processes", lambda seconds: 100.0)  # 5 minutes fit 3 epochs
-    threads = torch.get_num_threads()
-    lines = {}
+    monkeypatch.setattr(budget, "final_seconds", lambda record: 0.0)
+    threads, lines = torch.get_num_threads(), []
     try:
-        for name, stops in (("whole", None), ("stopped", 1)):
-            settings = {**TINY, "data": str(image_folder), "out_dir": str(tmp_path / name)}
-            config = training_settings("small", None, settings)
-            lines[name] = []
-            seen = []
-            run(config, log=lines[name].append, stop=None if stops is None else lambda r: seen.append(r) or True)
-            if stops is not None:  # stopped after epoch 1, as a kill there: resume with the saved settings
-                assert load_checkpoint(tmp_path / name / "checkpoint.pt")["config"]["epochs"] == 3
-                resumed = training_settings(None, None, {"out_dir": str(tmp_path / name)}, resume=True)
-                run(resumed, resume=True, log=lines[name].append)
+        monkeypatch.setattr(budget, "clock", FakeClock(steps))
+        config = training_settings("small", None, {**TINY, "data": str(image_folder), "out_dir": str(tmp_path / name)})
+        seen = []
+        stop = None if stop_after is None else (lambda record: seen.append(record) or len(seen) == stop_after)
+        run(config, log=lines.append, stop=stop)
+        if stop_after is not None:  # as a kill there: resume with the saved settings
+            monkeypatch.setattr(budget, "clock", FakeClock([0.0, *steps[stop_after + 1:]]))
+            resumed = training_settings(None, None, {"out_dir": str(tmp_path / name)}, resume=True)
+            run(resumed, resume=True, log=lines.append)
     finally:
         torch.set_num_threads(threads)
+    return lines
+
+
+def test_a_budget_is_fitted_saved_and_resumed_exactly(image_folder, tmp_path, monkeypatch):
+    """Epoch 1: 100 s, the 5 minutes fit 3 epochs; epoch 2 took 150 s, the re-fit shortens
+    the run to 2 (said once). Stopped after epoch 1 and resumed, the run decides alike."""
+    from deepcluster.checkpoint import load_checkpoint
+
+    steps = [0.0, 100.0, 150.0, 100.0]  # the set-up, then each epoch, as the clock sees them
+    lines = {name: budget_run(name, image_folder, tmp_path, monkeypatch, steps, stop)
+             for name, stop in (("whole", None), ("stopped", 1))}
     for name in ("whole", "stopped"):
         saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
-        assert (saved["epochs"], saved["warmup_epochs"], saved["minutes"]) == (3, 1, 5.0)
-        assert sum("took 100 s; 5 minutes fit 3 epochs: running 3, warm-up 1 epoch" in line for line in lines[name]) == 1
+        assert (saved["epochs"], saved["warmup_epochs"], saved["minutes"]) == (2, 1, 5.0)
+        said = [line for line in lines[name] if "epoch 1 took" in line or "instead of" in line]
+        assert said == ["deepcluster: epoch 1 took 100 s; 5 minutes fit 3 epochs: running 3, warm-up 1 epoch",
+                        "deepcluster: after 2 epochs (250 s of 300), epochs take ~150 s: running 2 instead of 3"], said
+        records = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert [(r["time_run"], r["budget_epochs"]) for r in records] == [(100.0, 3), (250.0, 2)]
     assert any("a 5-minute budget (epochs fitted after the first)" in line for line in lines["whole"])
     whole, stopped = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("whole", "stopped"))
-    assert whole["epoch"] == stopped["epoch"] == 3
+    assert whole["epoch"] == stopped["epoch"] == 2 and whole["config"]["epochs"] == 2
     for key, value in whole["model"].items():
         assert torch.equal(value, stopped["model"][key]), key
-    for name in ("epoch_0001.npy", "epoch_0002.npy", "epoch_0003.npy", "final.npy"):
+    for name in ("epoch_0001.npy", "epoch_0002.npy", "final.npy"):
         assert np.array_equal(np.load(tmp_path / "whole" / "assignments" / name),
                               np.load(tmp_path / "stopped" / "assignments" / name))
 

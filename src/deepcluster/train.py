@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepcluster import collapse, distributed, memory
-from deepcluster.budget import fit_to_budget
+from deepcluster.budget import fit_to_budget, start_clock
 from deepcluster.data import Normalize
 from deepcluster.features import autocast
 from deepcluster.health import check_loss
@@ -187,12 +187,13 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     """The run of :func:`run`, its folder held: set up (or resume), train the epochs left
     (:func:`run_epoch`), then cluster the trained network once more."""
     folder.log = say = log if distributed.is_main_process() else (lambda _: None)  # one process speaks
+    start_clock(folder)  # a time budget counts the set-up
     run_ = set_up(config, folder, resume, device, build)
     folder.open_scalars()
     records = []
     try:
         epoch = run_.state.epoch
-        while epoch < config.epochs:  # a time budget fits config.epochs after the first (``budget``)
+        while epoch < config.epochs:  # a time budget fits config.epochs after every epoch (``budget``)
             records.append(run_epoch(config, run_, folder, epoch, say))
             if collapse.announce(run_.state.records, config, say) or (stop is not None and stop(records[-1])):
                 break
@@ -225,7 +226,7 @@ def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: C
     record = {**epoch_record(plan, scores, trained, time.perf_counter() - start, state, config), **memory.take()}
     state.epoch, state.previous = epoch + 1, plan.assignments
     state.records.append(record)
-    fit_to_budget(config, folder, epoch, time.perf_counter() - epoch_start, say)
+    fit_to_budget(config, folder, state.records, time.perf_counter() - epoch_start, say)
     folder.commit_epoch(epoch, state, checkpoint_state(model, head, run_.optimizer, config, state,
                                                        run_.planner.checkpoint_entries()), record)
     for line in epoch_lines(record, config.epochs):
