@@ -85,8 +85,8 @@ def add_train_parsers(commands: Any) -> None:
                             "'v2-small' (v2-cifar on smallnet, 11 epochs: DeepCluster-v2 on 32-96 px images on a "
                             "CPU), 'photo' (your photos: the paper's network, lr 0.02, k from the folder, the head "
                             "and clusters carried over epochs only from 9,000 images). Default: the --config file's "
-                            "recipe:, else 'digits' without a data folder (--data, or data: in the file), else the one that fits the folder's images (a sample "
-                            "of their sizes): 'photo' at 64 px and more, 'small' below; k then follows the number "
+                            "recipe:, else 'digits' without a data folder (--data, or data: in the file), else the "
+                            "one that fits the folder's images (a sample of their sizes): 'photo' at 64 px and more, 'small' below; k then follows the number "
                             "of images (1 cluster per 40, at least 50 or 1 per 5 images if that is fewer, at most "
                             "10,000) unless --n_clusters or the recipe sets it. --minutes M: a time budget, the "
                             "epochs fitted to it after the first and shortened after any epoch that runs slower")
