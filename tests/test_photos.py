@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tarfile
@@ -42,10 +43,33 @@ def test_a_folder_of_photos_gets_the_photo_recipe_and_k_from_its_size(tmp_path):
     said = []
     recipe, overrides = autorecipe.choose(None, None, {"data": str(folder)}, say=said.append)
     assert recipe == "photo" and overrides["n_clusters"] == autorecipe.k_rule(61) == 12
-    assert said == [f"recipe: photo (61 images, median 80x64 px, shorter side >= 64 px); k = 12 "
-                    f"({autorecipe.K_RULE}; --n_clusters sets it)"]
+    assert said == [f"recipe: photo (61 image files, median 80x64 px, shorter side >= 64 px); k = 12 "
+                    f"({autorecipe.K_RULE}; --n_clusters sets it); carry_clusters false ({autorecipe.CARRY_RULE}; "
+                    "--carry_clusters true sets it)"]
     config = resolve(recipe, overrides={**overrides, "out_dir": str(tmp_path / "run")})
-    assert (config.lr, config.carry_clusters, config.n_clusters) == (0.02, True, 12)
+    assert (config.lr, config.carry_clusters, config.n_clusters) == (0.02, False, 12)
+
+
+def test_photo_carries_its_clusters_only_on_a_large_folder(tmp_path, monkeypatch):
+    """carry_clusters stays the recipe's (true) from CARRY_MIN_IMAGES images on; below, it is
+    turned off, whether photo was picked or named, unless the command line or file sets it."""
+    folder = photos(tmp_path / "p", 12, (80, 64))
+    quiet = dict(say=None)
+    data = {"data": str(folder)}
+    assert RECIPES["photo"]["carry_clusters"] is True and autorecipe.CARRY_MIN_IMAGES == 9_000
+    assert autorecipe.choose(None, None, data, **quiet)[1]["carry_clusters"] is False
+    assert autorecipe.choose("photo", None, {**data, "n_clusters": 3}, **quiet)[1]["carry_clusters"] is False
+    assert autorecipe.choose(None, None, {**data, "carry_clusters": "true"}, **quiet)[1]["carry_clusters"] == "true"
+    assert "carry_clusters" not in autorecipe.choose("small", None, data, **quiet)[1]
+    file = tmp_path / "s.yaml"
+    file.write_text("carry_clusters: true\n")
+    assert "carry_clusters" not in autorecipe.choose(None, file, data, **quiet)[1]
+    real = autorecipe.look
+    for n_images, carried in ((autorecipe.CARRY_MIN_IMAGES - 1, False), (autorecipe.CARRY_MIN_IMAGES, None)):
+        monkeypatch.setattr(autorecipe, "look", lambda root, n=n_images: dataclasses.replace(real(root), n_images=n))
+        said = []
+        assert autorecipe.choose(None, None, data, say=said.append)[1].get("carry_clusters") is carried
+        assert ("carry_clusters false" in said[0]) == (carried is False)
 
 
 def test_small_images_get_the_small_recipe_its_k_capped_to_the_folder(image_folder):
@@ -64,18 +88,20 @@ def test_what_is_given_wins_over_the_choice(image_folder, tmp_path):
     assert autorecipe.choose(None, None, {}, **quiet) == (None, {})  # the built-in digits
     file = tmp_path / "s.yaml"
     file.write_text("recipe: photo\nn_clusters: 9\n")
-    assert autorecipe.choose(None, file, data, **quiet) == ("photo", data)  # the file's k
+    small = {"carry_clusters": False}  # 36 images: photo's carry rule
+    assert autorecipe.choose(None, file, data, **quiet) == ("photo", {**data, **small})  # the file's k
     file.write_text("recipe: photo\n")
-    assert autorecipe.choose(None, file, data, **quiet) == ("photo", {**data, "n_clusters": autorecipe.k_rule(36)})
+    assert autorecipe.choose(None, file, data, **quiet) == ("photo", {**data, "n_clusters": autorecipe.k_rule(36),
+                                                                      **small})
     v2 = autorecipe.choose("photo", None, {**data, "method": "v2", "prototypes": "4", "batch_size": "8"}, **quiet)[1]
-    assert "n_clusters" not in v2  # a v1 setting: a v2 run refuses it
+    assert "n_clusters" not in v2 and "carry_clusters" not in v2  # v1 settings: a v2 run refuses them
 
 
 def test_print_config_says_the_choice_as_a_comment(run_cli, image_folder, tmp_path):
     code, out, err = run_cli("train", "--data", image_folder, "--out", tmp_path / "r", "--print-config")
     assert code == 0, err
     first, *rest = out.splitlines()
-    assert first.startswith("# recipe: small (36 images, median 24x24 px") and "k = 7" in first
+    assert first.startswith("# recipe: small (36 image files, median 24x24 px") and "k = 7" in first
     assert "n_clusters: 7  # set" in rest and "arch: smallnet  # recipe small" in rest
     assert yaml.safe_load(out)["n_clusters"] == 7
 
@@ -103,37 +129,64 @@ TINY = {"n_clusters": 6, "batch_size": 8, "feature_batch_size": 16, "workers": 0
         "warmup_epochs": 2, "final_lr": 0.001}
 
 
-def test_a_budget_is_fitted_once_saved_and_resumed_exactly(image_folder, tmp_path, monkeypatch):
+class FakeClock:
+    """A clock that moves by the next of ``steps`` at every reading (one at the start of the
+    sitting, then one after each epoch)."""
+
+    def __init__(self, steps):
+        self.steps, self.now = list(steps), 0.0
+
+    def __call__(self):
+        self.now += self.steps.pop(0) if self.steps else 100.0
+        return self.now
+
+
+def budget_run(name, image_folder, tmp_path, monkeypatch, steps, stop_after=None):
+    """A TINY run under a 5-minute budget on a fake clock (epochs of ``steps`` seconds, no
+    time for the final clustering); stopped after ``stop_after`` epochs and resumed on a
+    fresh clock (the second sitting)."""
     from deepcluster.api import training_settings
-    from deepcluster.checkpoint import load_checkpoint
     from deepcluster.train import run
 
-    monkeypatch.setattr(budget, "mean_over_processes", lambda seconds: 100.0)  # 5 minutes fit 3 epochs
-    threads = torch.get_num_threads()
-    lines = {}
+    monkeypatch.setattr(budget, "final_seconds", lambda record: 0.0)
+    threads, lines = torch.get_num_threads(), []
     try:
-        for name, stops in (("whole", None), ("stopped", 1)):
-            settings = {**TINY, "data": str(image_folder), "out_dir": str(tmp_path / name)}
-            config = training_settings("small", None, settings)
-            lines[name] = []
-            seen = []
-            run(config, log=lines[name].append, stop=None if stops is None else lambda r: seen.append(r) or True)
-            if stops is not None:  # stopped after epoch 1, as a kill there: resume with the saved settings
-                assert load_checkpoint(tmp_path / name / "checkpoint.pt")["config"]["epochs"] == 3
-                resumed = training_settings(None, None, {"out_dir": str(tmp_path / name)}, resume=True)
-                run(resumed, resume=True, log=lines[name].append)
+        monkeypatch.setattr(budget, "clock", FakeClock(steps))
+        config = training_settings("small", None, {**TINY, "data": str(image_folder), "out_dir": str(tmp_path / name)})
+        seen = []
+        stop = None if stop_after is None else (lambda record: seen.append(record) or len(seen) == stop_after)
+        run(config, log=lines.append, stop=stop)
+        if stop_after is not None:  # as a kill there: resume with the saved settings
+            monkeypatch.setattr(budget, "clock", FakeClock([0.0, *steps[stop_after + 1:]]))
+            resumed = training_settings(None, None, {"out_dir": str(tmp_path / name)}, resume=True)
+            run(resumed, resume=True, log=lines.append)
     finally:
         torch.set_num_threads(threads)
+    return lines
+
+
+def test_a_budget_is_fitted_saved_and_resumed_exactly(image_folder, tmp_path, monkeypatch):
+    """Epoch 1: 100 s, the 5 minutes fit 3 epochs; epoch 2 took 150 s, the re-fit shortens
+    the run to 2 (said once). Stopped after epoch 1 and resumed, the run decides alike."""
+    from deepcluster.checkpoint import load_checkpoint
+
+    steps = [0.0, 100.0, 150.0, 100.0]  # the set-up, then each epoch, as the clock sees them
+    lines = {name: budget_run(name, image_folder, tmp_path, monkeypatch, steps, stop)
+             for name, stop in (("whole", None), ("stopped", 1))}
     for name in ("whole", "stopped"):
         saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
-        assert (saved["epochs"], saved["warmup_epochs"], saved["minutes"]) == (3, 1, 5.0)
-        assert sum("took 100 s; 5 minutes fit 3 epochs: running 3, warm-up 1 epoch" in line for line in lines[name]) == 1
+        assert (saved["epochs"], saved["warmup_epochs"], saved["minutes"]) == (2, 1, 5.0)
+        said = [line for line in lines[name] if "epoch 1 took" in line or "instead of" in line]
+        assert said == ["deepcluster: epoch 1 took 100 s; 5 minutes fit 3 epochs: running 3, warm-up 1 epoch",
+                        "deepcluster: after 2 epochs (250 s of 300), epochs take ~150 s: running 2 instead of 3"], said
+        records = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert [(r["time_run"], r["budget_epochs"]) for r in records] == [(100.0, 3), (250.0, 2)]
     assert any("a 5-minute budget (epochs fitted after the first)" in line for line in lines["whole"])
     whole, stopped = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("whole", "stopped"))
-    assert whole["epoch"] == stopped["epoch"] == 3
+    assert whole["epoch"] == stopped["epoch"] == 2 and whole["config"]["epochs"] == 2
     for key, value in whole["model"].items():
         assert torch.equal(value, stopped["model"][key]), key
-    for name in ("epoch_0001.npy", "epoch_0002.npy", "epoch_0003.npy", "final.npy"):
+    for name in ("epoch_0001.npy", "epoch_0002.npy", "final.npy"):
         assert np.array_equal(np.load(tmp_path / "whole" / "assignments" / name),
                               np.load(tmp_path / "stopped" / "assignments" / name))
 
@@ -170,7 +223,8 @@ def test_your_photos_in_three_commands(run_cli, tmp_path):
     run = tmp_path / "run"
     code, out, err = run_cli("train", "--data", folder, "--out", run, "--minutes", "0.2")
     assert code == 0, err
-    assert "recipe: photo (200 images, median 224x224 px, shorter side >= 64 px); k = 40" in out
+    assert "recipe: photo (200 image files, median 224x224 px, shorter side >= 64 px); k = 40" in out
+    assert "carry_clusters false" in out
     assert "epoch 1 took" in out and "running 1" in out
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert all(1 < r["cluster_acc"] <= 100 and 1 < r["purity"] <= 100 for r in records)  # percent, as kNN's

@@ -8,8 +8,9 @@ folder's images (their headers only) and picks:
 
 k (``n_clusters``) then comes from the number of images by ``k_rule`` wherever the recipe
 does not pin it (``photo`` does not; ``paper``, named, keeps the paper's 10,000) and the
-command line or the ``--config`` file does not give it. The choice and its reason are said in
-one line. A resumed run keeps its saved settings: nothing is chosen again.
+command line or the ``--config`` file does not give it. ``photo``'s ``carry_clusters`` is
+turned off below ``CARRY_MIN_IMAGES`` images unless given. The choice and its reason are said
+in one line. A resumed run keeps its saved settings: nothing is chosen again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ IMAGES_PER_CLUSTER = 40
 MIN_K = 50
 MIN_IMAGES_PER_CLUSTER = 5
 MAX_K = 10_000
+# The carry rule: ``photo`` starts each k-means from last epoch's clusters and keeps the head
+# (carry_clusters) only on a folder of at least CARRY_MIN_IMAGES images, the size where that was
+# measured to help (Imagenette, 9,469: docs/notebook/2026-11-30.md); on 300 photos it froze
+# (docs/notebook/2026-12-07.md): below it, fresh clusters and a new head every epoch, as the paper.
+CARRY_MIN_IMAGES = 9_000
+CARRY_RULE = f"carry_clusters only from {CARRY_MIN_IMAGES:,} images: on a few hundred the kept clusters freeze"
 K_RULE = (f"1 cluster per {IMAGES_PER_CLUSTER} images, but at least {MIN_K} or 1 per {MIN_IMAGES_PER_CLUSTER} "
           f"images if that is fewer, at most the paper's {MAX_K:,}")
 
@@ -60,7 +67,7 @@ class FolderLook:
     short_side: int  # median shorter side
 
     def says(self) -> str:
-        return f"{self.n_images:,} images, median {self.width}x{self.height} px"
+        return f"{self.n_images:,} image files, median {self.width}x{self.height} px"
 
 
 def image_files(root: str | os.PathLike) -> list[str]:
@@ -139,15 +146,25 @@ def _k_line(recipe: str, given: dict[str, Any], folder: FolderLook | None, auto:
     return None, f"k = {pinned:,} (the recipe's; --n_clusters sets it)"
 
 
+def _carry_line(recipe: str, given: dict[str, Any], folder: FolderLook | None) -> tuple[bool | None, str]:
+    """``photo``'s carry_clusters for the folder and the clause that says why (``None``: the
+    recipe, file or command line decides)."""
+    if (recipe != "photo" or folder is None or "carry_clusters" in given or folder.n_images >= CARRY_MIN_IMAGES
+            or not _one_k(given.get("method", RECIPES[recipe].get("method")))):  # a v1 setting
+        return None, ""
+    return False, f"carry_clusters false ({CARRY_RULE}; --carry_clusters true sets it)"
+
+
 def choose(recipe: str | None, config_file: str | os.PathLike | None, overrides: dict[str, Any],
            resume: bool = False, say: Callable[[str], None] | None = print) -> tuple[str | None, dict[str, Any]]:
     """The recipe and settings a training command runs with: without a recipe (``recipe``
     or the file's ``recipe:``) and with a data folder, the one that fits the folder
-    (``pick_recipe``); k by ``k_rule`` where nothing pins it. Says the choice in one line.
+    (``pick_recipe``); k by ``k_rule`` where nothing pins it; ``photo``'s carry_clusters off
+    below ``CARRY_MIN_IMAGES`` images where nothing sets it. Says the choice in one line.
 
     Returns:
         ``(recipe, overrides)``: ``recipe`` as given unless one was chosen, ``overrides``
-        with ``n_clusters`` added when the rule set it.
+        with ``n_clusters`` and ``carry_clusters`` added where the rules set them.
 
     Raises:
         ConfigError: the ``--config`` file cannot be read.
@@ -159,8 +176,8 @@ def choose(recipe: str | None, config_file: str | os.PathLike | None, overrides:
     if "data" not in given or given["data"] is None or (named is not None and named not in RECIPES):
         return recipe, overrides  # the digits, or a bad name that ``resolve`` names
     data = coerce("data", given["data"])
-    rule_may_apply = named is None or (named != "paper" and "n_clusters" not in RECIPES[named]
-                                       and _one_k(RECIPES[named].get("method")))
+    rule_may_apply = named is None or named == "photo" or (named != "paper" and "n_clusters" not in RECIPES[named]
+                                                           and _one_k(RECIPES[named].get("method")))
     folder = look(data) if data and (named is None or rule_may_apply or is_v2(named, given)) else None
     if named is None and folder is None:
         return recipe, overrides  # no readable image: the run's scan says what is wrong
@@ -169,10 +186,12 @@ def choose(recipe: str | None, config_file: str | os.PathLike | None, overrides:
         named, reason = pick_recipe(folder)
     k, k_text = _k_line(named, given, folder, reason is not None)
     sized, sized_text = size_v2(folder.n_images, RECIPES[named], given) if folder and is_v2(named, given) else ({}, None)
-    parts = [f"recipe: {named} ({reason})" if reason else "", k_text, sized_text or ""]
-    if say is not None and (reason or k is not None or sized):
+    carry, carry_text = _carry_line(named, given, folder)
+    parts = [f"recipe: {named} ({reason})" if reason else "", k_text, carry_text or "", sized_text or ""]
+    if say is not None and (reason or k is not None or carry is not None or sized):
         say("; ".join(part for part in parts if part))
-    return named, {**overrides, **({"n_clusters": k} if k is not None else {}), **sized}
+    chosen = {"n_clusters": k, "carry_clusters": carry}
+    return named, {**overrides, **{key: value for key, value in chosen.items() if value is not None}, **sized}
 
 
 def for_command_line(recipe: str | None, config_file: str | os.PathLike | None, overrides: dict[str, Any],
@@ -188,4 +207,4 @@ def for_command_line(recipe: str | None, config_file: str | os.PathLike | None, 
     return choose(recipe, config_file, overrides, resume, say)
 
 
-__all__ = ["FolderLook", "K_RULE", "SMALL_SIDE", "choose", "for_command_line", "k_rule", "look", "pick_recipe"]
+__all__ = ["CARRY_MIN_IMAGES", "CARRY_RULE", "FolderLook", "K_RULE", "SMALL_SIDE", "choose", "for_command_line", "k_rule", "look", "pick_recipe"]

@@ -170,12 +170,15 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     """The run of :func:`run`, its folder held: set up (or resume), train the epochs left
     (:func:`run_epoch`), then cluster the trained network once more."""
     folder.log = say = log if distributed.is_main_process() else (lambda _: None)  # one process speaks
+    if config.minutes is not None:  # a time budget counts the set-up
+        from deepcluster.budget import start_clock
+        start_clock(folder)
     run_ = set_up(config, folder, resume, device)
     folder.open_scalars()
     records = []
     try:
         epoch = run_.state.epoch
-        while epoch < config.epochs:  # a time budget fits config.epochs after the first (``budget``)
+        while epoch < config.epochs:  # a time budget fits config.epochs after every epoch (``budget``)
             records.append(run_epoch(config, run_, folder, epoch, say))
             # The epoch's lines and, once, a collapse warning (with stop_on_collapse, the end)
             if epoch_said(run_.state.records, config, say) or (stop is not None and stop(records[-1])):
@@ -211,9 +214,9 @@ def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: C
                           run_.processes)
     state.epoch, state.previous = epoch + 1, plan.assignments
     state.records.append(record)
-    if config.minutes is not None:  # a time budget: config.epochs fitted after the first epoch
+    if config.minutes is not None:  # a time budget: config.epochs fitted after every epoch
         from deepcluster.budget import fit_to_budget
-        fit_to_budget(config, folder, epoch, time.perf_counter() - epoch_start, say)
+        fit_to_budget(config, folder, state.records, time.perf_counter() - epoch_start, say)
     folder.commit_epoch(epoch, state, record, model, head, run_.optimizer, run_.planner.checkpoint_entries())
     return record
 

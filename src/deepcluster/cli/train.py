@@ -78,18 +78,19 @@ def add_train_parsers(commands: Any) -> None:
                              width) + "\n\n" + settings_help(width - 2),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                       help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' "
-                            "(32-96 px images, smallnet, k=100), 'digits' (built-in data), 'v2-imagenet' "
-                            "(DeepCluster-v2, ResNet-50, 2x224 + 6x96 crops, batch 4096, LARS lr 4.8, 800 epochs), "
-                            "'v2-cifar' (DeepCluster-v2, ResNet-18 CIFAR stem, 2x32 crops, batch 256, LARS lr 0.6), "
-                            "'v2-small' (v2-cifar on smallnet, 11 epochs: DeepCluster-v2 on 32-96 px images on a "
-                            "CPU), 'photo' (your photos: the paper's network, head kept, lr 0.02, k from the "
-                            "folder). Default: the --config file's recipe:, else 'digits' without a data folder "
-                            "(--data, or data: in the file), else the one that fits the folder's images (a sample "
-                            "of their sizes): 'photo' at 64 px and more, 'small' below; k then follows the number "
-                            "of images (1 cluster per 40, at least 50 or 1 per 5 images if that is fewer, at most "
-                            "10,000) unless --n_clusters or the recipe sets it. --minutes M: a time budget, the "
-                            "epochs fitted to it after timing the first")
+                       help="preset: 'paper' (ImageNet settings, AlexNet-BN, 224 px, k=10000), 'small' (32-96 px "
+                            "images, smallnet, k=100), 'digits' (built-in data), 'v2-imagenet' (DeepCluster-v2, "
+                            "ResNet-50, 2x224 + 6x96 crops, batch 4096, LARS lr 4.8, 800 epochs), 'v2-cifar' "
+                            "(DeepCluster-v2, ResNet-18 CIFAR stem, 2x32 crops, batch 256, LARS lr 0.6), 'v2-small' "
+                            "(v2-cifar on smallnet, 11 epochs: DeepCluster-v2 on 32-96 px images on a CPU), 'photo' "
+                            "(your photos: the paper's network, lr 0.02, k from the folder, the head and clusters "
+                            "carried over epochs only from 9,000 images). Default: the --config file's recipe:, else "
+                            "'digits' without a data folder (--data, or data: in the file), else the one that fits "
+                            "the folder's images (a sample of their sizes): 'photo' at 64 px and more, 'small' "
+                            "below; k then follows the number of images (1 cluster per 40, at least 50 or 1 per 5 "
+                            "images if that is fewer, at most 10,000) unless --n_clusters or the recipe sets it. "
+                            "--minutes M: a time budget, the epochs fitted to it after the first and shortened after "
+                            "any epoch that runs slower")
     train.add_argument("--config", help="YAML file of settings (applied after the recipe)")
     train.add_argument("--data", help="image folder, any layout; its top-level sub-folders are the classes (used "
                                       "only for scores); default: the built-in scikit-learn digits")

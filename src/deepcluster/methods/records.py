@@ -74,6 +74,6 @@ def final_record(epochs: int, final: Partition, last: np.ndarray | None, time_fe
 # The keys of an epoch record that depend on the machine's state, not on the run's settings
 # and data: a resumed run equals an uninterrupted one in every other key.
 MACHINE_KEYS = ("time_features", "time_pca", "time_kmeans", "time_clustering", "time_training", "time_monitor",
-                "train_images_per_s", *PEAK_KEYS)
+                "train_images_per_s", "time_run", *PEAK_KEYS)
 
 __all__ = ["MACHINE_KEYS", "clustering_record", "epoch_record", "final_record"]

@@ -193,9 +193,10 @@ class Config:
                                       section="run")
     tensorboard: bool = setting(True, "also write the per-epoch numbers to RUN/tensorboard (when the tensorboard "
                                       "package is installed)", section="run")
-    minutes: float | None = setting(None, "time budget of the training: the first epoch is timed and the epochs (and "
-                                          "a warm-up, scaled alike) fitted to it, saved in RUN/config.yaml; none = "
-                                          "train the epochs", section="run")
+    minutes: float | None = setting(None, "time budget of the training, final clustering included: the epochs (and "
+                                          "a warm-up, scaled alike) fitted to it after the first, shortened after any "
+                                          "slower epoch, saved in RUN/config.yaml; none = train the epochs",
+                                    section="run")
     final_clustering: bool = setting(True, "after the last epoch, cluster the trained network once more, so the "
                                            "saved centroids fit the saved weights (what assign uses; not in the "
                                            "paper)", section="run")
