@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         from lib.learning import learning
         return learning(args)
     if args.kind == "cost":
+        if args.reference and (args.also or args.against):
+            parser.error("--reference compares this package with the authors' code; --also and --against compare "
+                         "sides of this package: run them without --reference")
         from lib.cost import cost
         return cost(args)
     if args.kind == "memory":

@@ -71,3 +71,11 @@ def test_learning_one_epoch_on_the_digits_writes_the_schema(tmp_path):
     assert run["final"] is not None and "cluster_acc" in run["final"]
     assert result["summary"]["variants"][0]["epochs"] == 1
     assert (results / "learning_toy.png").stat().st_size > 0
+
+
+def test_cost_refuses_sides_of_this_tree_beside_the_authors_code():
+    """``--also``/``--against`` with ``--reference`` would be silently dropped: one line, exit 2."""
+    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "cost", "--name", "x", "--reference", "ref",
+                           "--also", "keep_freed_memory=true"], capture_output=True, text=True)
+    assert done.returncode == 2 and "run them without --reference" in done.stderr
+    assert "Traceback" not in done.stderr
