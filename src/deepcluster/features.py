@@ -113,8 +113,11 @@ class Keeper:
         self.body = np.zeros((len(self.rows), body_dim), dtype=np.float32) if keep.body else None
         self.position, self.filled = 0, 0
 
-    def add(self, features: np.ndarray, body: torch.Tensor | None = None) -> None:
-        """The next batch of the visited images: ``(B, dim)`` features, ``(B, body_dim)`` body."""
+    def add(self, out: Any) -> torch.Tensor:
+        """The next batch of the visited images, as the network gave it: ``(B, dim)`` features
+        or, with ``Keep.body``, ``(features, (B, body_dim) body)``; returns the features."""
+        out, body = out if self.body is not None else (out, None)
+        features = out.float().cpu().numpy()
         wanted = self.wanted[self.position:self.position + len(features)]
         count = int(wanted.sum())
         self.features[self.filled:self.filled + count] = features[wanted]
@@ -122,6 +125,7 @@ class Keeper:
             self.body[self.filled:self.filled + count] = body.float().cpu().numpy()[wanted]
         self.position += len(features)
         self.filled += count
+        return out
 
     def result(self, decoded: np.ndarray) -> Kept:
         """The kept rows in image order; ``decoded``: ``(N,)`` bool of every image."""

@@ -1,6 +1,6 @@
 """What the epochs of both methods share, written once: the epoch's draw of images, the
-check that enough images decoded, k-means of the rows the processes hold, a stage of the
-plan, a fresh backbone, the training views' colours and where the clustering runs.
+check that enough images decoded, k-means of the rows the processes hold, a fresh backbone
+and where the clustering runs.
 
 Each was written twice before (once per method); changing the sampler, say, is now one
 edit for both methods.
@@ -8,17 +8,15 @@ edit for both methods.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from deepcluster import distributed, memory
+from deepcluster import distributed
 from deepcluster.clustering.kmeans import kmeans
 from deepcluster.data import decode_problem, uniform_cluster_sample
-from deepcluster.data.transforms import color_jitter
 from deepcluster.methods import STREAM_SAMPLER, derived_seed
 from deepcluster.models import model_from_config
 from deepcluster.partition import Partition, TooFewDecoded
@@ -29,7 +27,6 @@ if TYPE_CHECKING:
     from deepcluster.clustering.pca import PCA
     from deepcluster.config import Config
     from deepcluster.data import ImageSource
-    from deepcluster.data.transforms import ColorJitter
     from deepcluster.models import Backbone
 
 
@@ -85,14 +82,6 @@ def kmeans_partition(points: np.ndarray | torch.Tensor, local: np.ndarray, rows:
                      time.perf_counter() - began), result
 
 
-@contextlib.contextmanager
-def stage(name: str, spinner: str | None = None) -> Iterator[None]:
-    """A stage of the plan: its peak memory noted as ``name`` (``memory.stage``) and, with
-    ``spinner``, a spinner of that title on the terminal while it runs."""
-    with memory.stage(name), (Progress(None, spinner) if spinner else contextlib.nullcontext()):
-        yield
-
-
 def backbone(config: Config, device: torch.device) -> Backbone:
     """A fresh backbone of the settings, seeded by ``seed``, on ``device``."""
     torch.manual_seed(config.seed)
@@ -101,11 +90,6 @@ def backbone(config: Config, device: torch.device) -> Backbone:
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
-
-
-def colours(config: Config) -> ColorJitter | None:
-    """The training views' colour changes (``color_jitter``, ``grayscale_prob``), or None."""
-    return color_jitter(config.color_jitter, config.grayscale_prob)
 
 
 def clustering_device(config: Config, device: torch.device, backend: str) -> str:
@@ -120,4 +104,4 @@ def clustering_device(config: Config, device: torch.device, backend: str) -> str
     return str(device)
 
 
-__all__ = ["backbone", "check_decoded", "clustering_device", "colours", "epoch_draw", "kmeans_partition", "stage"]
+__all__ = ["backbone", "check_decoded", "clustering_device", "epoch_draw", "kmeans_partition"]

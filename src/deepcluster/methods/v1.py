@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed
+from deepcluster import distributed, memory
 from deepcluster.clustering import PCA, StreamingPCA, labelling_centroids
-from deepcluster.data import PseudoLabelDataset, RandomResizedCropFlip
+from deepcluster.data import PseudoLabelDataset, RandomResizedCropFlip, color_jitter
 from deepcluster.features import Keeper, PassSettings, feature_pass, loader_kwargs
 from deepcluster.health import check_features
 from deepcluster.methods import STREAM_CLUSTERING, STREAM_FEATURE_ORDER, Method, Plan, derived_seed
-from deepcluster.methods.common import (backbone, check_decoded, clustering_device, colours, epoch_draw,
-                                        kmeans_partition, stage)
+from deepcluster.methods.common import backbone, check_decoded, clustering_device, epoch_draw, kmeans_partition
 from deepcluster.methods.records import clustering_record, final_record
 from deepcluster.models.heads import ClassifierHead, WithHead
+from deepcluster.progress import Progress
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
@@ -76,7 +76,6 @@ def pic_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config
     rows gathered, arguments as for :func:`cluster_points` (``previous`` is not used)."""
     from deepcluster.clustering.pic import pic
     from deepcluster.partition import Partition
-    from deepcluster.progress import Progress
 
     began = time.perf_counter()
     local = decoded[start:start + len(points)]
@@ -170,38 +169,35 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     """
     model.eval()
     indices, start, reducer = pca_stream(model, config, len(source), seed)
-    keeper = None if keep is None else Keeper(keep, indices, model.clustered_dim, model.body_dim)
-    body, decoded_rows, began = keep is not None and keep.body, [np.zeros(0, dtype=np.int64)], time.perf_counter()
+    network, keeper, began = model.forward_clustered, None, time.perf_counter()
+    if keep is not None:  # the online kNN (``--val``): its rows of the raw features (and body) kept
+        keeper = Keeper(keep, indices, model.clustered_dim, model.body_dim)
+        network = model.forward_clustered_and_body if keep.body else network
     time_pca = [0.0]  # the PCA's streaming share (its covariance), then its fit and projection
 
     def forward(batch: torch.Tensor) -> Any:
         if before_batch is not None:
             before_batch()
-        return model.forward_clustered_and_body(batch) if body else model.forward_clustered(batch)
+        return network(batch)
 
     def add(rows: np.ndarray, out: Any, decoded: np.ndarray) -> None:
-        out, body_out = out if body else (out, None)
-        out = out.float().cpu().numpy()
+        out = (out if keeper is None else keeper.add(out)).float().cpu().numpy()
         check_features(out, epoch)
-        if keeper is not None:
-            keeper.add(out, body_out)
         if decoded.any():
             tick = time.perf_counter()
             reducer.add(out[decoded], rows[decoded] - start)
             time_pca[0] += time.perf_counter() - tick
-            decoded_rows.append(rows[decoded])
 
-    with stage("features"):  # with the PCA's streaming share (its time counted apart)
+    with memory.stage("features"):  # with the PCA's streaming share (its time counted apart)
         feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
-    mask = np.zeros(len(source), dtype=bool)
-    mask[distributed.all_gather_rows(np.concatenate(decoded_rows))] = True
+    # The images that decoded: those fed to the PCA, each process's block in image order
+    mask = distributed.all_gather_rows(reducer.seen).astype(bool)
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
     time_network, began = time.perf_counter() - began - time_pca[0], time.perf_counter()
-    if mask.sum() < 2:  # no PCA to fit: the caller reports the images that did not decode
-        return ReducedFeatures(np.zeros((reducer.n_rows, 0), dtype=np.float32), mask, None, time_network, time_pca[0],
-                               start, kept)
-    with stage("pca", "PCA-whitening"):
-        reduced, pca = reducer.finish()
+    reduced, pca = np.zeros((reducer.n_rows, 0), dtype=np.float32), None  # no PCA to fit below two images
+    if mask.sum() >= 2:  # (the caller reports the images that did not decode)
+        with memory.stage("pca"), Progress(None, "PCA-whitening"):
+            reduced, pca = reducer.finish()
     return ReducedFeatures(reduced, mask, pca, time_network, time_pca[0] + time.perf_counter() - began, start, kept)
 
 
@@ -260,7 +256,7 @@ class V1Planner:
         needed = config.n_clusters if config.clustering == "kmeans" else 2
         if not reduced.decoded.all() or len(reduced.decoded) < needed:
             check_decoded(self.source, reduced.decoded, needed, "clusters needed", config, skipped)
-        with stage("kmeans"):
+        with memory.stage("kmeans"):
             partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
                                      derived_seed(config.seed, epoch, STREAM_CLUSTERING),
                                      self.clustering_device, previous, start=reduced.start)
@@ -355,7 +351,7 @@ def pseudo_label_loader(source: ImageSource, plan: Plan, config: Config, epoch: 
     random-resized-crop and flip views, each crop seeded by its place in the draw."""
     indices, positions = epoch_draw(plan.assignments, config, epoch)
     transform = RandomResizedCropFlip(config.crop, (config.crop_scale_min, 1.0), flip=config.hflip,
-                                      color=colours(config))
+                                      color=color_jitter(config.color_jitter, config.grayscale_prob))
     dataset = PseudoLabelDataset(source, indices, plan.assignments, transform, config.seed, epoch, positions)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False,
                       **loader_kwargs(config.workers, device))
