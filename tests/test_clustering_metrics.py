@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from deepcluster.clustering import kmeans
 from deepcluster.clustering.empty import EMPTY_RULES
 from deepcluster.clustering.seeding import labelling_centroids
-from deepcluster.methods.v2 import cluster_and_gather
+from deepcluster.methods.common import kmeans_partition
+from deepcluster.methods.v2 import EMPTY_RULE, SPHERICAL
 
 SPLIT_EPS = 1.0 / 1024.0
 
@@ -65,7 +66,9 @@ def test_cosine_metric_is_the_earlier_spherical_kmeans_bit_for_bit(empty, copies
     points = unit_points(500, 8, seed=1, copies=copies)
     labels, centroids, objective, n_split = earlier_spherical(points, 40, 10, seed=3, empty=empty)
     everyone = np.arange(len(points))
-    assignments, result = cluster_and_gather(points, everyone, everyone, len(points), 40, 10, seed=3, empty=empty)
+    found, result = kmeans_partition(points, everyone, everyone, len(points), 40, 10, 3, "v2's k-means",
+                                     empty=EMPTY_RULE[empty], **SPHERICAL)  # as methods.v2.cluster_bank runs it
+    assignments = found.assignments
     assert np.array_equal(assignments, labels.numpy()) and np.array_equal(result.centroids, centroids.numpy())
     assert result.objective == objective and result.n_split == n_split
     if copies and empty == "split":

@@ -45,7 +45,7 @@ def unit_blobs(n_per: int, n_blobs: int, dim: int, noise: float, seed: int) -> t
 
 
 def spherical_kmeans(points: torch.Tensor, n_clusters: int, n_iter: int = 10, seed: int = 0, empty: str = "keep"):
-    """The k-means v2 runs (``methods.v2.cluster_and_gather``), for one process."""
+    """The k-means v2 runs (``methods.v2.cluster_bank``), for one process."""
     return kmeans(points, n_clusters, n_iter, seed, backend="torch", init="randperm", metric="cosine",
                   empty=EMPTY_RULE[empty], shard=True)
 

@@ -79,7 +79,7 @@ EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
             "methods.v2:V2Planner.plan", "memory_bank:fill_bank", "memory_bank:fill_batches",
             "memory_bank:MemoryBank.empty",
             "memory_bank:MemoryBank.all_decoded", "methods.v2:cluster_bank",
-            "methods.v2:cluster_and_gather", "methods:derived_seed", "methods.common:kmeans_partition",
+            "methods:derived_seed", "methods.common:kmeans_partition",
             "methods.records:clustering_record",
             "monitor:Monitor.request", "monitor:Monitor.due", "monitor:Monitor.__call__",
             "methods.v2:multi_crop_loader", "methods.common:epoch_draw", "methods.v2:multi_crop",

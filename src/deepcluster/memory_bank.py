@@ -120,9 +120,10 @@ class MemoryBank:
             self.outbox.append((rows[others], embeddings[:, torch.from_numpy(others)]))
 
     def write_batch(self, image_indices: torch.Tensor, kept: torch.Tensor, embeddings: torch.Tensor) -> None:
-        """Store a training batch's two large crops: ``embeddings`` are the ``(n_crops * B, dim)``
-        rows of the batch's ``B`` images crop by crop (large crops first); only the images
-        ``kept`` (``(B,)`` bool: those that could be read) are written."""
+        """Store a batch's two large crops (a training batch's, or one of the first filling's):
+        ``embeddings`` are the ``(n_crops * B, dim)`` rows of the batch's ``B`` images crop by
+        crop (large crops first); only the images ``kept`` (``(B,)`` bool: those that could be
+        read) are written."""
         batch = len(image_indices)
         large = embeddings.detach()[:BANK_CROPS * batch].view(BANK_CROPS, batch, -1)
         self.write(image_indices[kept].numpy(), large[:, kept.to(large.device)])
@@ -216,10 +217,8 @@ def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, c
             before_batch()
         with autocast(device, config.precision == "bf16"):
             embeddings, _ = network([normalize(crop, device, config.channels_last) for crop in crops_])
-        embeddings = embeddings.float().cpu().view(BANK_CROPS, len(rows), embeddings.shape[-1])
-        check_features(embeddings.reshape(-1, embeddings.shape[-1]).numpy(), 0)
-        decoded = (targets[:, 0] != UNREADABLE).numpy()
-        bank.write(rows.numpy()[decoded], embeddings[:, torch.from_numpy(decoded)])
+        check_features(embeddings.float().cpu().numpy(), 0)
+        bank.write_batch(rows, targets[:, 0] != UNREADABLE, embeddings)  # as a training batch's
     bank.synchronise()  # the other processes' images handed over (each then decoded where it was written)
     return bank
 

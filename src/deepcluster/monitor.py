@@ -342,8 +342,7 @@ class Monitor:
 
     def due(self, epoch: int, final: bool = False) -> bool:
         """Whether the kNN is measured at epoch ``epoch`` (0-based) or on the final clustering."""
-        config = self.config
-        return self.knn is not None and (final or epoch % config.val_every == 0 or epoch == config.epochs - 1)
+        return self.knn is not None and (final or epoch % self.config.val_every == 0 or epoch == self.config.epochs - 1)
 
     def request(self, model: torch.nn.Module, epoch: int, final: bool = False) -> Keep | None:
         """What the feature pass of epoch ``epoch`` should keep for the kNN (None: nothing)."""

@@ -87,15 +87,14 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
     normalize, rates = Normalize(config.mean, config.std), epoch_learning_rates(config, len(loader), epoch)
     if head_group is not None:
         optimizer.add_param_group(head_group)
-    head_totals, total_loss, seen, rate, unreadable = 0.0, 0.0, 0, float("nan"), set()
+    head_totals, total_loss, seen, unreadable = 0.0, 0.0, 0, set()
     bar = Progress(min(len(loader.dataset), len(loader) * loader.batch_size), f"epoch {epoch + 1} training", unit="img")
     for step, (crops, targets, image_indices) in enumerate(loader):
         crops = crops if isinstance(crops, list) else [crops]  # v1's batches hold one crop
         targets = targets.reshape(len(image_indices), -1).T  # (heads, B)
         readable = targets[0] >= 0  # -1: the image could not be read any more
         unreadable.update(image_indices[~readable].tolist())
-        rate = float(rates[step])
-        set_lr(optimizer, rate)
+        set_lr(optimizer, float(rates[step]))
         with autocast(device, config.precision == "bf16"):
             embeddings, scores = network([normalize(crop, device, config.channels_last) for crop in crops])
         head_losses = loss_fn([s.float() for s in scores], targets.to(device), temperature)
@@ -118,8 +117,8 @@ def train_one_epoch(network: nn.Module, loader: DataLoader, optimizer: torch.opt
     if distributed.is_distributed():  # the wrapper must go before the next epoch's (``release``)
         del network
         total_loss, seen, head_totals = summed_over_processes(total_loss, seen, head_totals)
-    return Trained(total_loss / max(seen, 1), seen, tuple(np.atleast_1d(head_totals / max(seen, 1)).tolist()), rate,
-                   tuple(sorted(unreadable)))
+    return Trained(total_loss / max(seen, 1), seen, tuple(np.atleast_1d(head_totals / max(seen, 1)).tolist()),
+                   float(rates[-1]) if len(rates) else float("nan"), tuple(sorted(unreadable)))
 
 
 def summed_over_processes(total_loss: float, seen: int, head_totals: np.ndarray) -> tuple[float, int, np.ndarray]:

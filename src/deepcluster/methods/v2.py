@@ -41,7 +41,6 @@ from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHea
 from deepcluster.optim import LARS
 
 if TYPE_CHECKING:
-    from deepcluster.clustering import KMeansResult
     from deepcluster.config import Config
     from deepcluster.data import ImageSource
     from deepcluster.features import Keep
@@ -101,35 +100,25 @@ class BankClustering:
     seconds: float
 
 
-def cluster_and_gather(points: torch.Tensor, local: np.ndarray, rows: np.ndarray, n_images: int, n_clusters: int,
-                       n_iter: int, seed: int, empty: str) -> tuple[np.ndarray, KMeansResult]:
-    """v2's spherical k-means (``common.kmeans_partition`` with ``SPHERICAL``) of the unit
-    ``points`` this process holds, those of images ``local``: ``(n_images,)`` assignments, -1
-    outside ``rows``, and the k-means' result.
+def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int, epoch: int, empty: str = "keep",
+                 device: torch.device | str = "cpu") -> BankClustering:
+    """Spherical k-means of the bank for every head (``common.kmeans_partition`` with
+    ``SPHERICAL``): head h clusters the embeddings of crop h mod 2 into ``counts[h]``
+    clusters (seeded by ``seed``, ``epoch`` and h). With several processes each clusters the
+    rows it holds (sums and sizes all-reduced) and every process gets all assignments.
 
     Args:
         empty: v2's setting ``empty_clusters``: ``keep`` (the reference) or ``split`` (the
             ``nudge`` rule of :mod:`deepcluster.clustering.empty`).
     """
-    found, result = kmeans_partition(points, local, rows, n_images, n_clusters, n_iter, seed,
-                                     f"spherical k-means k={n_clusters}", device=points.device,
-                                     empty=EMPTY_RULE[empty], **SPHERICAL)
-    return found.assignments, result
-
-
-def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int, epoch: int, empty: str = "keep",
-                 device: torch.device | str = "cpu") -> BankClustering:
-    """Spherical k-means of the bank for every head: head h clusters the embeddings of crop
-    h mod 2 into ``counts[h]`` clusters (seeded by ``seed``, ``epoch`` and h). With several
-    processes each clusters the rows it holds (sums and sizes all-reduced) and every
-    process gets all assignments."""
     start = time.perf_counter()
     rows, held, local = np.flatnonzero(bank.all_decoded()), np.flatnonzero(bank.decoded), bank.rows[bank.decoded]
-    found = [cluster_and_gather(bank.embeddings[head % BANK_CROPS, torch.from_numpy(held)].to(device), local, rows,
-                                bank.n_images, count, n_iter, derived_seed(seed, epoch, STREAM_CLUSTERING, head), empty)
+    found = [kmeans_partition(bank.embeddings[head % BANK_CROPS, torch.from_numpy(held)].to(device), local, rows,
+                              bank.n_images, count, n_iter, derived_seed(seed, epoch, STREAM_CLUSTERING, head),
+                              f"spherical k-means k={count}", device=device, empty=EMPTY_RULE[empty], **SPHERICAL)
              for head, count in enumerate(counts)]
     results = [result for _, result in found]
-    return BankClustering(np.stack([targets for targets, _ in found]), [torch.from_numpy(r.centroids) for r in results],
+    return BankClustering(np.stack([p.assignments for p, _ in found]), [torch.from_numpy(r.centroids) for r in results],
                           [r.objective[-1] for r in results], [r.n_empty for r in results],
                           [r.n_split for r in results], time.perf_counter() - start)
 
@@ -290,4 +279,4 @@ METHOD = Method(name="v2", build=build, planner=V2Planner, loader=multi_crop_loa
 
 
 __all__ = ["BANK_CROPS", "BankClustering", "METHOD", "MemoryBank", "V2Planner", "build", "size_problem", "cluster_bank",
-           "cluster_and_gather", "multi_crop", "multi_crop_loader"]
+           "multi_crop", "multi_crop_loader"]
