@@ -190,8 +190,7 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
 
     with memory.stage("features"):  # with the PCA's streaming share (its time counted apart)
         feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
-    # The images that decoded: those fed to the PCA, each process's block in image order
-    mask = distributed.all_gather_rows(reducer.seen).astype(bool)
+    mask = distributed.all_gather_rows(reducer.seen).astype(bool)  # decoded: fed to the PCA (blocks in image order)
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
     time_network, began = time.perf_counter() - began - time_pca[0], time.perf_counter()
     reduced, pca = np.zeros((reducer.n_rows, 0), dtype=np.float32), None  # no PCA to fit below two images
