@@ -61,12 +61,12 @@ BIG_MODULE, BIG_FUNCTION = 500, 60
 # Layouts of the epoch path, newest first. Names are "module:qualified.name" with the module
 # relative to the package.
 EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
-    "fewer wrappers (no common.stage)": {
+    "fewer wrappers (no colours, no cluster_and_gather)": {
         "v1": [
             "train:run_epoch", "train:train_one_epoch",
             "methods.v1:V1Planner.plan", "methods.v1:V1Planner.cluster_images", "methods:derived_seed",
             "methods.v1:reduce_features", "methods.v1:pca_stream", "methods.v1:pca_dim_for",
-            "methods.v1:cluster_points",
+            "methods.common:stage", "methods.v1:cluster_points",
             "methods.common:kmeans_partition", "methods.records:clustering_record", "methods.v1:monitored",
             "monitor:Monitor.request", "monitor:Monitor.due", "monitor:Monitor.__call__",
             "methods.v1:pseudo_label_loader", "methods.common:epoch_draw",
@@ -77,7 +77,7 @@ EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
         "v2": [
             "train:run_epoch", "train:train_one_epoch",
             "methods.v2:V2Planner.plan", "memory_bank:fill_bank", "memory_bank:fill_batches",
-            "memory_bank:MemoryBank.empty",
+            "memory_bank:MemoryBank.empty", "methods.common:stage",
             "memory_bank:MemoryBank.all_decoded", "methods.v2:cluster_bank",
             "methods:derived_seed", "methods.common:kmeans_partition",
             "methods.records:clustering_record",

@@ -1,6 +1,6 @@
 """What the epochs of both methods share, written once: the epoch's draw of images, the
-check that enough images decoded, k-means of the rows the processes hold, a fresh backbone
-and where the clustering runs.
+check that enough images decoded, k-means of the rows the processes hold, a stage of the
+plan, a fresh backbone and where the clustering runs.
 
 Each was written twice before (once per method); changing the sampler, say, is now one
 edit for both methods.
@@ -8,13 +8,14 @@ edit for both methods.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
-from deepcluster import distributed
+from deepcluster import distributed, memory
 from deepcluster.clustering.kmeans import kmeans
 from deepcluster.data import decode_problem, uniform_cluster_sample
 from deepcluster.methods import STREAM_SAMPLER, derived_seed
@@ -82,6 +83,14 @@ def kmeans_partition(points: np.ndarray | torch.Tensor, local: np.ndarray, rows:
                      time.perf_counter() - began), result
 
 
+@contextlib.contextmanager
+def stage(name: str, spinner: str | None = None) -> Iterator[None]:
+    """A stage of the plan: its peak memory noted as ``name`` (``memory.stage``) and, with
+    ``spinner``, a spinner of that title on the terminal while it runs."""
+    with memory.stage(name), (Progress(None, spinner) if spinner else contextlib.nullcontext()):
+        yield
+
+
 def backbone(config: Config, device: torch.device) -> Backbone:
     """A fresh backbone of the settings, seeded by ``seed``, on ``device``."""
     torch.manual_seed(config.seed)
@@ -104,4 +113,4 @@ def clustering_device(config: Config, device: torch.device, backend: str) -> str
     return str(device)
 
 
-__all__ = ["backbone", "check_decoded", "clustering_device", "epoch_draw", "kmeans_partition"]
+__all__ = ["backbone", "check_decoded", "clustering_device", "epoch_draw", "kmeans_partition", "stage"]

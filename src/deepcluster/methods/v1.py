@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed, memory
+from deepcluster import distributed
 from deepcluster.clustering import PCA, StreamingPCA, labelling_centroids
 from deepcluster.data import PseudoLabelDataset, RandomResizedCropFlip, color_jitter
 from deepcluster.features import Keeper, PassSettings, feature_pass, loader_kwargs
 from deepcluster.health import check_features
 from deepcluster.methods import STREAM_CLUSTERING, STREAM_FEATURE_ORDER, Method, Plan, derived_seed
-from deepcluster.methods.common import backbone, check_decoded, clustering_device, epoch_draw, kmeans_partition
+from deepcluster.methods.common import (backbone, check_decoded, clustering_device, epoch_draw, kmeans_partition,
+                                        stage)
 from deepcluster.methods.records import clustering_record, final_record
 from deepcluster.models.heads import ClassifierHead, WithHead
-from deepcluster.progress import Progress
 
 if TYPE_CHECKING:
     from deepcluster.config import Config
@@ -76,6 +76,7 @@ def pic_points(points: np.ndarray, decoded: np.ndarray, pca: PCA, config: Config
     rows gathered, arguments as for :func:`cluster_points` (``previous`` is not used)."""
     from deepcluster.clustering.pic import pic
     from deepcluster.partition import Partition
+    from deepcluster.progress import Progress
 
     began = time.perf_counter()
     local = decoded[start:start + len(points)]
@@ -188,14 +189,14 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
             reducer.add(out[decoded], rows[decoded] - start)
             time_pca[0] += time.perf_counter() - tick
 
-    with memory.stage("features"):  # with the PCA's streaming share (its time counted apart)
+    with stage("features"):  # with the PCA's streaming share (its time counted apart)
         feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
     mask = distributed.all_gather_rows(reducer.seen).astype(bool)  # decoded: fed to the PCA (blocks in image order)
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
     time_network, began = time.perf_counter() - began - time_pca[0], time.perf_counter()
     reduced, pca = np.zeros((reducer.n_rows, 0), dtype=np.float32), None  # no PCA to fit below two images
     if mask.sum() >= 2:  # (the caller reports the images that did not decode)
-        with memory.stage("pca"), Progress(None, "PCA-whitening"):
+        with stage("pca", "PCA-whitening"):
             reduced, pca = reducer.finish()
     return ReducedFeatures(reduced, mask, pca, time_network, time_pca[0] + time.perf_counter() - began, start, kept)
 
@@ -255,7 +256,7 @@ class V1Planner:
         needed = config.n_clusters if config.clustering == "kmeans" else 2
         if not reduced.decoded.all() or len(reduced.decoded) < needed:
             check_decoded(self.source, reduced.decoded, needed, "clusters needed", config, skipped)
-        with memory.stage("kmeans"):
+        with stage("kmeans"):
             partition = self.cluster(reduced.points, reduced.decoded, reduced.pca, config,
                                      derived_seed(config.seed, epoch, STREAM_CLUSTERING),
                                      self.clustering_device, previous, start=reduced.start)

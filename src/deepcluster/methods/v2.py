@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from deepcluster import distributed, memory
-from deepcluster.data import color_jitter
-from deepcluster.data.multicrop import CropGroup, MultiCrop, MultiCropDataset
+from deepcluster import distributed
+from deepcluster.data import CropGroup, MultiCrop, MultiCropDataset, color_jitter
 from deepcluster.features import loader_kwargs, local_features
 from deepcluster.memory_bank import BANK_CROPS, MemoryBank, fill_bank
 from deepcluster.methods import STREAM_CLUSTERING, Method, Plan, derived_seed
-from deepcluster.methods.common import backbone, check_decoded, clustering_device, epoch_draw, kmeans_partition
+from deepcluster.methods.common import (backbone, check_decoded, clustering_device, epoch_draw, kmeans_partition,
+                                        stage)
 from deepcluster.methods.records import clustering_record, final_record
 from deepcluster.models.projection import Embedder, MultiCropModel, PrototypeHead
 from deepcluster.optim import LARS
@@ -202,7 +202,7 @@ class V2Planner:
         config, time_features, filled = self.config, 0.0, self.bank is None
         if filled:  # the start of a run: the bank's first filling
             start = time.perf_counter()
-            with memory.stage("features"):
+            with stage("features"):
                 self.bank = self.reduce(MultiCropModel(model, head.projection, head.prototypes), self.source,
                                         multi_crop(config), config, self.device)
             time_features = time.perf_counter() - start
@@ -210,7 +210,7 @@ class V2Planner:
         if not decoded.all() or len(decoded) < max(config.prototypes):
             check_decoded(self.source, decoded, max(config.prototypes), "prototypes of a head", config,
                           skipped if filled else None)
-        with memory.stage("kmeans"):
+        with stage("kmeans"):
             clustering = self.cluster(self.bank, config.prototypes, config.kmeans_iters, config.seed, epoch,
                                       config.empty_clusters, self.clustering_device)
         for index, centroids in enumerate(clustering.centroids):
@@ -236,7 +236,7 @@ class V2Planner:
         config, source = self.config, self.source
         start = time.perf_counter()
         # Each process embeds and clusters its share of the images; only assignments travel.
-        with memory.stage("features"):
+        with stage("features"):
             embeddings, indices, decoded, _ = local_features(Embedder(model, self.head.projection), source, config,
                                                           self.device)
         time_features = time.perf_counter() - start
@@ -247,7 +247,7 @@ class V2Planner:
 
             raise TooFewDecoded(f"only {len(rows)} of {len(source)} images could be decoded for the final clustering, "
                                 f"fewer than the {count} prototypes of head 0")
-        with memory.stage("kmeans"):
+        with stage("kmeans"):
             final, result = kmeans_partition(
                 torch.from_numpy(embeddings[decoded]).to(self.clustering_device), indices[decoded], rows, len(source),
                 count, config.kmeans_iters, derived_seed(config.seed, epochs, STREAM_CLUSTERING, 0),
