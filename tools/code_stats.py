@@ -334,7 +334,7 @@ def reading_paths(funcs: dict[str, dict[str, Function]]) -> None:
         print(f"  lines a {method} epoch reads: {total} ({total - docs} without docstrings) in "
               f"{sum(1 for _, size in found if size)} functions")
         for entry, size in found:
-            print(f"    {entry:48s} {'missing' if size is None else size[0]}")
+            print(f"    {entry:48s} {'missing' if size is None else f'{size[0]:3d} ({size[0] - size[1]})'}")
 
 
 def unpack(commit: str, into: Path) -> Path:

@@ -42,7 +42,6 @@ loss it calls; the run folder's writes carry their own points.
 from __future__ import annotations
 
 import errno
-import functools
 import math
 import os
 import signal
@@ -134,18 +133,40 @@ def fault_point(point: str, path: str | os.PathLike | None = None) -> str | None
 Planner = TypeVar("Planner")
 
 
+class AtFaultPoint:
+    """A network with the ``features`` point before each of its forwards: called, or through
+    a ``forward...`` method (``forward_clustered``); everything else is the network's."""
+
+    def __init__(self, network: Any) -> None:
+        self.network = network
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fault_point("features")
+        return self.network(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.network, name)
+        return AtFaultPoint(value) if name.startswith("forward") else value
+
+
 def instrument(planner: Planner, loss: Callable[..., Any]) -> tuple[Planner, Callable[..., Any]]:
     """Wrap what the training loop calls with the fault points, so the loop mentions none:
-    ``features`` before each batch of the planner's feature pass (``planner.reduce``),
-    ``clustering`` before its clustering (``planner.cluster``), ``training`` after each
-    batch's ``loss`` (a ``nan`` fault poisons it). The write points live in the run folder.
+    ``features`` before each batch of the planner's feature pass (``planner.reduce``; its
+    network, the first argument, wrapped in :class:`AtFaultPoint`), ``clustering`` before its
+    clustering (``planner.cluster``), ``training`` after each batch's ``loss`` (a ``nan`` fault
+    poisons it). Only with ``DEEPCLUSTER_FAULT`` set when the run starts; without it both are
+    returned as they are. The write points live in the run folder.
 
     Raises:
         FaultSpecError: ``DEEPCLUSTER_FAULT`` is malformed (checked now, before the run starts).
     """
     check_environment()
-    planner.reduce = functools.partial(planner.reduce, before_batch=lambda: fault_point("features"))
-    cluster = planner.cluster
+    if not os.environ.get(ENV_VAR):
+        return planner, loss
+    reduce, cluster = planner.reduce, planner.cluster
+
+    def reduce_at_fault_point(network: Any, *args: Any, **kwargs: Any) -> Any:
+        return reduce(AtFaultPoint(network), *args, **kwargs)
 
     def cluster_at_fault_point(*args: Any, **kwargs: Any) -> Any:
         fault_point("clustering")
@@ -155,8 +176,8 @@ def instrument(planner: Planner, loss: Callable[..., Any]) -> tuple[Planner, Cal
         value = loss(*args, **kwargs)
         return value * math.nan if fault_point("training") == "nan" else value
 
-    planner.cluster = cluster_at_fault_point
+    planner.reduce, planner.cluster = reduce_at_fault_point, cluster_at_fault_point
     return planner, loss_at_fault_point
 
 
-__all__ = ["ENV_VAR", "POINTS", "FaultSpecError", "check_environment", "fault_point", "instrument", "parse", "reset"]
+__all__ = ["AtFaultPoint", "ENV_VAR", "POINTS", "FaultSpecError", "check_environment", "fault_point", "instrument", "parse", "reset"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -183,8 +183,8 @@ class MemoryBank:
 
 
 @torch.no_grad()
-def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, config: Config, device: torch.device,
-              before_batch: Callable[[], object] | None = None) -> MemoryBank:
+def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, config: Config,
+              device: torch.device) -> MemoryBank:
     """The pass before epoch 0: the two large crops (``crops``' first group) of every image,
     embedded by the network (v2's ``MultiCropModel``) in training mode (without gradients),
     make the first memory bank, as the reference's ``init_memory`` does. In eval mode a fresh
@@ -192,10 +192,6 @@ def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, c
     embedding (cosines above 0.9999 on the test images), which leaves the first clustering
     arbitrary. The two crops of a batch pass the network together, so even a last batch of
     one image gives BatchNorm two rows.
-
-    Args:
-        before_batch: called before each batch (``faults.instrument`` puts its ``features``
-            point here).
 
     Raises:
         TrainingDiverged: an embedding is NaN or infinite.
@@ -213,8 +209,6 @@ def fill_bank(network: torch.nn.Module, source: ImageSource, crops: MultiCrop, c
                         **loader_kwargs(config.workers, device))
     bank = MemoryBank.empty(n_images, config.projection_dim)  # this process's share (its block of the images)
     for crops_, targets, rows in track(loader, len(dataset), "memory bank", unit="img", size=lambda batch: len(batch[2])):
-        if before_batch is not None:
-            before_batch()
         with autocast(device, config.precision == "bf16"):
             embeddings, _ = network([normalize(crop, device, config.channels_last) for crop in crops_])
         check_features(embeddings.float().cpu().numpy(), 0)

@@ -156,14 +156,12 @@ def sharded_pca_fit(model: Backbone, config: Config, n_components: int) -> Calla
 
 @torch.no_grad()
 def reduce_features(model: Backbone, source: ImageSource, config: Config, device: torch.device,
-                    seed: int, epoch: int = 0, keep: Keep | None = None,
-                    before_batch: Callable[[], object] | None = None) -> ReducedFeatures:
+                    seed: int, epoch: int = 0, keep: Keep | None = None) -> ReducedFeatures:
     """THE feature pass (``features.feature_pass``) streamed into PCA-whitening and L2
     normalisation: only ``(N, pca_dim)`` is kept for k-means, besides what ``keep`` asks for
     (the online kNN's raw features). The PCA is fitted on every image's features, as the
     reference does, or with ``pca_sample_size`` on that many seeded draws, every later batch
     projected on arrival (ImageNet: 1.6 GB of sample instead of 21 GB).
-    ``before_batch``: called before each batch (``faults.instrument``'s ``features`` point).
 
     Raises:
         TrainingDiverged: a feature is NaN or infinite (``epoch``, 0-based, is named).
@@ -176,11 +174,6 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
         network = model.forward_clustered_and_body if keep.body else network
     time_pca = [0.0]  # the PCA's streaming share (its covariance), then its fit and projection
 
-    def forward(batch: torch.Tensor) -> Any:
-        if before_batch is not None:
-            before_batch()
-        return network(batch)
-
     def add(rows: np.ndarray, out: Any, decoded: np.ndarray) -> None:
         out = (out if keeper is None else keeper.add(out)).float().cpu().numpy()
         check_features(out, epoch)
@@ -190,7 +183,7 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
             time_pca[0] += time.perf_counter() - tick
 
     with stage("features"):  # with the PCA's streaming share (its time counted apart)
-        feature_pass(forward, source, PassSettings.of_run(config, device), add, indices)
+        feature_pass(network, source, PassSettings.of_run(config, device), add, indices)
     mask = distributed.all_gather_rows(reducer.seen).astype(bool)  # decoded: fed to the PCA (blocks in image order)
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
     time_network, began = time.perf_counter() - began - time_pca[0], time.perf_counter()
