@@ -4,7 +4,7 @@ fault points wrapped around what the loop calls, and what a run says on the term
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
@@ -161,8 +161,10 @@ __all__ = ["SETUP_ERRORS", "STOPS_AFTER_SKIPPED", "Setup", "build", "clusters_te
 class Setup:
     """A run ready for its next epoch: its network, data, state, monitor, the method (its
     registry entry), planner and loss (wrapped with the fault points, ``faults.instrument``),
-    the device, and the processes of the log (with several: their number and the global
-    batch; empty alone)."""
+    the device, the processes of the log (with several: their number and the global
+    batch; empty alone) and the steps of an option after each epoch's record, before its
+    commit (``after_epoch``: each called with the records so far and ``say``; with
+    ``minutes``, the time budget)."""
 
     model: Backbone
     head: torch.nn.Module
@@ -175,6 +177,7 @@ class Setup:
     device: torch.device
     method: Method
     processes: dict[str, int]
+    after_epoch: list[Callable[[list[dict], Callable[[str], None]], None]] = field(default_factory=list)
 
 
 def set_up(config: Config, folder: RunFolder, resume: bool, device: torch.device) -> Setup:

@@ -169,10 +169,13 @@ def fit(config: Config, folder: RunFolder, resume: bool, device: torch.device,
     """The run of :func:`run`, its folder held: set up (or resume), train the epochs left
     (:func:`run_epoch`), then cluster the trained network once more."""
     folder.log = say = log if distributed.is_main_process() else (lambda _: None)  # one process speaks
-    if config.minutes is not None:  # a time budget counts the set-up
-        from deepcluster.budget import start_clock
-        start_clock(folder)
+    after_epoch = []
+    if config.minutes is not None:  # a time budget counts the set-up; config.epochs is fitted after every epoch
+        from deepcluster.budget import fit_to_budget, start_clock
+        start_clock(folder)  # (so fit_to_budget needs no epoch's seconds to start it)
+        after_epoch.append(lambda records, say: fit_to_budget(config, folder, records, 0.0, say))
     run_ = set_up(config, folder, resume, device)
+    run_.after_epoch.extend(after_epoch)
     folder.open_scalars()
     records = []
     try:
@@ -198,7 +201,6 @@ def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: C
     """Epoch ``epoch`` (0-based): plan -> monitor -> pseudo-labelled data -> training ->
     commit; returns its log record (the caller shows it)."""
     method, model, head, state = run_.method, run_.model, run_.head, run_.state
-    epoch_start = time.perf_counter()
     plan = run_.planner.plan(model, head, epoch, state.previous, state.skipped, run_.monitor.request(model, epoch))
     scores = run_.monitor(model, plan, epoch)
     loader = method.loader(run_.source, plan, config, epoch, run_.device)
@@ -213,9 +215,8 @@ def run_epoch(config: Config, run_: Setup, folder: RunFolder, epoch: int, say: C
                           run_.processes)
     state.epoch, state.previous = epoch + 1, plan.assignments
     state.records.append(record)
-    if config.minutes is not None:  # a time budget: config.epochs fitted after every epoch
-        from deepcluster.budget import fit_to_budget
-        fit_to_budget(config, folder, state.records, time.perf_counter() - epoch_start, say)
+    for step in run_.after_epoch:  # an option's steps (``Setup.after_epoch``: the time budget)
+        step(state.records, say)
     folder.commit_epoch(epoch, state, record, model, head, run_.optimizer, run_.planner.checkpoint_entries())
     return record
 
