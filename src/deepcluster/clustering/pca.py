@@ -13,8 +13,10 @@ then projects every chunk as it arrives, so only ``N x n_components`` is kept.
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import scipy.linalg
@@ -187,6 +189,18 @@ def fit_pca_sharded(local: np.ndarray, dim: int, n_components: int, whiten_power
     return PCA(mean, eigenvectors * eigenvalues[None, :] ** whiten_power, eigenvalues, whiten_power)
 
 
+def timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A method of :class:`StreamingPCA` whose seconds are added to the reducer's ``seconds``."""
+    @functools.wraps(method)
+    def run(self: StreamingPCA, *args: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return method(self, *args)
+        finally:
+            self.seconds += time.perf_counter() - began
+    return run
+
+
 class StreamingPCA:
     """PCA-whitening and L2 normalisation of features that arrive in chunks, in bounded memory.
 
@@ -212,7 +226,8 @@ class StreamingPCA:
         points, pca = reducer.finish()  # (N, 256) float32, unit rows
 
     Args:
-        n_rows: rows of the full output (rows never fed stay zero; see ``seen``).
+        n_rows: rows of the full output (rows never fed stay zero; see ``seen``; ``seconds``
+            counts the time spent in ``add`` and ``finish``).
         n_components: output width (clamped like :func:`fit_pca`).
         whiten_power: -0.5 whitens, 0 only rotates and reduces.
         sample_size: rows the PCA is fitted on (at least 2); with ``gather_sample``, this
@@ -248,7 +263,9 @@ class StreamingPCA:
         self._sample: np.ndarray | None = None
         self._sample_rows = np.empty(0, dtype=np.int64)
         self._filled = 0
+        self.seconds = 0.0
 
+    @timed
     def add(self, features: np.ndarray, rows: np.ndarray) -> None:
         """Feed ``(m, D)`` features of dataset rows ``rows`` (``(m,)`` int, each at most once).
 
@@ -279,6 +296,7 @@ class StreamingPCA:
         if take < len(rows):
             self._project(features[take:], rows[take:])
 
+    @timed
     def finish(self) -> tuple[np.ndarray, PCA]:
         """The ``(n_rows, n_components)`` float32 reduced features and the fitted PCA.
 

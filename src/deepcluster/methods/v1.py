@@ -172,26 +172,23 @@ def reduce_features(model: Backbone, source: ImageSource, config: Config, device
     if keep is not None:  # the online kNN (``--val``): its rows of the raw features (and body) kept
         keeper = Keeper(keep, indices, model.clustered_dim, model.body_dim)
         network = model.forward_clustered_and_body if keep.body else network
-    time_pca = [0.0]  # the PCA's streaming share (its covariance), then its fit and projection
 
     def add(rows: np.ndarray, out: Any, decoded: np.ndarray) -> None:
         out = (out if keeper is None else keeper.add(out)).float().cpu().numpy()
         check_features(out, epoch)
         if decoded.any():
-            tick = time.perf_counter()
             reducer.add(out[decoded], rows[decoded] - start)
-            time_pca[0] += time.perf_counter() - tick
 
-    with stage("features"):  # with the PCA's streaming share (its time counted apart)
+    with stage("features"):  # with the PCA's streaming share (its covariance; ``reducer.seconds``)
         feature_pass(network, source, PassSettings.of_run(config, device), add, indices)
     mask = distributed.all_gather_rows(reducer.seen).astype(bool)  # decoded: fed to the PCA (blocks in image order)
     kept = None if keeper is None else keeper.result(mask)  # each process its share, in image order
-    time_network, began = time.perf_counter() - began - time_pca[0], time.perf_counter()
+    time_network = time.perf_counter() - began - reducer.seconds
     reduced, pca = np.zeros((reducer.n_rows, 0), dtype=np.float32), None  # no PCA to fit below two images
     if mask.sum() >= 2:  # (the caller reports the images that did not decode)
         with stage("pca", "PCA-whitening"):
             reduced, pca = reducer.finish()
-    return ReducedFeatures(reduced, mask, pca, time_network, time_pca[0] + time.perf_counter() - began, start, kept)
+    return ReducedFeatures(reduced, mask, pca, time_network, reducer.seconds, start, kept)
 
 
 class V1Planner:
