@@ -31,7 +31,7 @@ documentation and tests are not followed: ``clustering/`` (k-means, PCA), ``data
 ``health``, ``messages``, ``memory`` (peak memory per stage), ``collapse`` (its
 indicators), ``budget`` (only with ``minutes``), THE feature pass (``features.feature_pass``,
 ``features.Keeper``), the monitor's scores, and the run folder's file writing below
-``RunFolder.commit_epoch`` (what goes into the checkpoint, ``checkpoint_state``, is read).
+``RunFolder.commit_epoch`` (what goes into the checkpoint, made there, is read).
 What the run shows on the terminal after an epoch (``startup.epoch_said``, called by the
 caller's loop with the returned record) is not part of the epoch.
 
@@ -61,6 +61,35 @@ BIG_MODULE, BIG_FUNCTION = 500, 60
 # Layouts of the epoch path, newest first. Names are "module:qualified.name" with the module
 # relative to the package.
 EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
+    "checkpoint made in commit_epoch, faults around the network": {
+        "v1": [
+            "train:run_epoch", "train:train_one_epoch",
+            "methods.v1:V1Planner.plan", "methods.v1:V1Planner.cluster_images", "methods:derived_seed",
+            "methods.v1:reduce_features", "methods.v1:pca_stream", "methods.v1:pca_dim_for",
+            "methods.common:stage", "methods.v1:cluster_points",
+            "methods.common:kmeans_partition", "methods.records:clustering_record", "methods.v1:monitored",
+            "monitor:Monitor.request", "monitor:Monitor.due", "monitor:Monitor.__call__",
+            "methods.v1:pseudo_label_loader", "methods.common:epoch_draw",
+            "methods.v1:OneCrop.__init__", "methods.v1:OneCrop.forward", "methods.v1:head_group",
+            "losses:per_head_losses", "methods.records:epoch_record",
+            "methods.v1:V1Planner.checkpoint_entries", "runfolder:RunFolder.commit_epoch",
+        ],
+        "v2": [
+            "train:run_epoch", "train:train_one_epoch",
+            "methods.v2:V2Planner.plan", "memory_bank:fill_bank", "memory_bank:fill_batches",
+            "memory_bank:MemoryBank.empty", "methods.common:stage",
+            "memory_bank:MemoryBank.all_decoded", "methods.v2:cluster_bank",
+            "methods:derived_seed", "methods.common:kmeans_partition",
+            "methods.records:clustering_record",
+            "monitor:Monitor.request", "monitor:Monitor.due", "monitor:Monitor.__call__",
+            "methods.v2:multi_crop_loader", "methods.common:epoch_draw", "methods.v2:multi_crop",
+            "losses:per_head_losses",
+            "memory_bank:MemoryBank.write_batch", "memory_bank:MemoryBank.write", "memory_bank:MemoryBank._store",
+            "memory_bank:MemoryBank.synchronise", "methods.records:epoch_record",
+            "methods.v2:V2Planner.checkpoint_entries", "memory_bank:MemoryBank.full",
+            "runfolder:RunFolder.commit_epoch",
+        ],
+    },
     "fewer wrappers (no colours, no cluster_and_gather)": {
         "v1": [
             "train:run_epoch", "train:train_one_epoch",

@@ -234,22 +234,6 @@ class RunState:
     saved: dict[str, Any] = field(default_factory=dict)  # the checkpoint's other entries (the planner's state)
 
 
-def checkpoint_state(model: Backbone, head: nn.Module, optimizer: torch.optim.Optimizer, config: Config,
-                     state: RunState, clustering: dict[str, Any]) -> dict:
-    """Everything a resume or a later ``assign`` needs, as tensors and plain containers.
-
-    Args:
-        clustering: what the method keeps of its clustering (the planner's
-            ``checkpoint_entries``: v1's centroids and PCA, v2's memory bank).
-    """
-    previous = None if state.previous is None else torch.from_numpy(state.previous)
-    return {"config": config.to_dict(), "arch": config.arch, "epoch": state.epoch, "model": dict(model.state_dict()),
-            "head": dict(head.state_dict()), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "assignments": previous, "skipped": dict(state.skipped),
-            "records": list(state.records),  # plain values (json_record): log.jsonl is rebuilt from them
-            **clustering}
-
-
 def check_resume_config(saved: dict, config: Config) -> None:
     """A resumed run must use the settings it started with, except ``RESUMABLE`` ones."""
     try:
@@ -373,11 +357,19 @@ class RunFolder:
 
     def commit_epoch(self, epoch: int, state: RunState, record: dict[str, Any], model: Backbone, head: nn.Module,
                      optimizer: torch.optim.Optimizer, clustering: dict[str, Any]) -> None:
-        """Write epoch ``epoch``'s (0-based) assignments, skipped list, checkpoint (made here:
-        :func:`checkpoint_state`, ``clustering`` as the method keeps it), log line and scalars
-        (see ``commit_epoch``)."""
+        """Write epoch ``epoch``'s (0-based) assignments, skipped list, checkpoint, log line and
+        scalars (see ``commit_epoch``). The checkpoint, made here, holds everything a resume or
+        a later ``assign`` needs, as tensors and plain containers; ``clustering`` is what the
+        method keeps of its clustering (the planner's ``checkpoint_entries``: v1's centroids
+        and PCA, v2's memory bank)."""
         if self.writer:
-            checkpoint = checkpoint_state(model, head, optimizer, self.config, state, clustering)
+            previous = None if state.previous is None else torch.from_numpy(state.previous)
+            checkpoint = {"config": self.config.to_dict(), "arch": self.config.arch, "epoch": state.epoch,
+                          "model": dict(model.state_dict()), "head": dict(head.state_dict()),
+                          "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                          "assignments": previous, "skipped": dict(state.skipped),
+                          "records": list(state.records),  # plain values (json_record): log.jsonl is rebuilt from them
+                          **clustering}
             commit_epoch(self.path, epoch, state.previous, state.skipped, checkpoint, record)
             self.scalars.write(record)
 
@@ -411,7 +403,7 @@ class RunFolder:
 
 __all__ = ["ASSIGNMENTS_DIR", "CHECKPOINT_NAME", "CONFIG_NAME", "FINAL_ASSIGNMENTS", "FINAL_SUMMARY", "IMAGES_NAME",
            "LOCK_NAME", "LOG_NAME", "RunFolder", "RunFolderError", "RunState", "SKIPPED_HEADER", "SKIPPED_NAME",
-           "check_out_folder", "checkpoint_state", "commit_epoch", "count_from_one", "folder_changes", "json_record",
+           "check_out_folder", "commit_epoch", "count_from_one", "folder_changes", "json_record",
            "lock", "log_text", "open_source", "prepare", "read_images", "read_log", "records_from_log",
            "save_assignments", "save_final", "saved_settings", "skipped_text", "started_run", "write_failure",
            "write_images", "write_skipped"]

@@ -179,9 +179,7 @@ class V2Planner:
         """The whole memory bank, on the main process (the one that writes the checkpoint;
         the prototypes are in the head's weights). Every process calls it."""
         full = None if self.bank is None else self.bank.full()
-        if full is None:
-            return {}
-        return {"bank": full[0], "bank_decoded": torch.from_numpy(full[1])}
+        return {} if full is None else {"bank": full[0], "bank_decoded": torch.from_numpy(full[1])}
 
     def load_state(self, saved: dict[str, Any]) -> None:
         """Take the memory bank of a checkpoint.
