@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -100,23 +100,21 @@ class BankClustering:
     seconds: float
 
 
-def cluster_bank(bank: MemoryBank, counts: Sequence[int], n_iter: int, seed: int, epoch: int, empty: str = "keep",
-                 device: torch.device | str = "cpu") -> BankClustering:
+def cluster_bank(bank: MemoryBank, config: Config, epoch: int, device: torch.device | str = "cpu") -> BankClustering:
     """Spherical k-means of the bank for every head (``common.kmeans_partition`` with
-    ``SPHERICAL``): head h clusters the embeddings of crop h mod 2 into ``counts[h]``
-    clusters (seeded by ``seed``, ``epoch`` and h). With several processes each clusters the
-    rows it holds (sums and sizes all-reduced) and every process gets all assignments.
-
-    Args:
-        empty: v2's setting ``empty_clusters``: ``keep`` (the reference) or ``split`` (the
-            ``nudge`` rule of :mod:`deepcluster.clustering.empty`).
+    ``SPHERICAL``): head h clusters the embeddings of crop h mod 2 into ``prototypes[h]``
+    clusters in ``kmeans_iters`` iterations (seeded by ``seed``, ``epoch`` and h). With
+    several processes each clusters the rows it holds (sums and sizes all-reduced) and every
+    process gets all assignments. ``empty_clusters``: ``keep`` (the reference) or ``split``
+    (the ``nudge`` rule of :mod:`deepcluster.clustering.empty`).
     """
     start = time.perf_counter()
     rows, held, local = np.flatnonzero(bank.all_decoded()), np.flatnonzero(bank.decoded), bank.rows[bank.decoded]
     found = [kmeans_partition(bank.embeddings[head % BANK_CROPS, torch.from_numpy(held)].to(device), local, rows,
-                              bank.n_images, count, n_iter, derived_seed(seed, epoch, STREAM_CLUSTERING, head),
-                              f"spherical k-means k={count}", device=device, empty=EMPTY_RULE[empty], **SPHERICAL)
-             for head, count in enumerate(counts)]
+                              bank.n_images, count, config.kmeans_iters,
+                              derived_seed(config.seed, epoch, STREAM_CLUSTERING, head), f"spherical k-means k={count}",
+                              device=device, empty=EMPTY_RULE[config.empty_clusters], **SPHERICAL)
+             for head, count in enumerate(config.prototypes)]
     results = [result for _, result in found]
     return BankClustering(np.stack([p.assignments for p, _ in found]), [torch.from_numpy(r.centroids) for r in results],
                           [r.objective[-1] for r in results], [r.n_empty for r in results],
@@ -209,8 +207,7 @@ class V2Planner:
             check_decoded(self.source, decoded, max(config.prototypes), "prototypes of a head", config,
                           skipped if filled else None)
         with stage("kmeans"):
-            clustering = self.cluster(self.bank, config.prototypes, config.kmeans_iters, config.seed, epoch,
-                                      config.empty_clusters, self.clustering_device)
+            clustering = self.cluster(self.bank, config, epoch, self.clustering_device)
         for index, centroids in enumerate(clustering.centroids):
             head.prototypes.set(index, centroids)
         record = clustering_record(epoch, clustering.targets[0], config.prototypes[0], previous,
