@@ -15,13 +15,18 @@
     python bench/run.py memory --recipe paper --train imagenette/train --epochs 1 --name paper
     python bench/run.py memory --page-faults --name reuse
     python bench/run.py drift [--tiny] [--epochs 2] --name digits
+    python bench/run.py folders omniglot images_background_small1.zip images_background_small2.zip \\
+        --out omniglot32 --size 32 --val-per-class 5
+    python bench/run.py folders split Sign-Language-Digits-Dataset/Dataset --out signs --size 100 \\
+        --val-per-class 40
 
 What each measures:
 
 - ``learning``: per epoch the online kNN top-1 of the validation images (``--val``), the
   clustering ACC and NMI at k = number of classes, and the times, under a budget in training
   minutes (``--minutes``: the seconds spent measuring are left out) or epochs (``--epochs``);
-  then the trained weights clustered once more (``final``). Baselines: ``--raw-baseline``
+  then the trained weights clustered once more (``final``). The folder's rules of ``deepcluster
+  train`` apply (``autorecipe.choose``: k, carried clusters, v2 sized to the folder). Baselines: ``--raw-baseline``
   (kNN and k-means on the raw pixels), ``--bn-baseline`` (the random start with the data's
   BatchNorm statistics). ``--variant LABEL: key=value ...`` (repeatable): each variant a run
   of its own, in its own process, one table; ``--against COMMIT`` the same runs with the
@@ -35,6 +40,8 @@ What each measures:
 - ``memory``: peak memory per stage of a run in this process; ``--page-faults``: what
   ``keep_freed_memory`` saves in page faults (exit 1 when not as expected).
 - ``drift``: one process against two torchrun processes and against two threads.
+- ``folders``: labelled train/val folders made from public image sets (``lib/folders.py``
+  says which and how), for ``learning``.
 
 Results go to ``bench/results/KIND_NAME.json`` (learning also writes a PNG; ``bench/plot.py``
 draws any result). The machine (CPU model and flags, torch, threads) is in every file.
@@ -121,12 +128,24 @@ def drift_parser(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny run of tests/test_torchrun.py (dropout off)")
 
 
+def folders_parser(sub) -> None:
+    p = sub.add_parser("folders", help="labelled train/val folders from public image sets")
+    p.add_argument("set", choices=["omniglot", "split"], help="omniglot: its zip files; split: a folder of classes")
+    p.add_argument("sources", nargs="+", help="the zip files (omniglot) or the folder of classes (split)")
+    p.add_argument("--out", required=True, help="a new folder: OUT/train and OUT/val")
+    p.add_argument("--size", type=int, default=64, help="pixels of the square images written")
+    p.add_argument("--val-per-class", type=int, default=5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
-    for add in (learning_parser, cost_parser, memory_parser, drift_parser):
+    for add in (learning_parser, cost_parser, memory_parser, drift_parser, folders_parser):
         add(sub)
     args = parser.parse_args(argv)
+    if args.kind == "folders":
+        from lib.folders import folders
+        return folders(args)
     if args.results:
         from lib import result as schema
         schema.RESULTS = Path(args.results).resolve()

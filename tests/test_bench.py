@@ -79,3 +79,57 @@ def test_cost_refuses_sides_of_this_tree_beside_the_authors_code():
                            "--also", "keep_freed_memory=true"], capture_output=True, text=True)
     assert done.returncode == 2 and "run them without --reference" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _png(path: Path, size: int, shade: int, mode: str = "RGB") -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), shade if mode == "L" else (shade, shade, shade)).save(path)
+
+
+def test_folders_split_a_folder_of_classes(tmp_path):
+    for c in ("a", "b"):
+        for i in range(5):
+            _png(tmp_path / "src" / c / f"img{i}.jpg", 100, 20 * i)
+    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "folders", "split", str(tmp_path / "src"), "--out",
+                           str(tmp_path / "out"), "--size", "40", "--val-per-class", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "2 classes, 6 training and 4 validation images of 40 px" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "out" / "val" / "a").iterdir()) == ["img3.png", "img4.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "train" / "b" / "img0.png").size == (40, 40)
+
+
+def test_folders_join_omniglot_zips_and_count_a_character_once(tmp_path):
+    import zipfile
+
+    for n, alphabets in ((1, ("Greek", "Korean")), (2, ("Greek", "Tagalog"))):
+        with zipfile.ZipFile(tmp_path / f"small{n}.zip", "w") as archive:
+            for alphabet in alphabets:
+                for drawer in range(1, 5):
+                    png = tmp_path / "p.png"
+                    _png(png, 105, 255, mode="L")
+                    archive.write(png, f"images_background_small{n}/{alphabet}/character01/0001_{drawer:02d}.png")
+    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "folders", "omniglot", str(tmp_path / "small1.zip"),
+                           str(tmp_path / "small2.zip"), "--out", str(tmp_path / "out"), "--size", "32",
+                           "--val-per-class", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "3 classes, 9 training and 3 validation images of 32 px" in done.stdout
+    assert (tmp_path / "out" / "val" / "Greek__character01" / "0001_04.png").is_file()
+
+
+def test_learning_applies_the_folder_rules_of_train(tmp_path, capsys):
+    """A benchmark measures what ``deepcluster train`` runs: the folder's k and carry rules."""
+    import argparse
+
+    from lib.learning import settings_of
+
+    for i in range(60):
+        _png(tmp_path / "photos" / f"c{i % 2}" / f"{i}.png", 64, i)
+    args = argparse.Namespace(recipe="photo", out=str(tmp_path / "run"), val=None, train=str(tmp_path / "photos"),
+                              epochs=1)
+    overrides, _ = settings_of(args, [])
+    assert overrides["carry_clusters"] is False and overrides["n_clusters"] <= 60
+    assert "carry_clusters" in capsys.readouterr().out

@@ -48,6 +48,9 @@ def settings_of(args, items: list[str]) -> tuple[dict, str]:
     if args.train is not None:
         overrides["data"] = args.train
     overrides["epochs"] = args.epochs or overrides.get("epochs", 10000)
+    from deepcluster.autorecipe import choose  # the folder's rules, as `deepcluster train` applies them
+
+    _, overrides = choose(args.recipe, None, overrides, False, say=lambda line: print(f"deepcluster: {line}"))
     return overrides, out
 
 
