@@ -26,7 +26,7 @@ What each measures:
   clustering ACC and NMI at k = number of classes, and the times, under a budget in training
   minutes (``--minutes``: the seconds spent measuring are left out) or epochs (``--epochs``);
   then the trained weights clustered once more (``final``). The folder's rules of ``deepcluster
-  train`` apply (``autorecipe.choose``: k, carried clusters, v2 sized to the folder). Baselines: ``--raw-baseline``
+  train`` apply (``autorecipe.choose``: k, carried clusters, v2's smallest folder). Baselines: ``--raw-baseline``
   (kNN and k-means on the raw pixels), ``--bn-baseline`` (the random start with the data's
   BatchNorm statistics). ``--variant LABEL: key=value ...`` (repeatable): each variant a run
   of its own, in its own process, one table; ``--against COMMIT`` the same runs with the

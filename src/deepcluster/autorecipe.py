@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from deepcluster.config import RECIPES, coerce, load_yaml
-from deepcluster.settings.v2_sizing import is_v2, size_v2
+from deepcluster.settings.v2_sizing import check_size, is_v2
 
 SMALL_SIDE = 64  # a median shorter side below this is a small image (the `small` recipe: 32-96 px)
 HEADER_SAMPLE = 200  # image headers read to judge the size (evenly spread over the folder)
@@ -160,14 +160,15 @@ def choose(recipe: str | None, config_file: str | os.PathLike | None, overrides:
     """The recipe and settings a training command runs with: without a recipe (``recipe``
     or the file's ``recipe:``) and with a data folder, the one that fits the folder
     (``pick_recipe``); k by ``k_rule`` where nothing pins it; ``photo``'s carry_clusters off
-    below ``CARRY_MIN_IMAGES`` images where nothing sets it. Says the choice in one line.
+    below ``CARRY_MIN_IMAGES`` images where nothing sets it; a v2 run on a folder too small for
+    it refused (``v2_sizing.check_size``). Says the choice in one line.
 
     Returns:
         ``(recipe, overrides)``: ``recipe`` as given unless one was chosen, ``overrides``
         with ``n_clusters`` and ``carry_clusters`` added where the rules set them.
 
     Raises:
-        ConfigError: the ``--config`` file cannot be read.
+        ConfigError: the ``--config`` file cannot be read, or a v2 run's folder is too small.
     """
     if resume:
         return recipe, overrides
@@ -185,13 +186,14 @@ def choose(recipe: str | None, config_file: str | os.PathLike | None, overrides:
     if named is None:
         named, reason = pick_recipe(folder)
     k, k_text = _k_line(named, given, folder, reason is not None)
-    sized, sized_text = size_v2(folder.n_images, RECIPES[named], given) if folder and is_v2(named, given) else ({}, None)
+    if folder and is_v2(named, given):
+        check_size(folder.n_images, given)
     carry, carry_text = _carry_line(named, given, folder)
-    parts = [f"recipe: {named} ({reason})" if reason else "", k_text, carry_text or "", sized_text or ""]
-    if say is not None and (reason or k is not None or carry is not None or sized):
+    parts = [f"recipe: {named} ({reason})" if reason else "", k_text, carry_text or ""]
+    if say is not None and (reason or k is not None or carry is not None):
         say("; ".join(part for part in parts if part))
     chosen = {"n_clusters": k, "carry_clusters": carry}
-    return named, {**overrides, **{key: value for key, value in chosen.items() if value is not None}, **sized}
+    return named, {**overrides, **{key: value for key, value in chosen.items() if value is not None}}
 
 
 def for_command_line(recipe: str | None, config_file: str | os.PathLike | None, overrides: dict[str, Any],
