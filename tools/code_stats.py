@@ -58,38 +58,9 @@ from pathlib import Path
 PACKAGE = "deepcluster"
 BIG_MODULE, BIG_FUNCTION = 500, 60
 
-# Layouts of the epoch path, newest first. Names are "module:qualified.name" with the module
-# relative to the package.
-EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
-    "checkpoint made in commit_epoch, faults around the network": {
-        "v1": [
-            "train:run_epoch", "train:train_one_epoch",
-            "methods.v1:V1Planner.plan", "methods.v1:V1Planner.cluster_images", "methods:derived_seed",
-            "methods.v1:reduce_features", "methods.v1:pca_stream", "methods.v1:pca_dim_for",
-            "methods.common:stage", "methods.v1:cluster_points",
-            "methods.common:kmeans_partition", "methods.records:clustering_record", "methods.v1:monitored",
-            "monitor:Monitor.request", "monitor:Monitor.due", "monitor:Monitor.__call__",
-            "methods.v1:pseudo_label_loader", "methods.common:epoch_draw",
-            "methods.v1:OneCrop.__init__", "methods.v1:OneCrop.forward", "methods.v1:head_group",
-            "losses:per_head_losses", "methods.records:epoch_record",
-            "methods.v1:V1Planner.checkpoint_entries", "runfolder:RunFolder.commit_epoch",
-        ],
-        "v2": [
-            "train:run_epoch", "train:train_one_epoch",
-            "methods.v2:V2Planner.plan", "memory_bank:fill_bank", "memory_bank:fill_batches",
-            "memory_bank:MemoryBank.empty", "methods.common:stage",
-            "memory_bank:MemoryBank.all_decoded", "methods.v2:cluster_bank",
-            "methods:derived_seed", "methods.common:kmeans_partition",
-            "methods.records:clustering_record",
-            "monitor:Monitor.request", "monitor:Monitor.due", "monitor:Monitor.__call__",
-            "methods.v2:multi_crop_loader", "methods.common:epoch_draw", "methods.v2:multi_crop",
-            "losses:per_head_losses",
-            "memory_bank:MemoryBank.write_batch", "memory_bank:MemoryBank.write", "memory_bank:MemoryBank._store",
-            "memory_bank:MemoryBank.synchronise", "methods.records:epoch_record",
-            "methods.v2:V2Planner.checkpoint_entries", "memory_bank:MemoryBank.full",
-            "runfolder:RunFolder.commit_epoch",
-        ],
-    },
+# Earlier layouts of the epoch path, newest first (EPOCH_PATHS below puts the current one, derived
+# from the newest of them, in front). Names are "module:qualified.name", module relative to the package.
+_OLDER_PATHS: dict[str, dict[str, list[str]]] = {
     "fewer wrappers (no colours, no cluster_and_gather)": {
         "v1": [
             "train:run_epoch", "train:train_one_epoch",
@@ -220,6 +191,18 @@ EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
             "runfolder:RunFolder.commit_epoch", "runfolder:checkpoint_state",
         ],
     },
+}
+
+
+def _without(layout: dict[str, list[str]], names: set[str]) -> dict[str, list[str]]:
+    """``layout`` with the functions ``names`` gone from every method's path."""
+    return {method: [name for name in path if name not in names] for method, path in layout.items()}
+
+
+EPOCH_PATHS: dict[str, dict[str, list[str]]] = {
+    "checkpoint made in commit_epoch, faults around the network":
+        _without(_OLDER_PATHS["fewer wrappers (no colours, no cluster_and_gather)"], {"runfolder:checkpoint_state"}),
+    **_OLDER_PATHS,
 }
 
 
